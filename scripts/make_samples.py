@@ -1,0 +1,238 @@
+"""Regenerate the bundled sample checkpoints in src/ckptkit/samples with the real libraries.
+
+Run with the test environment (it has torch, TensorFlow and Flax):
+    .venv/bin/python scripts/make_samples.py
+The samples are tiny on purpose; their key layouts follow the projects ckptkit was designed
+from (μOmni, Jukebox, MRL-ReDimNet, MUSIQ, LoFTR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parent.parent / "src" / "ckptkit" / "samples"
+
+
+def thinker() -> None:
+    """μOmni thinker periodic checkpoint: model, optimizer, scheduler, scaler, step, best."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self, d: int):
+            super().__init__()
+            self.attn_norm = nn.LayerNorm(d)
+            self.q_proj, self.k_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+            self.v_proj, self.o_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+            self.mlp_norm = nn.LayerNorm(d)
+            self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+        def forward(self, x):
+            h = self.attn_norm(x)
+            x = x + self.o_proj(self.v_proj(h) * torch.sigmoid(self.q_proj(h) * self.k_proj(h)))
+            return x + self.mlp(self.mlp_norm(x))
+
+    class Thinker(nn.Module):
+        def __init__(self, vocab: int = 64, d: int = 16, layers: int = 2):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(vocab, d)
+            self.blocks = nn.ModuleList(Block(d) for _ in range(layers))
+            self.norm = nn.LayerNorm(d)
+            self.lm_head = nn.Linear(d, vocab, bias=False)
+
+        def forward(self, ids):
+            x = self.embed_tokens(ids)
+            for block in self.blocks:
+                x = block(x)
+            return self.lm_head(self.norm(x))
+
+    model = Thinker()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
+    scaler = torch.amp.GradScaler("cpu")
+    for _ in range(2):
+        ids = torch.randint(0, 64, (2, 8))
+        loss = nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                "step": 200, "best_val_loss": 2.3125}, OUT / "thinker_step_200.pt")
+
+
+def jukebox_prior() -> None:
+    """Jukebox-style legacy .pth.tar: custom hps class, model, opt=None, step."""
+    import torch
+
+    module = types.ModuleType("jukebox.hparams")
+
+    class Hyperparams(dict):
+        __module__ = "jukebox.hparams"
+        __qualname__ = "Hyperparams"
+
+        def __getattr__(self, name):
+            return self[name]
+
+    module.Hyperparams = Hyperparams
+    sys.modules.setdefault("jukebox", types.ModuleType("jukebox"))
+    sys.modules["jukebox.hparams"] = module
+    hps = Hyperparams(name="1b_lyrics/prior_level_2", level=2, n_ctx=64, width=16, depth=2,
+                      heads=2, l_bins=32, sr=44100, labels=True)
+    g = torch.Generator().manual_seed(1)
+    model = {"prior.x_emb.weight": torch.randn(32, 16, generator=g),
+             "prior.pos_emb.pos_emb": torch.randn(64, 16, generator=g)}
+    for i in range(2):
+        p = f"prior.transformer._attn_mods.{i}"
+        model[f"{p}.attn.c_attn.w"] = torch.randn(16, 48, generator=g)
+        model[f"{p}.attn.c_attn.b"] = torch.zeros(48)
+        model[f"{p}.attn.c_proj.w"] = torch.randn(16, 16, generator=g)
+        model[f"{p}.ln_0.weight"] = torch.ones(16)
+        model[f"{p}.mlp.c_fc.w"] = torch.randn(16, 64, generator=g).half()
+    model["prior.x_out.weight"] = model["prior.x_emb.weight"]  # tied, as in Jukebox
+    torch.save({"hps": hps, "model": model, "opt": None, "step": 1_030_000},
+               OUT / "prior_level_2.pth.tar", _use_new_zipfile_serialization=False)
+
+
+def redimnet_epoch() -> None:
+    """MRL-ReDimNet epoch file: frozen backbone, trained head, argparse args, val_loss."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(2)
+    backbone = nn.Sequential(nn.Conv1d(1, 8, 3), nn.BatchNorm1d(8), nn.ReLU())
+    head = nn.Linear(8, 16)
+    model = nn.ModuleDict({"backbone": backbone, "mrl_head": head})
+    opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
+    out = head(backbone(torch.randn(4, 1, 10)).mean(-1))
+    out.sum().backward()
+    opt.step()
+    args = argparse.Namespace(embed_dims=[64, 128, 192, 256], lr=0.01, epochs=10,
+                              freeze_backbone=True)
+    torch.save({"epoch": 3, "model_state_dict": model.state_dict(),
+                "optimizer_state_dict": opt.state_dict(), "val_loss": 18.0021, "args": args},
+               OUT / "redimnet_epoch_3.pt")
+
+
+def scripted() -> None:
+    import torch
+    from torch import nn
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 4)
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, x):
+            return self.norm(self.proj(x))
+
+    torch.jit.script(Encoder()).save(str(OUT / "encoder_scripted.pt"))
+
+
+def safetensors_file() -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    save_file({"encoder.weight": torch.randn(8, 4, generator=g),
+               "encoder.bias": torch.zeros(8, dtype=torch.bfloat16),
+               "head.weight": torch.randn(2, 8, generator=g).half()},
+              str(OUT / "model.safetensors"), metadata={"step": "1200", "format": "pt"})
+
+
+def musiq_npz() -> None:
+    """MUSIQ-style Flax optimizer checkpoint: '/'-joined keys under opt/target."""
+    rng = np.random.default_rng(4)
+    d = 8
+    arrays = {
+        "opt/target/conv_root/kernel": rng.standard_normal((7, 7, 3, 4), np.float32),
+        "opt/target/gn_root/scale": np.ones(4, np.float32),
+        "opt/target/gn_root/bias": np.zeros(4, np.float32),
+        "opt/target/embedding/kernel": rng.standard_normal((16, d), np.float32),
+        "opt/target/embedding/bias": np.zeros(d, np.float32),
+        "opt/target/Transformer/posembed_input/pos_embedding": rng.standard_normal(
+            (1, 100, d), np.float32),
+        "opt/target/Transformer/scaleembed_input/scale_embedding": rng.standard_normal(
+            (1, 3, d), np.float32),
+        "opt/target/Transformer/cls": np.zeros((1, 1, d), np.float32),
+        "opt/target/Transformer/encoder_norm/scale": np.ones(d, np.float32),
+        "opt/target/Transformer/encoder_norm/bias": np.zeros(d, np.float32),
+        "opt/target/head/kernel": np.zeros((d, 1), np.float32),
+        "opt/target/head/bias": np.zeros(1, np.float32),
+    }
+    for i in range(2):
+        p = f"opt/target/Transformer/encoderblock_{i}"
+        arrays[f"{p}/LayerNorm_0/scale"] = np.ones(d, np.float32)
+        arrays[f"{p}/MultiHeadDotProductAttention_1/query/kernel"] = rng.standard_normal(
+            (d, 2, d // 2), np.float32)
+        arrays[f"{p}/MlpBlock_3/Dense_0/kernel"] = rng.standard_normal((d, 3 * d), np.float32)
+    arrays["opt/state/step"] = np.array(52_000, np.int64)
+    np.savez(OUT / "spaq_ckpt.npz", **arrays)
+
+
+def saved_model_and_tf_checkpoint() -> None:
+    import tensorflow as tf
+
+    class Scorer(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = tf.Variable(tf.ones([4]), name="scale")
+            self.bias = tf.Variable(0.5, name="bias")
+
+        @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="image_bytes_tensor")])
+        def score(self, image_bytes_tensor):
+            length = tf.cast(tf.strings.length(image_bytes_tensor), tf.float32)
+            return {"output_0": tf.reduce_sum(self.scale) * length / 1e6 + self.bias}
+
+    scorer = Scorer()
+    target = OUT / "musiq_saved_model"
+    shutil.rmtree(target, ignore_errors=True)
+    tf.saved_model.save(scorer, str(target), signatures={"serving_default": scorer.score})
+
+    model = tf.Module()
+    model.dense_kernel = tf.Variable(tf.random.stateless_normal([4, 3], seed=[1, 2]))
+    model.dense_bias = tf.Variable(tf.zeros([3]))
+    model.embedding = tf.Variable(tf.zeros([10, 4], dtype=tf.float16))
+    step = tf.Variable(7, dtype=tf.int64)
+    ckpt_dir = OUT / "tf_ckpt"
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    tf.train.Checkpoint(model=model, step=step).save(str(ckpt_dir / "ckpt"))
+
+
+def flax_msgpack() -> None:
+    import flax.linen as nn
+    import jax
+    from flax import serialization
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(8, name="hidden")(x))
+            return nn.Dense(2, name="out")(nn.LayerNorm(name="norm")(x))
+
+    params = MLP().init(jax.random.PRNGKey(0), np.zeros((1, 4), np.float32))
+    (OUT / "flax_params.msgpack").write_bytes(serialization.to_bytes(params))
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for make in (thinker, jukebox_prior, redimnet_epoch, scripted, safetensors_file, musiq_npz,
+                 saved_model_and_tf_checkpoint, flax_msgpack):
+        make()
+        print(f"wrote {make.__name__}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""ckptkit: fetch, inspect, convert and manage model checkpoints.
+
+The public API is re-exported here.  Heavy modules are imported on first use so that
+``import ckptkit`` (and the ``ckpt`` command) start fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ckptkit.errors import (CkptkitError, ExitCode, FormatError, IntegrityError,
+                            MissingDependencyError, NotFoundError, UnsafeContentError,
+                            UsageError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointInfo", "CkptkitError", "ExitCode", "FormatError", "IntegrityError",
+    "MissingDependencyError", "NotFoundError", "UnsafeContentError", "UsageError",
+    "__version__", "inspect", "load",
+]
+
+if TYPE_CHECKING:
+    from ckptkit.inspection import inspect
+    from ckptkit.loading import load
+    from ckptkit.summary import CheckpointInfo
+
+_LAZY = {"inspect": "ckptkit.inspection", "load": "ckptkit.loading",
+         "CheckpointInfo": "ckptkit.summary"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ckptkit' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from ckptkit.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The ``ckpt`` command line: the only package that imports click."""

@@ -1,0 +1,143 @@
+"""``ckpt inspect``: what a checkpoint holds, instantly and without running code from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ckptkit.cli import render
+from ckptkit.errors import ExitCode
+
+EXAMPLES = """
+Examples:
+
+  ckpt inspect thinker_best.pt
+
+  ckpt inspect prior_level_2.pth.tar --depth 3
+
+  ckpt inspect spaq_ckpt.npz --filter 'opt/target/Transformer/*' --tensors
+
+  ckpt inspect saved_model_dir --json | jq .signatures
+"""
+
+
+@click.command("inspect", epilog=EXAMPLES)
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--depth", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Collapse the module tree to this many name components.")
+@click.option("--filter", "pattern", metavar="GLOB",
+              help="Only tensors whose name matches GLOB (implies --tensors).")
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor.")
+def inspect_command(path: Path, as_json: bool, depth: int, pattern: str | None,
+                    show_tensors: bool) -> int:
+    """Describe a checkpoint of any format without executing code from it.
+
+    Reads PyTorch (zip and legacy), TorchScript, .npz, safetensors, TensorFlow SavedModel and
+    checkpoints, and Flax msgpack.  Tensor bytes are never read.  Exits 5 when the file names
+    dangerous callables (it still prints what it could read safely).
+    """
+    from ckptkit.inspection import inspect
+
+    info = inspect(path)
+    if as_json:
+        data = info.to_dict()
+        if pattern:
+            data["tensors"] = [t for t in data["tensors"]
+                               if t["name"] in {x.name for x in info.filtered(pattern)}]
+        render.emit_json(data)
+    else:
+        click.echo(_human(info, depth, pattern, show_tensors or bool(pattern)))
+    if info.unsafe:
+        click.echo(f"ckpt: {path}: unsafe content: {', '.join(info.unsafe)}. Do not load it "
+                   "with pickle or torch.load(weights_only=False); `ckpt inspect` ran none of it",
+                   err=True)
+        return ExitCode.UNSAFE
+    return ExitCode.OK
+
+
+def _human(info, depth: int, pattern: str | None, show_tensors: bool) -> str:
+    from ckptkit.summary import module_tree
+
+    lines = [render.label("File", f"{render.safe(info.path)}  {render.size(info.size_bytes)}")]
+    lines.append(render.label("Format", f"{info.format}{_format_facts(info)}   "
+                                        "code executed: none"))
+    lines.append(render.label("Kind", info.kind.replace("-", " ")))
+    if info.metadata:
+        facts = "  ".join(f"{render.safe(k)}={_short(v)}" for k, v in info.metadata.items())
+        lines.append(render.label("Training", facts))
+    if info.signatures:
+        lines.append("Signatures")
+        for sig in info.signatures:
+            ins = ", ".join(f"{s.name}:{s.dtype}{_shape(s.shape)}" for s in sig.inputs)
+            outs = ", ".join(f"{s.name}:{s.dtype}{_shape(s.shape)}" for s in sig.outputs)
+            lines.append(f"  {render.safe(sig.key)}({ins}) -> {outs}")
+    lines.append(render.label(
+        "Tensors", f"{render.count(info.tensor_count)}  {render.count(info.param_count)} params  "
+                   f"{render.size(info.tensor_bytes)}  dtypes "
+                   + " ".join(f"{d}×{n}" for d, n in info.dtype_breakdown().items())))
+    if info.groups:
+        lines.append("Groups")
+        lines.append(render.table(
+            [(g.name or '""  (bare state dict)', f"{render.count(g.tensor_count)} tensors",
+              f"{render.count(g.param_count)} params", render.size(g.bytes))
+             for g in info.groups], right=(1, 2, 3)))
+    if info.optimizer:
+        opt = info.optimizer
+        rates = ", ".join(f"{r:g}" for r in opt.learning_rates) or "?"
+        lines.append(render.label(
+            "Optimizer", f"{opt.kind} (inferred from its state) in '{render.safe(opt.key)}', "
+                         f"lr {rates}, {opt.param_groups} param group(s), "
+                         f"{opt.params_with_state} params with state"))
+    if info.format.startswith("torch"):
+        lines.append(render.label("Scheduler", "present" if info.scheduler else "none")
+                     + "   " + f"Scaler {'present' if info.scaler else 'none'}")
+    rows = module_tree(info, depth)
+    if rows:
+        lines.append(f"Tree (depth {depth})")
+        lines.append(render.table(
+            [(name, f"{render.count(n)}", f"{render.count(p)}", render.size(b))
+             for name, n, p, b in rows[:200]], right=(1, 2, 3)))
+        if len(rows) > 200:
+            lines.append(f"  … {len(rows) - 200} more rows (use a smaller --depth)")
+    if show_tensors:
+        chosen = info.filtered(pattern) if pattern else info.tensors
+        lines.append(f"Tensors matching {pattern!r}: {len(chosen)}" if pattern else "Tensor list")
+        lines.append(render.table([(t.name, t.dtype, _shape(t.shape)) for t in chosen]))
+    for key, obj in info.opaque.items():
+        state = obj["state"]
+        preview = (", ".join(f"{k}={_short(v)}" for k, v in list(state.items())[:8])
+                   if isinstance(state, dict) else _short(state))
+        lines.append(render.label("Object", f"{render.safe(key)} = <object "
+                                  f"{render.safe(obj['class'])}> {{{preview}}}"))
+    if info.objects:
+        lines.append(render.label("Objects", "recorded, not constructed: "
+                                  + ", ".join(render.safe(o) for o in info.objects)))
+    if info.unsafe:
+        via = info.details.get("unsafe_via", {})
+        lines.append(render.label("UNSAFE", ", ".join(
+            f"{render.safe(u)} (via {via.get(u, '?')})" for u in info.unsafe)
+            + "  -- never called by ckpt"))
+    return "\n".join(lines)
+
+
+def _format_facts(info) -> str:
+    d = info.details
+    facts = []
+    for key in ("zip_prefix", "byteorder", "protocol_version", "storages", "pickles",
+                "header_bytes", "compressed", "code_files", "num_shards", "tags"):
+        if key in d and d[key] not in (None, "", []):
+            facts.append(f"{key.replace('_', ' ')} {_short(d[key])}")
+    return f" ({', '.join(facts)})" if facts else ""
+
+
+def _shape(shape) -> str:
+    if shape is None:
+        return "[?]"
+    return "[" + ", ".join("?" if s is None or s < 0 else str(s) for s in shape) + "]"
+
+
+def _short(value) -> str:
+    text = render.safe(repr(value) if isinstance(value, str) else value)
+    return text if len(text) <= 60 else text[:57] + "..."

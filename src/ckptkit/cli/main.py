@@ -1,0 +1,75 @@
+"""Entry point of ``ckpt``: lazy subcommands and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import click
+
+from ckptkit import __version__, config
+from ckptkit.errors import CkptkitError, ExitCode
+
+#: name -> (module, attribute).  Modules are imported only when their command runs or help
+#: lists it, so `ckpt --help` never imports numpy, torch or TensorFlow.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("ckptkit.cli.inspect", "inspect_command"),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Examples:\n\n  ckpt inspect thinker_best.pt\n\n"
+                    "  ckpt inspect spaq_ckpt.npz --depth 3 --json")
+@click.version_option(__version__, "--version", prog_name="ckpt")
+def cli() -> None:
+    """ckpt: fetch, inspect, convert and manage model checkpoints.
+
+    Set CKPTKIT_DEBUG=1 to see tracebacks.
+    """
+
+
+def _error(message: str) -> None:
+    click.echo(f"ckpt: error: {' '.join(message.split())}", err=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``ckpt`` and return (via SystemExit) the exit code from :class:`ExitCode`."""
+    try:
+        result = cli.main(args=argv, prog_name="ckpt", standalone_mode=False)
+        code = int(result) if isinstance(result, int) else ExitCode.OK
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = ExitCode.USAGE if isinstance(exc, click.UsageError) else ExitCode.ERROR
+    except click.exceptions.Abort:
+        _error("aborted")
+        code = ExitCode.ERROR
+    except CkptkitError as exc:
+        if config.debug():
+            raise
+        _error(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        code = ExitCode.INTERRUPTED
+    except BrokenPipeError:
+        code = ExitCode.OK
+    except Exception as exc:  # noqa: BLE001 - last line of defence against tracebacks
+        if config.debug():
+            raise
+        _error(f"internal error: {type(exc).__name__}: {exc}. Run with CKPTKIT_DEBUG=1 for the "
+               "traceback and please report it")
+        code = ExitCode.ERROR
+    sys.exit(int(code))
+

@@ -1,0 +1,64 @@
+"""Which globals named by a pickle count as dangerous callables.
+
+ckptkit never calls anything a pickle names, so this list does not protect ckptkit itself; it
+decides what ``inspect`` and ``scan`` report as *unsafe*: names that would run code, touch the
+file system or network, or reach other callables if the file were loaded with ``pickle`` or
+``torch.load(weights_only=False)``.  Everything else a file names is reported as an object.
+"""
+
+from __future__ import annotations
+
+#: Whole modules (and their submodules) whose every name is dangerous.
+DANGEROUS_MODULES = frozenset({
+    "os", "posix", "nt", "subprocess", "pty", "runpy", "importlib", "imp", "shutil", "socket",
+    "socketserver", "webbrowser", "pip", "sys", "code", "codeop", "pickle", "_pickle", "marshal",
+    "types", "ctypes", "_ctypes", "multiprocessing", "asyncio", "pydoc", "timeit", "signal",
+    "tempfile", "http", "urllib", "urllib2", "requests", "httplib", "ftplib", "telnetlib",
+    "smtplib", "poplib", "imaplib", "xmlrpc", "bdb", "pdb", "trace", "cProfile", "profile",
+    "distutils", "setuptools", "pkg_resources", "ensurepip", "venv", "zipimport", "site",
+    "sysconfig", "platform", "commands", "popen2", "_posixsubprocess", "_winapi", "msvcrt",
+    "winreg", "_thread", "thread", "threading", "concurrent", "glob", "io", "_io", "fileinput",
+    "mmap", "linecache", "aiohttp", "httpx", "paramiko", "dill", "cloudpickle", "joblib",
+    "torch.hub", "torch.jit", "torch._inductor", "torch.utils.collect_env", "torch._dynamo",
+    "torch.ops", "torch.distributed", "torch.serialization", "numpy.f2py", "numpy.testing",
+    "numpy.distutils", "keras", "tensorflow", "jax", "_operator", "operator", "functools",
+    "builtins", "__builtin__", "__builtins__", "inspect", "gc", "weakref", "copyreg", "abc",
+    "logging", "uuid", "ssl", "select", "selectors", "resource", "atexit", "_io", "pathlib",
+    "zipfile", "tarfile", "sqlite3", "dbm", "shelve", "mailcap", "cgi", "wsgiref",
+})
+
+#: Harmless names inside otherwise dangerous modules (plain data constructors).
+SAFE_NAMES = frozenset({
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"),
+    ("builtins", "bytes"), ("builtins", "complex"), ("builtins", "slice"), ("builtins", "int"),
+    ("builtins", "float"), ("builtins", "str"), ("builtins", "bool"), ("builtins", "tuple"),
+    ("builtins", "list"), ("builtins", "dict"), ("builtins", "range"),
+    ("__builtin__", "set"), ("__builtin__", "frozenset"), ("__builtin__", "complex"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"), ("pathlib", "Path"),
+    ("functools", "total_ordering"),
+})
+
+#: Single dangerous names in modules that are otherwise fine.
+DANGEROUS_NAMES = frozenset({
+    ("numpy", "load"), ("numpy", "loadtxt"), ("numpy", "fromfile"), ("numpy", "save"),
+    ("numpy", "savez"), ("numpy.lib.npyio", "load"), ("numpy.core.multiarray", "fromfile"),
+    ("torch", "load"), ("torch", "save"), ("torch", "compile"), ("torch", "from_file"),
+    ("torch.storage", "_load_from_bytes"), ("torch._utils", "_load_from_bytes"),
+    ("pandas", "read_csv"), ("pandas", "read_pickle"), ("pandas.io.pickle", "read_pickle"),
+    ("collections", "namedtuple"),
+})
+
+
+def is_dangerous(module: str, name: str) -> bool:
+    """True when ``module.name`` is a callable that could run code or cause side effects."""
+    if (module, name) in SAFE_NAMES:
+        return False
+    if (module, name) in DANGEROUS_NAMES or name.startswith("__") and name.endswith("__"):
+        return True
+    root = module
+    while root:
+        if root in DANGEROUS_MODULES:
+            return True
+        root = root.rpartition(".")[0]
+    return False

@@ -1,0 +1,65 @@
+"""Format readers, one module per format, all with the same three verbs.
+
+``sniff(path) -> bool``
+    Decide by content (never by suffix) whether ``path`` is in this format; cheap, reads at most
+    a few KiB, never raises for unrelated input.
+``read_info(path) -> RawCheckpoint``
+    Read structure and metadata without reading tensor bytes and without running code.
+``load(path, framework, *, unsafe=False)``
+    Load for real use (see :func:`ckptkit.load`).
+
+Modules are imported lazily so that sniffing one format never imports another format's
+dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+from ckptkit.errors import FormatError, NotFoundError
+
+#: Detection order matters: TorchScript is a torch zip with code, so it is tried first.
+FORMAT_MODULES: tuple[tuple[str, str], ...] = (
+    ("savedmodel", "ckptkit.formats.savedmodel"),
+    ("tf-checkpoint", "ckptkit.formats.tf_checkpoint"),
+    ("torchscript", "ckptkit.formats.torchscript"),
+    ("torch-zip", "ckptkit.formats.torch_zip"),
+    ("npz", "ckptkit.formats.npz"),
+    ("torch-legacy", "ckptkit.formats.torch_legacy"),
+    ("safetensors", "ckptkit.formats.safetensors"),
+    ("flax-msgpack", "ckptkit.formats.flax_msgpack"),
+)
+
+EXPECTED = ("a PyTorch checkpoint (zip or legacy), TorchScript archive, .npz, safetensors, "
+            "TensorFlow SavedModel directory or checkpoint (.index), or Flax msgpack")
+
+
+def module_for(name: str) -> ModuleType:
+    """The reader module of format ``name`` (e.g. ``"torch-zip"``)."""
+    for fmt, module in FORMAT_MODULES:
+        if fmt == name:
+            return importlib.import_module(module)
+    raise FormatError(f"unknown format name {name!r}",
+                      hint="Use one of: " + ", ".join(f for f, _ in FORMAT_MODULES))
+
+
+def detect(path: Path) -> ModuleType:
+    """Return the reader module for ``path``, judged by content.
+
+    Raises:
+        NotFoundError: ``path`` does not exist.
+        FormatError: no reader recognises it.
+    """
+    if not path.exists():
+        raise NotFoundError(f"{path}: no such file or directory",
+                            hint="Check the path, or run `ckpt list` for catalogue names",
+                            path=str(path))
+    for _fmt, name in FORMAT_MODULES:
+        module = importlib.import_module(name)
+        if module.sniff(path):
+            return module
+    kind = "directory" if path.is_dir() else "file"
+    raise FormatError(f"{path}: not a checkpoint format ckptkit knows ({kind})",
+                      hint=f"Expected {EXPECTED}", path=str(path))

@@ -1,0 +1,189 @@
+"""NumPy ``.npz`` archives (JAX/Flax checkpoints such as MUSIQ's, keys joined with ``/``).
+
+Only each member's ``.npy`` header is read (for deflated members, only its first bytes are
+inflated).  Object arrays are pickles: they are never loaded, only interpreted by the restricted
+reader so that what they would construct or call is reported.
+"""
+
+from __future__ import annotations
+
+import ast
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ckptkit.errors import FormatError, IntegrityError, UnsafeContentError, UsageError
+from ckptkit.formats import ziparchive
+from ckptkit.model import ByteSpan, Opaque, RawCheckpoint, SafetyReport, TensorRef
+from ckptkit.unpickler import Findings, numpy_dtype_name, read_pickle
+
+FORMAT = "npz"
+NPY_MAGIC = b"\x93NUMPY"
+MAX_HEADER = 1 << 20
+
+
+def sniff(path: Path) -> bool:
+    if not ziparchive.is_zip(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def parse_header(head: bytes, where: str) -> tuple[dict[str, Any], int]:
+    """Parse a ``.npy`` header; returns the header dict and the offset where data starts."""
+    if not head.startswith(NPY_MAGIC) or len(head) < 10:
+        raise IntegrityError(f"{where}: not a .npy member (bad magic)")
+    major = head[6]
+    if major == 1:
+        (length,), start = struct.unpack("<H", head[8:10]), 10
+    elif major in (2, 3):
+        (length,), start = struct.unpack("<I", head[8:12]), 12
+    else:
+        raise IntegrityError(f"{where}: unknown .npy version {major}")
+    if length > MAX_HEADER or start + length > len(head):
+        raise IntegrityError(f"{where}: .npy header of {length} bytes is cut or too large")
+    text = head[start:start + length].decode("latin1" if major < 3 else "utf-8")
+    try:
+        header = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+        raise IntegrityError(f"{where}: unreadable .npy header") from exc
+    if not isinstance(header, dict) or not {"descr", "shape", "fortran_order"} <= set(header):
+        raise IntegrityError(f"{where}: .npy header lacks descr/shape/fortran_order")
+    return header, start + length
+
+
+def _read_head(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    with archive.open(info) as member:
+        head = member.read(4096)
+        if head[6:7] in (b"\x02", b"\x03") and len(head) >= 12:
+            need = 12 + struct.unpack("<I", head[8:12])[0]
+            if need > len(head) and need <= MAX_HEADER + 12:
+                head += member.read(need - len(head))
+    return head
+
+
+def read_info(path: Path) -> RawCheckpoint:
+    findings = Findings()
+    tree: dict[str, Any] = {}
+    tensors: list[tuple[str, TensorRef]] = []
+    size = path.stat().st_size
+    declared = 0
+    compressed = False
+    with ziparchive.open_zip(path, "npz archive") as archive, open(path, "rb") as fh:
+        for info in archive.infolist():
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            where = f"{path}: member {info.filename!r}"
+            try:
+                header, data_start = parse_header(_read_head(archive, info), where)
+            except (zipfile.BadZipFile, EOFError, OSError) as exc:
+                raise IntegrityError(f"{where} cannot be read ({exc})",
+                                     hint="The file is truncated or corrupt", path=str(path))
+            declared += info.file_size
+            compressed |= info.compress_type != zipfile.ZIP_STORED
+            descr = header["descr"]
+            if descr == "|O" or descr == "O":
+                tree[key] = _object_array(archive, info, data_start, findings, where)
+                continue
+            dtype = numpy_dtype_name(descr) if isinstance(descr, str) else "structured"
+            if dtype == "bfloat16?":
+                dtype = "bfloat16"  # numpy saves bfloat16 as raw V2
+            shape = tuple(int(s) for s in header["shape"])
+            ref = TensorRef(dtype, shape, None, fortran_order=bool(header["fortran_order"]))
+            if info.compress_type == zipfile.ZIP_STORED:
+                offset = ziparchive.data_offset(fh, info, size) + data_start
+                ref = _with_span(ref, ByteSpan(str(path), offset, info.file_size - data_start))
+            else:
+                ref = _with_span(ref, ByteSpan(str(path), data_start,
+                                               info.file_size - data_start, info.filename))
+            if ref.nbytes > info.file_size - data_start and dtype != "structured":
+                raise IntegrityError(f"{where}: header promises {ref.nbytes} bytes, "
+                                     f"the member holds {info.file_size - data_start}")
+            tree[key] = ref
+            tensors.append((key, ref))
+    details = {"members": len(tree), "compressed": compressed, "declared_bytes": declared,
+               "unsafe_via": dict(findings.unsafe)}
+    if "opt/target" in {k.rsplit("/", 2)[0] for k in tree} or any(
+            k.startswith("opt/target/") for k in tree):
+        details["flax_optimizer_target"] = "opt/target"
+    safety = SafetyReport(tuple(sorted(findings.objects)), tuple(sorted(findings.unsafe)),
+                          findings.pickles)
+    return RawCheckpoint(FORMAT, _nest(tree), tuple(
+        (tuple(k.split("/")), r) for k, r in tensors), safety, details, separator="/")
+
+
+def _with_span(ref: TensorRef, span: ByteSpan) -> TensorRef:
+    return TensorRef(ref.dtype, ref.shape, span, fortran_order=ref.fortran_order)
+
+
+def _object_array(archive: zipfile.ZipFile, info: zipfile.ZipInfo, start: int,
+                  findings: Findings, where: str) -> Opaque:
+    findings.objects.add("numpy.ndarray[object]")
+    if info.file_size > 256 << 20:
+        return Opaque("numpy.ndarray[object]")
+    with archive.open(info) as member:
+        data = member.read()[start:]
+    try:
+        read_pickle(data, findings, what=f"object array {where}")
+    except IntegrityError:
+        pass  # a broken pickle in an object array is reported through its findings
+    return Opaque("numpy.ndarray[object]")
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Split ``/``-joined keys into a nested tree (``opt/target/...`` becomes dicts)."""
+    root: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = root
+        parts = key.split("/")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                node = None
+                break
+            node = child
+        if node is None or parts[-1] in node:
+            root[key] = value  # a key that is both a leaf and a folder stays flat
+        else:
+            node[parts[-1]] = value
+    return root
+
+
+def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
+    """``numpy``: a flat dict of arrays; ``flax``: the nested tree (under ``opt/target`` for
+    Flax optimizer checkpoints such as MUSIQ's)."""
+    import numpy as np
+
+    raw = read_info(path)
+    if raw.safety.unsafe and not unsafe:
+        raise UnsafeContentError(f"{path}: holds object arrays that call "
+                                 f"{', '.join(raw.safety.unsafe)}", unsafe=list(raw.safety.unsafe),
+                                 path=str(path))
+    if framework not in ("numpy", "flax", "jax"):
+        raise UsageError(f"{path}: cannot load an npz file as {framework!r}",
+                         hint="Use framework='numpy' or framework='flax'")
+    try:
+        with np.load(path, allow_pickle=unsafe) as data:
+            flat = {k: data[k] for k in data.files}
+    except ValueError as exc:
+        raise FormatError(f"{path}: {exc}", hint="Object arrays need unsafe=True",
+                          path=str(path)) from exc
+    flat = {k: _bf16(v) for k, v in flat.items()}
+    if framework == "numpy":
+        return flat
+    tree = _nest(flat)
+    if isinstance(tree.get("opt"), dict) and isinstance(tree["opt"].get("target"), dict):
+        return tree["opt"]["target"]
+    return tree
+
+
+def _bf16(array: Any) -> Any:
+    if array.dtype.kind == "V" and array.dtype.itemsize == 2:
+        from ckptkit.tensor_io import numpy_dtype
+
+        return array.view(numpy_dtype("bfloat16"))
+    return array

@@ -1,0 +1,58 @@
+"""Loading PyTorch files for real use: through torch (weights only by default) or as numpy."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, Callable
+
+from ckptkit.errors import FormatError, MissingDependencyError, UnsafeContentError, UsageError
+from ckptkit.model import RawCheckpoint
+from ckptkit.tensor_io import materialise
+
+
+def import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("torch", "torch", "Loading with framework='torch'") from None
+    return torch
+
+
+def refuse_unsafe(path: Path, raw: RawCheckpoint) -> None:
+    if raw.safety.unsafe:
+        raise UnsafeContentError(
+            f"{path}: refusing to load, the file calls {', '.join(raw.safety.unsafe)}",
+            unsafe=list(raw.safety.unsafe),
+            hint="Run `ckpt inspect` to see it; pass unsafe=True only for files you trust",
+            path=str(path))
+
+
+def load(path: Path, framework: str, *, unsafe: bool,
+         reader: Callable[[Path], RawCheckpoint]) -> Any:
+    """Load a torch-format file: ``numpy`` never runs code, ``torch`` uses weights_only."""
+    raw = reader(path)
+    if framework == "numpy":
+        return materialise(raw.tree, big_endian=raw.details.get("byteorder") == "big")
+    if framework != "torch":
+        raise UsageError(f"{path}: cannot load a {raw.format} file as {framework!r}",
+                         hint="Use framework='torch' or framework='numpy'")
+    if not unsafe:
+        refuse_unsafe(path, raw)
+    torch = import_torch()
+    if raw.format == "torchscript":
+        if not unsafe:
+            raise UnsafeContentError(
+                f"{path}: a TorchScript archive runs its own code when loaded",
+                unsafe=["torch.jit.load"], path=str(path),
+                hint="Pass unsafe=True to torch.jit.load it, or framework='numpy' for its weights")
+        return torch.jit.load(str(path), map_location="cpu")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=not unsafe,
+                          mmap=raw.format == "torch-zip")
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise FormatError(
+            f"{path}: torch.load(weights_only=True) refused it: {first}",
+            hint="The file holds custom classes; use framework='numpy' to read its tensors "
+                 "safely, or unsafe=True only if you trust the file", path=str(path)) from exc

@@ -1,0 +1,121 @@
+"""PyTorch legacy checkpoints (before 1.6, or ``_use_new_zipfile_serialization=False``).
+
+Five pickles back to back (magic number, protocol version, system info, the object, the sorted
+list of storage keys), then for each key an int64 element count and the raw storage bytes.
+Jukebox's ``.pth.tar`` priors are such files.  Every pickle is interpreted by the restricted
+reader, not only the first, and the storage table is walked with seeks, not reads.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+from typing import Any
+
+from ckptkit.errors import IntegrityError
+from ckptkit.model import ByteSpan, RawCheckpoint, SafetyReport, itemsize
+from ckptkit.tree import iter_tensors
+from ckptkit.unpickler import (Findings, InertUnpickler, Resolver, StorageRef, _StorageType,
+                               read_pickle)
+
+FORMAT = "torch-legacy"
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
+
+
+def sniff(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return False
+    if not head.startswith(b"\x80") and not head[:1] in (b"\x8a", b"L"):
+        return False
+    try:
+        return InertUnpickler(io.BytesIO(head), Findings()).load() == MAGIC_NUMBER
+    except Exception:  # noqa: BLE001 - sniffing must never fail on foreign input
+        return False
+
+
+def read_info(path: Path) -> RawCheckpoint:
+    size = path.stat().st_size
+    findings = Findings()
+    storages: dict[str, StorageRef] = {}
+
+    def persistent(pid: Any) -> Any:
+        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] not in ("storage", b"storage"):
+            findings.objects.add("<unknown persistent id>")
+            return None
+        storage_type, key, location, numel = pid[1:5]
+        view = pid[5] if len(pid) > 5 else None
+        dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else "uint8"
+        key = str(key)
+        if not isinstance(numel, int) or numel < 0:
+            raise IntegrityError(f"{path}: storage {key} has invalid size {numel!r}")
+        root = storages.setdefault(key, StorageRef(key, dtype, str(location), numel))
+        if isinstance(view, tuple) and len(view) >= 2 and isinstance(view[1], int):
+            return StorageRef(key, dtype, root.location, root.numel, view_offset=view[1])
+        return root
+
+    with open(path, "rb") as fh:
+        what = f"legacy torch file {path}"
+        magic = read_pickle(fh, findings, what=what)
+        if magic != MAGIC_NUMBER:
+            raise IntegrityError(f"{path}: legacy torch magic number is wrong")
+        protocol = read_pickle(fh, findings, what=what)
+        sys_info = read_pickle(fh, findings, what=what)
+        obj = read_pickle(fh, findings, persistent, what=what)
+        keys = read_pickle(fh, findings, what=what)
+        spans = _walk_storages(path, fh, keys, storages, size)
+    if protocol != PROTOCOL_VERSION:
+        raise IntegrityError(f"{path}: unsupported legacy protocol {protocol!r}")
+    little = sys_info.get("little_endian", True) if isinstance(sys_info, dict) else True
+    tree = Resolver(lambda s: spans.get(s.key)).resolve(obj)
+    details = {"protocol_version": protocol, "byteorder": "little" if little else "big",
+               "storages": len(spans), "pickles": findings.pickles,
+               "unsafe_via": dict(findings.unsafe)}
+    safety = SafetyReport(tuple(sorted(findings.objects)), tuple(sorted(findings.unsafe)),
+                          findings.pickles)
+    return RawCheckpoint(FORMAT, tree, tuple(iter_tensors(tree)), safety, details)
+
+
+def _walk_storages(path: Path, fh: Any, keys: Any, storages: dict[str, StorageRef],
+                   size: int) -> dict[str, ByteSpan]:
+    if not isinstance(keys, list):
+        raise IntegrityError(f"{path}: legacy storage key list is missing or malformed")
+    spans: dict[str, ByteSpan] = {}
+    pos = fh.tell()
+    for key in keys:
+        storage = storages.get(str(key))
+        if storage is None:
+            raise IntegrityError(f"{path}: storage {key!r} is listed but never used")
+        fh.seek(pos)
+        head = fh.read(8)
+        if len(head) < 8:
+            raise IntegrityError(
+                f"{path}: file ends inside the storage table (storage {key!r} at byte {pos} of "
+                f"{size})", hint="The download or save was cut short; fetch or save it again",
+                path=str(path))
+        (numel,) = struct.unpack("<q", head)
+        if numel != storage.numel:
+            raise IntegrityError(f"{path}: storage {key!r} holds {numel} elements, "
+                                 f"its tensors say {storage.numel}")
+        length = int(numel * itemsize(storage.dtype))
+        spans[storage.key] = ByteSpan(str(path), pos + 8, length)
+        pos += 8 + length
+    if pos > size:
+        raise IntegrityError(
+            f"{path}: truncated: the storages need {pos} bytes, the file has {size}",
+            hint="The download or save was cut short; fetch or save it again", path=str(path))
+    if pos < size:
+        raise IntegrityError(f"{path}: {size - pos} unexpected bytes after the last storage",
+                             hint="The file was altered or concatenated; do not trust it",
+                             path=str(path))
+    return spans
+
+
+def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
+    from ckptkit.formats import torch_common
+
+    return torch_common.load(path, framework, unsafe=unsafe, reader=read_info)

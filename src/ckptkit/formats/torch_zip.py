@@ -1,0 +1,182 @@
+"""PyTorch zip checkpoints (``torch.save`` since 1.6), read without importing torch.
+
+Layout: ``<prefix>/data.pkl`` (the object, tensors as persistent ids), ``<prefix>/data/<key>``
+(one stored record per storage, 64-byte aligned), plus small records (``byteorder``,
+``version``, ``.format_version``, ``.storage_alignment``).  The prefix is the file name without
+its last suffix, or ``archive`` for buffers, so it is found, never assumed.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ckptkit.errors import IntegrityError
+from ckptkit.formats import ziparchive
+from ckptkit.model import ByteSpan, RawCheckpoint, SafetyReport, itemsize
+from ckptkit.tree import iter_tensors
+from ckptkit.unpickler import (Findings, PickleContext, Resolver, StorageRef, _StorageType,
+                               read_pickle)
+
+FORMAT = "torch-zip"
+_SMALL_RECORDS = ("byteorder", "version", ".data/version", ".format_version",
+                  ".storage_alignment")
+
+
+def find_prefix(names: list[str]) -> str | None:
+    """The archive's folder: the one ``<prefix>/data.pkl`` at depth one, if exactly one."""
+    prefixes = [n[: -len("/data.pkl")] for n in names
+                if n.endswith("/data.pkl") and n.count("/") == 1]
+    return prefixes[0] if len(prefixes) == 1 else None
+
+
+def is_torchscript(names: list[str], prefix: str) -> bool:
+    return f"{prefix}/constants.pkl" in names or any(
+        n.startswith(f"{prefix}/code/") for n in names)
+
+
+def sniff(path: Path) -> bool:
+    if not ziparchive.is_zip(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        # A truncated torch zip still starts like one; let read_info report it properly.
+        return _looks_like_torch_zip_start(path)
+    prefix = find_prefix(names)
+    return prefix is not None and not is_torchscript(names, prefix)
+
+
+def _looks_like_torch_zip_start(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    name_len = int.from_bytes(head[26:28], "little")
+    first = head[30:30 + name_len].decode("utf-8", "replace")
+    return first.endswith("/data.pkl") or "/data/" in first or first.endswith("/byteorder")
+
+
+class TorchArchive:
+    """An open torch zip: resolves storages to byte spans and interprets its pickles."""
+
+    def __init__(self, path: Path, what: str = "PyTorch zip checkpoint"):
+        self.path = path
+        self.size = path.stat().st_size
+        self.zip = ziparchive.open_zip(path, what)
+        self.names = self.zip.namelist()
+        prefix = find_prefix(self.names)
+        if prefix is None:
+            self.zip.close()
+            raise IntegrityError(f"{path}: zip has no single '<folder>/data.pkl' record",
+                                 hint="This is not a torch.save file", path=str(path))
+        self.prefix = prefix
+        self.findings = Findings()
+        self.fh = open(path, "rb")
+        self._spans: dict[tuple[str, str], ByteSpan] = {}
+        self.referenced: set[str] = set()
+
+    def close(self) -> None:
+        self.fh.close()
+        self.zip.close()
+
+    def __enter__(self) -> TorchArchive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def record(self, name: str) -> str | None:
+        member = f"{self.prefix}/{name}"
+        if member not in self.names:
+            return None
+        info = self.zip.getinfo(member)
+        if info.file_size > 4096:
+            return None
+        return self.zip.read(member).decode("utf-8", "replace").strip()
+
+    def persistent(self, folder: str):
+        def load(pid: Any) -> Any:
+            if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] not in ("storage", b"storage"):
+                self.findings.objects.add("<unknown persistent id>")
+                return None
+            _tag, storage_type, key, location, numel = pid[:5]
+            dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else "uint8"
+            if not isinstance(numel, int) or numel < 0:
+                raise IntegrityError(f"{self.path}: storage {key!r} has invalid size {numel!r}")
+            return StorageRef(f"{folder}/{key}", dtype, str(location), numel)
+
+        return load
+
+    def span_for(self, storage: StorageRef) -> ByteSpan:
+        cached = self._spans.get((storage.key, storage.dtype))
+        if cached is not None:
+            return cached
+        member = f"{self.prefix}/{storage.key}"
+        try:
+            info = self.zip.getinfo(member)
+        except KeyError:
+            raise IntegrityError(f"{self.path}: storage record {member!r} is missing",
+                                 hint="The file is incomplete or was edited; re-save it",
+                                 path=str(self.path)) from None
+        length = int(storage.numel * itemsize(storage.dtype))
+        if info.file_size < length:
+            raise IntegrityError(
+                f"{self.path}: storage {member!r} holds {info.file_size} bytes but its tensor "
+                f"needs {length}", hint="The file is corrupt or crafted; do not load it",
+                path=str(self.path))
+        self.referenced.add(member)
+        if info.compress_type == zipfile.ZIP_STORED:
+            span = ByteSpan(str(self.path), ziparchive.data_offset(self.fh, info, self.size),
+                            length)
+        else:
+            span = ByteSpan(str(self.path), 0, length, member)
+        self._spans[(storage.key, storage.dtype)] = span
+        return span
+
+    def read_object(self, pickle_name: str, folder: str,
+                    context: PickleContext | None = None) -> Any:
+        member = f"{self.prefix}/{pickle_name}"
+        info = self.zip.getinfo(member)
+        if info.file_size > self.size * 1100 + (1 << 20):  # a zip bomb in data.pkl
+            raise IntegrityError(f"{self.path}: {member} declares an implausible size")
+        try:
+            data = self.zip.read(member)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise IntegrityError(f"{self.path}: cannot read {member}: {exc}",
+                                 hint="The file is truncated or corrupt", path=str(self.path))
+        raw = read_pickle(data, self.findings, self.persistent(folder),
+                          what=f"{member} in {self.path}", context=context)
+        return Resolver(self.span_for).resolve(raw)
+
+    def details(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {"zip_prefix": self.prefix}
+        for name in _SMALL_RECORDS:
+            value = self.record(name)
+            if value is not None:
+                facts[name.lstrip(".").replace("/", "_")] = value
+        data_members = {n for n in self.names if n.startswith(f"{self.prefix}/data/")}
+        facts["storages"] = len(self.referenced)
+        unreferenced = sorted(data_members - self.referenced)
+        if unreferenced:
+            facts["unreferenced_records"] = unreferenced[:20]
+        return facts
+
+    def safety(self) -> SafetyReport:
+        return SafetyReport(tuple(sorted(self.findings.objects)),
+                            tuple(sorted(self.findings.unsafe)), self.findings.pickles)
+
+
+def read_info(path: Path) -> RawCheckpoint:
+    with TorchArchive(path) as archive:
+        tree = archive.read_object("data.pkl", "data")
+        tensors = tuple(iter_tensors(tree))
+        details = archive.details()
+        details["unsafe_via"] = dict(archive.findings.unsafe)
+        return RawCheckpoint(FORMAT, tree, tensors, archive.safety(), details)
+
+
+def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
+    from ckptkit.formats import torch_common
+
+    return torch_common.load(path, framework, unsafe=unsafe, reader=read_info)

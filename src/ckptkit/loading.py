@@ -1,0 +1,35 @@
+"""``ckptkit.load``: load a checkpoint for real use, safe by default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from ckptkit import formats
+
+Framework = Literal["torch", "numpy", "flax", "jax", "tf"]
+
+
+def load(path: str | os.PathLike[str], framework: Framework = "numpy", *,
+         unsafe: bool = False) -> Any:
+    """Load the checkpoint at ``path`` into ``framework``'s objects.
+
+    ``torch`` gives what ``torch.load(weights_only=True)`` gives (memory-mapped for zip files);
+    ``numpy`` gives the same tree with numpy arrays, read without torch and without running
+    pickle code; ``flax`` gives a nested param tree (for MUSIQ-style ``.npz`` the tree under
+    ``opt/target``); ``tf`` gives ``tf.saved_model.load`` / ``tf.train.load_checkpoint``.
+
+    Args:
+        path: the checkpoint.
+        framework: which library's objects to return.
+        unsafe: allow loading files that name dangerous callables, custom classes or code
+            (TorchScript).  This runs code from the file; use it only for files you trust.
+
+    Raises:
+        UnsafeContentError: the file would run code and ``unsafe`` is False.
+        MissingDependencyError: the framework is not installed.
+        UsageError: the format cannot be loaded into that framework.
+    """
+    target = Path(path)
+    return formats.detect(target).load(target, framework, unsafe=unsafe)

@@ -1,0 +1,161 @@
+"""The typed model of a checkpoint that every format reader returns.
+
+A checkpoint is a tree of plain values (dicts, lists, numbers, strings), lazy tensors
+(:class:`TensorRef`: dtype, shape and where the bytes live, never the bytes themselves) and
+opaque objects (:class:`Opaque`: a class the file names, recorded instead of constructed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FormatName = Literal[
+    "torch-zip", "torch-legacy", "torchscript", "npz", "safetensors",
+    "savedmodel", "tf-checkpoint", "flax-msgpack",
+]
+
+#: Bytes per element for every dtype ckptkit names (numpy spelling).
+ITEMSIZE: dict[str, float] = {
+    "bool": 1, "uint8": 1, "int8": 1, "uint16": 2, "int16": 2, "uint32": 4, "int32": 4,
+    "uint64": 8, "int64": 8, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
+    "complex32": 4, "complex64": 8, "complex128": 16,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1, "qint8": 1, "quint8": 1, "qint32": 4,
+    "quint4x2": 1, "quint2x4": 1, "string": 0, "resource": 0, "variant": 0,
+}
+
+
+def itemsize(dtype: str) -> float:
+    """Bytes per element of ``dtype``; 0 for dtypes without a fixed size (strings)."""
+    return ITEMSIZE.get(dtype, 0)
+
+
+@dataclass(frozen=True)
+class ByteSpan:
+    """Where a tensor's bytes live: a byte range of a file, or of a member inside a zip."""
+
+    path: str
+    offset: int
+    length: int
+    member: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor known by its metadata only; the bytes stay on disk until asked for.
+
+    ``stride`` and ``element_offset`` are in elements (PyTorch semantics); ``None`` stride means
+    C-contiguous.  ``storage_key`` names the storage shared by views of one buffer.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    span: ByteSpan | None = None
+    stride: tuple[int, ...] | None = None
+    element_offset: int = 0
+    storage_key: str | None = None
+    device: str | None = None
+    fortran_order: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.numel * itemsize(self.dtype))
+
+
+@dataclass
+class Opaque:
+    """An object the file asks to construct (or a callable it asks to call), never executed.
+
+    ``qualname`` is ``module.Name`` as written in the file; ``args`` the constructor or call
+    arguments; ``state`` what ``BUILD``/``__setstate__`` would have received.
+    """
+
+    qualname: str
+    args: tuple[Any, ...] = ()
+    state: Any = None
+    items: list[Any] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"<object {self.qualname}>"
+
+    # The pickle machine fills containers through these; they only record.
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def append(self, item: Any) -> None:
+        self.items.append(item)
+
+    def extend(self, items: Any) -> None:
+        self.items.extend(items)
+
+    def add(self, item: Any) -> None:
+        self.items.append(item)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items.append((key, value))
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor of a signature (SavedModel inputs/outputs)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...] | None
+    tensor_name: str = ""
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A callable entry point of a SavedModel, e.g. ``serving_default``."""
+
+    key: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    method: str = ""
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SafetyReport:
+    """What the restricted reader found: classes it recorded and callables it refused."""
+
+    objects: tuple[str, ...] = ()
+    unsafe: tuple[str, ...] = ()
+    pickles: int = 0
+
+    def merged(self, other: SafetyReport) -> SafetyReport:
+        return SafetyReport(
+            objects=tuple(sorted(set(self.objects) | set(other.objects))),
+            unsafe=tuple(sorted(set(self.unsafe) | set(other.unsafe))),
+            pickles=self.pickles + other.pickles,
+        )
+
+
+@dataclass(frozen=True)
+class RawCheckpoint:
+    """What a format reader returns: the tree plus format facts, before any summarising.
+
+    ``tensors`` lists every tensor with its display name in file order; ``separator`` is the
+    character the format joins nested names with (used to build the module tree).
+    """
+
+    format: FormatName
+    tree: Any
+    tensors: tuple[tuple[str, TensorRef], ...]
+    safety: SafetyReport = SafetyReport()
+    details: dict[str, Any] = field(default_factory=dict)
+    signatures: tuple[Signature, ...] = ()
+    separator: str = "."

@@ -1,0 +1,91 @@
+"""Reading a lazy tensor's bytes into a numpy array, on demand and one tensor at a time."""
+
+from __future__ import annotations
+
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from ckptkit.errors import IntegrityError, MissingDependencyError
+from ckptkit.model import TensorRef, itemsize
+
+_NATIVE = {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+           "float16", "float32", "float64", "complex64", "complex128"}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype for a ckptkit dtype name; extended floats come from ``ml_dtypes``."""
+    if name in _NATIVE:
+        return np.dtype(name)
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise MissingDependencyError("ml_dtypes", "jax", f"reading {name} tensors") from None
+    if not hasattr(ml_dtypes, name):
+        raise IntegrityError(f"dtype {name} cannot be read into numpy")
+    return np.dtype(getattr(ml_dtypes, name))
+
+
+def read_bytes(ref: TensorRef) -> bytes | memoryview:
+    """The raw bytes of the tensor's whole span (a storage, for torch tensors)."""
+    span = ref.span
+    if span is None:
+        raise IntegrityError("tensor has no bytes in the file (meta tensor or inline value)")
+    if span.member is None:
+        with open(span.path, "rb") as fh:
+            fh.seek(span.offset)
+            data = fh.read(span.length)
+    else:
+        with zipfile.ZipFile(span.path) as archive, archive.open(span.member) as member:
+            if span.offset:
+                member.read(span.offset)
+            data = member.read(span.length)
+    if len(data) != span.length:
+        raise IntegrityError(f"{span.path}: expected {span.length} bytes at offset "
+                             f"{span.offset}, found {len(data)} (file truncated?)")
+    return data
+
+
+def read_tensor(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
+    """Materialise ``ref`` as a numpy array that owns its memory."""
+    dtype = numpy_dtype(ref.dtype)
+    if big_endian:
+        dtype = dtype.newbyteorder(">")
+    data = read_bytes(ref)
+    flat = np.frombuffer(data, dtype=dtype)
+    if ref.stride is None:
+        count = ref.numel
+        start = ref.element_offset
+        if start + count > flat.size:
+            raise IntegrityError(f"tensor of {count} elements overruns its storage of {flat.size}")
+        array = flat[start:start + count].reshape(ref.shape, order="F" if ref.fortran_order else "C")
+    else:
+        array = _strided(flat, ref)
+    return array.astype(array.dtype.newbyteorder("="), copy=True) if big_endian else array.copy()
+
+
+def _strided(flat: np.ndarray, ref: TensorRef) -> np.ndarray:
+    if ref.numel == 0:
+        return np.zeros(ref.shape, dtype=flat.dtype)
+    last = ref.element_offset + sum((s - 1) * st for s, st in zip(ref.shape, ref.stride or ()))
+    if ref.element_offset < 0 or last >= flat.size or any(st < 0 for st in ref.stride or ()):
+        raise IntegrityError(f"tensor view (offset {ref.element_offset}, stride {ref.stride}) "
+                             f"reaches outside its storage of {flat.size} elements")
+    size = int(itemsize(ref.dtype))
+    return np.lib.stride_tricks.as_strided(
+        flat[ref.element_offset:], shape=ref.shape,
+        strides=tuple(st * size for st in ref.stride or ()), writeable=False)
+
+
+def materialise(tree: Any, *, big_endian: bool = False) -> Any:
+    """A copy of ``tree`` with every TensorRef replaced by its numpy array."""
+    if isinstance(tree, TensorRef):
+        return read_tensor(tree, big_endian=big_endian)
+    if isinstance(tree, dict):
+        return {k: materialise(v, big_endian=big_endian) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [materialise(v, big_endian=big_endian) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(materialise(v, big_endian=big_endian) for v in tree)
+    return tree
