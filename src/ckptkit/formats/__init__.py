@@ -18,7 +18,7 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-from ckptkit.errors import FormatError, NotFoundError
+from ckptkit.errors import FormatError, IntegrityError, NotFoundError
 
 #: Detection order matters: TorchScript is a torch zip with code, so it is tried first.
 FORMAT_MODULES: tuple[tuple[str, str], ...] = (
@@ -60,6 +60,9 @@ def detect(path: Path) -> ModuleType:
         module = importlib.import_module(name)
         if module.sniff(path):
             return module
+    if path.is_file() and path.stat().st_size == 0:
+        raise IntegrityError(f"{path}: file is empty", hint="Re-download or re-save it",
+                             path=str(path))
     kind = "directory" if path.is_dir() else "file"
     raise FormatError(f"{path}: not a checkpoint format ckptkit knows ({kind})",
                       hint=f"Expected {EXPECTED}", path=str(path))

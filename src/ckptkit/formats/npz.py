@@ -30,7 +30,8 @@ def sniff(path: Path) -> bool:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError):
-        return False
+        # Truncated: the central directory is gone, but the first record still names a .npy.
+        return ziparchive.first_member_name(path).endswith(".npy")
     return bool(names) and all(n.endswith(".npy") for n in names)
 
 

@@ -8,7 +8,8 @@ from typing import Any, Callable
 
 from ckptkit.errors import FormatError, MissingDependencyError, UnsafeContentError, UsageError
 from ckptkit.model import RawCheckpoint
-from ckptkit.tensor_io import materialise
+from ckptkit.tensor_io import materialise, read_tensor
+from ckptkit.tree import join
 
 
 def import_torch() -> Any:
@@ -33,7 +34,10 @@ def load(path: Path, framework: str, *, unsafe: bool,
     """Load a torch-format file: ``numpy`` never runs code, ``torch`` uses weights_only."""
     raw = reader(path)
     if framework == "numpy":
-        return materialise(raw.tree, big_endian=raw.details.get("byteorder") == "big")
+        big = raw.details.get("byteorder") == "big"
+        if raw.format == "torchscript":  # a flat state dict, like ScriptModule.state_dict()
+            return {join(p): read_tensor(ref, big_endian=big) for p, ref in raw.tensors}
+        return materialise(raw.tree, big_endian=big)
     if framework != "torch":
         raise UsageError(f"{path}: cannot load a {raw.format} file as {framework!r}",
                          hint="Use framework='torch' or framework='numpy'")

@@ -50,10 +50,7 @@ def sniff(path: Path) -> bool:
 
 
 def _looks_like_torch_zip_start(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
-    name_len = int.from_bytes(head[26:28], "little")
-    first = head[30:30 + name_len].decode("utf-8", "replace")
+    first = ziparchive.first_member_name(path)
     return first.endswith("/data.pkl") or "/data/" in first or first.endswith("/byteorder")
 
 

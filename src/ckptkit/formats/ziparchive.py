@@ -52,3 +52,13 @@ def data_offset(fh: BinaryIO, info: zipfile.ZipInfo, file_size: int) -> int:
             f"zip member {info.filename!r} runs past the end of the file "
             f"({offset + info.compress_size} > {file_size} bytes)")
     return offset
+
+
+def first_member_name(path: Path) -> str:
+    """Name in the first local header: identifies a zip whose central directory is lost."""
+    with open(path, "rb") as fh:
+        head = fh.read(_LOCAL_HEADER.size + 1024)
+    if len(head) < _LOCAL_HEADER.size or head[:4] != ZIP_MAGIC:
+        return ""
+    name_len = _LOCAL_HEADER.unpack(head[:_LOCAL_HEADER.size])[-2]
+    return head[_LOCAL_HEADER.size:_LOCAL_HEADER.size + name_len].decode("utf-8", "replace")
