@@ -1,0 +1,110 @@
+"""`ckpt inspect` on a ~2 GiB, 512-tensor torch zip against torch.load(mmap=True), and on a
+SavedModel against `saved_model_cli show --all`.  Results go to docs/performance.md."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import BIN, Run, measure, update_section
+
+TARGET_WALL, TARGET_RSS, TARGET_HELP = 0.16, 45.0, 0.15
+
+
+def write_checkpoint(path: Path, size_gib: float, tensors: int) -> None:
+    import torch
+
+    per = int(size_gib * 2**30 / 4 / tensors)
+    cols = 1024
+    rows = max(1, per // cols)
+    state = {f"model.layers.{i // 8}.block{i % 8}.weight": torch.empty(rows, cols).normal_()
+             for i in range(tensors)}
+    torch.save({"model": state, "step": 1000, "best_val_loss": 0.5}, path)
+
+
+def write_saved_model(path: Path) -> None:
+    import tensorflow as tf
+
+    class Model(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [tf.Variable(tf.random.normal([256, 256])) for _ in range(16)]
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 256], tf.float32, name="x")])
+        def serve(self, x):
+            for w in self.layers:
+                x = tf.nn.relu(x @ w)
+            return {"y": x}
+
+    model = Model()
+    tf.saved_model.save(model, str(path), signatures={"serving_default": model.serve})
+
+
+def row(name: str, run: Run) -> str:
+    return f"| {name} | {run.wall_s * 1000:.0f} ms | {run.peak_rss_mib:.0f} MiB |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size-gib", type=float, default=2.0)
+    parser.add_argument("--tensors", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--write-fixtures", metavar="DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.write_fixtures:
+        write_checkpoint(Path(args.write_fixtures) / "big_checkpoint.pt", args.size_gib,
+                         args.tensors)
+        write_saved_model(Path(args.write_fixtures) / "saved_model")
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    ckpt = str(BIN / "ckpt")
+    with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
+        big = Path(tmp) / "big_checkpoint.pt"
+        print(f"writing {args.size_gib} GiB, {args.tensors}-tensor checkpoint ...", file=sys.stderr)
+        # In a child process: the parent must stay small, or forked children would inherit
+        # its resident set and every peak-RSS figure would include it.
+        subprocess.run([sys.executable, __file__, "--write-fixtures", tmp, "--size-gib",
+                        str(args.size_gib), "--tensors", str(args.tensors)], check=True)
+        saved = Path(tmp) / "saved_model"
+        size = big.stat().st_size
+        ours = measure([ckpt, "inspect", "--json", str(big)], args.repeat)
+        mmap = measure([sys.executable, "-c", "import sys, torch; torch.load(sys.argv[1], "
+                        "mmap=True, weights_only=True)", str(big)], args.repeat)
+        helps = measure([ckpt, "--help"], args.repeat)
+        ours_sm = measure([ckpt, "inspect", "--json", str(saved)], args.repeat)
+        cli = measure([str(BIN / "saved_model_cli"), "show", "--all", "--dir", str(saved)],
+                      max(1, args.repeat // 2))
+    speed, lean = mmap.wall_s / ours.wall_s, mmap.peak_rss_mib / ours.peak_rss_mib
+    verdict = lambda ok: "met" if ok else "**missed**"  # noqa: E731
+    body = f"""## `ckpt inspect`
+
+Whole-process wall time (median of {args.repeat} warm runs) and peak RSS, on a
+{size / 2**30:.2f} GiB torch zip checkpoint of {args.tensors} tensors and on a 16-variable SavedModel.
+
+| command | wall | peak RSS |
+|---|---|---|
+{row("`ckpt inspect --json big_checkpoint.pt`", ours)}
+{row("`python -c 'torch.load(..., mmap=True, weights_only=True)'`", mmap)}
+{row("`ckpt --help`", helps)}
+{row("`ckpt inspect --json saved_model`", ours_sm)}
+{row("`saved_model_cli show --all --dir saved_model`", cli)}
+
+| ratio | value | target |
+|---|---|---|
+| torch.load(mmap) wall / ckpt inspect wall | {speed:.1f}× | ≥ 10× ({verdict(speed >= 10)}) |
+| torch.load(mmap) RSS / ckpt inspect RSS | {lean:.1f}× | ≥ 5× ({verdict(lean >= 5)}) |
+| saved_model_cli wall / ckpt inspect wall | {cli.wall_s / ours_sm.wall_s:.1f}× | faster |
+| ckpt inspect wall on 2 GiB | {ours.wall_s:.3f} s | ≤ {TARGET_WALL} s ({verdict(ours.wall_s <= TARGET_WALL)}) |
+| ckpt inspect peak RSS | {ours.peak_rss_mib:.0f} MiB | ≤ {TARGET_RSS:.0f} MiB ({verdict(ours.peak_rss_mib <= TARGET_RSS)}) |
+| ckpt --help wall | {helps.wall_s:.3f} s | ≤ {TARGET_HELP} s ({verdict(helps.wall_s <= TARGET_HELP)}) |
+"""
+    update_section("inspect", body, "scripts/bench/inspect")
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
