@@ -130,6 +130,15 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+_TF_VALUE_SUFFIX = (".ATTRIBUTES", "VARIABLE_VALUE")
+
+
+def _without_tf_suffix(parts: tuple[Any, ...]) -> tuple[Any, ...]:
+    """TF2 object checkpoints end every variable name in ``/.ATTRIBUTES/VARIABLE_VALUE``;
+    it says nothing about the model, so groups and the tree leave it out."""
+    return parts[:-2] if tuple(parts[-2:]) == _TF_VALUE_SUFFIX and len(parts) > 2 else parts
+
+
 def _root_mapping(tree: Any) -> dict[Any, Any]:
     if isinstance(tree, dict):
         return tree
@@ -146,6 +155,7 @@ def summarise(raw: RawCheckpoint, path: str, size_bytes: int) -> CheckpointInfo:
         parts = tuple(where.split(raw.separator)) if isinstance(where, str) else tuple(where)
         name = where if isinstance(where, str) else join(parts, raw.separator)
         tensors.append(TensorInfo(name, ref.dtype, ref.shape, ref.nbytes))
+        parts = _without_tf_suffix(parts)
         group = str(parts[0]) if len(parts) > 1 else ""
         stats = group_stats.setdefault(group, [0, 0, 0])
         stats[0] += 1
@@ -258,8 +268,8 @@ def module_tree(info: CheckpointInfo, depth: int) -> list[tuple[str, int, int, i
     rows: dict[str, list[int]] = {}
     shapes: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {}
     for t in info.tensors:
-        parts = t.name.split(sep)
-        prefix = sep.join(parts[:depth]) if len(parts) > depth else t.name
+        parts = list(_without_tf_suffix(tuple(t.name.split(sep))))
+        prefix = sep.join(parts[:depth])
         stats = rows.setdefault(prefix, [0, 0, 0])
         stats[0] += 1
         stats[1] += _numel(t.shape)

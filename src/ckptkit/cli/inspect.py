@@ -80,7 +80,8 @@ def _human(info, depth: int, pattern: str | None, show_tensors: bool) -> str:
     if info.groups:
         lines.append("Groups")
         lines.append(render.table(
-            [(g.name or '""  (bare state dict)', f"{render.count(g.tensor_count)} tensors",
+            [(g.name or ('""  (bare state dict)' if info.kind == "state-dict" else '""  (top level)'),
+              f"{render.count(g.tensor_count)} tensors",
               f"{render.count(g.param_count)} params", render.size(g.bytes))
              for g in info.groups], right=(1, 2, 3)))
     if info.optimizer:
