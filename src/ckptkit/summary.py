@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ckptkit.model import Opaque, RawCheckpoint, Signature, TensorRef
-from ckptkit.tree import contains_tensor, is_scalar, join
+from ckptkit.tree import is_scalar, join
 
 OPTIMIZER_KEYS = ("optimizer", "opt", "optim", "optimizer_state", "optimizer_state_dict",
                   "optimizer_states", "opt_g", "opt_d", "optimizers")

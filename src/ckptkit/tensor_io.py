@@ -68,14 +68,17 @@ def read_tensor(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
 def _strided(flat: np.ndarray, ref: TensorRef) -> np.ndarray:
     if ref.numel == 0:
         return np.zeros(ref.shape, dtype=flat.dtype)
-    last = ref.element_offset + sum((s - 1) * st for s, st in zip(ref.shape, ref.stride or ()))
-    if ref.element_offset < 0 or last >= flat.size or any(st < 0 for st in ref.stride or ()):
+    stride = ref.stride or ()
+    if len(stride) != len(ref.shape):
+        raise IntegrityError(f"tensor of shape {ref.shape} has stride {stride} of another rank")
+    last = ref.element_offset + sum((s - 1) * st for s, st in zip(ref.shape, stride, strict=True))
+    if ref.element_offset < 0 or last >= flat.size or any(st < 0 for st in stride):
         raise IntegrityError(f"tensor view (offset {ref.element_offset}, stride {ref.stride}) "
                              f"reaches outside its storage of {flat.size} elements")
     size = int(itemsize(ref.dtype))
     return np.lib.stride_tricks.as_strided(
         flat[ref.element_offset:], shape=ref.shape,
-        strides=tuple(st * size for st in ref.stride or ()), writeable=False)
+        strides=tuple(st * size for st in stride), writeable=False)
 
 
 def materialise(tree: Any, *, big_endian: bool = False) -> Any:

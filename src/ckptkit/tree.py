@@ -46,31 +46,6 @@ def join(path: Path, separator: str = ".") -> str:
     return separator.join(str(p) for p in path)
 
 
-def contains_tensor(node: Any) -> bool:
-    """True if ``node`` is or holds at least one tensor."""
-    return next(iter_tensors(node), None) is not None
-
-
 def is_scalar(value: Any) -> bool:
     """Plain values worth showing as metadata (step, epoch, losses, version strings)."""
     return value is None or isinstance(value, (bool, int, float, str))
-
-
-def opaque_names(tree: Any) -> Iterator[str]:
-    """Qualified names of every opaque object in ``tree``."""
-    seen: set[int] = set()
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, (dict, list, tuple, Opaque)):
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-        elif isinstance(node, Opaque):
-            yield node.qualname
-            stack.extend(node.args)
-            stack.append(node.state)
