@@ -8,6 +8,8 @@ file system or network, or reach other callables if the file were loaded with ``
 
 from __future__ import annotations
 
+import _compat_pickle
+
 #: Whole modules (and their submodules) whose every name is dangerous.
 DANGEROUS_MODULES = frozenset({
     "os", "posix", "nt", "subprocess", "pty", "runpy", "importlib", "imp", "shutil", "socket",
@@ -25,6 +27,10 @@ DANGEROUS_MODULES = frozenset({
     "builtins", "__builtin__", "__builtins__", "inspect", "gc", "weakref", "copyreg", "abc",
     "logging", "uuid", "ssl", "select", "selectors", "resource", "atexit", "_io", "pathlib",
     "zipfile", "tarfile", "sqlite3", "dbm", "shelve", "mailcap", "cgi", "wsgiref",
+    # Standard-library helpers that run a shell command or a source string they are given:
+    # _osx_support._read_output / _aix_support._read_cmd_output (os.system, check_output),
+    # doctest.debug_src (exec through pdb).
+    "_osx_support", "_aix_support", "doctest",
 })
 
 #: Harmless names inside otherwise dangerous modules (plain data constructors).
@@ -47,11 +53,22 @@ DANGEROUS_NAMES = frozenset({
     ("torch.storage", "_load_from_bytes"), ("torch._utils", "_load_from_bytes"),
     ("pandas", "read_csv"), ("pandas", "read_pickle"), ("pandas.io.pickle", "read_pickle"),
     ("collections", "namedtuple"),
+    # numpy names that create or overwrite files when called.
+    ("numpy", "memmap"), ("numpy.core.memmap", "memmap"), ("numpy._core.memmap", "memmap"),
+    ("numpy", "savez_compressed"), ("numpy", "savetxt"), ("numpy", "DataSource"),
+    ("numpy.lib.format", "open_memmap"), ("numpy.lib._format_impl", "open_memmap"),
+    ("numpy.lib.npyio", "save"), ("numpy.lib.npyio", "savez"), ("numpy.lib.npyio", "savetxt"),
 })
 
 
 def is_dangerous(module: str, name: str) -> bool:
     """True when ``module.name`` is a callable that could run code or cause side effects."""
+    if "." in name:
+        # From protocol 4 on, pickle resolves a dotted name attribute by attribute, so it can
+        # reach any module the named module imports ('argparse' '_os.system' is os.system).
+        return True
+    if (module, name) != _py2_alias(module, name) and is_dangerous(*_py2_alias(module, name)):
+        return True  # 'cPickle' 'loads' is pickle.loads
     if (module, name) in SAFE_NAMES:
         return False
     if (module, name) in DANGEROUS_NAMES or name.startswith("__") and name.endswith("__"):
@@ -62,3 +79,15 @@ def is_dangerous(module: str, name: str) -> bool:
             return True
         root = root.rpartition(".")[0]
     return False
+
+
+def _py2_alias(module: str, name: str) -> tuple[str, str]:
+    """What pickle actually imports for ``module.name`` in a protocol 0-2 pickle.
+
+    Python 2 names are renamed (``fix_imports``, on by default in pickle and torch.load):
+    ``cPickle`` -> ``pickle``, ``SimpleHTTPServer`` -> ``http.server``, ``__builtin__`` ->
+    ``builtins`` ...; a check on the written name alone misses them.
+    """
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name

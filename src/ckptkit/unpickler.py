@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
 from ckptkit import danger
-from ckptkit.errors import IntegrityError
+from ckptkit.errors import CkptkitError, ExitCode, IntegrityError
 from ckptkit.model import ByteSpan, Opaque, TensorRef
 
 #: Upper bounds that keep a hostile pickle from exhausting time or memory.
@@ -27,6 +27,9 @@ MAX_OPCODES = 50_000_000
 MAX_NODES = 5_000_000
 MAX_DEPTH = 400
 MAX_STATIC_SCAN = 64 << 20
+#: Hashing a tuple hashes every element again, uncached: a memo-shared tuple of tuples used as
+#: a dict key or set member would cost 10**levels hash calls.  Real keys are tiny.
+MAX_KEY_NODES = 1_000
 
 TORCH_STORAGE_DTYPES = {
     "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
@@ -83,12 +86,12 @@ class _Dict(dict):
     """A dict that also accepts attributes (torch pickles set ``_metadata`` via BUILD)."""
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity, like the torch object
 class _StorageType:
     dtype: str
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity, like the torch object
 class _DType:
     name: str
 
@@ -104,7 +107,7 @@ class StorageRef:
     view_offset: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity, like the torch object
 class _PendingTensor:
     storage: Any
     offset: Any
@@ -158,10 +161,23 @@ def _rebuild_from_type_v2(func, new_type, args, state):
 
 
 def _codecs_encode(obj, encoding="utf-8", *rest):
-    if isinstance(obj, str) and str(encoding).lower().replace("_", "-") in (
-            "latin1", "latin-1", "utf-8", "utf8", "iso-8859-1"):
+    # isinstance(encoding, str): str() of a memo-shared nested list is exponential.
+    if isinstance(obj, str) and isinstance(encoding, str) and encoding.lower().replace(
+            "_", "-") in ("latin1", "latin-1", "utf-8", "utf8", "iso-8859-1"):
         return obj.encode(encoding)
     return Opaque("_codecs.encode", (obj, encoding))
+
+
+def _reconstructor(cls: Any = None, base: Any = None, state: Any = None, *rest: Any) -> Any:
+    """Protocol 0/1 spelling of "make an instance of cls": the class itself is what gets
+    classified (it arrives through find_class like any global), so this only forwards."""
+    return cls() if isinstance(cls, type) else Opaque("copyreg._reconstructor", (cls,))
+
+
+def _scalar_text(args: tuple[Any, ...]) -> list[str]:
+    """``str()`` of plain scalar arguments only: ``str()`` of a memo-shared nested list (a
+    "billion laughs") is exponential, so containers are never stringified."""
+    return [str(a) for a in args if isinstance(a, (str, int, float))]
 
 
 def _bounded(ctor: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -171,6 +187,8 @@ def _bounded(ctor: Callable[..., Any], name: str) -> Callable[..., Any]:
         if any(isinstance(a, int) and not isinstance(a, bool) for a in args) and name in (
                 "bytearray", "bytes"):
             return Opaque(f"builtins.{name}", args)
+        if name in ("set", "frozenset") and args and isinstance(args[0], (list, tuple)):
+            _check_keys(args[0])  # set members are hashed
         try:
             return ctor(*args)
         except (TypeError, ValueError):
@@ -182,6 +200,8 @@ def _bounded(ctor: Callable[..., Any], name: str) -> Callable[..., Any]:
 def _new_dict(*args, **kwargs):
     result = _Dict()
     if args and isinstance(args[0], (dict, list)):
+        if isinstance(args[0], list):
+            _check_keys([p[0] for p in args[0] if isinstance(p, tuple) and p])
         try:
             result.update(args[0])
         except (TypeError, ValueError):
@@ -201,9 +221,9 @@ def _allowed() -> dict[tuple[str, str], Any]:
         ("torch._utils", "_rebuild_meta_tensor_no_storage"): _rebuild_meta,
         ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
         ("torch", "Size"): lambda *a: tuple(a[0]) if a and isinstance(a[0], (list, tuple)) else (),
-        ("torch", "device"): lambda *a: ":".join(str(x) for x in a),
+        ("torch", "device"): lambda *a: ":".join(_scalar_text(a)),
         ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
-        ("torch.serialization", "_get_layout"): lambda *a: str(a[0]) if a else "",
+        ("torch.serialization", "_get_layout"): lambda *a: "".join(_scalar_text(a[:1])),
         ("builtins", "set"): _bounded(set, "set"),
         ("builtins", "frozenset"): _bounded(frozenset, "frozenset"),
         ("builtins", "bytearray"): _bounded(bytearray, "bytearray"),
@@ -212,6 +232,10 @@ def _allowed() -> dict[tuple[str, str], Any]:
         ("builtins", "slice"): _bounded(slice, "slice"),
         ("__builtin__", "set"): _bounded(set, "set"),
         ("_codecs", "encode"): _codecs_encode,
+        ("copyreg", "_reconstructor"): _reconstructor,
+        ("builtins", "object"): _inert_type("builtins.object"),  # _reconstructor's base
+        ("__builtin__", "object"): _inert_type("builtins.object"),
+        ("copy_reg", "_reconstructor"): _reconstructor,
     }
     for name, dtype in TORCH_STORAGE_DTYPES.items():
         table[("torch", name)] = _StorageType(dtype)
@@ -264,14 +288,23 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent is None:
             return Opaque("<persistent id>", (pid,))
+        if not _plain_pid(pid):
+            # Format readers str() the key and location; a nested or memo-shared container
+            # there would make that exponential.  Torch ids are flat tuples of scalars.
+            self.findings.objects.add("<unknown persistent id>")
+            return Opaque("<persistent id>")
         return self._persistent(pid)
 
     def load(self) -> Any:
         # The stdlib loop, plus an opcode budget; pickle errors become IntegrityError upstream.
-        self._unframer = pickle._Unframer(self._file_read, self._file_readline)  # type: ignore
-        self.read = self._unframer.read
-        self.readinto = self._unframer.readinto
-        self.readline = self._unframer.readline
+        # No _Unframer: like the C unpickler that pickle.load and torch.load use, FRAME is only
+        # a prefetch hint (see _load_frame), so an opcode may straddle a declared frame end.
+        # The pure-Python _Unframer rejects that ("pickle exhausted before end of frame"), a
+        # parser differential that let a payload run under torch.load while this reader
+        # stopped early and reported the file as merely corrupt.
+        self.read = self._file_read
+        self.readline = self._file_readline
+        self.readinto = self._readinto
         self.metastack = []
         self.stack = []
         self.append = self.stack.append
@@ -289,6 +322,143 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             return stop.value
         raise pickle.UnpicklingError(f"more than {MAX_OPCODES} opcodes")
 
+    def _readinto(self, buf: Any) -> int:
+        data = self._file_read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+    def _load_frame(self) -> None:
+        (size,) = struct.unpack("<Q", self.read(8))
+        if size > MAX_STATIC_SCAN << 4:
+            raise pickle.UnpicklingError(f"frame of {size} bytes")
+
+    def _load_bytearray8(self) -> None:
+        # The stdlib allocates (and zeroes) bytearray(<declared length>) before reading, so a
+        # 20-byte pickle could demand gigabytes.  Read what is there, then check the length.
+        (size,) = struct.unpack("<Q", self.read(8))
+        data = self.read(min(size, MAX_STATIC_SCAN << 4))
+        if len(data) != size:
+            raise pickle.UnpicklingError(f"BYTEARRAY8 of {size} bytes is truncated")
+        self.append(bytearray(data))
+
+    # --- calls and mutations the stand-ins cannot mirror ------------------------------------
+    # The real loader calls real objects where this reader has recorders and stand-ins, so
+    # some operations that succeed there fail here: calling a call's result (getattr(...)(x)),
+    # NEWOBJ on a stand-in function, BUILD or SETITEM on a tensor.  Stopping there would leave
+    # the rest of the pickle unread (and the file merely "corrupt") while torch.load runs it,
+    # so such an operation is recorded as an Opaque, or skipped, and interpretation goes on.
+
+    def _record_call(self, func: Any, args: Any, kwargs: Any = None) -> Any:
+        args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+        extra = (kwargs,) if isinstance(kwargs, dict) and kwargs else ()
+        try:
+            if isinstance(kwargs, dict) and kwargs:
+                return func(*args, **kwargs)
+            return func(*args)
+        except _MISMATCH as exc:
+            if isinstance(exc, CkptkitError):
+                raise
+            return _called(func, args + extra)
+
+    def _load_reduce(self) -> None:
+        args = self.stack.pop()
+        self.stack[-1] = self._record_call(self.stack[-1], args)
+
+    def _load_newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._record_call(lambda *a: cls.__new__(cls, *a), args)
+                    if not isinstance(cls, Opaque) else _called(cls, args))
+
+    def _load_newobj_ex(self) -> None:
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._record_call(lambda *a, **k: cls.__new__(cls, *a, **k), args, kwargs)
+                    if not isinstance(cls, Opaque) else _called(cls, args))
+
+    def _instantiate(self, klass: Any, args: list[Any]) -> None:  # INST and OBJ
+        if args or not isinstance(klass, type):
+            self.append(self._record_call(klass, args))
+        else:
+            self.append(self._record_call(lambda: klass.__new__(klass), ()))
+
+    def _load_build(self) -> None:
+        # Only objects this read created take state.  The stand-ins are shared module-level
+        # objects (torch.FloatStorage, torch.float32, the rebuild functions): a BUILD that set
+        # attributes on them would poison every later read in the process.
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, Opaque):
+            Opaque.__setstate__(inst, state)
+        elif isinstance(inst, _Dict):
+            self.stack.append(state)
+            self._tolerant(pickle._Unpickler.load_build)  # type: ignore[attr-defined]
+
+    def _tolerant(self, handler: Callable[[Any], None]) -> None:
+        try:
+            handler(self)  # these pop their operands before they can fail
+        except _MISMATCH as exc:
+            if isinstance(exc, CkptkitError):
+                raise
+
+    # Keys and set members are hashed; refuse tuples that expand to huge trees (see
+    # MAX_KEY_NODES) before the stdlib handler hashes them.
+    def _load_setitem(self) -> None:
+        _check_keys(self.stack[-2:-1])
+        self._tolerant(pickle._Unpickler.load_setitem)  # type: ignore[attr-defined]
+
+    def _load_setitems(self) -> None:
+        _check_keys(self.stack[0::2])
+        self._tolerant(pickle._Unpickler.load_setitems)  # type: ignore[attr-defined]
+
+    def _load_additems(self) -> None:
+        _check_keys(self.stack)
+        self._tolerant(pickle._Unpickler.load_additems)  # type: ignore[attr-defined]
+
+    def _load_append(self) -> None:
+        self._tolerant(pickle._Unpickler.load_append)  # type: ignore[attr-defined]
+
+    def _load_appends(self) -> None:
+        self._tolerant(pickle._Unpickler.load_appends)  # type: ignore[attr-defined]
+
+    def _load_dict(self) -> None:
+        _check_keys(self.stack[0::2])
+        pickle._Unpickler.load_dict(self)  # type: ignore[attr-defined]
+
+    def _load_frozenset(self) -> None:
+        _check_keys(self.stack)
+        pickle._Unpickler.load_frozenset(self)  # type: ignore[attr-defined]
+
+    def _load_stack_global(self) -> None:
+        name = self.stack.pop()
+        module = self.stack.pop()
+        if isinstance(module, Opaque) or isinstance(name, Opaque):
+            # Operands computed at load time (posixpath.basename('/x/os') is 'os'): where
+            # this global leads cannot be known without running the file, so it is unsafe.
+            qualname = f"{_describe(module)}.{_describe(name)}"
+            self.findings.unsafe.setdefault(qualname, "STACK_GLOBAL")
+            self.append(_inert_type(qualname))
+            return
+        if type(name) is not str or type(module) is not str:
+            raise pickle.UnpicklingError("STACK_GLOBAL requires str")
+        self._via = "STACK_GLOBAL"
+        try:
+            self.append(self.find_class(module, name))
+        finally:
+            self._via = "GLOBAL"
+
+    for _op, _handler in ((pickle.FRAME, _load_frame), (pickle.BYTEARRAY8, _load_bytearray8),
+                          (pickle.REDUCE, _load_reduce), (pickle.NEWOBJ, _load_newobj),
+                          (pickle.NEWOBJ_EX, _load_newobj_ex), (pickle.BUILD, _load_build),
+                          (pickle.SETITEM, _load_setitem), (pickle.SETITEMS, _load_setitems),
+                          (pickle.ADDITEMS, _load_additems), (pickle.APPEND, _load_append),
+                          (pickle.APPENDS, _load_appends), (pickle.DICT, _load_dict),
+                          (pickle.FROZENSET, _load_frozenset),
+                          (pickle.STACK_GLOBAL, _load_stack_global)):
+        dispatch[_op[0]] = _handler
+    del _op, _handler
+
     def _tagged(opcode: bytes, via: str):  # noqa: N805 - builds dispatch wrappers
         original = pickle._Unpickler.dispatch[opcode[0]]  # type: ignore[attr-defined]
 
@@ -301,11 +471,70 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
 
         return run
 
-    for _op, _via in ((pickle.STACK_GLOBAL, "STACK_GLOBAL"), (pickle.INST, "INST"),
-                      (pickle.OBJ, "OBJ"), (pickle.EXT1, "EXT1"), (pickle.EXT2, "EXT2"),
-                      (pickle.EXT4, "EXT4")):
+    for _op, _via in ((pickle.INST, "INST"), (pickle.OBJ, "OBJ"), (pickle.EXT1, "EXT1"),
+                      (pickle.EXT2, "EXT2"), (pickle.EXT4, "EXT4")):
         dispatch[_op[0]] = _tagged(_op, _via)
     del _op, _via, _tagged
+
+
+#: What a stand-in raises where the real object would have done something.
+_MISMATCH = (TypeError, AttributeError, ValueError, KeyError, IndexError)
+
+
+def _describe(value: Any) -> str:
+    """A short, bounded name for a value used as a callable or a global's operand (bounded:
+    a chain of a million calls on call results must not build ever longer names)."""
+    if isinstance(value, Opaque):
+        text = value.qualname if value.qualname.endswith(")") else f"{value.qualname}(...)"
+        return f"<{text[:200]}>"
+    name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None)
+    return name[:200] if isinstance(name, str) else f"<{type(value).__name__}>"
+
+
+def _called(func: Any, args: Any) -> Opaque:
+    """The record of a call this reader cannot make."""
+    return Opaque(f"{_describe(func)}()", args if isinstance(args, tuple) else (args,))
+
+
+def _plain_pid(pid: Any) -> bool:
+    """True for a persistent id made of scalars (and flat tuples of them), as torch writes."""
+    if not isinstance(pid, tuple):
+        return True  # the format reader rejects it cheaply
+    for part in pid:
+        if isinstance(part, tuple):
+            if not all(p is None or isinstance(p, (str, bytes, int, float)) for p in part):
+                return False
+        elif isinstance(part, (list, dict, set, frozenset, bytearray, Opaque)):
+            return False
+    return True
+
+
+def _check_keys(keys: Any) -> None:
+    """Raise if any of ``keys`` is a tuple whose nested tuples expand past MAX_KEY_NODES.
+
+    Counts with a memo by id, so a memo-shared tower of tuples costs at most MAX_KEY_NODES
+    steps here, while hashing it would cost the full exponential expansion."""
+    sizes: dict[int, int] = {}
+    for key in keys:
+        if type(key) is not tuple:
+            continue
+        stack: list[tuple[Any, bool]] = [(key, False)]
+        while stack:
+            node, done = stack.pop()
+            if id(node) in sizes:
+                continue
+            if done:
+                size = 1 + sum(sizes.get(id(c), 1) for c in node)
+                if size > MAX_KEY_NODES:
+                    raise pickle.UnpicklingError(
+                        f"dict key or set member expands to more than {MAX_KEY_NODES} objects")
+                sizes[id(node)] = size
+                continue
+            stack.append((node, True))
+            stack.extend((c, False) for c in node if type(c) is tuple and id(c) not in sizes)
+            if len(stack) > MAX_KEY_NODES:
+                raise pickle.UnpicklingError(
+                    f"dict key or set member expands to more than {MAX_KEY_NODES} objects")
 
 
 @dataclass(frozen=True)
@@ -335,7 +564,27 @@ def read_pickle(data: bytes | BinaryIO, findings: Findings,
             RecursionError) as exc:
         stream.seek(start)
         scan_globals(stream.read(MAX_STATIC_SCAN), findings)
-        raise IntegrityError(f"corrupt {what}: {type(exc).__name__}: {exc}"[:300]) from exc
+        message = f"corrupt {what}: {type(exc).__name__}: {exc}"[:300]
+        if findings.unsafe:
+            # pickle.load runs every opcode before the break, so a truncated or broken file
+            # that names dangerous callables is unsafe first and corrupt second.
+            raise UnsafePickleError(f"{message}; it names dangerous callables: "
+                                    f"{', '.join(sorted(findings.unsafe))}",
+                                    unsafe=sorted(findings.unsafe)) from exc
+        raise IntegrityError(message) from exc
+
+
+class UnsafePickleError(IntegrityError):
+    """A corrupt pickle that also names dangerous callables: exits like unsafe content (5).
+
+    An :class:`IntegrityError`, so readers that skip broken pickles (npz object arrays) still
+    do, and report the names through their findings."""
+
+    exit_code = ExitCode.UNSAFE
+
+    def __init__(self, message: str, *, unsafe: list[str]):
+        super().__init__(message, hint="Do not load it with pickle or torch.load")
+        self.unsafe = unsafe
 
 
 def scan_globals(data: bytes, findings: Findings) -> None:
@@ -384,39 +633,71 @@ SpanResolver = Callable[[StorageRef], ByteSpan | None]
 
 class Resolver:
     """Walks an interpreted tree once: pending tensors become TensorRefs, numpy records become
-    values, recorders become plain Opaque state.  Bounded in depth and node count."""
+    values, recorders become plain Opaque state.  Bounded in depth and node count.
+
+    A subtree the pickle shares through its memo is resolved once and shared in the result,
+    but counts towards MAX_NODES as often as it is reachable: summaries and JSON output walk
+    the result as a tree, so a "billion laughs" (lists of the same list, nine levels deep)
+    must fail here, not hang there."""
 
     def __init__(self, span_for: SpanResolver | None = None):
         self.span_for = span_for
         self.nodes = 0
         self._seen: dict[int, Any] = {}
+        self._weight: dict[int, int] = {}  # id of a resolved raw node -> its expanded size
 
     def resolve(self, value: Any, depth: int = 0) -> Any:
-        self.nodes += 1
+        """Resolve ``value``; a tree too deep for Python's own stack is an IntegrityError."""
+        try:
+            return self._walk(value, depth)
+        except RecursionError:
+            raise IntegrityError("pickle nests too deeply to walk") from None
+
+    def _count(self, n: int) -> None:
+        self.nodes += n
         if self.nodes > MAX_NODES:
             raise IntegrityError(f"pickle expands to more than {MAX_NODES} objects")
+
+    def _walk(self, value: Any, depth: int) -> Any:
+        start = self.nodes
+        self._count(1)
         if depth > MAX_DEPTH:
             raise IntegrityError(f"pickle nests deeper than {MAX_DEPTH} levels")
         if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
             return value
         key = id(value)
         if key in self._seen:
+            self._count(self._weight.get(key, 1) - 1)  # unknown yet inside a cycle: once
             return self._seen[key]
+        result = self._build(value, depth, key)
+        self._seen[key] = result
+        self._weight[key] = self.nodes - start
+        return result
+
+    def _build(self, value: Any, depth: int, key: int) -> Any:
+        # One Python frame per level (plain loops, no generators), so MAX_DEPTH levels fit
+        # in the default recursion limit.
         if isinstance(value, dict):
             out: dict[Any, Any] = {}
             self._seen[key] = out
             for k, v in value.items():
-                out[self._key(k)] = self.resolve(v, depth + 1)
+                out[self._key(k, depth)] = self._walk(v, depth + 1)
             return out
         if isinstance(value, list):
             out_list: list[Any] = []
             self._seen[key] = out_list
-            out_list.extend(self.resolve(v, depth + 1) for v in value)
+            for v in value:
+                out_list.append(self._walk(v, depth + 1))
             return out_list
-        if isinstance(value, tuple):
-            return tuple(self.resolve(v, depth + 1) for v in value)
-        if isinstance(value, (set, frozenset)):
-            return sorted((self.resolve(v, depth + 1) for v in value), key=repr)
+        if isinstance(value, (tuple, set, frozenset)):
+            items = []
+            for v in value:
+                items.append(self._walk(v, depth + 1))
+            if isinstance(value, tuple):
+                return tuple(items)
+            # Sorted for stable output; containers keep their order (repr of a shared
+            # container at every nesting level would be quadratic or worse).
+            return sorted(items, key=_sort_key)
         if isinstance(value, bytearray):
             return bytes(value)
         if isinstance(value, _PendingTensor):
@@ -432,10 +713,12 @@ class Resolver:
             return Opaque(getattr(value, "__name__", type(value).__name__))
         return Opaque(type(value).__name__)
 
-    def _key(self, key: Any) -> Any:
+    def _key(self, key: Any, depth: int) -> Any:
         if isinstance(key, (str, int, float, bool, bytes)) or key is None:
             return key
-        return repr(key)
+        # repr of the resolved key, whose size _walk has counted (a raw tuple key may hold
+        # frozensets of memo-shared tuples, exponential to print).
+        return repr(self._walk(key, depth + 1))
 
     def _span(self, storage: StorageRef) -> ByteSpan | None:
         return self.span_for(storage) if self.span_for else None
@@ -446,12 +729,12 @@ class Resolver:
             stride = tuple(int(s) for s in p.stride) if p.stride is not None else None
             offset = int(p.offset or 0)
         except (TypeError, ValueError):
-            return Opaque("torch.Tensor", (p.size, p.stride))
+            return Opaque("torch.Tensor")  # not the raw size/stride: they are unresolved
         if any(s < 0 for s in shape) or offset < 0:
             raise IntegrityError(f"tensor with negative size or offset {shape}/{offset}")
         storage = p.storage if isinstance(p.storage, StorageRef) else None
         if p.storage is not None and storage is None:
-            return Opaque("torch.Tensor", (p.size,))
+            return Opaque("torch.Tensor", (shape,))
         dtype = p.dtype or (storage.dtype if storage else "float32")
         return TensorRef(dtype, shape, self._span(storage) if storage else None, stride,
                          offset + (storage.view_offset if storage else 0),
@@ -466,15 +749,24 @@ class Resolver:
             return _numpy_array(obj)
         if name == "numpy.dtype":
             return f"dtype:{_dtype_of(obj)}"
-        resolved = Opaque(name, tuple(self.resolve(a, depth + 1) for a in obj.args),
-                          self.resolve(obj.state, depth + 1),
-                          [self.resolve(i, depth + 1) for i in obj.items])
+        resolved = Opaque(name)
+        self._seen[id(obj)] = resolved  # before the children: its state may refer to it
+        resolved.args = tuple([self._walk(a, depth + 1) for a in obj.args])
+        resolved.state = self._walk(obj.state, depth + 1)
+        resolved.items = [self._walk(i, depth + 1) for i in obj.items]
         return resolved
 
 
+def _sort_key(value: Any) -> tuple[int, str]:
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return (0, repr(value))
+    return (1, type(value).__name__)
+
+
 def _dtype_of(obj: Any) -> str:
-    if isinstance(obj, Opaque) and obj.qualname == "numpy.dtype" and obj.args:
-        descr = str(obj.args[0])
+    if (isinstance(obj, Opaque) and obj.qualname == "numpy.dtype" and obj.args
+            and isinstance(obj.args[0], str)):  # never str() a container (it may be huge)
+        descr = obj.args[0]
         order = obj.state[1] if isinstance(obj.state, tuple) and len(obj.state) > 1 else "<"
         return numpy_dtype_name(descr) + ("" if order in ("<", "|", "=") else ">")
     return "unknown"
@@ -494,10 +786,11 @@ def _numpy_array(obj: Opaque) -> Any:
     if isinstance(state, tuple) and len(state) == 5:
         _version, shape, dtype, fortran, raw = state
         name = _dtype_of(dtype)
-        if name == "object":
-            return Opaque("numpy.ndarray[object]", (tuple(shape),))
         try:
-            return TensorRef(name, tuple(int(s) for s in shape), None, fortran_order=bool(fortran))
+            dims = tuple(int(s) for s in shape)
         except (TypeError, ValueError):
-            pass
+            return Opaque("numpy.ndarray")
+        if name == "object":
+            return Opaque("numpy.ndarray[object]", (dims,))
+        return TensorRef(name, dims, None, fortran_order=bool(fortran))
     return Opaque("numpy.ndarray")

@@ -102,3 +102,14 @@ def test_load_torch_uses_weights_only(tmp_path: Path) -> None:
     path = save_torch(state, tmp_path / "t.pt")
     loaded = ckptkit.load(path, framework="torch")
     assert torch.equal(loaded["model"]["1.weight"], state["model"]["1.weight"])
+
+
+def test_two_data_pickles_are_refused(tmp_path: Path) -> None:
+    path = save_torch({"w": torch.ones(2)}, tmp_path / "two.pt")
+    doubled = tmp_path / "doubled.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(doubled, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+        dst.writestr("other/data.pkl", src.read("two/data.pkl"))
+    with pytest.raises(IntegrityError, match="exactly one"):
+        ckptkit.inspect(doubled)

@@ -8,15 +8,14 @@ reader, not only the first, and the storage table is walked with seeks, not read
 
 from __future__ import annotations
 
-import io
 import struct
 from pathlib import Path
 from typing import Any
 
-from ckptkit.errors import IntegrityError
+from ckptkit.errors import FormatError, IntegrityError
 from ckptkit.model import ByteSpan, RawCheckpoint, SafetyReport, itemsize
 from ckptkit.tree import iter_tensors
-from ckptkit.unpickler import (Findings, InertUnpickler, Resolver, StorageRef, _StorageType,
+from ckptkit.unpickler import (Findings, Resolver, StorageRef, UnsafePickleError, _StorageType,
                                read_pickle)
 
 FORMAT = "torch-legacy"
@@ -25,17 +24,15 @@ PROTOCOL_VERSION = 1001
 
 
 def sniff(path: Path) -> bool:
+    # Any binary pickle stream is claimed, not only one whose first pickle is the magic number:
+    # torch.load runs whatever the first pickle says before it compares the magic, so a payload
+    # there must be read (and reported) here rather than waved off as an unknown format.
     try:
         with open(path, "rb") as fh:
-            head = fh.read(64)
+            head = fh.read(2)
     except OSError:
         return False
-    if not head.startswith(b"\x80") and not head[:1] in (b"\x8a", b"L"):
-        return False
-    try:
-        return InertUnpickler(io.BytesIO(head), Findings()).load() == MAGIC_NUMBER
-    except Exception:  # noqa: BLE001 - sniffing must never fail on foreign input
-        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def read_info(path: Path) -> RawCheckpoint:
@@ -62,7 +59,13 @@ def read_info(path: Path) -> RawCheckpoint:
         what = f"legacy torch file {path}"
         magic = read_pickle(fh, findings, what=what)
         if magic != MAGIC_NUMBER:
-            raise IntegrityError(f"{path}: legacy torch magic number is wrong")
+            if findings.unsafe:
+                raise UnsafePickleError(
+                    f"{path}: a pickle that calls {', '.join(sorted(findings.unsafe))}",
+                    unsafe=sorted(findings.unsafe))
+            raise FormatError(f"{path}: a plain pickle, not a PyTorch checkpoint",
+                              hint="ckptkit reads torch.save files; plain pickles are never "
+                                   "loaded", path=str(path))
         protocol = read_pickle(fh, findings, what=what)
         sys_info = read_pickle(fh, findings, what=what)
         obj = read_pickle(fh, findings, persistent, what=what)

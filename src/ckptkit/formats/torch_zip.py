@@ -45,6 +45,9 @@ def sniff(path: Path) -> bool:
     except (zipfile.BadZipFile, OSError, ValueError):
         # A truncated torch zip still starts like one; let read_info report it properly.
         return _looks_like_torch_zip_start(path)
+    pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) > 1:
+        return True  # ambiguous: read_info refuses it with an integrity error
     prefix = find_prefix(names)
     return prefix is not None and not is_torchscript(names, prefix)
 
@@ -65,8 +68,10 @@ class TorchArchive:
         prefix = find_prefix(self.names)
         if prefix is None:
             self.zip.close()
-            raise IntegrityError(f"{path}: zip has no single '<folder>/data.pkl' record",
-                                 hint="This is not a torch.save file", path=str(path))
+            raise IntegrityError(
+                f"{path}: zip needs exactly one '<folder>/data.pkl' record",
+                hint="Two or more make loaders disagree on which one counts; do not load it",
+                path=str(path))
         self.prefix = prefix
         self.findings = Findings()
         self.fh = open(path, "rb")
