@@ -80,3 +80,20 @@ class MissingDependencyError(CkptkitError, ImportError):
         )
         self.package = package
         self.extra = extra
+
+
+class SourceError(CkptkitError):
+    """A source answered, but not with the file: HTTP errors after retries, HTML error pages,
+    unreachable hosts.  The fallback chain moves on to the next source."""
+
+    exit_code = ExitCode.NOT_FOUND
+
+    def __init__(self, message: str, *, url: str | None = None, status: int | None = None,
+                 hint: str | None = None, path: str | None = None):
+        super().__init__(message, hint=hint, path=path)
+        self.url = url
+        self.status = status
+
+
+class AuthError(SourceError):
+    """The source refused our credentials (HTTP 401/403, Kaggle consent not given)."""
