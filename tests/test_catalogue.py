@@ -1,0 +1,119 @@
+"""The contract test guarding the built-in catalogue, and user catalogue merging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ckptkit import catalogue
+from ckptkit.errors import FormatError, NotFoundError
+
+MUSIQ = {"musiq-spaq": "spaq", "musiq-ava": "ava", "musiq-koniq": "koniq-10k",
+         "musiq-paq2piq": "paq2piq"}
+JUKEBOX_SHARED = ["jukebox/5b/vqvae.pth.tar", "jukebox/5b/prior_level_0.pth.tar",
+                  "jukebox/5b/prior_level_1.pth.tar"]
+
+
+@pytest.fixture(scope="module")
+def cat() -> catalogue.Catalogue:
+    return catalogue.load()
+
+
+@pytest.mark.parametrize("name, slug", sorted(MUSIQ.items()))
+def test_musiq_models_have_hub_handles_and_the_original_npz(cat, name: str, slug: str) -> None:
+    saved, npz = cat.files_of(name)
+    assert saved.kind == "savedmodel"
+    assert [str(s) for s in saved.sources] == [
+        f"tfhub:https://tfhub.dev/google/musiq/{slug}/1",
+        f"kaggle:google/musiq/tensorFlow2/{slug}/1"]
+    stem = name.removeprefix("musiq-")
+    assert npz.sources[0].ref == f"https://storage.googleapis.com/gresearch/musiq/{stem}_ckpt.npz"
+
+
+def test_vila_and_imagenet_pretrain(cat) -> None:
+    (vila,) = cat.files_of("vila-image")
+    assert [s.ref for s in vila.sources] == ["https://tfhub.dev/google/vila/image/1",
+                                             "google/vila/tensorFlow2/image/1"]
+    (npz,) = cat.files_of("musiq-imagenet-pretrain")
+    assert npz.sources[0].ref.endswith("/gresearch/musiq/imagenet_pretrain.npz")
+
+
+@pytest.mark.parametrize("name, top", [("jukebox-5b", "5b"), ("jukebox-5b_lyrics", "5b_lyrics"),
+                                       ("jukebox-1b_lyrics", "1b_lyrics")])
+def test_jukebox_bundles_share_the_5b_files(cat, name: str, top: str) -> None:
+    model = cat.model(name)
+    assert list(model.files) == JUKEBOX_SHARED + [f"jukebox/{top}/prior_level_2.pth.tar"]
+    for spec in cat.files_of(name):
+        assert spec.sources[0].ref == ("https://openaipublic.azureedge.net/jukebox/models/"
+                                       + spec.dest)
+        assert any(s.type == "local" and s.ref == f"~/.cache/jukebox/models/{spec.dest}"
+                   for s in spec.sources)
+    assert set(cat.users_of("jukebox/5b/vqvae.pth.tar")) == {
+        "jukebox-5b", "jukebox-5b_lyrics", "jukebox-1b_lyrics"}
+
+
+def test_jukebox_never_asks_for_a_1b_lyrics_upsampler(cat) -> None:
+    assert not [f for f in cat.files if f.startswith("jukebox/1b_lyrics/prior_level_0")]
+    assert not any("1b_lyrics/prior_level_0" in s.ref for f in cat.files.values()
+                   for s in f.sources)
+
+
+def test_loftr_is_an_alias_of_the_outdoor_weights_with_the_recipe(cat) -> None:
+    model = cat.model("loftr")
+    assert model.name == "loftr-outdoor" and model.recipe == "loftr"
+    assert cat.model("loftr-indoor").recipe == "loftr"
+
+
+def test_every_entry_is_well_formed(cat) -> None:
+    assert len(cat.models) == 11
+    ids_by_dest: dict[str, str] = {}
+    for spec in cat.files.values():
+        assert spec.sources and (spec.sha256 is None or len(spec.sha256) == 64)
+        # dest paths may repeat a file name only under different folders (no collisions)
+        assert ids_by_dest.setdefault(spec.dest, spec.id) == spec.id
+    assert {f for m in cat.models.values() for f in m.files} == set(cat.files)
+
+
+def test_unknown_model_suggests_close_names(cat) -> None:
+    with pytest.raises(NotFoundError, match="musiq-spaq"):
+        cat.model("musiq-spa")
+
+
+def test_user_catalogue_adds_and_overrides(tmp_path: Path) -> None:
+    user = tmp_path / "mine.toml"
+    user.write_text('''
+[files."mine/w.pt"]
+size = 12
+sha256 = "%s"
+sources = [{ type = "url", url = "http://127.0.0.1:9/w.pt" }]
+
+[models.mine]
+files = ["mine/w.pt"]
+
+[models.loftr-outdoor]
+description = "pinned to my mirror"
+files = ["mine/w.pt"]
+''' % ("a" * 64))
+    cat = catalogue.load([user])
+    assert cat.model("mine").origin == str(user)
+    assert cat.files["mine/w.pt"].size == 12
+    assert cat.model("loftr-outdoor").files == ("mine/w.pt",)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ('[models.x]\nfiles = ["nope"]', "no catalogue defines"),
+    ('[files."a"]\nsources = []', "at least one source"),
+    ('[files."a"]\nsources = [{ type = "kaggle", handle = "google/musiq/tf2/spaq" }]',
+     "versions are pinned"),
+    ('[files."a"]\nsha256 = "xyz"\nsources = [{ type = "url", url = "http://h/a" }]', "sha256"),
+    ('[files."a"]\ndest = "../x"\nsources = [{ type = "url", url = "http://h/a" }]', "dest"),
+    ("not toml [", "not valid TOML"),
+])
+def test_bad_user_catalogues_name_the_file_and_entry(tmp_path: Path, body: str,
+                                                     fragment: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(FormatError, match=fragment) as info:
+        catalogue.load([path])
+    assert str(path) in str(info.value)
