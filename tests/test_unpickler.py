@@ -9,7 +9,8 @@ import pickle
 import pytest
 
 from ckptkit.model import Opaque
-from ckptkit.unpickler import Findings, Resolver, read_pickle
+from ckptkit.pickle_tree import Resolver
+from ckptkit.unpickler import Findings, read_pickle
 
 
 class Plain:

@@ -1,14 +1,33 @@
-"""Environment variables, read in one place.
+"""Settings and environment variables, read in one place.
 
-Precedence for every setting: 1. the command-line flag, 2. the ``CKPTKIT_*`` variable,
-3. the built-in default.
+Precedence for every setting: 1. the command-line flag (or keyword argument), 2. the
+``CKPTKIT_*`` environment variable, 3. the built-in default.
+
+| variable | meaning | default |
+|---|---|---|
+| ``CKPTKIT_CACHE`` | cache directory | the user cache dir (platformdirs), e.g. ``~/.cache/ckptkit`` |
+| ``CKPTKIT_CONFIG`` | config directory (user ``catalogue.toml``, ``lock.json`` pins) | the user config dir |
+| ``CKPTKIT_OFFLINE`` | ``1``: never touch the network | off |
+| ``CKPTKIT_MIRROR`` | ``FROM=TO[,FROM=TO]`` URL prefix rewrites | none |
+| ``CKPTKIT_LOCAL_PATH`` | folders searched for files (``os.pathsep``-separated) | none |
+| ``CKPTKIT_CONNECTIONS`` | parallel connections per file | 8 |
+| ``CKPTKIT_DEBUG`` | ``1``: tracebacks instead of one-line errors | off |
+| ``TFHUB_CACHE_DIR`` | where TF Hub models are made visible to ``tensorflow_hub`` | tensorflow_hub's default |
+| ``NO_COLOR`` | no colour in output | unset |
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptkit.errors import UsageError
+from ckptkit.mirrors import Mirrors
 
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
+DEFAULT_CONNECTIONS = 8
 
 
 def env_flag(name: str, default: bool = False) -> bool:
@@ -25,3 +44,55 @@ def debug() -> bool:
 def no_color() -> bool:
     """``NO_COLOR`` (any value) turns colour off, as https://no-color.org asks."""
     return "NO_COLOR" in os.environ
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything fetch and cache commands need to know about the environment."""
+
+    cache_dir: Path
+    config_dir: Path
+    offline: bool = False
+    mirrors: Mirrors = Mirrors()
+    local_dirs: tuple[Path, ...] = ()
+    catalogs: tuple[Path, ...] = ()
+    tfhub_cache_dir: Path = Path(tempfile.gettempdir()) / "tfhub_modules"
+    connections: int = DEFAULT_CONNECTIONS
+
+    @property
+    def user_catalogue(self) -> Path:
+        return self.config_dir / "catalogue.toml"
+
+    @property
+    def pins_path(self) -> Path:
+        return self.config_dir / "lock.json"
+
+    def all_catalogs(self) -> tuple[Path, ...]:
+        """User catalogue (if present) then ``--catalog`` files: later ones win."""
+        user = (self.user_catalogue,) if self.user_catalogue.is_file() else ()
+        return user + self.catalogs
+
+
+def settings(*, cache_dir: Path | None = None, offline: bool | None = None,
+             mirror: str | None = None, local_dirs: tuple[Path, ...] = (),
+             catalogs: tuple[Path, ...] = (), connections: int | None = None) -> Settings:
+    """Resolve settings: explicit arguments, then ``CKPTKIT_*`` variables, then defaults."""
+    import platformdirs
+
+    env = os.environ
+    cache = cache_dir or Path(env.get("CKPTKIT_CACHE") or platformdirs.user_cache_dir("ckptkit"))
+    config = Path(env.get("CKPTKIT_CONFIG") or platformdirs.user_config_dir("ckptkit"))
+    env_local = tuple(Path(p) for p in env.get("CKPTKIT_LOCAL_PATH", "").split(os.pathsep) if p)
+    if connections is None:
+        raw = env.get("CKPTKIT_CONNECTIONS", str(DEFAULT_CONNECTIONS))
+        if not raw.isdigit() or not 1 <= int(raw) <= 64:
+            raise UsageError(f"CKPTKIT_CONNECTIONS={raw!r} is not a number from 1 to 64")
+        connections = int(raw)
+    tfhub = env.get("TFHUB_CACHE_DIR") or str(Path(tempfile.gettempdir()) / "tfhub_modules")
+    return Settings(
+        cache_dir=cache.expanduser(), config_dir=config.expanduser(),
+        offline=env_flag("CKPTKIT_OFFLINE") if offline is None else offline,
+        mirrors=Mirrors.parse(mirror if mirror is not None else env.get("CKPTKIT_MIRROR")),
+        local_dirs=tuple(p.expanduser() for p in (*local_dirs, *env_local)),
+        catalogs=tuple(catalogs), tfhub_cache_dir=Path(tfhub).expanduser(),
+        connections=connections)

@@ -13,8 +13,8 @@ from typing import Any
 
 from ckptkit.errors import IntegrityError, UsageError
 from ckptkit.model import RawCheckpoint, TensorRef
+from ckptkit.pickle_globals import numpy_dtype_name
 from ckptkit.tree import iter_tensors
-from ckptkit.unpickler import numpy_dtype_name
 
 FORMAT = "flax-msgpack"
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_SCALAR = 1, 2, 3

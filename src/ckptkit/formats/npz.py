@@ -16,7 +16,8 @@ from typing import Any
 from ckptkit.errors import FormatError, IntegrityError, UnsafeContentError, UsageError
 from ckptkit.formats import ziparchive
 from ckptkit.model import ByteSpan, Opaque, RawCheckpoint, SafetyReport, TensorRef
-from ckptkit.unpickler import Findings, numpy_dtype_name, read_pickle
+from ckptkit.pickle_globals import numpy_dtype_name
+from ckptkit.unpickler import Findings, read_pickle
 
 FORMAT = "npz"
 NPY_MAGIC = b"\x93NUMPY"

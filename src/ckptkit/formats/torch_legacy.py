@@ -14,9 +14,10 @@ from typing import Any
 
 from ckptkit.errors import FormatError, IntegrityError
 from ckptkit.model import ByteSpan, RawCheckpoint, SafetyReport, itemsize
+from ckptkit.pickle_globals import StorageRef, StorageType
+from ckptkit.pickle_tree import Resolver
 from ckptkit.tree import iter_tensors
-from ckptkit.unpickler import (Findings, Resolver, StorageRef, UnsafePickleError, _StorageType,
-                               read_pickle)
+from ckptkit.unpickler import Findings, UnsafePickleError, read_pickle
 
 FORMAT = "torch-legacy"
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -46,7 +47,7 @@ def read_info(path: Path) -> RawCheckpoint:
             return None
         storage_type, key, location, numel = pid[1:5]
         view = pid[5] if len(pid) > 5 else None
-        dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else "uint8"
+        dtype = storage_type.dtype if isinstance(storage_type, StorageType) else "uint8"
         key = str(key)
         if not isinstance(numel, int) or numel < 0:
             raise IntegrityError(f"{path}: storage {key} has invalid size {numel!r}")

@@ -15,9 +15,10 @@ from typing import Any
 from ckptkit.errors import IntegrityError
 from ckptkit.formats import ziparchive
 from ckptkit.model import ByteSpan, RawCheckpoint, SafetyReport, itemsize
+from ckptkit.pickle_globals import StorageRef, StorageType
+from ckptkit.pickle_tree import Resolver
 from ckptkit.tree import iter_tensors
-from ckptkit.unpickler import (Findings, PickleContext, Resolver, StorageRef, _StorageType,
-                               read_pickle)
+from ckptkit.unpickler import Findings, PickleContext, read_pickle
 
 FORMAT = "torch-zip"
 _SMALL_RECORDS = ("byteorder", "version", ".data/version", ".format_version",
@@ -103,7 +104,7 @@ class TorchArchive:
                 self.findings.objects.add("<unknown persistent id>")
                 return None
             _tag, storage_type, key, location, numel = pid[:5]
-            dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else "uint8"
+            dtype = storage_type.dtype if isinstance(storage_type, StorageType) else "uint8"
             if not isinstance(numel, int) or numel < 0:
                 raise IntegrityError(f"{self.path}: storage {key!r} has invalid size {numel!r}")
             return StorageRef(f"{folder}/{key}", dtype, str(location), numel)
