@@ -19,6 +19,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.startswith("CKPTKIT_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("CKPTKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CKPTKIT_CONFIG", str(tmp_path / "config"))
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "tfhub"))
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
     monkeypatch.setenv("NO_COLOR", "1")
 
 

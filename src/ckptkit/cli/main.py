@@ -13,6 +13,9 @@ from ckptkit.errors import CkptkitError, ExitCode
 #: lists it, so `ckpt --help` never imports numpy, torch or TensorFlow.
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("ckptkit.cli.inspect", "inspect_command"),
+    "fetch": ("ckptkit.cli.fetch", "fetch_command"),
+    "list": ("ckptkit.cli.list", "list_command"),
+    "cache": ("ckptkit.cli.cache", "cache_group"),
 }
 
 
@@ -28,8 +31,8 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
-             epilog="Examples:\n\n  ckpt inspect thinker_best.pt\n\n"
-                    "  ckpt inspect spaq_ckpt.npz --depth 3 --json")
+             epilog="Examples:\n\n  ckpt fetch musiq-spaq\n\n  ckpt inspect thinker_best.pt\n\n"
+                    "  ckpt inspect spaq_ckpt.npz --depth 3 --json\n\n  ckpt cache ls")
 @click.version_option(__version__, "--version", prog_name="ckpt")
 def cli() -> None:
     """ckpt: fetch, inspect, convert and manage model checkpoints.

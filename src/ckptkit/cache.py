@@ -1,0 +1,241 @@
+"""The download cache: one verified copy of every catalogue file, keyed by its id.
+
+Layout under the cache root::
+
+    files/<id>            the file (or SavedModel directory); ids never collide, so three
+                          different prior_level_2.pth.tar files live side by side
+    meta/<id>.json        written last, after the file is in place: the commit marker
+    locks/<sha1(id)>.lock one process fetches a file at a time, others wait and reuse
+    tmp/                  staging for directories and archives
+    CACHEDIR.TAG          tells backup tools to skip the cache
+
+A file counts as cached only when its meta record exists and its size matches; ``verify``
+re-hashes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ckptkit.errors import NotFoundError
+from ckptkit.hashing import sha256_file, tree_sha256, tree_size
+
+CACHEDIR_TAG = ("Signature: 8a477f597d28d172789f06886806bc55\n"
+                "# This file is a cache directory tag created by ckptkit.\n")
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """What the cache knows about one stored file."""
+
+    id: str
+    kind: str
+    path: str
+    size: int
+    sha256: str
+    source: str
+    url: str
+    fetched_at: float
+
+
+class Cache:
+    """The cache rooted at ``root`` (created on first write)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, file_id: str) -> Path:
+        return self.root / "files" / file_id
+
+    def _meta(self, file_id: str) -> Path:
+        return self.root / "meta" / f"{file_id}.json"
+
+    def lock_path(self, file_id: str) -> Path:
+        return self.root / "locks" / (hashlib.sha1(file_id.encode()).hexdigest() + ".lock")
+
+    def tmp_dir(self) -> Path:
+        tmp = self.root / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        return tmp
+
+    def ensure(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tag = self.root / "CACHEDIR.TAG"
+        if not tag.exists():
+            tag.write_text(CACHEDIR_TAG)
+
+    def entry(self, file_id: str) -> CacheEntry | None:
+        """The committed entry for ``file_id``, or None when absent or incomplete."""
+        meta = self._meta(file_id)
+        try:
+            entry = CacheEntry(**json.loads(meta.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return None
+        path = Path(entry.path)
+        if not path.exists():
+            return None
+        size = tree_size(path) if path.is_dir() else path.stat().st_size
+        return entry if size == entry.size else None
+
+    def entries(self) -> list[CacheEntry]:
+        meta_root = self.root / "meta"
+        ids = sorted(str(p.relative_to(meta_root))[:-len(".json")]
+                     for p in meta_root.rglob("*.json")) if meta_root.is_dir() else []
+        return [e for e in (self.entry(i) for i in ids) if e is not None]
+
+    def commit(self, file_id: str, kind: str, staged: Path, *, sha256: str, source: str,
+               url: str) -> CacheEntry:
+        """Move a verified ``staged`` file or directory into place, then write its marker.
+
+        The marker is written last, so an interruption leaves either no entry or a complete one.
+        """
+        final = self.path(file_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.is_dir() and staged.resolve() != final.resolve():
+            shutil.rmtree(final)
+        if staged.resolve() != final.resolve():
+            os.replace(staged, final)
+        _fsync_dir(final.parent)
+        size = tree_size(final) if final.is_dir() else final.stat().st_size
+        entry = CacheEntry(file_id, kind, str(final), size, sha256, source, url, time.time())
+        meta = self._meta(file_id)
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=meta.parent, prefix=".meta.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(asdict(entry), fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, meta)
+        return entry
+
+    def hash_of(self, path: Path) -> str:
+        return tree_sha256(path) if path.is_dir() else sha256_file(path)
+
+    def verify(self, file_id: str) -> tuple[CacheEntry, str]:
+        """Re-hash a cached file: returns the entry and the sha256 found now."""
+        entry = self.entry(file_id)
+        if entry is None:
+            raise NotFoundError(f"{file_id} is not in the cache at {self.root}",
+                                hint=f"Fetch it first: ckpt fetch <model>")
+        return entry, self.hash_of(Path(entry.path))
+
+    def remove(self, file_id: str) -> int:
+        """Delete a file and its marker (marker first, so a crash never leaves a stale entry).
+        Returns the bytes freed."""
+        entry = self.entry(file_id)
+        freed = entry.size if entry else 0
+        self._meta(file_id).unlink(missing_ok=True)
+        path = self.path(file_id)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        return freed
+
+    def leftovers(self) -> list[Path]:
+        """Partial downloads, staging directories and unmarked files: safe to delete."""
+        found: list[Path] = []
+        tmp = self.root / "tmp"
+        if tmp.is_dir():
+            found.extend(sorted(tmp.iterdir()))
+        files = self.root / "files"
+        if files.is_dir():
+            for path in sorted(files.rglob("*")):
+                rel = path.relative_to(files).as_posix()
+                if path.name.endswith((".part", ".part.json")):
+                    found.append(path)
+                elif path.is_file() and not any(
+                        rel == e or rel.startswith(e + "/") for e in self._committed_ids()):
+                    found.append(path)
+        return found
+
+    def _committed_ids(self) -> set[str]:
+        meta_root = self.root / "meta"
+        if not meta_root.is_dir():
+            return set()
+        return {str(p.relative_to(meta_root))[:-len(".json")] for p in meta_root.rglob("*.json")}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Removal:
+    """One path a removal plan deletes, and why."""
+
+    path: str
+    bytes: int
+    reason: str
+    file_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RemovalPlan:
+    """What ``cache rm`` / ``cache prune`` will delete (``--dry-run`` prints it), and what it
+    keeps on purpose."""
+
+    remove: tuple[Removal, ...]
+    kept: tuple[str, ...] = ()
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(r.bytes for r in self.remove)
+
+    def execute(self, cache: Cache) -> int:
+        """Delete everything planned; returns the bytes freed."""
+        for item in self.remove:
+            if item.file_id is not None:
+                cache.remove(item.file_id)
+            else:
+                path = Path(item.path)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        return self.freed_bytes
+
+
+def plan_removal(cache: Cache, file_ids: list[str], still_needed: dict[str, list[str]]
+                 ) -> RemovalPlan:
+    """Remove ``file_ids`` except those ``still_needed`` by other fully cached models
+    (a shared Jukebox upsampler stays while another bundle uses it)."""
+    remove, kept = [], []
+    for file_id in file_ids:
+        entry = cache.entry(file_id)
+        if entry is None:
+            continue
+        users = still_needed.get(file_id, [])
+        if users:
+            kept.append(f"{file_id} (still used by {', '.join(users)})")
+        else:
+            remove.append(Removal(entry.path, entry.size, "requested", file_id))
+    return RemovalPlan(tuple(remove), tuple(kept))
+
+
+def plan_prune(cache: Cache, known_ids: set[str]) -> RemovalPlan:
+    """Leftovers (partial downloads, staging, unmarked files) and files no catalogue names."""
+    remove = []
+    for path in cache.leftovers() + _staging(cache):
+        size = tree_size(path) if path.is_dir() else path.stat().st_size
+        remove.append(Removal(str(path), size, "incomplete or unreferenced"))
+    for entry in cache.entries():
+        if entry.id not in known_ids:
+            remove.append(Removal(entry.path, entry.size, "not in any catalogue", entry.id))
+    return RemovalPlan(tuple(remove))
+
+
+def _staging(cache: Cache) -> list[Path]:
+    staging = cache.root / "staging"
+    return sorted(p for p in staging.rglob("*") if p.is_file()) if staging.is_dir() else []

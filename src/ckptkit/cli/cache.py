@@ -1,0 +1,151 @@
+"""``ckpt cache``: list, verify, remove and prune cached files."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import click
+
+from ckptkit.cli import render
+from ckptkit.cli.options import cache_options, confirm, confirm_options
+from ckptkit.errors import ExitCode
+
+
+@click.group("cache", epilog="Examples:\n\n  ckpt cache ls\n\n  ckpt cache verify\n\n"
+                             "  ckpt cache rm jukebox-5b --dry-run\n\n  ckpt cache prune --yes")
+def cache_group() -> None:
+    """Manage the download cache (CKPTKIT_CACHE)."""
+
+
+def _open(cache_dir: Path | None, catalogs: tuple[Path, ...]):
+    from ckptkit import catalogue
+    from ckptkit.cache import Cache
+    from ckptkit.config import settings
+
+    conf = settings(cache_dir=cache_dir, catalogs=catalogs)
+    return conf, Cache(conf.cache_dir), catalogue.load(conf.all_catalogs())
+
+
+@cache_group.command("ls")
+@cache_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def ls_command(cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool) -> None:
+    """List cached files with size, source and date."""
+    conf, cache, cat = _open(cache_dir, catalogs)
+    entries = cache.entries()
+    if as_json:
+        render.emit_json([{"name": e.id, "path": e.path, "bytes": e.size, "sha256": e.sha256,
+                           "source": e.source, "url": e.url, "fetched_at": e.fetched_at,
+                           "models": list(cat.users_of(e.id))} for e in entries])
+        return
+    if not entries:
+        click.echo(f"cache {conf.cache_dir} is empty")
+        return
+    click.echo(render.table(
+        [("FILE", "SIZE", "SOURCE", "FETCHED", "MODELS")]
+        + [(e.id, render.size(e.size), e.source,
+            dt.datetime.fromtimestamp(e.fetched_at).strftime("%Y-%m-%d %H:%M"),
+            ", ".join(cat.users_of(e.id)) or "-") for e in entries], indent=0, right=(1,)))
+    click.echo(f"{len(entries)} file(s), {render.size(sum(e.size for e in entries))} "
+               f"in {conf.cache_dir}")
+
+
+@cache_group.command("verify")
+@click.argument("names", nargs=-1)
+@cache_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def verify_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tuple[Path, ...],
+                   as_json: bool) -> int:
+    """Re-hash cached files (all, or those of NAMES) against what was recorded and pinned.
+
+    Exits 3 if any file changed on disk.
+    """
+    from ckptkit.pins import Pins
+
+    conf, cache, cat = _open(cache_dir, catalogs)
+    pins = Pins(conf.pins_path)
+    ids = _file_ids(cat, names) if names else [e.id for e in cache.entries()]
+    rows = []
+    for file_id in ids:
+        if cache.entry(file_id) is None:
+            rows.append({"name": file_id, "status": "not cached"})
+            continue
+        entry, actual = cache.verify(file_id)
+        spec = cat.files.get(file_id)
+        pin = pins.get(file_id)
+        expected = (spec.sha256 if spec and spec.sha256 else None) or (
+            pin.sha256 if pin else entry.sha256)
+        rows.append({"name": file_id, "status": "ok" if actual == expected else "CHANGED",
+                     "expected": expected, "actual": actual})
+    if as_json:
+        render.emit_json(rows)
+    else:
+        for row in rows:
+            click.echo(f"{row['status']:<11}{row['name']}")
+    bad = [r for r in rows if r["status"] == "CHANGED"]
+    if bad:
+        click.echo(f"ckpt: {len(bad)} cached file(s) changed on disk; remove and fetch them "
+                   "again: ckpt cache rm NAME && ckpt fetch NAME", err=True)
+        return ExitCode.INTEGRITY
+    return ExitCode.OK
+
+
+@cache_group.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@cache_options
+@confirm_options
+def rm_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tuple[Path, ...],
+               dry_run: bool, yes: bool) -> None:
+    """Remove the cached files of models (or file ids); shared files another cached model
+    still needs are kept."""
+    from ckptkit.cache import plan_removal
+
+    _conf, cache, cat = _open(cache_dir, catalogs)
+    ids = _file_ids(cat, names)
+    targets = {cat.model(n).name for n in names if n not in cat.files}
+    needed: dict[str, list[str]] = {}
+    for model in cat.models.values():
+        if model.name in targets or not all(cache.entry(f) for f in model.files):
+            continue
+        for file_id in model.files:
+            needed.setdefault(file_id, []).append(model.name)
+    _run(plan_removal(cache, ids, needed), cache, dry_run, yes)
+
+
+@cache_group.command("prune")
+@cache_options
+@confirm_options
+def prune_command(cache_dir: Path | None, catalogs: tuple[Path, ...], dry_run: bool,
+                  yes: bool) -> None:
+    """Delete partial downloads, staging leftovers and files no catalogue names."""
+    from ckptkit.cache import plan_prune
+
+    _conf, cache, cat = _open(cache_dir, catalogs)
+    _run(plan_prune(cache, set(cat.files)), cache, dry_run, yes)
+
+
+def _file_ids(cat, names: tuple[str, ...]) -> list[str]:
+    ids: list[str] = []
+    for name in names:
+        for file_id in ([name] if name in cat.files else cat.model(name).files):
+            if file_id not in ids:
+                ids.append(file_id)
+    return ids
+
+
+def _run(plan, cache, dry_run: bool, yes: bool) -> None:
+    for kept in plan.kept:
+        click.echo(f"keep    {kept}")
+    for item in plan.remove:
+        click.echo(f"delete  {item.file_id or item.path}  {render.size(item.bytes)}  "
+                   f"({item.reason})")
+    if not plan.remove:
+        click.echo("nothing to delete")
+        return
+    click.echo(f"{len(plan.remove)} item(s), {render.size(plan.freed_bytes)} to free")
+    if dry_run:
+        return
+    if confirm("Delete them?", yes):
+        freed = plan.execute(cache)
+        click.echo(f"freed {render.size(freed)}")

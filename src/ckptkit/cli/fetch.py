@@ -1,0 +1,111 @@
+"""``ckpt fetch``: named models from the catalogue, verified, resumable, cached."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ckptkit.cli import render
+from ckptkit.cli.options import cache_options, log_to_stderr, network_options, output_options
+
+EXAMPLES = """
+Examples:
+
+  ckpt fetch musiq-spaq
+
+  ckpt fetch jukebox-1b_lyrics --dest ~/.cache/jukebox/models
+
+  ckpt fetch loftr --dry-run --json
+
+  CKPTKIT_MIRROR=https://openaipublic.azureedge.net=http://127.0.0.1:8000 ckpt fetch jukebox-5b
+"""
+
+
+@click.command("fetch", epilog=EXAMPLES)
+@click.argument("names", nargs=-1, required=True)
+@click.option("--source", type=click.Choice(["tfhub", "kaggle", "url", "local"]),
+              help="Use only this kind of source.")
+@click.option("--dest", type=click.Path(path_type=Path, file_okay=False),
+              help="Also place the files here, in the layout the origin tool expects.")
+@click.option("--connections", type=click.IntRange(1, 64),
+              help="Parallel connections per file [env: CKPTKIT_CONNECTIONS, default 8].")
+@click.option("--dry-run", is_flag=True, help="Only print the plan (what is cached, sources, "
+                                               "bytes to transfer).")
+@network_options
+@cache_options
+@output_options
+def fetch_command(names: tuple[str, ...], source: str | None, dest: Path | None,
+                  connections: int | None, dry_run: bool, offline: bool | None,
+                  mirror: str | None, local_dirs: tuple[Path, ...], cache_dir: Path | None,
+                  catalogs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
+    """Fetch models by catalogue name; prints the local path of every file.
+
+    Sources are tried in catalogue order (TF Hub, Kaggle Hub, direct URL, local folders); each
+    download is verified (size, sha256 or the first-use pin, format) before it is used.
+    Exits 4 when every source failed, 3 on a hash or size mismatch.
+    """
+    from ckptkit.config import settings
+    from ckptkit.fetch import plan_fetch
+
+    conf = settings(cache_dir=cache_dir, offline=offline, mirror=mirror, local_dirs=local_dirs,
+                    catalogs=catalogs, connections=connections)
+    plan = plan_fetch(list(names), conf, source=source, dest=dest)
+    if dry_run:
+        if as_json:
+            render.emit_json(plan.to_dict())
+        else:
+            click.echo(_plan_text(plan))
+        return
+    fetched = plan.execute(progress=_bars(quiet), log=log_to_stderr(quiet))
+    if as_json:
+        render.emit_json([f.to_dict() for f in fetched])
+    else:
+        for item in fetched:
+            click.echo(item.path)
+
+
+class _Bar:
+    """A tqdm bar on stderr behind the small progress interface the library calls."""
+
+    def __init__(self, label: str, total: int | None):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+                         file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def set_total(self, total: int | None) -> None:
+        self._bar.total = total
+        self._bar.refresh()
+
+    def update(self, n: int) -> None:
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _bars(quiet: bool):
+    """Progress bars only for a person watching: not with --quiet, not when piped."""
+    return None if quiet or not sys.stderr.isatty() else _Bar
+
+
+def _plan_text(plan) -> str:
+    lines = [f"Plan for {', '.join(plan.models)}"
+             + ("  (offline: local sources only)" if plan.settings.offline else "")]
+    rows = []
+    for f in plan.files:
+        state = "cached" if f.cached else "fetch"
+        size = render.size(f.expected_size) if f.expected_size is not None else "size unknown"
+        first = f.sources[0] if f.sources else None
+        via = "" if f.cached else (
+            f"via {first.type}:{plan.settings.mirrors.rewrite(first.ref) if first.ref else '--local-dir'}"
+            + (f" (+{len(f.sources) - 1} fallback)" if len(f.sources) > 1 else "")
+            if first else "no source")
+        rows.append((f.spec.id, state, size, via))
+    lines.append(render.table(rows, right=(2,)))
+    total = render.size(plan.total_bytes)
+    unknown = f", {plan.unknown_sizes} file(s) of unknown size" if plan.unknown_sizes else ""
+    lines.append(f"To transfer: {total}{unknown}")
+    return "\n".join(lines)
