@@ -183,6 +183,8 @@ def plan_fetch(names: list[str] | tuple[str, ...], settings: Settings, *,
                 entry = None  # a stale or foreign copy: fetch again
             sources = _eligible(spec, settings, source)
             if entry is None and not sources:
+                if settings.offline:
+                    raise NotFoundError(_no_source_message(spec, settings, source))
                 raise UsageError(_no_source_message(spec, settings, source))
             planned[spec.id] = PlannedFile(spec, cat.users_of(spec.id), entry, sources, size, sha,
                                            pin is not None)

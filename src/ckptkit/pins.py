@@ -50,14 +50,25 @@ class Pins:
                    float(entry.get("pinned_at", 0)))
 
     def record(self, file_id: str, sha256: str, size: int, source: str) -> Pin:
-        """Pin ``file_id`` unless it is pinned already (the first verified download wins)."""
+        """Pin ``file_id`` unless it is pinned already (the first verified download wins).
+
+        Read-modify-write under a cross-process lock: files of one bundle are pinned by
+        parallel threads, and several ``ckpt fetch`` processes may pin at once.
+        """
+        from ckptkit.locks import FileLock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.path.with_name(self.path.name + ".lock"), poll_interval=0.05,
+                      purpose="pinning hashes"):
+            return self._record(file_id, sha256, size, source)
+
+    def _record(self, file_id: str, sha256: str, size: int, source: str) -> Pin:
         files = self._read()
         if file_id in files:
             return self.get(file_id)  # type: ignore[return-value]
         pin = Pin(sha256, size, source, time.time())
         files[file_id] = {"sha256": sha256, "size": size, "source": source,
                           "pinned_at": pin.pinned_at}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".lock.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump({"schema": 1, "files": files}, fh, indent=2, sort_keys=True)

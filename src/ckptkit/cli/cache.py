@@ -104,12 +104,14 @@ def rm_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tuple[P
     _conf, cache, cat = _open(cache_dir, catalogs)
     ids = _file_ids(cat, names)
     targets = {cat.model(n).name for n in names if n not in cat.files}
+    explicit = {n for n in names if n in cat.files}  # a file named by id goes, shared or not
     needed: dict[str, list[str]] = {}
     for model in cat.models.values():
         if model.name in targets or not all(cache.entry(f) for f in model.files):
             continue
         for file_id in model.files:
-            needed.setdefault(file_id, []).append(model.name)
+            if file_id not in explicit:
+                needed.setdefault(file_id, []).append(model.name)
     _run(plan_removal(cache, ids, needed), cache, dry_run, yes)
 
 
