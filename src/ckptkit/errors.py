@@ -97,3 +97,14 @@ class SourceError(CkptkitError):
 
 class AuthError(SourceError):
     """The source refused our credentials (HTTP 401/403, Kaggle consent not given)."""
+
+
+class LockTimeoutError(CkptkitError, TimeoutError):
+    """Another process held a lock for longer than the caller was willing to wait."""
+
+    def __init__(self, message: str, *, lock_path: str, holder_host: str | None,
+                 holder_pid: int | None, hint: str | None = None):
+        super().__init__(message, hint=hint, path=lock_path)
+        self.lock_path = lock_path
+        self.holder_host = holder_host
+        self.holder_pid = holder_pid

@@ -235,8 +235,9 @@ class _Runner:
         self.cache.ensure()
         lock = self.cache.lock_path(spec.id)
         lock.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(lock, on_wait=lambda holder: self.log(
-                f"waiting for {holder} to finish fetching {spec.id}")):
+        with FileLock(lock, purpose=f"fetching {spec.id}", on_wait=lambda holder: self.log(
+                f"waiting for {holder.describe() if holder else 'another process'} "
+                f"to finish fetching {spec.id}")):
             entry = self.cache.entry(spec.id)
             if entry is not None and self._matches(planned, entry.size, entry.sha256):
                 return FetchedFile(spec.id, entry.path, "cache", entry.size, entry.sha256)
