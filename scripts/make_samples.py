@@ -104,6 +104,19 @@ def jukebox_prior() -> None:
                OUT / "prior_level_2.pth.tar", _use_new_zipfile_serialization=False)
 
 
+def jukebox_shared() -> None:
+    """The shared 5b files of a Jukebox bundle (VQ-VAE, two upsamplers), tiny, legacy format."""
+    import torch
+
+    for seed, name in enumerate(("vqvae", "prior_level_0", "prior_level_1"), start=10):
+        g = torch.Generator().manual_seed(seed)
+        model = {f"{name}.encoder.weight": torch.randn(16, 8, generator=g),
+                 f"{name}.decoder.weight": torch.randn(8, 16, generator=g)}
+        torch.save({"hps": {"name": f"5b/{name}", "level": seed - 10}, "model": model,
+                    "opt": None, "step": 1000 + seed},
+                   OUT / "jukebox" / f"{name}.pth.tar", _use_new_zipfile_serialization=False)
+
+
 def redimnet_epoch() -> None:
     """MRL-ReDimNet epoch file: frozen backbone, trained head, argparse args, val_loss."""
     import torch
@@ -228,7 +241,8 @@ def flax_msgpack() -> None:
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    for make in (thinker, jukebox_prior, redimnet_epoch, scripted, safetensors_file, musiq_npz,
+    (OUT / "jukebox").mkdir(exist_ok=True)
+    for make in (thinker, jukebox_prior, jukebox_shared, redimnet_epoch, scripted, safetensors_file, musiq_npz,
                  saved_model_and_tf_checkpoint, flax_msgpack):
         make()
         print(f"wrote {make.__name__}")
