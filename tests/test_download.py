@@ -18,17 +18,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ckptkit import download as dl
-from ckptkit.download import (DownloadResult, Probe, Sidecar, can_resume, download,
-                              looks_like_html, parse_content_range, parse_retry_after,
-                              plan_pieces)
+from ckptkit.download import DownloadResult, download
 from ckptkit.errors import (AuthError, CkptkitError, ExitCode, IntegrityError, NotFoundError,
                             SourceError)
+from ckptkit.transfer_plan import (ContentRange, PieceSizing, Probe, Sidecar, backoff_delay,
+                                   can_resume, looks_like_html, parse_content_range,
+                                   parse_retry_after, plan_pieces)
 from tests.conftest import SRC
 from tests.servers.http import HTML_PAGE, Fault, HTTPTestServer, http_server  # noqa: F401
 
 KiB, MiB = 1 << 10, 1 << 20
-DEFAULTS = {name: getattr(dl, name) for name in
-            ("MIN_PIECE_SIZE", "MAX_PIECE_SIZE", "PARALLEL_THRESHOLD", "PIECE_ALIGN")}
+DEFAULT_SIZING = PieceSizing(min_size=dl.MIN_PIECE_SIZE, max_size=dl.MAX_PIECE_SIZE,
+                             parallel_threshold=dl.PARALLEL_THRESHOLD, align=dl.PIECE_ALIGN)
+TINY = PieceSizing(min_size=64 * KiB, max_size=256 * KiB, parallel_threshold=128 * KiB,
+                   align=4 * KiB)
+FAST_BACKOFF = {"base": 0.001, "cap": 0.01, "retry_after_cap": 0.3}
 
 CLIENT = """
 import json, sys
@@ -47,9 +51,10 @@ print(json.dumps({"transferred": result.transferred, "sha256": result.sha256,
 @pytest.fixture(autouse=True)
 def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny pieces and near-zero backoff so every scenario runs in milliseconds."""
-    for name, value in {"MIN_PIECE_SIZE": 64 * KiB, "MAX_PIECE_SIZE": 256 * KiB,
-                        "PARALLEL_THRESHOLD": 128 * KiB, "PIECE_ALIGN": 4 * KiB,
-                        "BACKOFF_BASE": 0.001, "BACKOFF_CAP": 0.01, "RETRY_AFTER_CAP": 0.3,
+    for name, value in {"MIN_PIECE_SIZE": TINY.min_size, "MAX_PIECE_SIZE": TINY.max_size,
+                        "PARALLEL_THRESHOLD": TINY.parallel_threshold, "PIECE_ALIGN": TINY.align,
+                        "BACKOFF_BASE": FAST_BACKOFF["base"], "BACKOFF_CAP": FAST_BACKOFF["cap"],
+                        "RETRY_AFTER_CAP": FAST_BACKOFF["retry_after_cap"],
                         "LOCK_POLL_INTERVAL": 0.02}.items():
         monkeypatch.setattr(dl, name, value)
 
@@ -106,33 +111,41 @@ def interrupt(server: HTTPTestServer, path: str, dest: Path, start: int) -> Side
 
 @given(size=st.integers(0, 1 << 32), connections=st.integers(1, 16), seed=st.integers(0, 99))
 def test_plan_pieces_tiles_the_file(size: int, connections: int, seed: int) -> None:
-    plan = plan_pieces(size, frozenset(), None, connections)
+    plan = plan_pieces(size, frozenset(), None, connections, TINY)
     assert [p.index for p in plan.pieces] == list(range(len(plan.pieces)))
     assert [p.start for p in plan.pieces] == list(range(0, size, plan.piece_size))
     assert all(0 < p.size <= plan.piece_size for p in plan.pieces)
     assert (plan.pieces[-1].end if plan.pieces else 0) == size
-    if size >= connections * dl.MIN_PIECE_SIZE:
+    if size >= connections * TINY.min_size:
         assert len(plan.pieces) >= connections
     have = frozenset(random.Random(seed).sample(range(len(plan.pieces)),
                                                 len(plan.pieces) // 2))
-    again = plan_pieces(size, have, plan.piece_size, connections)
+    again = plan_pieces(size, have, plan.piece_size, connections, TINY)
     assert {p.index for p in again.missing} == {p.index for p in plan.pieces} - have
     assert again.have == have and again.workers == min(connections, len(again.missing))
     assert again.have_bytes == sum(plan.pieces[i].size for i in have)
 
 
-def test_plan_pieces_uses_8_to_16_mib_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in DEFAULTS.items():
-        monkeypatch.setattr(dl, name, value)
-    assert [p.size for p in plan_pieces(64 * MiB, frozenset(), None, 8).pieces] == [8 * MiB] * 8
-    assert len(plan_pieces(1 << 30, frozenset(), None, 8).pieces) == 64  # 16 MiB each
-    assert len(plan_pieces(5 * MiB, frozenset(), None, 8).pieces) == 1
-    assert plan_pieces(0, frozenset(), None, 8).pieces == ()
+def test_plan_pieces_uses_8_to_16_mib_pieces() -> None:
+    def plan(size: int) -> tuple:
+        return plan_pieces(size, frozenset(), None, 8, DEFAULT_SIZING).pieces
+
+    assert [p.size for p in plan(64 * MiB)] == [8 * MiB] * 8
+    assert len(plan(1 << 30)) == 64  # 16 MiB each
+    assert len(plan(5 * MiB)) == 1
+    assert plan(0) == ()
+
+
+def test_engine_passes_on_the_knobs_patched_on_download() -> None:
+    """The ``fast`` fixture patched ``ckptkit.download``; the engine reads them at call time."""
+    assert dl._piece_sizing() == TINY
+    assert dl._backoff(30, None) <= FAST_BACKOFF["cap"]
+    assert dl._backoff(1, 3600) == FAST_BACKOFF["retry_after_cap"]
 
 
 def test_header_parsers() -> None:
-    assert parse_content_range("bytes 0-0/1234") == dl.ContentRange(0, 0, 1234)
-    assert parse_content_range("bytes */0") == dl.ContentRange(None, None, 0)
+    assert parse_content_range("bytes 0-0/1234") == ContentRange(0, 0, 1234)
+    assert parse_content_range("bytes */0") == ContentRange(None, None, 0)
     assert parse_content_range("bytes 5-9/*").total is None
     assert parse_content_range("items 0-1/2") is None and parse_content_range(None) is None
     assert parse_retry_after("120") == 120
@@ -143,12 +156,12 @@ def test_header_parsers() -> None:
 
 
 def test_backoff_grows_is_capped_and_obeys_retry_after() -> None:
-    assert dl.backoff_delay(1, rand=lambda: 1.0) == pytest.approx(0.001)
-    assert dl.backoff_delay(3, rand=lambda: 1.0) == pytest.approx(0.004)
-    assert dl.backoff_delay(3, rand=lambda: 0.0) == pytest.approx(0.002)
-    assert dl.backoff_delay(30, rand=lambda: 1.0) == pytest.approx(0.01)
-    assert dl.backoff_delay(1, retry_after=0.1) == 0.1
-    assert dl.backoff_delay(1, retry_after=3600) == 0.3
+    assert backoff_delay(1, rand=lambda: 1.0, **FAST_BACKOFF) == pytest.approx(0.001)
+    assert backoff_delay(3, rand=lambda: 1.0, **FAST_BACKOFF) == pytest.approx(0.004)
+    assert backoff_delay(3, rand=lambda: 0.0, **FAST_BACKOFF) == pytest.approx(0.002)
+    assert backoff_delay(30, rand=lambda: 1.0, **FAST_BACKOFF) == pytest.approx(0.01)
+    assert backoff_delay(1, retry_after=0.1, **FAST_BACKOFF) == 0.1
+    assert backoff_delay(1, retry_after=3600, **FAST_BACKOFF) == 0.3
 
 
 def test_html_sniffing() -> None:
