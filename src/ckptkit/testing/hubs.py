@@ -1,0 +1,104 @@
+"""Local stand-ins for model hubs, for tests and air-gapped demos (standard library only).
+
+* :class:`TFHubStub`, :class:`KaggleStub` — in-memory tfhub.dev (compressed protocol) and
+  Kaggle Models API, for tests that publish bytes and assert on the requests
+  (:mod:`ckptkit.testing.stubs`).
+* :class:`MirrorServer` — a whole mirror directory (plain files, TF Hub handles, Kaggle model
+  versions) on one port, optionally with prefixes that are "down"
+  (:mod:`ckptkit.testing.mirror`).
+
+Run the mirror from a shell::
+
+    python -m ckptkit.testing.hubs ROOT [--port N] [--down PREFIX ...] [--down-mode 503|close]
+
+It prints ``serving ROOT on http://127.0.0.1:PORT`` (one line, flushed) and serves until
+SIGTERM or SIGINT, then exits 0.
+
+Example:
+    >>> with MirrorServer(root) as server:                              # doctest: +SKIP
+    ...     tfhub.fetch("https://tfhub.dev/google/musiq/spaq/1", dest,
+    ...                 mirrors=Mirrors.parse(f"https://tfhub.dev={server.base}/tfhub"),
+    ...                 tfhub_cache_dir=None)
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from ckptkit.testing.mirror import MirrorServer
+from ckptkit.testing.server import Logged, StubHandler, StubServer, parse_range
+from ckptkit.testing.stubs import (FRAMEWORKS, KaggleModel, KaggleRpcHandler, KaggleStub,
+                                   TFHubStub, archive_of, tfhub_archive, tree_files)
+
+__all__ = ["FRAMEWORKS", "KaggleModel", "KaggleRpcHandler", "KaggleStub", "Logged",
+           "MirrorServer", "StubHandler", "StubServer", "TFHubStub", "archive_of", "main",
+           "parse_range", "tfhub_archive", "tree_files"]
+
+EXAMPLES = """\
+examples:
+  python -m ckptkit.testing.hubs mirror/ --port 8000
+  python -m ckptkit.testing.hubs mirror/ --down /tfhub        # TF Hub answers 503
+  ckpt fetch musiq-spaq --mirror https://tfhub.dev=http://127.0.0.1:8000/tfhub,\\
+https://api.kaggle.com=http://127.0.0.1:8000/kaggle
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve a mirror directory until SIGTERM or SIGINT; returns the exit code.
+
+    Must run in the main thread (it installs signal handlers, restored on return).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m ckptkit.testing.hubs", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve ROOT/files, ROOT/tfhub and ROOT/kaggle on 127.0.0.1 (one port) "
+                    "for --mirror rules.")
+    parser.add_argument("root", metavar="ROOT", help="the mirror directory")
+    parser.add_argument("--port", type=_port, default=0,
+                        help="port to listen on (default 0: any free port, printed)")
+    parser.add_argument("--down", action="append", default=[], metavar="PREFIX",
+                        help="a path prefix that fails, e.g. /tfhub (repeatable)")
+    parser.add_argument("--down-mode", choices=["503", "close"], default="503",
+                        help="how a down prefix fails: answer 503, or close the connection")
+    parser.add_argument("--verbose", action="store_true", help="log each request to stderr")
+    args = parser.parse_args(argv)
+    if not Path(args.root).is_dir():
+        parser.error(f"ROOT {args.root!r} is not a directory")
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            server = MirrorServer(args.root, port=args.port, down=args.down,
+                                  down_mode=args.down_mode, verbose=args.verbose, record=False)
+        except OSError as exc:
+            print(f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
+        with server:
+            print(f"serving {args.root} on {server.base}", flush=True)
+            stop.wait()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _port(value: str) -> int:
+    if not (value.isascii() and value.isdigit() and 0 <= int(value) <= 65535):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0-65535)")
+    return int(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

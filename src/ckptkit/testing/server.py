@@ -1,0 +1,237 @@
+"""HTTP plumbing shared by the local hub stand-ins: a threaded server on 127.0.0.1 that records
+every request, and a handler base that answers with byte ranges and validators.
+
+Payloads (in memory or on disk) are served with ``Content-Length``, ``Accept-Ranges``, ``ETag``
+(and ``Last-Modified`` for files); one ``Range`` gives 206, honouring ``If-Range``, and an
+unsatisfiable one 416 — what ckptkit's downloader and kagglehub rely on to resume.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import re
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
+_CHUNK = 1 << 20  # bytes read from a served file at once: bounds memory per connection
+_Self = TypeVar("_Self", bound="StubServer")  # typing.Self needs Python 3.11
+
+
+@dataclass
+class Logged:
+    """One request as the server saw it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any = None
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """The inclusive ``(start, end)`` one ``Range`` header asks of ``size`` bytes.
+
+    Returns None when the header is malformed or unsatisfiable (the caller answers 416).
+
+    Example:
+        >>> parse_range("bytes=2-", 10), parse_range("bytes=-3", 10), parse_range("bytes=10-", 10)
+        ((2, 9), (7, 9), None)
+    """
+    match = _RANGE.match(header.strip())
+    if not match or (not match.group(1) and not match.group(2)):
+        return None
+    if match.group(1):
+        start = int(match.group(1))
+        end = int(match.group(2)) if match.group(2) else size - 1
+    else:  # a suffix: the last N bytes
+        start, end = max(0, size - int(match.group(2))), size - 1
+    end = min(end, size - 1)
+    if start >= size or start > end:
+        return None
+    return start, end
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up mid-body (a cancelled download, a killed demo) are routine here;
+        # a traceback for each would drown the real failures.
+        if isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
+            return
+        super().handle_error(request, client_address)
+
+
+class StubServer:
+    """A threaded HTTP server on ``127.0.0.1:port`` (0: ephemeral) running ``handler_class``
+    with ``self`` as ``handler.stub``; use as a context manager or call start/stop.
+
+    Every request is appended to ``requests`` (a :class:`Logged`), for assertions.
+    """
+
+    handler_class: type[BaseHTTPRequestHandler] = BaseHTTPRequestHandler
+
+    def __init__(self, port: int = 0) -> None:
+        self.requests: list[Logged] = []
+        self._lock = threading.Lock()
+        stub = self
+
+        class Handler(self.handler_class):  # type: ignore[name-defined,misc]
+            pass
+
+        Handler.stub = stub
+        self._server = _Server(("127.0.0.1", port), Handler)
+        self.port: int = self._server.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._thread: threading.Thread | None = None
+
+    def start(self: _Self) -> _Self:
+        """Serve in a daemon thread; returns ``self``."""
+        # A short poll keeps stop() (and every test teardown) from waiting half a second.
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        kwargs={"poll_interval": 0.05})
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket: later connections are refused."""
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self: _Self) -> _Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log(self, entry: Logged) -> None:
+        """Record one request (called by the handler threads)."""
+        with self._lock:
+            self.requests.append(entry)
+
+    def paths(self, method: str | None = None) -> list[str]:
+        """The request paths (with query) seen so far, optionally only those of ``method``."""
+        with self._lock:
+            return [r.path for r in self.requests if method is None or r.method == method]
+
+
+class StubHandler(BaseHTTPRequestHandler):
+    """Handler base: HTTP/1.1 keep-alive, quiet, and helpers to answer with ranges."""
+
+    stub: Any
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        pass  # keep test output clean; requests are in stub.requests
+
+    def _record(self, body: Any = None) -> None:
+        self.stub.log(Logged(self.command, self.path, dict(self.headers.items()), body))
+
+    def _send(self, status: int, body: bytes = b"", content_type: str = "text/plain",
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _redirect(self, location: str) -> None:
+        self._send(302, b"", headers={"Location": location})
+
+    def _json(self, payload: Any, status: int = 200) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def _error(self, status: int, message: str) -> None:
+        """A JSON error body as the Kaggle API sends it."""
+        self._json({"code": status, "message": message}, status)
+
+    def _send_blob(self, data: bytes, extra: dict[str, str] | None = None,
+                   etag: str | None = None) -> None:
+        """Serve ``data`` honouring ``Range`` (one range) and ``If-Range``.
+
+        ``etag`` saves hashing ``data`` again when the caller has it cached.
+        """
+        etag = etag or blob_etag(data)
+        headers = {"Accept-Ranges": "bytes", "ETag": etag, **(extra or {})}
+        self._send_span(len(data), lambda start, stop: iter((data[start:stop],)), headers)
+
+    def _send_file(self, path: Path, extra: dict[str, str] | None = None) -> None:
+        """Serve the file at ``path`` like :meth:`_send_blob`, streamed, with Last-Modified."""
+        with open(path, "rb") as fh:
+            stat = path.stat()
+            headers = {"Accept-Ranges": "bytes", "ETag": file_etag(stat.st_size, stat.st_mtime_ns),
+                       "Last-Modified": email.utils.formatdate(stat.st_mtime, usegmt=True),
+                       **(extra or {})}
+            self._send_span(stat.st_size, lambda start, stop: self._chunks(fh, start, stop),
+                            headers)
+
+    def _send_span(self, size: int, body: Callable[[int, int], Iterator[bytes]],
+                   headers: dict[str, str]) -> None:
+        """Answer 200, 206 or 416 for a payload of ``size`` bytes; ``body(start, stop)``
+        yields the bytes of ``[start, stop)``.  ``If-Range`` must equal the ETag or the
+        Last-Modified in ``headers`` for the range to apply (RFC 9110 13.1.5)."""
+        wanted = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        validators = {headers.get("ETag"), headers.get("Last-Modified")} - {None}
+        status, start, end = 200, 0, size - 1
+        if wanted and (if_range is None or if_range in validators):
+            span = parse_range(wanted, size)
+            if span is None:
+                self._send(416, headers={"Content-Range": f"bytes */{size}"})
+                return
+            start, end = span
+            status = 206
+            headers = {**headers, "Content-Range": f"bytes {start}-{end}/{size}"}
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end + 1 - start))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        sent = 0
+        for chunk in body(start, end + 1):
+            self.wfile.write(chunk)
+            sent += len(chunk)
+        if sent != end + 1 - start:
+            # The file shrank while being sent: the declared length is a lie, so the
+            # connection cannot carry another response.
+            self.close_connection = True
+
+    @staticmethod
+    def _chunks(fh: IO[bytes], start: int, stop: int) -> Iterator[bytes]:
+        fh.seek(start)
+        left = stop - start
+        while left > 0:
+            chunk = fh.read(min(_CHUNK, left))
+            if not chunk:
+                return
+            left -= len(chunk)
+            yield chunk
+
+
+def blob_etag(data: bytes) -> str:
+    """The strong ETag the stand-ins give an in-memory payload: a prefix of its sha256."""
+    return f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+
+
+def file_etag(size: int, mtime_ns: int) -> str:
+    """A strong ETag for a file that changes whenever its size or modification time does."""
+    return f'"{mtime_ns:x}-{size:x}"'
+
