@@ -225,15 +225,37 @@ def plan_removal(cache: Cache, file_ids: list[str], still_needed: dict[str, list
 
 
 def plan_prune(cache: Cache, known_ids: set[str]) -> RemovalPlan:
-    """Leftovers (partial downloads, staging, unmarked files) and files no catalogue names."""
+    """Leftovers (partial downloads, staging, unmarked files) and files no catalogue names.
+
+    A partial download whose lock is held by a live process is in use and left alone.
+    """
     remove = []
     for path in cache.leftovers() + _staging(cache):
+        if _in_use(path):
+            continue
         size = tree_size(path) if path.is_dir() else path.stat().st_size
         remove.append(Removal(str(path), size, "incomplete or unreferenced"))
     for entry in cache.entries():
         if entry.id not in known_ids:
             remove.append(Removal(entry.path, entry.size, "not in any catalogue", entry.id))
     return RemovalPlan(tuple(remove))
+
+
+def _in_use(path: Path) -> bool:
+    """True when ``path`` belongs to a download whose lock a live process holds."""
+    from ckptkit.locks import STALE_AFTER, read_holder, stale_reason
+
+    base = path.name
+    for suffix in (".part.json", ".part", ".lock"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    lock = path.with_name(base + ".lock")
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return False
+    return stale_reason(read_holder(lock), age, stale_after=STALE_AFTER) is None
 
 
 def _staging(cache: Cache) -> list[Path]:
