@@ -170,12 +170,12 @@ def test_dry_run_json_plans_without_transferring(mirror: str, http_server) -> No
     plan = json.loads(run_ckpt("fetch", "jukebox-5b", "--dry-run", "--json", "--mirror", mirror,
                                env=env).stdout)
     assert set(plan) >= {"files", "total_bytes"} and len(plan["files"]) == 4
-    assert http_server.hits() == []
+    assert {h.range for h in http_server.hits()} == {"bytes=0-0"}  # sizes asked, nothing moved
     assert run_ckpt("fetch", "jukebox-1b_lyrics", "--mirror", mirror, env=env).returncode == 0
     plan = json.loads(run_ckpt("fetch", "jukebox-5b", "--dry-run", "--json", "--mirror", mirror,
                                env=env).stdout)
     assert [f["cached"] for f in plan["files"]] == [True, True, True, False]
-    assert plan["unknown_sizes"] == 1
+    assert plan["unknown_sizes"] == 0 and plan["total_bytes"] == plan["files"][3]["size"]
 
 
 def test_concurrent_fetches_download_each_file_once(mirror: str, jukebox_files, http_server,
@@ -197,3 +197,11 @@ def test_unknown_model_and_bad_source_are_usage_errors() -> None:
     assert result.returncode == 4 and "musiq-spaq" in result.stderr
     result = run_ckpt("fetch", "jukebox-5b", "--source", "tfhub")
     assert result.returncode == 2 and "no tfhub source" in result.stderr
+
+
+def test_dry_run_asks_servers_for_sizes(mirror: str, jukebox_files, http_server) -> None:
+    plan = plan_fetch(["jukebox-1b_lyrics"], settings(mirror)).with_probed_sizes()
+    assert plan.unknown_sizes == 0
+    assert plan.total_bytes == sum(len(jukebox_files[r]) for r in JUKEBOX[:4])
+    assert all(h.range == "bytes=0-0" for h in http_server.hits())  # one byte each, no download
+    assert {f.to_dict(plan.settings)["size_from"] for f in plan.files} == {"server"}

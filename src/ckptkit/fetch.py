@@ -72,13 +72,22 @@ class PlannedFile:
     expected_size: int | None
     expected_sha256: str | None
     pinned: bool
+    probed_size: int | None = None  # what a server announced; shown, never trusted
+
+    @property
+    def size(self) -> int | None:
+        """Best known size: verified (catalogue or pin), else announced by a server."""
+        return self.expected_size if self.expected_size is not None else self.probed_size
 
     def to_dict(self, settings: Settings) -> dict[str, Any]:
         return {
             "name": self.spec.id, "kind": self.spec.kind, "models": list(self.models),
             "cached": self.cached is not None,
             "path": self.cached.path if self.cached else None,
-            "size": self.expected_size, "sha256": self.expected_sha256,
+            "size": self.size, "sha256": self.expected_sha256,
+            "size_from": ("catalogue" if self.spec.size is not None else "pin"
+                          if self.expected_size is not None else "server"
+                          if self.probed_size is not None else None),
             "hash_from": "catalogue" if self.spec.sha256 else ("pin" if self.pinned else None),
             "sources": [{"type": s.type, "ref": s.ref,
                          "url": settings.mirrors.rewrite(s.ref) if s.type in ("url", "tfhub")
@@ -114,11 +123,34 @@ class FetchPlan:
     @property
     def total_bytes(self) -> int:
         """Bytes to transfer for files not yet cached (unknown sizes count as 0)."""
-        return sum(f.expected_size or 0 for f in self.files if f.cached is None)
+        return sum(f.size or 0 for f in self.files if f.cached is None)
 
     @property
     def unknown_sizes(self) -> int:
-        return sum(1 for f in self.files if f.cached is None and f.expected_size is None)
+        return sum(1 for f in self.files if f.cached is None and f.size is None)
+
+    def with_probed_sizes(self) -> FetchPlan:
+        """Ask the URL sources of files of unknown size how big they are (for ``--dry-run``).
+
+        One single-byte ranged request per file, to its first URL source that answers; nothing
+        is done offline or for hub sources (their size is only known after download).
+        """
+        from dataclasses import replace
+
+        from ckptkit.sources.url import probe_size
+
+        if self.settings.offline:
+            return self
+        files = []
+        for planned in self.files:
+            if planned.cached is None and planned.size is None:
+                for source in (s for s in planned.sources if s.type == "url"):
+                    found = probe_size(source.ref, mirrors=self.settings.mirrors)
+                    if found is not None:
+                        planned = replace(planned, probed_size=found)
+                        break
+            files.append(planned)
+        return replace(self, files=tuple(files))
 
     def to_dict(self) -> dict[str, Any]:
         return {"models": list(self.models),

@@ -53,6 +53,7 @@ def fetch_command(names: tuple[str, ...], source: str | None, dest: Path | None,
                     catalogs=catalogs, connections=connections)
     plan = plan_fetch(list(names), conf, source=source, dest=dest)
     if dry_run:
+        plan = plan.with_probed_sizes()
         if as_json:
             render.emit_json(plan.to_dict())
         else:
@@ -97,7 +98,7 @@ def _plan_text(plan) -> str:
     rows = []
     for f in plan.files:
         state = "cached" if f.cached else "fetch"
-        size = render.size(f.expected_size) if f.expected_size is not None else "size unknown"
+        size = render.size(f.size) if f.size is not None else "size unknown"
         first = f.sources[0] if f.sources else None
         via = "" if f.cached else (
             f"via {first.type}:{plan.settings.mirrors.rewrite(first.ref) if first.ref else '--local-dir'}"

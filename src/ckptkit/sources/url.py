@@ -15,3 +15,27 @@ def fetch(url: str, dest: Path, *, mirrors: Mirrors, expected_size: int | None,
     return download(mirrors.rewrite(url), dest, expected_size=expected_size,
                     expected_sha256=expected_sha256, connections=connections,
                     progress=progress)
+
+
+def probe_size(url: str, *, mirrors: Mirrors, timeout: float = 10.0) -> int | None:
+    """The size a server announces for ``url`` (one ranged GET of a single byte), or None.
+
+    Used by ``--dry-run`` to show what a fetch would transfer; never raises for network
+    trouble, since a plan should still print when a source is down.
+    """
+    import requests
+
+    from ckptkit.transfer_plan import parse_content_range
+
+    try:
+        with requests.get(mirrors.rewrite(url), headers={"Range": "bytes=0-0",
+                                                         "Accept-Encoding": "identity"},
+                          stream=True, timeout=timeout) as resp:
+            if resp.status_code == 206:
+                found = parse_content_range(resp.headers.get("Content-Range"))
+                return found.total if found else None
+            if resp.status_code == 200 and resp.headers.get("Content-Length", "").isdigit():
+                return int(resp.headers["Content-Length"])
+    except requests.RequestException:
+        return None
+    return None
