@@ -25,6 +25,32 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("NO_COLOR", "1")
 
 
+@pytest.fixture
+def kaggle_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """kagglehub's cache in tmp and no real credentials, as kagglehub's own tests do."""
+    pytest.importorskip("kagglehub")
+    cache = tmp_path / "kagglehub"
+    token = tmp_path / "empty-token"
+    token.write_text("")
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(cache))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "missing-kaggle-config"))
+    monkeypatch.setenv("KAGGLE_API_TOKEN", str(token))
+    # kagglesdk reads ~/.kaggle/kaggle.json itself, whatever KAGGLE_CONFIG_DIR says.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_ENVIRONMENT",
+                 "KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_DATA_PROXY_URL", "TBE_RUNTIME_ADDR",
+                 "COLAB_RELEASE_TAG", "KAGGLEHUB_VERBOSITY"):
+        monkeypatch.delenv(name, raising=False)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tf() -> object:
+    """TensorFlow, imported once, quietly (skips where it is not installed)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return pytest.importorskip("tensorflow")
+
+
 def run_ckpt(*args: str, cwd: Path | None = None,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real `ckpt` entry point in a fresh interpreter, as a user would."""

@@ -44,18 +44,6 @@ def env_for(**rules: str) -> dict[str, str]:
             "CKPTKIT_MIRROR": ",".join(f"{k}={v}" for k, v in rules.items())}
 
 
-@pytest.fixture
-def kaggle_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Never read a developer's real Kaggle credentials."""
-    token = tmp_path / "kaggle-token"
-    token.write_text("")
-    values = {"KAGGLE_CONFIG_DIR": str(tmp_path / "no-kaggle-dir"),
-              "KAGGLE_API_TOKEN": str(token), "HOME": str(tmp_path / "home")}
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return values
-
-
 def test_musiq_spaq_from_tf_hub_then_hub_load_works_offline(hubs, tmp_path: Path) -> None:
     tfhub, _kaggle, gcs = hubs
     env = env_for(**{"https://tfhub.dev": tfhub.base, GCS: gcs.url("")})
@@ -79,7 +67,7 @@ def test_musiq_spaq_from_tf_hub_then_hub_load_works_offline(hubs, tmp_path: Path
     assert float(loaded.stdout.strip().splitlines()[-1]) == pytest.approx(SAMPLE_SCORE)
 
 
-def test_tf_hub_down_falls_back_to_kaggle(hubs, kaggle_env: dict[str, str]) -> None:
+def test_tf_hub_down_falls_back_to_kaggle(hubs, kaggle_env: Path) -> None:
     tfhub, kaggle, gcs = hubs
     tfhub.stop()  # refused connections: TF Hub is down
     settings = config.settings(mirror=f"https://tfhub.dev={tfhub.base},"
@@ -91,7 +79,7 @@ def test_tf_hub_down_falls_back_to_kaggle(hubs, kaggle_env: dict[str, str]) -> N
     assert ckptkit.inspect(saved.path).signatures[0].key == "serving_default"
 
 
-def test_tf_hub_and_kaggle_deliver_the_same_tree(hubs, kaggle_env: dict[str, str]) -> None:
+def test_tf_hub_and_kaggle_deliver_the_same_tree(hubs, kaggle_env: Path) -> None:
     tfhub, kaggle, gcs = hubs
     base = {"mirror": f"https://tfhub.dev={tfhub.base},https://api.kaggle.com={kaggle.base},"
                       f"{GCS}={gcs.url('')}"}
