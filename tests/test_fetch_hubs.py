@@ -103,7 +103,8 @@ def test_killed_fetch_resumes_and_moves_only_the_missing_bytes(http_server: HTTP
     size = big.stat().st_size
     path = "/blob/jukebox/models/5b/vqvae.pth.tar"
     route = http_server.add(path, big, rate=8 << 20)  # per connection
-    env = env_for(**{"https://openaipublic.azureedge.net": http_server.url("/blob")})
+    env = env_for(**{"https://openaipublic.azureedge.net": http_server.url("/blob"),
+                     "https://openaipublic.blob.core.windows.net": http_server.url("/blob")})
     child = subprocess.Popen(
         [sys.executable, "-m", "ckptkit", "fetch", "jukebox-5b", "--source", "url",
          "--connections", "2"],  # 16 MiB pieces, two at a time
@@ -128,3 +129,33 @@ def test_killed_fetch_resumes_and_moves_only_the_missing_bytes(http_server: HTTP
     moved = http_server.bytes_sent(path) - before
     assert fetched.bytes == size and Path(fetched.path).read_bytes() == big.read_bytes()
     assert moved <= size // 2  # only the missing pieces moved again
+
+
+def test_ctrl_c_stops_a_fetch_at_once_and_the_rerun_resumes(http_server: HTTPTestServer,
+                                                            tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    big = tmp_path / "big.pth.tar"
+    torch.save({"w": torch.zeros(4 << 20)}, big, _use_new_zipfile_serialization=False)
+    path = "/blob/jukebox/models/5b/vqvae.pth.tar"
+    route = http_server.add(path, big, rate=1 << 20)  # 16 MiB at 1 MiB/s: far from done
+    env = env_for(**{"https://openaipublic.azureedge.net": http_server.url("/blob"),
+                     "https://openaipublic.blob.core.windows.net": http_server.url("/blob")})
+    child = subprocess.Popen(
+        [sys.executable, "-m", "ckptkit", "fetch", "jukebox-5b", "--source", "url"],
+        env={**os.environ, "PYTHONPATH": str(SRC), **env}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while http_server.bytes_sent(path) < (1 << 20):
+        assert time.monotonic() < deadline and child.poll() is None
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _out, err = child.communicate(timeout=20)
+    assert child.returncode == 130 and time.monotonic() - started < 5, err
+    assert "interrupted" in err and "Traceback" not in err
+    route.rate = None
+    settings = config.settings(mirror=env["CKPTKIT_MIRROR"])
+    planned = plan_fetch(["jukebox-5b"], settings, source="url")
+    vqvae = next(f for f in planned.files if f.spec.id == "jukebox/5b/vqvae.pth.tar")
+    fetched = FetchPlan(planned.models, (vqvae,), settings).execute()[0]
+    assert Path(fetched.path).read_bytes() == big.read_bytes()

@@ -170,13 +170,19 @@ class FetchPlan:
         failures: dict[str, list[Attempt]] = {}
         results: dict[str, FetchedFile] = {}
         workers = max(1, min(MAX_PARALLEL_FILES, len(self.files)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-fetch")
+        try:
             futures = {f.spec.id: pool.submit(runner.fetch_one, f) for f in self.files}
             for file_id, future in futures.items():
                 try:
                     results[file_id] = future.result()
                 except _Failed as failed:
                     failures[file_id] = failed.attempts
+        except BaseException:
+            # Ctrl-C: do not wait for running downloads (their .part files resume later).
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         if failures:
             raise FetchError(failures)
         ordered = [results[f.spec.id] for f in self.files]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import click
 
@@ -55,17 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         code = ExitCode.USAGE if isinstance(exc, click.UsageError) else ExitCode.ERROR
-    except click.exceptions.Abort:
-        _error("aborted")
-        code = ExitCode.ERROR
     except CkptkitError as exc:
         if config.debug():
             raise
         _error(str(exc))
         code = exc.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
         _error("interrupted")
-        code = ExitCode.INTERRUPTED
+        # Worker threads (parallel downloads) would keep the interpreter alive until they
+        # finish; everything on disk is safe to abandon (resumable .part files, atomic
+        # renames), so leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(ExitCode.INTERRUPTED)
     except BrokenPipeError:
         code = ExitCode.OK
     except Exception as exc:  # noqa: BLE001 - last line of defence against tracebacks
