@@ -117,3 +117,13 @@ def test_bad_user_catalogues_name_the_file_and_entry(tmp_path: Path, body: str,
     with pytest.raises(FormatError, match=fragment) as info:
         catalogue.load([path])
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("file_id", ["/tmp/abs", "../../escape", "a/../../b", "~/x", "a//b",
+                                     "C:/w", "a\\b"])
+def test_file_ids_cannot_leave_the_cache(tmp_path: Path, file_id: str) -> None:
+    path = tmp_path / "evil.toml"
+    path.write_text(f'[files."{file_id}"]\nsources = [{{ type = "url", url = "http://h/a" }}]\n'
+                    .replace("\\", "\\\\"))
+    with pytest.raises(FormatError, match="cache path"):
+        catalogue.load([path])

@@ -842,3 +842,29 @@ def test_nesting_just_under_the_limit_is_read(torch_zip_base: Path, tmp_path: Pa
     for extra in ((), ("--json",)):
         result = run_cli(path, *extra)
         assert result.returncode == ExitCode.OK, result.stderr
+
+
+@pytest.mark.parametrize("module, name", [
+    ("yaml", "unsafe_load"), ("torch.fx.graph_module", "reduce_graph_module"),
+    ("torch.utils.cpp_extension", "load_inline"), ("numpy.ctypeslib", "load_library"),
+    ("torch._C", "_import_ir_module"), ("torch.package", "PackageImporter"),
+    ("IPython.core.interactiveshell", "InteractiveShell"), ("jinja2", "Template")])
+def test_third_party_gadgets_are_unsafe(module: str, name: str) -> None:
+    from ckptkit import danger
+
+    assert danger.is_dangerous(module, name)
+
+
+@pytest.mark.parametrize("index", [1, 4], ids=["protocol", "storage_keys"])
+def test_legacy_payload_in_a_pickle_that_must_be_plain_data(index: int, tmp_path: Path) -> None:
+    """torch.load runs pickles 2 and 5 too: a payload there is unsafe, not merely corrupt."""
+    parts = [pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2), pickle.dumps(1001, protocol=2),
+             pickle.dumps({"little_endian": True}, protocol=2), pickle.dumps({"a": 1}, protocol=2),
+             pickle.dumps([], protocol=2)]
+    parts[index] = pickle.dumps(Reduce(os.system, "true"), protocol=2)
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(b"".join(parts))
+    with pytest.raises(ckptkit.CkptkitError) as caught:
+        ckptkit.inspect(path)
+    assert caught.value.exit_code == ExitCode.UNSAFE
+    assert "system" in str(caught.value)

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ckptkit.errors import NotFoundError
+from ckptkit.errors import NotFoundError, UsageError
 from ckptkit.hashing import sha256_file, tree_sha256, tree_size
 
 CACHEDIR_TAG = ("Signature: 8a477f597d28d172789f06886806bc55\n"
@@ -43,6 +43,14 @@ class CacheEntry:
     source: str
     url: str
     fetched_at: float
+    mtime_ns: int = 0  # of the file (newest file of a tree) when it was verified
+
+
+def _signature(path: Path) -> int:
+    """Changes whenever the file (or any file of a tree) is written to."""
+    if path.is_dir():
+        return max((p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()), default=0)
+    return path.stat().st_mtime_ns
 
 
 class Cache:
@@ -52,10 +60,10 @@ class Cache:
         self.root = root
 
     def path(self, file_id: str) -> Path:
-        return self.root / "files" / file_id
+        return _inside(self.root / "files", file_id)
 
     def _meta(self, file_id: str) -> Path:
-        return self.root / "meta" / f"{file_id}.json"
+        return _inside(self.root / "meta", f"{file_id}.json")
 
     def lock_path(self, file_id: str) -> Path:
         return self.root / "locks" / (hashlib.sha1(file_id.encode()).hexdigest() + ".lock")
@@ -71,18 +79,47 @@ class Cache:
         if not tag.exists():
             tag.write_text(CACHEDIR_TAG)
 
-    def entry(self, file_id: str) -> CacheEntry | None:
-        """The committed entry for ``file_id``, or None when absent or incomplete."""
-        meta = self._meta(file_id)
+    def record(self, file_id: str) -> CacheEntry | None:
+        """The commit record for ``file_id`` as written, whatever became of the file since."""
         try:
-            entry = CacheEntry(**json.loads(meta.read_text(encoding="utf-8")))
+            return CacheEntry(**json.loads(self._meta(file_id).read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError):
+            return None
+
+    def entry(self, file_id: str) -> CacheEntry | None:
+        """The committed entry for ``file_id``, or None when absent, incomplete or changed.
+
+        A file written to since it was verified (its mtime moved) is hashed again: the entry
+        stands only if the bytes are still the verified ones.
+        """
+        entry = self.record(file_id)
+        if entry is None:
             return None
         path = Path(entry.path)
         if not path.exists():
             return None
         size = tree_size(path) if path.is_dir() else path.stat().st_size
-        return entry if size == entry.size else None
+        if size != entry.size:
+            return None
+        if entry.mtime_ns != _signature(path):
+            if self.hash_of(path) != entry.sha256:
+                return None
+            entry = CacheEntry(**{**asdict(entry), "mtime_ns": _signature(path)})
+            self._write_meta(file_id, entry)
+        return entry
+
+    def status(self) -> list[tuple[str, str]]:
+        """Every recorded file id with ``ok``, ``missing`` or ``changed`` (size differs)."""
+        out = []
+        for file_id in sorted(self._committed_ids()):
+            entry = self.record(file_id)
+            path = Path(entry.path) if entry else None
+            if entry is None or path is None or not path.exists():
+                out.append((file_id, "missing"))
+            else:
+                size = tree_size(path) if path.is_dir() else path.stat().st_size
+                out.append((file_id, "ok" if size == entry.size else "changed"))
+        return out
 
     def entries(self) -> list[CacheEntry]:
         meta_root = self.root / "meta"
@@ -104,7 +141,12 @@ class Cache:
             os.replace(staged, final)
         _fsync_dir(final.parent)
         size = tree_size(final) if final.is_dir() else final.stat().st_size
-        entry = CacheEntry(file_id, kind, str(final), size, sha256, source, url, time.time())
+        entry = CacheEntry(file_id, kind, str(final), size, sha256, source, url, time.time(),
+                           _signature(final))
+        self._write_meta(file_id, entry)
+        return entry
+
+    def _write_meta(self, file_id: str, entry: CacheEntry) -> None:
         meta = self._meta(file_id)
         meta.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=meta.parent, prefix=".meta.", suffix=".tmp")
@@ -113,17 +155,16 @@ class Cache:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, meta)
-        return entry
 
     def hash_of(self, path: Path) -> str:
         return tree_sha256(path) if path.is_dir() else sha256_file(path)
 
     def verify(self, file_id: str) -> tuple[CacheEntry, str]:
         """Re-hash a cached file: returns the entry and the sha256 found now."""
-        entry = self.entry(file_id)
-        if entry is None:
+        entry = self.record(file_id)
+        if entry is None or not Path(entry.path).exists():
             raise NotFoundError(f"{file_id} is not in the cache at {self.root}",
-                                hint=f"Fetch it first: ckpt fetch <model>")
+                                hint="Fetch it first: ckpt fetch <model>")
         return entry, self.hash_of(Path(entry.path))
 
     def remove(self, file_id: str) -> int:
@@ -161,6 +202,15 @@ class Cache:
         if not meta_root.is_dir():
             return set()
         return {str(p.relative_to(meta_root))[:-len(".json")] for p in meta_root.rglob("*.json")}
+
+
+def _inside(folder: Path, rel: str) -> Path:
+    """``folder / rel``, refusing ids that would leave the cache (a hostile catalogue)."""
+    target = folder / rel
+    if ".." in Path(rel).parts or Path(rel).is_absolute() or not rel:
+        raise UsageError(f"cache id {rel!r} would leave the cache directory",
+                         hint="Catalogue ids must be relative paths without '..'")
+    return target
 
 
 def _fsync_dir(path: Path) -> None:
@@ -224,8 +274,10 @@ def plan_removal(cache: Cache, file_ids: list[str], still_needed: dict[str, list
     return RemovalPlan(tuple(remove), tuple(kept))
 
 
-def plan_prune(cache: Cache, known_ids: set[str]) -> RemovalPlan:
-    """Leftovers (partial downloads, staging, unmarked files) and files no catalogue names.
+def plan_prune(cache: Cache, known_ids: set[str] | None) -> RemovalPlan:
+    """Leftovers (partial downloads, staging, unmarked files); with ``known_ids``, also
+    committed files no catalogue names (a file fetched through a ``--catalog`` entry is
+    "unknown" when that catalogue is not passed, so this is opt-in).
 
     A partial download whose lock is held by a live process is in use and left alone.
     """
@@ -235,7 +287,7 @@ def plan_prune(cache: Cache, known_ids: set[str]) -> RemovalPlan:
             continue
         size = tree_size(path) if path.is_dir() else path.stat().st_size
         remove.append(Removal(str(path), size, "incomplete or unreferenced"))
-    for entry in cache.entries():
+    for entry in cache.entries() if known_ids is not None else ():
         if entry.id not in known_ids:
             remove.append(Removal(entry.path, entry.size, "not in any catalogue", entry.id))
     return RemovalPlan(tuple(remove))

@@ -151,6 +151,9 @@ def _file(file_id: str, entry: Any, origin: str) -> FileSpec:
     where = f"files.{file_id!r}"
     if not isinstance(entry, dict):
         raise _bad(origin, where, "must be a table")
+    if not _is_inside(file_id):
+        raise _bad(origin, where, "the id is a cache path: it must be relative, without '..', "
+                                  "'~', backslashes or empty parts (e.g. \"team/model.pt\")")
     kind = entry.get("kind", "file")
     if kind not in ("file", "savedmodel"):
         raise _bad(origin, where, f"kind {kind!r} is not 'file' or 'savedmodel'")
@@ -164,10 +167,17 @@ def _file(file_id: str, entry: Any, origin: str) -> FileSpec:
     if sha256 is not None and not (isinstance(sha256, str) and _SHA256.match(sha256)):
         raise _bad(origin, where, f"sha256 {sha256!r} is not 64 lowercase hex digits")
     dest = str(entry.get("dest") or file_id.rsplit("/", 1)[-1])
-    if dest.startswith(("/", "~")) or ".." in Path(dest).parts:
+    if not _is_inside(dest):
         raise _bad(origin, where, f"dest {dest!r} must be a relative path inside --dest")
     return FileSpec(file_id, kind, sources, dest, size, sha256,
                     tuple(str(a) for a in entry.get("aliases") or ()), origin)
+
+
+def _is_inside(rel: str) -> bool:
+    """A relative POSIX path that cannot leave the folder it is joined to."""
+    parts = rel.split("/")
+    return (bool(rel) and not rel.startswith(("/", "~")) and "\\" not in rel
+            and ":" not in parts[0] and all(p not in ("", ".", "..") for p in parts))
 
 
 def _source(entry: Any, origin: str, where: str) -> SourceSpec:

@@ -31,6 +31,11 @@ DANGEROUS_MODULES = frozenset({
     # _osx_support._read_output / _aix_support._read_cmd_output (os.system, check_output),
     # doctest.debug_src (exec through pdb).
     "_osx_support", "_aix_support", "doctest",
+    # Third-party gadgets: loaders that execute what they are given, template engines,
+    # native-code loaders, and torch machinery that compiles or imports code.
+    "yaml", "jinja2", "mako", "IPython", "numpy.ctypeslib", "torch.fx",
+    "torch.utils.cpp_extension", "torch._C", "torch.package", "torch.compiler", "torch.export",
+    "torch.utils.data.datapipes", "torch.multiprocessing", "torch.backends",
 })
 
 #: Harmless names inside otherwise dangerous modules (plain data constructors).

@@ -48,14 +48,15 @@ class Attempt:
 class FetchError(NotFoundError):
     """Every source of one or more files failed; lists each attempt."""
 
-    def __init__(self, failures: dict[str, list[Attempt]]):
+    def __init__(self, failures: dict[str, list[Attempt]], offline: bool = False):
         lines = []
         for file_id, attempts in failures.items():
             tried = "; ".join(f"{a.source}: {a.error}" for a in attempts) or "no source to try"
             lines.append(f"{file_id} ({tried})")
-        super().__init__("could not fetch " + " | ".join(lines),
-                         hint="Check the network or a --mirror, or pass --local-dir with the "
-                              "files; `ckpt fetch --dry-run` shows the plan")
+        hint = ("Offline: pass --local-dir with the files, or fetch once online" if offline else
+                "Check the network or a --mirror, or pass --local-dir with the files; "
+                "`ckpt fetch --dry-run` shows the plan")
+        super().__init__("could not fetch " + " | ".join(lines), hint=hint)
         self.failures = failures
         if any(a.integrity for attempts in failures.values() for a in attempts):
             self.exit_code = ExitCode.INTEGRITY
@@ -184,7 +185,7 @@ class FetchPlan:
             raise
         pool.shutdown()
         if failures:
-            raise FetchError(failures)
+            raise FetchError(failures, offline=self.settings.offline)
         ordered = [results[f.spec.id] for f in self.files]
         if self.dest is not None:
             ordered = [_place(r, f.spec, self.dest) for r, f in zip(ordered, self.files,
@@ -448,4 +449,4 @@ def _remove(path: Path) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
+    return " ".join(str(exc).split())

@@ -28,8 +28,16 @@ ITEMSIZE: dict[str, float] = {
 
 
 def itemsize(dtype: str) -> float:
-    """Bytes per element of ``dtype``; 0 for dtypes without a fixed size (strings)."""
-    return ITEMSIZE.get(dtype, 0)
+    """Bytes per element of ``dtype``; 0 for dtypes without a fixed size (TF strings).
+
+    numpy's fixed-width names (``str64``, ``bytes8``, ``void128``) carry their width in bits.
+    """
+    if dtype in ITEMSIZE:
+        return ITEMSIZE[dtype]
+    for prefix in ("str", "bytes", "void"):
+        if dtype.startswith(prefix) and dtype[len(prefix):].isdigit():
+            return int(dtype[len(prefix):]) / 8
+    return 0
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,10 @@ def numpy_dtype_name(descr: str) -> str:
                "int32": "int32", "bool": "bool", "bfloat16": "bfloat16"}
     if code in aliases:
         return aliases[code]
-    if code[:1] in "US":
-        return "str" if code[0] == "U" else "bytes"
+    if code[:1] in "USV" and code[1:].isdigit():
+        # numpy's own names carry the width in bits (str64 for <U2), so sizes stay right.
+        width = int(code[1:]) * (32 if code[0] == "U" else 8)
+        return {"U": "str", "S": "bytes", "V": "void"}[code[0]] + str(width)
     return code
 
 
@@ -106,6 +108,11 @@ def inert_type(qualname: str) -> type:
         return Opaque(qualname, args + ((kwargs,) if kwargs else ()))
 
     return type(qualname.rpartition(".")[2] or "Inert", (), {"__new__": __new__})
+
+
+def _rebuild_qtensor(storage, storage_offset, size, stride, *rest):
+    """A quantized tensor: its storage is typed (QInt8Storage ...), so the dtype is known."""
+    return PendingTensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, *rest):
@@ -214,6 +221,13 @@ def _allowed() -> dict[tuple[str, str], Any]:
     }
     for name, dtype in TORCH_STORAGE_DTYPES.items():
         table[("torch", name)] = StorageType(dtype)
+    # _rebuild_tensor_v3 (float8 and other new dtypes) names the untyped storage by its module.
+    table[("torch.storage", "UntypedStorage")] = StorageType("uint8")
+    table[("__builtin__", "complex")] = _bounded(complex, "complex")  # protocol 2 spelling
+    table[("torch._utils", "_rebuild_qtensor")] = _rebuild_qtensor
+    for scheme in ("per_tensor_affine", "per_channel_affine", "per_tensor_symmetric",
+                   "per_channel_symmetric", "per_channel_affine_float_qparams"):
+        table[("torch", scheme)] = f"torch.{scheme}"  # quantizer parameters: plain names
     for name, dtype in TORCH_DTYPES.items():
         table[("torch", name)] = DType(dtype)
     return table

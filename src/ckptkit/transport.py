@@ -322,4 +322,7 @@ def _is_timeout(exc: BaseException) -> bool:
 def _describe(exc: BaseException) -> str:
     """A short one-line reason from a requests/urllib3 exception chain."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    # requests nests the cause as "(Caused by X('...'))": the innermost reason is the useful one.
+    if "Caused by " in text:
+        text = text.split("Caused by ", 1)[1].rstrip(")")
     return text if len(text) <= 160 else text[:157] + "..."

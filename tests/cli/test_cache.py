@@ -91,9 +91,9 @@ def test_prune_removes_leftovers_and_unknown_files(filled: dict[str, str]) -> No
     orphan = cache_root() / "files" / "old" / "weights.bin"
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"y" * 10)
-    plan = run_ckpt("cache", "prune", "--dry-run", env=filled)
+    plan = run_ckpt("cache", "prune", "--unreferenced", "--dry-run", env=filled)
     assert str(partial) in plan.stdout and str(orphan) in plan.stdout and partial.exists()
-    done = run_ckpt("cache", "prune", "--yes", env=filled)
+    done = run_ckpt("cache", "prune", "--unreferenced", "--yes", env=filled)
     assert done.returncode == 0 and not partial.exists() and not orphan.exists()
     assert len(json.loads(run_ckpt("cache", "ls", "--json", env=filled).stdout)) == 4
     assert "nothing to delete" in run_ckpt("cache", "prune", "--yes", env=filled).stdout
@@ -110,3 +110,33 @@ def test_prune_leaves_a_download_in_progress_alone(filled: dict[str, str]) -> No
         assert result.returncode == 0 and partial.exists()
     run_ckpt("cache", "prune", "--yes", env=filled)
     assert not partial.exists()
+
+
+def test_prune_keeps_files_of_other_catalogues_unless_asked(filled: dict[str, str],
+                                                           tmp_path: Path) -> None:
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[files."mine/w.pt"]\nsources = [{ type = "local", path = "%s" }]\n'
+                    '[models.mine]\nfiles = ["mine/w.pt"]\n'
+                    % (SAMPLES / "thinker_step_200.pt"))
+    assert run_ckpt("fetch", "mine", "--catalog", str(mine), env=filled).returncode == 0
+    assert "nothing to delete" in run_ckpt("cache", "prune", "--yes", env=filled).stdout
+    assert "mine/w.pt" in run_ckpt("cache", "prune", "--unreferenced", "--dry-run",
+                                   env=filled).stdout
+
+
+def test_a_changed_or_missing_cached_file_is_never_handed_out(filled: dict[str, str]) -> None:
+    victim = cache_root() / "files" / "jukebox" / "5b" / "prior_level_0.pth.tar"
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    (cache_root() / "files" / "jukebox" / "5b" / "vqvae.pth.tar").unlink()
+    result = run_ckpt("cache", "verify", env=filled)
+    assert result.returncode == 3
+    assert "MISSING    jukebox/5b/vqvae.pth.tar" in result.stdout
+    assert "CHANGED    jukebox/5b/prior_level_0.pth.tar" in result.stdout
+    plan = json.loads(run_ckpt("fetch", "jukebox-1b_lyrics", "--dry-run", "--json",
+                               env=filled).stdout)
+    assert [f["cached"] for f in plan["files"]] == [False, False, True, True]
+    fetched = run_ckpt("fetch", "jukebox-1b_lyrics", env=filled)
+    assert fetched.returncode == 0, fetched.stderr
+    assert run_ckpt("cache", "verify", env=filled).returncode == 0

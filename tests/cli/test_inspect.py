@@ -102,3 +102,21 @@ def test_version_and_help() -> None:
     assert run_ckpt("--version").stdout.startswith("ckpt, version")
     help_text = run_ckpt("inspect", "--help").stdout
     assert "Examples:" in help_text and "ckpt inspect thinker_best.pt" in help_text
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = run_ckpt("inspect", str(fifo))
+    assert result.returncode == 1 and "not a regular file" in result.stderr
+
+
+def test_tf_checkpoint_by_prefix() -> None:
+    from tests.conftest import SRC
+
+    prefix = SRC / "ckptkit" / "samples" / "tf_ckpt" / "ckpt-1"
+    result = run_ckpt("inspect", str(prefix), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["format"] == "tf-checkpoint"

@@ -54,3 +54,13 @@ def test_truncated_file_is_an_integrity_error(written, tmp_path: Path) -> None:
     cut.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(IntegrityError):
         ckptkit.inspect(cut)
+
+
+def test_numpy_scalars_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "scalar.msgpack"
+    path.write_bytes(serialization.to_bytes({"s": np.float32(1.5), "step": np.int64(7)}))
+    info = ckptkit.inspect(path)
+    assert {t.name: (t.dtype, t.shape) for t in info.tensors} == {"s": ("float32", ()),
+                                                                  "step": ("int64", ())}
+    loaded = ckptkit.load(path, framework="flax")
+    assert float(loaded["s"]) == 1.5 and int(loaded["step"]) == 7

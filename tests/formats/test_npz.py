@@ -87,3 +87,11 @@ def test_truncated_npz_is_an_integrity_error(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-200])
     with pytest.raises(IntegrityError):
         ckptkit.inspect(path)
+
+
+def test_fixed_width_strings_and_records_have_their_sizes(tmp_path: Path) -> None:
+    path = tmp_path / "odd.npz"
+    np.savez(path, s=np.array(["ab", "c"]), b=np.array([b"x"]),
+             st=np.zeros(2, dtype=[("a", "<i4"), ("b", "<f4")]))
+    sizes = {t.name: t.nbytes for t in ckptkit.inspect(path).tensors}
+    assert sizes == {"s": 16, "b": 1, "st": 16}

@@ -113,3 +113,29 @@ def test_two_data_pickles_are_refused(tmp_path: Path) -> None:
         dst.writestr("other/data.pkl", src.read("two/data.pkl"))
     with pytest.raises(IntegrityError, match="exactly one"):
         ckptkit.inspect(doubled)
+
+
+def test_float8_and_quantized_tensors_are_lazy_tensors(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning):  # torch deprecates quantized dtypes; old files have them
+        q = torch.quantize_per_tensor(torch.rand(4, 3), 0.1, 2, torch.qint8)
+    path = save_torch({"f8": torch.zeros(2, dtype=torch.float8_e4m3fn), "q": q},
+                      tmp_path / "odd.pt")
+    info = ckptkit.inspect(path)
+    assert info.objects == () and info.unsafe == ()
+    assert {t.name: (t.dtype, t.shape) for t in info.tensors} == {
+        "f8": ("float8_e4m3fn", (2,)), "q": ("qint8", (4, 3))}
+
+
+def test_nan_metrics_give_strict_json(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import SRC
+
+    path = save_torch({"w": torch.ones(2), "loss": float("nan"), "best": float("inf")},
+                      tmp_path / "n.pt")
+    out = subprocess.run([sys.executable, "-m", "ckptkit", "inspect", str(path), "--json"],
+                         capture_output=True, text=True, env={"PYTHONPATH": str(SRC)}).stdout
+    data = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert data["metadata"] == {"loss": "nan", "best": "inf"}

@@ -27,7 +27,8 @@ def _open(cache_dir: Path | None, catalogs: tuple[Path, ...]):
     return conf, Cache(conf.cache_dir), catalogue.load(conf.all_catalogs())
 
 
-@cache_group.command("ls")
+@cache_group.command("ls", epilog="Examples:\n\n  ckpt cache ls\n\n"
+                                   "  ckpt cache ls --json | jq '.[].path'")
 @cache_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ls_command(cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool) -> None:
@@ -51,7 +52,8 @@ def ls_command(cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool
                f"in {conf.cache_dir}")
 
 
-@cache_group.command("verify")
+@cache_group.command("verify", epilog="Examples:\n\n  ckpt cache verify\n\n"
+                                       "  ckpt cache verify jukebox-1b_lyrics --json")
 @click.argument("names", nargs=-1)
 @cache_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -59,17 +61,23 @@ def verify_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tup
                    as_json: bool) -> int:
     """Re-hash cached files (all, or those of NAMES) against what was recorded and pinned.
 
-    Exits 3 if any file changed on disk.
+    Files that were recorded but are gone count as MISSING.  Exits 3 if any file changed or
+    went missing.
     """
     from ckptkit.pins import Pins
 
     conf, cache, cat = _open(cache_dir, catalogs)
     pins = Pins(conf.pins_path)
-    ids = _file_ids(cat, names) if names else [e.id for e in cache.entries()]
+    recorded = dict(cache.status())
+    ids = _file_ids(cat, names) if names else sorted(recorded)
     rows = []
     for file_id in ids:
-        if cache.entry(file_id) is None:
+        state = recorded.get(file_id)
+        if state is None:
             rows.append({"name": file_id, "status": "not cached"})
+            continue
+        if state != "ok":
+            rows.append({"name": file_id, "status": "MISSING" if state == "missing" else "CHANGED"})
             continue
         entry, actual = cache.verify(file_id)
         spec = cat.files.get(file_id)
@@ -83,15 +91,16 @@ def verify_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tup
     else:
         for row in rows:
             click.echo(f"{row['status']:<11}{row['name']}")
-    bad = [r for r in rows if r["status"] == "CHANGED"]
+    bad = [r["name"] for r in rows if r["status"] in ("CHANGED", "MISSING")]
     if bad:
-        click.echo(f"ckpt: {len(bad)} cached file(s) changed on disk; remove and fetch them "
-                   "again: ckpt cache rm NAME && ckpt fetch NAME", err=True)
+        click.echo(f"ckpt: {len(bad)} cached file(s) changed or missing; fetch them again: "
+                   f"ckpt cache rm {' '.join(bad)} --yes && ckpt fetch <model>", err=True)
         return ExitCode.INTEGRITY
     return ExitCode.OK
 
 
-@cache_group.command("rm")
+@cache_group.command("rm", epilog="Examples:\n\n  ckpt cache rm jukebox-5b --dry-run\n\n"
+                                   "  ckpt cache rm jukebox/5b/vqvae.pth.tar --yes")
 @click.argument("names", nargs=-1, required=True)
 @cache_options
 @confirm_options
@@ -115,16 +124,20 @@ def rm_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tuple[P
     _run(plan_removal(cache, ids, needed), cache, dry_run, yes)
 
 
-@cache_group.command("prune")
+@cache_group.command("prune", epilog="Examples:\n\n  ckpt cache prune --dry-run\n\n"
+                                      "  ckpt cache prune --unreferenced --yes")
 @cache_options
 @confirm_options
+@click.option("--unreferenced", is_flag=True,
+              help="Also delete cached files no catalogue names (pass the --catalog files "
+                   "you fetched with, or they count as unreferenced).")
 def prune_command(cache_dir: Path | None, catalogs: tuple[Path, ...], dry_run: bool,
-                  yes: bool) -> None:
-    """Delete partial downloads, staging leftovers and files no catalogue names."""
+                  yes: bool, unreferenced: bool) -> None:
+    """Delete partial downloads and staging leftovers (never a download in progress)."""
     from ckptkit.cache import plan_prune
 
     _conf, cache, cat = _open(cache_dir, catalogs)
-    _run(plan_prune(cache, set(cat.files)), cache, dry_run, yes)
+    _run(plan_prune(cache, set(cat.files) if unreferenced else None), cache, dry_run, yes)
 
 
 def _file_ids(cat, names: tuple[str, ...]) -> list[str]:

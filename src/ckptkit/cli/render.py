@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Iterable
 
 import click
@@ -42,8 +43,19 @@ def table(rows: Iterable[Iterable[Any]], indent: int = 2, right: tuple[int, ...]
     return "\n".join(lines)
 
 
+def _finite(value: Any) -> Any:
+    """Strict JSON has no NaN or Infinity (a diverged loss is common): spell them as strings."""
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return str(value)  # "nan", "inf", "-inf"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    click.echo(json.dumps(_finite(data), indent=2, default=str, allow_nan=False))
 
 
 def label(name: str, text: str) -> str:

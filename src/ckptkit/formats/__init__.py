@@ -18,7 +18,7 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-from ckptkit.errors import FormatError, IntegrityError, NotFoundError
+from ckptkit.errors import FormatError, IntegrityError, NotFoundError, UsageError
 
 #: Detection order matters: TorchScript is a torch zip with code, so it is tried first.
 FORMAT_MODULES: tuple[tuple[str, str], ...] = (
@@ -52,10 +52,17 @@ def detect(path: Path) -> ModuleType:
         NotFoundError: ``path`` does not exist.
         FormatError: no reader recognises it.
     """
+    if not str(path) or str(path) == ".":
+        raise UsageError("no checkpoint path given", hint="Pass a file or directory")
     if not path.exists():
-        raise NotFoundError(f"{path}: no such file or directory",
-                            hint="Check the path, or run `ckpt list` for catalogue names",
-                            path=str(path))
+        # A TF checkpoint is named by its prefix (ckpt-1 for ckpt-1.index + data shards).
+        if not path.with_name(path.name + ".index").is_file():
+            raise NotFoundError(f"{path}: no such file or directory",
+                                hint="Check the path, or run `ckpt list` for catalogue names",
+                                path=str(path))
+    elif not (path.is_file() or path.is_dir()):
+        raise FormatError(f"{path}: not a regular file or directory (a pipe or device?)",
+                          hint="Pass the checkpoint file itself", path=str(path))
     for _fmt, name in FORMAT_MODULES:
         module = importlib.import_module(name)
         if module.sniff(path):

@@ -70,7 +70,10 @@ def _decode(path: Path, materialise: bool) -> Any:
             real, imag = msgpack.unpackb(data)
             return complex(real, imag)
         if code == _EXT_SCALAR:
-            dtype, buffer = msgpack.unpackb(data, raw=True)
+            fields = msgpack.unpackb(data, raw=True)
+            if not isinstance(fields, (list, tuple)) or len(fields) not in (2, 3):
+                raise IntegrityError(f"{path}: malformed numpy scalar in Flax msgpack")
+            dtype, buffer = fields[-2], fields[-1]  # flax writes (shape, dtype, buffer)
             if materialise:
                 import numpy as np
 

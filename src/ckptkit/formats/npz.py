@@ -91,7 +91,8 @@ def read_info(path: Path) -> RawCheckpoint:
             if descr == "|O" or descr == "O":
                 tree[key] = _object_array(archive, info, data_start, findings, where)
                 continue
-            dtype = numpy_dtype_name(descr) if isinstance(descr, str) else "structured"
+            dtype = (numpy_dtype_name(descr) if isinstance(descr, str)
+                     else f"void{_record_size(descr, where) * 8}")
             if dtype == "bfloat16?":
                 dtype = "bfloat16"  # numpy saves bfloat16 as raw V2
             shape = tuple(int(s) for s in header["shape"])
@@ -102,7 +103,7 @@ def read_info(path: Path) -> RawCheckpoint:
             else:
                 ref = _with_span(ref, ByteSpan(str(path), data_start,
                                                info.file_size - data_start, info.filename))
-            if ref.nbytes > info.file_size - data_start and dtype != "structured":
+            if ref.nbytes > info.file_size - data_start:
                 raise IntegrityError(f"{where}: header promises {ref.nbytes} bytes, "
                                      f"the member holds {info.file_size - data_start}")
             tree[key] = ref
@@ -116,6 +117,25 @@ def read_info(path: Path) -> RawCheckpoint:
                           findings.pickles)
     return RawCheckpoint(FORMAT, _nest(tree), tuple(
         (tuple(k.split("/")), r) for k, r in tensors), safety, details, separator="/")
+
+
+def _record_size(descr: Any, where: str) -> int:
+    """Bytes per element of a structured (record) dtype, from its header description."""
+    from ckptkit.model import itemsize
+
+    total = 0
+    try:
+        for field_ in descr:
+            fmt = field_[1]
+            count = 1
+            for dim in (field_[2] if len(field_) > 2 else ()):
+                count *= int(dim)
+            size = _record_size(fmt, where) if isinstance(fmt, list) else int(
+                itemsize(numpy_dtype_name(fmt)))
+            total += size * count
+    except (TypeError, ValueError, IndexError) as exc:
+        raise IntegrityError(f"{where}: unreadable record dtype {descr!r}") from exc
+    return total
 
 
 def _with_span(ref: TensorRef, span: ByteSpan) -> TensorRef:

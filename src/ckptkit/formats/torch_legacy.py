@@ -37,8 +37,21 @@ def sniff(path: Path) -> bool:
 
 
 def read_info(path: Path) -> RawCheckpoint:
-    size = path.stat().st_size
     findings = Findings()
+    try:
+        return _read(path, findings)
+    except IntegrityError as exc:
+        # A stream that is both malformed and names dangerous callables is reported as unsafe:
+        # torch.load runs every one of the five pickles before it checks anything.
+        if findings.unsafe and not isinstance(exc, UnsafePickleError):
+            raise UnsafePickleError(f"{path}: {exc.message}; it also calls "
+                                    f"{', '.join(sorted(findings.unsafe))}",
+                                    unsafe=sorted(findings.unsafe)) from exc
+        raise
+
+
+def _read(path: Path, findings: Findings) -> RawCheckpoint:
+    size = path.stat().st_size
     storages: dict[str, StorageRef] = {}
 
     def persistent(pid: Any) -> Any:
