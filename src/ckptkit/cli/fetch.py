@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from ckptkit.cli import render
-from ckptkit.cli.options import cache_options, log_to_stderr, network_options, output_options
+from ckptkit.cli.options import (cache_options, log_to_stderr, network_options,
+                                  output_options)
+from ckptkit.cli.progress import progress_bars
 
 EXAMPLES = """
 Examples:
@@ -59,37 +60,12 @@ def fetch_command(names: tuple[str, ...], source: str | None, dest: Path | None,
         else:
             click.echo(_plan_text(plan))
         return
-    fetched = plan.execute(progress=_bars(quiet), log=log_to_stderr(quiet))
+    fetched = plan.execute(progress=progress_bars(quiet), log=log_to_stderr(quiet))
     if as_json:
         render.emit_json([f.to_dict() for f in fetched])
     else:
         for item in fetched:
             click.echo(item.path)
-
-
-class _Bar:
-    """A tqdm bar on stderr behind the small progress interface the library calls."""
-
-    def __init__(self, label: str, total: int | None):
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
-                         file=sys.stderr, leave=False, dynamic_ncols=True)
-
-    def set_total(self, total: int | None) -> None:
-        self._bar.total = total
-        self._bar.refresh()
-
-    def update(self, n: int) -> None:
-        self._bar.update(n)
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-def _bars(quiet: bool):
-    """Progress bars only for a person watching: not with --quiet, not when piped."""
-    return None if quiet or not sys.stderr.isatty() else _Bar
 
 
 def _plan_text(plan) -> str:

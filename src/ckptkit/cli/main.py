@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("ckptkit.cli.fetch", "fetch_command"),
     "list": ("ckptkit.cli.list", "list_command"),
     "cache": ("ckptkit.cli.cache", "cache_group"),
+    "convert": ("ckptkit.cli.convert", "convert_command"),
 }
 
 

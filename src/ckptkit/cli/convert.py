@@ -1,0 +1,147 @@
+"""``ckpt convert``: framework conversion with recipes, coverage reports and verified output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ckptkit.cli import render
+from ckptkit.cli.options import cache_options, log_to_stderr, network_options, output_options
+
+EXAMPLES = """
+Examples:
+
+\b
+  ckpt convert loftr --to flax
+  ckpt convert outdoor_ds.ckpt --recipe loftr --prefix loftr_fine --to flax
+  ckpt convert outdoor_ds.ckpt --recipe loftr --target ifvit.json --layers 0-3 --to flax
+  ckpt convert model.flax.npz --to torch -o model.pt
+  ckpt convert thinker_step_200.pt --to safetensors
+"""
+#: Shown per list in the human report; --json always has everything.
+SHOWN = 5
+
+
+@click.command("convert", epilog=EXAMPLES)
+@click.argument("src")
+@click.option("--to", "to", required=True,
+              type=click.Choice(["flax", "npz", "safetensors", "torch"]),
+              help="Output: flax (.npz with / keys; .msgpack if -o ends so), npz, safetensors, "
+                   "torch.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path, dir_okay=False),
+              help="Output file [default: ./<stem>[.<prefix>]<ext>].")
+@click.option("--recipe", metavar="NAME|FILE",
+              help="Built-in recipe (loftr) or a recipe .toml [default: the model's, else the "
+                   "generic rules].")
+@click.option("--prefix", metavar="P",
+              help="Module prefix to select, e.g. loftr_fine [default: auto-detected].")
+@click.option("--target", type=click.Path(path_type=Path, dir_okay=False), metavar="TEMPLATE",
+              help="Destination layout (.npz, Flax msgpack or JSON {key: shape}) to fill.")
+@click.option("--layers", metavar="SPEC", help="Layers to take, e.g. 0-3 or 0,2,4-5.")
+@click.option("--allow-partial", is_flag=True,
+              help="Write even if target params stay unfilled or shapes disagree.")
+@click.option("--dry-run", is_flag=True, help="Only print the coverage report; write nothing.")
+@network_options
+@cache_options
+@output_options
+def convert_command(src: str, to: str, out: Path | None, recipe: str | None, prefix: str | None,
+                    target: Path | None, layers: str | None, allow_partial: bool, dry_run: bool,
+                    offline: bool | None, mirror: str | None, local_dirs: tuple[Path, ...],
+                    cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool,
+                    quiet: bool) -> None:
+    """Convert checkpoint SRC (a file or a catalogue name) to another framework or format.
+
+    Renames and re-lays tensors by a recipe (default: generic PyTorch <-> Flax rules), streams
+    them one at a time into an atomically written file, never over the input, and re-reads the
+    result.  Prints the coverage report: target params filled and unfilled, source tensors
+    unused, shape mismatches.  Exits 1 on unfilled or mismatched target params (unless
+    --allow-partial) or an empty result, 2 on bad options (a --prefix that matches nothing
+    lists the prefixes that exist).
+    """
+    from ckptkit.cli.progress import progress_bars
+    from ckptkit.config import settings
+    from ckptkit.convert.engine import convert
+    from ckptkit.convert.plan import CoverageError
+
+    conf = settings(cache_dir=cache_dir, offline=offline, mirror=mirror, local_dirs=local_dirs,
+                    catalogs=catalogs)
+    try:
+        report = convert(src, to, out, recipe=recipe, prefix=prefix, target=target,
+                         layers=layers, allow_partial=allow_partial, settings=conf,
+                         dry_run=dry_run, log=log_to_stderr(quiet), progress=progress_bars(quiet))
+    except CoverageError as exc:
+        if exc.plan is not None:
+            from ckptkit.convert.engine import ConversionReport
+
+            failed = ConversionReport.from_plan(exc.plan, Path(src))
+            if as_json:
+                render.emit_json({**failed.to_dict(), "error": exc.message})
+            else:
+                click.echo(report_text(failed.to_dict(), dry_run=True))
+        raise
+    if as_json:
+        render.emit_json(report.to_dict())
+    else:
+        click.echo(report_text(report.to_dict(), dry_run=dry_run))
+
+
+def report_text(report: dict[str, Any], *, dry_run: bool = False) -> str:
+    """The human coverage report of a conversion (``ConversionReport.to_dict()``)."""
+    lines = [_label("Source", render.safe(report["source"]))]
+    if report["recipe"] is None:
+        lines.append(_label("Recipe", "none (format change only, names kept)"))
+    else:
+        where = report["prefix"] or "all"
+        if report["base"]:
+            where += f" (under {render.safe(report['base'])})"
+        layers = report["layers"]
+        picked = _ranges(layers) if layers is not None else "all"
+        lines.append(_label("Recipe", f"{report['recipe']}   layout {report['layout']}   "
+                                      f"prefix {where}   layers {picked}"))
+    if report["target"]:
+        lines.append(_label("Target", render.safe(report["target"])))
+    verb = "would write" if report["output"] is None else "written"
+    lines.append(_label("Arrays", f"{render.count(report['tensor_count'])} {verb}   "
+                                  f"params {render.count(report['param_count'])}"))
+    tied = f"   ({report['tied']} source tensor(s) tied into several)" if report["tied"] else ""
+    lines.append(_label("Filled", f"{render.count(report['filled'])}{tied}"))
+    lines += _listing("Unfilled", [(n, "") for n in report["unfilled"]])
+    lines += _listing("Unused", [(u["name"], u["reason"]) for u in report["unused"]])
+    lines += _listing("Mismatched", [(f"{m['source']} -> {m['target']}",
+                                      f"{m['shape']} vs target {m['target_shape']}")
+                                     for m in report["mismatched"]])
+    if report.get("excluded"):
+        lines.append(_label("Excluded", f"{render.count(report['excluded'])} source tensor(s) "
+                                        "outside the selection"))
+    if report["output"] is not None:
+        lines.append(_label("Output", f"{render.safe(report['output'])}  ({report['format']}, "
+                                      f"{render.size(report['bytes'])})"))
+    elif not dry_run:
+        lines.append(_label("Output", "none"))
+    return "\n".join(lines)
+
+
+def _label(name: str, text: str) -> str:
+    return f"{name:<12}{text}"
+
+
+def _listing(title: str, items: list[tuple[str, str]]) -> list[str]:
+    lines = [_label(title, render.count(len(items)))]
+    if items:
+        lines.append(render.table(items[:SHOWN], indent=2))
+        if len(items) > SHOWN:
+            lines.append(f"  … {len(items) - SHOWN} more (--json lists all)")
+    return lines
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 3, 6] -> "0-3,6"."""
+    parts: list[str] = []
+    for i in indices:
+        if parts and i == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{i}"
+        else:
+            parts.append(str(i))
+    return ",".join(parts)
