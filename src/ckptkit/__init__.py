@@ -18,15 +18,21 @@ __all__ = [
     "CheckpointInfo", "CkptkitError", "ExitCode", "FormatError", "IntegrityError",
     "MissingDependencyError", "NotFoundError", "UnsafeContentError", "UsageError",
     "__version__", "inspect", "load",
+    "resume",
+    "save", "latest",
 ]
 
 if TYPE_CHECKING:
     from ckptkit.inspection import inspect
     from ckptkit.loading import load
+    from ckptkit.resuming import resume
+    from ckptkit.saving import latest, save
     from ckptkit.summary import CheckpointInfo
 
 _LAZY = {"inspect": "ckptkit.inspection", "load": "ckptkit.loading",
-         "CheckpointInfo": "ckptkit.summary"}
+         "CheckpointInfo": "ckptkit.summary",
+         "resume": "ckptkit.resuming",
+         "save": "ckptkit.saving", "latest": "ckptkit.saving"}
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("ckptkit.cli.list", "list_command"),
     "cache": ("ckptkit.cli.cache", "cache_group"),
     "convert": ("ckptkit.cli.convert", "convert_command"),
+    "compare": ("ckptkit.cli.compare", "compare_command"),
+    "diff": ("ckptkit.cli.diff", "diff_command"),
+    "strip": ("ckptkit.cli.strip", "strip_command"),
+    "cleanup": ("ckptkit.cli.cleanup", "cleanup_command"),
+    "latest": ("ckptkit.cli.latest", "latest_command"),
 }
 
 

@@ -14,7 +14,7 @@ import io
 import json
 import struct
 import zipfile
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Iterable
 
 import numpy as np
 
@@ -31,10 +31,17 @@ _EXTENDED = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3f
                        "float8_e5m2fnuz", "float8_e8m0fnu", "float8_e4m3b11fnuz"})
 
 
-def add_member(archive: zipfile.ZipFile, name: str, pieces: Sequence[bytes | memoryview], *,
-               align: int | None = None, force_zip64: bool = False) -> None:
-    """Append a stored member made of ``pieces`` (bytes), optionally with aligned data."""
-    size = sum(len(p) for p in pieces)
+def add_member(archive: zipfile.ZipFile, name: str, pieces: Iterable[bytes | memoryview], *,
+               align: int | None = None, force_zip64: bool = False,
+               size: int | None = None) -> None:
+    """Append a stored member made of ``pieces`` (bytes), optionally with aligned data.
+
+    Pass ``size`` (the total byte count) to stream ``pieces`` lazily, e.g. from a generator
+    that reads another file in chunks; without it ``pieces`` must be a sequence.
+    """
+    if size is None:
+        pieces = list(pieces)
+        size = sum(len(p) for p in pieces)
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     info.compress_type = zipfile.ZIP_STORED
     info.file_size = size  # lets zipfile decide on zip64 up front, as we did below

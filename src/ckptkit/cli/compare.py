@@ -1,0 +1,79 @@
+"""``ckpt compare``: a run's checkpoints side by side, and the one to deploy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ckptkit.cli import render
+from ckptkit.errors import ExitCode
+
+EXAMPLES = """
+Examples:
+
+\b
+  ckpt compare runs/mrl/
+  ckpt compare epoch_0.pt epoch_5.pt best.pt latest.pt
+  ckpt compare checkpoints/ --metric val_acc:max
+  ckpt compare runs/mrl/ --json | jq .recommended
+"""
+
+
+@click.command("compare", epilog=EXAMPLES)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--metric", metavar="NAME[:min|max]",
+              help="Metric to judge by [default: the first of val_loss, best_val_loss, "
+                   "eval_loss, ... present; max for acc/score/f1/auc/bleu/map names].")
+@click.option("--json", "as_json", is_flag=True, help="Print {rows, recommended, ...}.")
+def compare_command(paths: tuple[Path, ...], metric: str | None, as_json: bool) -> int:
+    """Compare checkpoints (files, or directories of them) and recommend one for deployment.
+
+    Shows epoch/step, metrics, file size, tensor count and whether optimizer state is present,
+    read from metadata only.  The recommendation is the best value of the metric, ties going
+    to the smaller file; checkpoints without the metric are listed, never recommended.
+    Exits 3 if a file could not be read (the others are still compared).
+    """
+    from ckptkit.compare import compare
+
+    result = compare(list(paths), metric)
+    if as_json:
+        render.emit_json(result.to_dict())
+    else:
+        click.echo(_human(result))
+    for row in result.rows:
+        if row.error:
+            click.echo(f"ckpt: {render.safe(row.path)}: {render.safe(row.error)}", err=True)
+    return ExitCode.INTEGRITY if any(r.error for r in result.rows) else ExitCode.OK
+
+
+def _human(result) -> str:
+    names = sorted({m for r in result.rows for m in r.metrics},
+                   key=lambda m: (m != result.metric, m))
+    header = ["file", "epoch", "step", *names, "size", "tensors", "optimizer"]
+    rows = [header]
+    for r in result.rows:
+        mark = "*" if r.path == result.recommended else " "
+        if r.error:
+            rows.append([f"{mark}{r.path}", "", "", *["" for _ in names], render.size(r.size_bytes),
+                         "", "unreadable"])
+            continue
+        rows.append([f"{mark}{r.path}", _opt(r.epoch), _opt(r.step),
+                     *[f"{r.metrics[m]:.6g}" if m in r.metrics else "-" for m in names],
+                     render.size(r.size_bytes), render.count(r.tensor_count),
+                     "yes" if r.optimizer else "no"])
+    right = tuple(range(1, len(header) - 1))
+    lines = [render.table(rows, indent=0, right=right)]
+    judged = f" by {result.metric} ({result.direction})" if result.metric else ""
+    if result.recommended:
+        lines.append(f"\nRecommended{judged}: {render.safe(result.recommended)}  "
+                     f"({render.safe(result.reason)})")
+    else:
+        lines.append(f"\nNo recommendation: {result.reason}")
+    for note in result.notes:
+        lines.append(f"  note: {render.safe(note)}")
+    return "\n".join(lines)
+
+
+def _opt(value: int | None) -> str:
+    return "-" if value is None else str(value)

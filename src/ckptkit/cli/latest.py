@@ -1,0 +1,48 @@
+"""``ckpt latest``: the newest complete periodic checkpoint of a run, by step number."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ckptkit.cli import render
+
+EXAMPLES = """Examples:
+
+  ckpt latest checkpoints/thinker_tiny
+
+  ckpt latest checkpoints/thinker_tiny --prefix thinker --json
+
+  python train.py --resume "$(ckpt latest runs/hf)"
+"""
+
+
+@click.command("latest", epilog=EXAMPLES)
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--prefix", metavar="P",
+              help="Run prefix (thinker for thinker_step_N.pt, checkpoint for HF, ckpt for TF) "
+                   "when DIRECTORY holds several runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON {path, step}.")
+def latest_command(directory: Path, prefix: str | None, as_json: bool) -> None:
+    """Print the newest complete periodic checkpoint in DIRECTORY (by step, not mtime).
+
+    Newer checkpoints that are incomplete (truncated, uncommitted) are skipped with a note on
+    stderr.  Exit codes: 0 found, 2 several runs and no --prefix, 4 none found.
+    """
+    from ckptkit.errors import NotFoundError
+    from ckptkit.saving import find_latest
+
+    result = find_latest(directory, prefix)
+    for ckpt, why in result.skipped:
+        click.echo(f"ckpt: skipped {render.safe(ckpt.path)} (step {ckpt.step}): {why}",
+                   err=True)
+    if result.checkpoint is None:
+        what = f" with prefix {prefix!r}" if prefix is not None else ""
+        raise NotFoundError(f"{directory}: no complete periodic checkpoint{what}",
+                            hint="Periodic names look like NAME_step_N.pt, epoch_N.pt, "
+                                 "checkpoint-N/ or ckpt-N.index", path=str(directory))
+    if as_json:
+        render.emit_json({"path": str(result.checkpoint.path), "step": result.checkpoint.step})
+    else:
+        click.echo(str(result.checkpoint.path))

@@ -1,0 +1,83 @@
+"""``ckpt strip``: an inference checkpoint without optimizer, scheduler or scaler state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ckptkit.cli import render
+from ckptkit.errors import ExitCode
+
+EXAMPLES = """
+Examples:
+
+\b
+  ckpt strip thinker_best.pt
+  ckpt strip epoch_5.pt -o deploy/model.pt
+  ckpt strip last.ckpt --keep ema --in-place
+  ckpt strip thinker_step_200.pt --dry-run --json
+"""
+
+
+@click.command("strip", epilog=EXAMPLES)
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path, dir_okay=False),
+              help="Output file [default: <stem>.stripped.pt beside SRC; never an existing "
+                   "file].")
+@click.option("--keep", "keep", multiple=True, metavar="KEY",
+              help="Keep this top-level entry although it is training state (repeatable).")
+@click.option("--in-place", is_flag=True,
+              help="Replace SRC itself (temporary file, then an atomic rename).")
+@click.option("--dry-run", is_flag=True, help="Only print what would be kept and dropped.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def strip_command(src: Path, out: Path | None, keep: tuple[str, ...], in_place: bool,
+                  dry_run: bool, as_json: bool) -> int:
+    """Drop training-only entries from PyTorch checkpoint SRC and write the rest atomically.
+
+    Drops optimizer, scheduler, AMP scaler, Lightning callbacks/loops and RNG state (by name
+    or by content); keeps model and EMA weights and metadata (step, epoch, best_val_loss,
+    config), nested as they were.  Tensors are copied byte for byte, without torch; the result
+    loads with torch.load(weights_only=True).  A file with nothing to strip is not copied
+    unless -o is given.
+    """
+    from ckptkit.strip import plan_strip
+
+    plan = plan_strip(src, out, keep=keep, in_place=in_place)
+    if dry_run:
+        data = {"source": str(plan.source), "output": str(plan.output) if plan.output else None,
+                "size_before": plan.size_before, "size_after": None,
+                "dropped": plan.dropped, "kept": list(plan.kept), "tensor_count": None,
+                "note": plan.note, "dry_run": True}
+    else:
+        data = {**plan.execute().to_dict(), "dry_run": False}
+    if as_json:
+        render.emit_json(data)
+    else:
+        click.echo(_human(data))
+    return ExitCode.OK
+
+
+def _human(data: dict) -> str:
+    lines = [render.label("Source", f"{render.safe(data['source'])}  "
+                                    f"{render.size(data['size_before'])}")]
+    for key, reason in data["dropped"].items():
+        lines.append(render.label("Drop", f"{render.safe(key)}  ({render.safe(reason)})"))
+    kept = data["kept"]
+    shown = ", ".join(render.safe(k) for k in kept[:8]) or "(nothing)"
+    if len(kept) > 8:
+        shown += f", … ({len(kept)} entries)"
+    lines.append(render.label("Keep", shown))
+    if data["note"]:
+        lines.append(render.label("Note", render.safe(data["note"])))
+    if data["output"] is None:
+        lines.append(render.label("Output", "none written"))
+    elif data["dry_run"]:
+        lines.append(render.label("Output", f"{render.safe(data['output'])}  (dry run: not "
+                                            "written)"))
+    else:
+        before, after = data["size_before"], data["size_after"]
+        saved = f", {100 * (1 - after / before):.0f}% smaller" if before else ""
+        lines.append(render.label("Output", f"{render.safe(data['output'])}  "
+                                            f"{render.size(after)}{saved}"))
+    return "\n".join(lines)

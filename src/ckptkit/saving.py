@@ -1,0 +1,199 @@
+"""For training scripts: an atomic ``torch.save`` with optional retention, and ``latest``.
+
+``save`` writes into a unique temp file beside the target, fsyncs it, renames it over the
+target and fsyncs the directory, so a crash (even ``kill -9``) leaves either the previous
+complete file or the new complete file at ``path``, never a torn one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptkit import integrity, retention
+from ckptkit.errors import MissingDependencyError, UsageError
+from ckptkit.metrics import parse_metric
+from ckptkit.retention import Checkpoint
+
+#: A leftover temp file of the same target untouched for this long belongs to a save that
+#: died (a live save keeps writing, so its mtime keeps moving); the next save removes it.
+STALE_TEMP_SECONDS = 15 * 60
+
+
+def _temp_path(path: Path) -> Path:
+    # Unique per save: two processes saving the same name never write into one temp file.
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable (best effort: some platforms cannot open directories)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sweep_stale_temps(path: Path) -> None:
+    """Remove temp files of earlier saves to ``path`` that were killed mid-write."""
+    now = time.time()
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        if leftover.is_symlink() or not retention.SAVE_TEMP_NAME.fullmatch(leftover.name):
+            continue
+        try:
+            if now - leftover.stat().st_mtime >= STALE_TEMP_SECONDS:
+                leftover.unlink()
+        except OSError:
+            pass  # another process got there first, or it is not ours to remove
+
+
+def save(obj: Any, path: str | os.PathLike[str], *, keep_last: int | None = None,
+         keep_best: str | None = None) -> Path:
+    """``torch.save(obj, path)``, atomically, then optionally prune older checkpoints.
+
+    The object is written to ``.<name>.<uuid>.tmp`` in the same directory (created if
+    needed), flushed and fsynced, renamed over ``path`` with :func:`os.replace`, and the
+    directory is fsynced.  On any exception the temp file is removed and whatever was at
+    ``path`` before is untouched.  Temp files of earlier killed saves to the same name that
+    have not changed for 15 minutes are removed after a successful save.
+
+    With ``keep_last`` and/or ``keep_best``, :func:`ckptkit.retention.plan_cleanup` then runs
+    on the directory and only deletions of ``path``'s own run group are executed (never the
+    file just saved, never best/final/unrecognised files, never before the newest kept
+    checkpoint is verified complete).  Flags are validated before writing; an I/O error
+    while pruning becomes a ``RuntimeWarning``, not a failed save.
+
+    Args:
+        obj: anything ``torch.save`` accepts.
+        path: the target, e.g. ``checkpoints/thinker_step_300.pt``.
+        keep_last: keep this many newest checkpoints of the run (``keep_best`` alone means 1).
+        keep_best: ``METRIC[:min|max]``: also keep the best checkpoint by this metric.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        MissingDependencyError: torch is not installed.
+        UsageError: retention asked for, but ``path`` is not a periodic checkpoint name.
+
+    Example:
+        >>> ckptkit.save({"model": model.state_dict(), "step": step},         # doctest: +SKIP
+        ...              f"checkpoints/thinker_step_{step}.pt", keep_last=2)
+    """
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("torch", "torch", "ckptkit.save") from None
+    target = Path(path)
+    parsed = retention.parse_name(target.name)
+    retain = keep_last is not None or keep_best is not None
+    if retain and parsed is None:
+        # Checked before writing: a run without retention would fill the disk silently.
+        raise UsageError(f"{target.name}: not a periodic checkpoint name, so keep_last/keep_best "
+                         "cannot tell which files belong to its run",
+                         hint="Name it like thinker_step_300.pt, epoch_3.pt or "
+                              "epoch=3-step=300.ckpt")
+    if retain:
+        # Validate the retention flags now, so a bad value fails before anything is written.
+        if keep_last is not None and keep_last < (0 if keep_best else 1):
+            raise UsageError(f"keep_last={keep_last} would delete the checkpoints to resume "
+                             "from", hint="Use keep_last >= 1, or 0 together with keep_best")
+        if keep_best:
+            parse_metric(keep_best)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(target)
+    try:
+        with open(tmp, "xb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        # BaseException too: a KeyboardInterrupt mid-save must not leave a half file behind.
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+    _sweep_stale_temps(target)
+    if retain and parsed is not None:
+        try:
+            _retain(target, keep_last if keep_last is not None else 1, keep_best)
+        except OSError as exc:
+            # The new checkpoint is safely on disk; a failed prune must not crash training.
+            warnings.warn(f"ckptkit.save: retention after saving {target} failed: {exc}",
+                          RuntimeWarning, stacklevel=2)
+    return target
+
+
+def _retain(target: Path, keep_last: int, keep_best: str | None) -> None:
+    plan = retention.plan_cleanup(target.parent, keep_last=keep_last, keep_best=keep_best)
+    mine = next((i.group for i in plan.items if i.path == target), None)
+    items = tuple(i for i in plan.items if not (i.action == "delete" and (
+        i.group != mine or i.path == target)))
+    dataclasses.replace(plan, items=items).execute()
+
+
+@dataclass(frozen=True)
+class LatestResult:
+    """The newest complete checkpoint (or None) and the newer ones skipped as incomplete."""
+
+    checkpoint: Checkpoint | None
+    skipped: tuple[tuple[Checkpoint, str], ...]
+
+
+def find_latest(directory: str | os.PathLike[str], prefix: str | None = None) -> LatestResult:
+    """Like :func:`latest`, also reporting the newer checkpoints skipped and why.
+
+    Raises:
+        UsageError: several runs in ``directory`` and no ``prefix`` to choose one.
+        NotFoundError: ``directory`` does not exist.
+    """
+    found = retention.scan(directory)
+    if prefix is not None:
+        found = [c for c in found if c.prefix == prefix]
+    groups = sorted({c.group for c in found})
+    if len(groups) > 1:
+        prefixes = sorted({c.prefix or '""' for c in found})
+        raise UsageError(f"{directory}: holds checkpoints of {len(groups)} runs "
+                         f"({', '.join(groups)})",
+                         hint=f"Pick one with --prefix (one of: {', '.join(prefixes)})")
+    skipped: list[tuple[Checkpoint, str]] = []
+    for ckpt in sorted(found, key=lambda c: c.step, reverse=True):
+        verdict = integrity.check_complete(ckpt.path)
+        if verdict:
+            return LatestResult(ckpt, tuple(skipped))
+        skipped.append((ckpt, verdict.reason))
+    return LatestResult(None, tuple(skipped))
+
+
+def latest(directory: str | os.PathLike[str], prefix: str | None = None) -> Checkpoint | None:
+    """The newest complete periodic checkpoint in ``directory``, by step number (not mtime).
+
+    Incomplete checkpoints (truncated files, uncommitted directories) are skipped.
+
+    Args:
+        directory: the run directory (not searched recursively).
+        prefix: the run prefix (``thinker`` for ``thinker_step_N.pt``, ``checkpoint`` for HF,
+            ``ckpt`` for TF); needed when the directory holds several runs.
+
+    Returns:
+        The :class:`~ckptkit.retention.Checkpoint` (``.path``, ``.step``), or None.
+
+    Raises:
+        UsageError: several runs and no ``prefix``.
+
+    Example:
+        >>> ckptkit.latest("checkpoints/thinker_tiny").path            # doctest: +SKIP
+        PosixPath('checkpoints/thinker_tiny/thinker_step_300.pt')
+    """
+    return find_latest(directory, prefix).checkpoint

@@ -1,0 +1,209 @@
+"""`ckptkit.retention`: recognising, grouping and planning over real run directories."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ckptkit.errors import UsageError
+from ckptkit.retention import parse_name, plan_cleanup, scan
+from tests.runs import hf_run, muomni_run, orbax_run, truncate
+
+pytest.importorskip("torch")
+
+
+def actions(plan) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {str(i.path.relative_to(plan.root)): i.action for i in plan.items}
+
+
+def deleted(plan) -> set[str]:  # type: ignore[no-untyped-def]
+    return {str(i.path.relative_to(plan.root)) for i in plan.deleted}
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("thinker_step_200.pt", ("thinker", 200)), ("thinker_step200.pt", ("thinker", 200)),
+    ("audio_enc_step_5.pt", ("audio_enc", 5)), ("checkpoint_step_7.pth.tar", ("checkpoint", 7)),
+    ("epoch_3.pt", ("", 3)), ("epoch12.pt", ("", 12)), ("model_epoch_4.pth", ("model_", 4)),
+    ("epoch=3-step=400.ckpt", ("", 400)), ("epoch=3-step=400-val_loss=0.25.ckpt", ("", 400)),
+    ("ckpt-12.index", ("ckpt", 12)),
+    ("thinker_best.pt", None), ("thinker.pt", None), ("last.ckpt", None),
+    ("latest_step_3.pt", None), ("best_epoch_2.pt", None), ("tokenizer.model", None),
+    ("resnet50.pt", None), ("ckpt-12.data-00000-of-00001", None), ("checkpoint", None),
+])
+def test_parse_name(name: str, expected: tuple[str, int] | None) -> None:
+    parsed = parse_name(name)
+    assert (parsed[1], parsed[2]) == expected if parsed else expected is None
+
+
+def test_keep_last_per_group_never_touches_pinned_files(tmp_path: Path) -> None:
+    muomni_run(tmp_path, "thinker")
+    muomni_run(tmp_path, "vision", steps=(50, 60, 70), seed=1)
+    (tmp_path / "last.pt").symlink_to("thinker_step_100.pt")
+    plan = plan_cleanup(tmp_path, keep_last=2)
+    assert deleted(plan) == {"thinker_step_200.pt", "vision_step_50.pt"}
+    acts = actions(plan)
+    for name in ("thinker_best.pt", "thinker.pt", "vision.pt", "tokenizer.model", "notes.txt",
+                 "last.pt", "thinker_step_100.pt", "thinker_step_300.pt", "thinker_step_400.pt"):
+        assert acts[name] == "keep", name
+    reasons = {i.path.name: i.reason for i in plan.items}
+    assert "symlink" in reasons["thinker_step_100.pt"]
+    assert "final checkpoint" in reasons["thinker.pt"]
+    assert plan.freed_bytes == sum((tmp_path / n).stat().st_size for n in deleted(plan))
+
+
+def test_step_order_not_mtime(tmp_path: Path) -> None:
+    muomni_run(tmp_path)
+    os.utime(tmp_path / "thinker_step_100.pt", (2e9, 2e9))  # newest by mtime
+    assert "thinker_step_100.pt" in deleted(plan_cleanup(tmp_path, keep_last=1))
+
+
+def test_truncated_newest_keeps_newest_good_and_says_so(tmp_path: Path) -> None:
+    muomni_run(tmp_path)
+    truncate(tmp_path / "thinker_step_400.pt")
+    plan = plan_cleanup(tmp_path, keep_last=1)
+    assert deleted(plan) == {"thinker_step_100.pt", "thinker_step_200.pt"}
+    assert actions(plan)["thinker_step_300.pt"] == "keep"
+    assert any("incomplete" in n and "thinker_step_300.pt" in n for n in plan.notes)
+
+
+def test_all_incomplete_deletes_nothing_in_that_group(tmp_path: Path) -> None:
+    muomni_run(tmp_path, steps=(1, 2, 3))
+    for step in (1, 2, 3):
+        truncate(tmp_path / f"thinker_step_{step}.pt", 0.3)
+    plan = plan_cleanup(tmp_path, keep_last=1)
+    assert not plan.deleted
+    assert any("nothing in this group is deleted" in n for n in plan.notes)
+
+
+def test_keep_every(tmp_path: Path) -> None:
+    muomni_run(tmp_path, steps=(100, 200, 300, 400, 500))
+    plan = plan_cleanup(tmp_path, keep_last=1, keep_every=200)
+    assert deleted(plan) == {"thinker_step_100.pt", "thinker_step_300.pt"}
+
+
+def test_keep_best_min_and_max_from_inside_the_checkpoint(tmp_path: Path) -> None:
+    muomni_run(tmp_path)  # val_loss 3.0, 2.5, 2.0, 5.0 -> best at step 300; newest is 400
+    assert deleted(plan_cleanup(tmp_path, keep_last=1, keep_best="val_loss")) == {
+        "thinker_step_100.pt", "thinker_step_200.pt"}
+    # val_acc = 1/val_loss: max by default (name contains "acc"), same winner
+    assert "thinker_step_300.pt" not in deleted(
+        plan_cleanup(tmp_path, keep_last=1, keep_best="val_acc"))
+    # forced max on a loss keeps the worst (step 400 is newest anyway): 100..300 minus none
+    assert deleted(plan_cleanup(tmp_path, keep_last=0, keep_best="val_loss:max")) == {
+        "thinker_step_100.pt", "thinker_step_200.pt", "thinker_step_300.pt"}
+
+
+def test_checkpoints_without_the_metric_are_kept_and_noted(tmp_path: Path) -> None:
+    import torch
+
+    muomni_run(tmp_path)
+    state = torch.load(tmp_path / "thinker_step_200.pt", weights_only=True)
+    del state["val_loss"]
+    torch.save(state, tmp_path / "thinker_step_200.pt")
+    plan = plan_cleanup(tmp_path, keep_last=1, keep_best="val_loss")
+    assert deleted(plan) == {"thinker_step_100.pt"}
+    assert any("lack 'val_loss'" in n for n in plan.notes)
+    plan = plan_cleanup(tmp_path, keep_last=1, keep_best="no_such_metric")
+    assert not plan.deleted
+    assert any("no checkpoint records" in n for n in plan.notes)
+
+
+def test_keep_last_zero_needs_keep_best(tmp_path: Path) -> None:
+    muomni_run(tmp_path)
+    with pytest.raises(UsageError, match="keep-last 0"):
+        plan_cleanup(tmp_path, keep_last=0)
+    with pytest.raises(UsageError):
+        plan_cleanup(tmp_path, keep_last=1, keep_best="val_loss:sideways")
+
+
+def test_hf_dirs_keep_best_from_trainer_state(tmp_path: Path) -> None:
+    hf_run(tmp_path, steps=(10, 20, 30, 40), eval_losses=(2.0, 1.0, 1.5, 1.7))
+    (tmp_path / "trainer_state.json").write_text("{}")
+    plan = plan_cleanup(tmp_path, keep_last=1, keep_best="eval_loss")
+    assert deleted(plan) == {"checkpoint-10", "checkpoint-30"}
+    assert actions(plan)["trainer_state.json"] == "keep"
+    assert actions(plan)["config.json"] == "keep"
+    # "loss" alone is looked up as eval_loss too, the way HF names it
+    assert deleted(plan_cleanup(tmp_path, keep_last=1, keep_best="loss")) == deleted(plan)
+
+
+def test_hf_half_written_newest_dir(tmp_path: Path) -> None:
+    dirs = hf_run(tmp_path, steps=(10, 20, 30), eval_losses=(1.0, 1.0, 1.0))
+    (dirs[30] / "trainer_state.json").unlink()
+    plan = plan_cleanup(tmp_path, keep_last=1)
+    assert deleted(plan) == {"checkpoint-10"}
+
+
+def test_orbax_dirs_and_lightning_names(tmp_path: Path) -> None:
+    orbax_run(tmp_path / "orbax", committed=(True, True, False))
+    (tmp_path / "orbax" / "4000.orbax-checkpoint-tmp-1").mkdir()
+    plan = plan_cleanup(tmp_path / "orbax", keep_last=1)
+    assert deleted(plan) == {"1000"}  # 3000 uncommitted -> 2000 kept too; tmp dir untouched
+    light = tmp_path / "light"
+    light.mkdir()
+    for name in ("epoch=0-step=100.ckpt", "epoch=1-step=200.ckpt", "epoch=2-step=300.ckpt",
+                 "last.ckpt"):
+        import torch
+        torch.save({"step": 1}, light / name)
+    assert deleted(plan_cleanup(light, keep_last=1)) == {"epoch=0-step=100.ckpt",
+                                                         "epoch=1-step=200.ckpt"}
+
+
+def test_plain_numeric_dirs_are_not_orbax(tmp_path: Path) -> None:
+    for name in ("2023", "2024"):
+        (tmp_path / name).mkdir()
+    assert scan(tmp_path) == []
+
+
+def test_recursive_walks_run_subdirectories(tmp_path: Path) -> None:
+    muomni_run(tmp_path / "thinker_tiny", steps=(1, 2, 3))
+    muomni_run(tmp_path / "vision_tiny", "vision", steps=(5, 6))
+    assert not plan_cleanup(tmp_path, keep_last=1).deleted
+    plan = plan_cleanup(tmp_path, keep_last=1, recursive=True)
+    assert deleted(plan) == {"thinker_tiny/thinker_step_1.pt", "thinker_tiny/thinker_step_2.pt",
+                             "vision_tiny/vision_step_5.pt"}
+
+
+def test_tf_checkpoints_go_with_their_shards(tmp_path: Path, tf) -> None:  # type: ignore[no-untyped-def]
+    v = tf.Variable(tf.zeros((16, 16)))
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=v), str(tmp_path),
+                                         max_to_keep=None)
+    for _ in range(3):
+        v.assign_add(tf.ones((16, 16)))
+        manager.save()
+    plan = plan_cleanup(tmp_path, keep_last=1)
+    assert deleted(plan) == {"ckpt-1.index", "ckpt-2.index"}
+    assert actions(plan)["checkpoint"] == "keep"
+    result = plan.execute()
+    assert len(result.deleted) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint", "ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+    restored = tf.Variable(tf.zeros((16, 16)))
+    tf.train.Checkpoint(v=restored).restore(tf.train.latest_checkpoint(str(tmp_path)))
+    assert float(restored[0, 0]) == 3.0
+
+
+def test_execute_skips_what_changed_since_planning(tmp_path: Path) -> None:
+    muomni_run(tmp_path)
+    plan = plan_cleanup(tmp_path, keep_last=2)
+    with open(tmp_path / "thinker_step_100.pt", "ab") as fh:
+        fh.write(b"x")
+    result = plan.execute()
+    assert [i.path.name for i in result.deleted] == ["thinker_step_200.pt"]
+    assert [(i.path.name, "changed" in why) for i, why in result.skipped] == [
+        ("thinker_step_100.pt", True)]
+    assert (tmp_path / "thinker_step_100.pt").exists()
+
+
+def test_symlinked_run_dirs_are_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    muomni_run(outside, steps=(1, 2))
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    plan = plan_cleanup(root, keep_last=1, recursive=True)
+    assert not plan.deleted
+    json.dumps([str(i.path) for i in plan.items])
