@@ -63,3 +63,13 @@ def run_ckpt(*args: str, cwd: Path | None = None,
     full_env = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
     return subprocess.run([sys.executable, "-m", "ckptkit", *args], capture_output=True,
                           text=True, cwd=cwd, env=full_env, timeout=120)
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process: (exit code, stdout, stderr)."""
+    from ckptkit.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return int(exc.value.code), out, err

@@ -7,19 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from ckptkit.cli.main import main
 from ckptkit.compare import compare, direction_of, parse_metric
 from ckptkit.errors import NotFoundError, UsageError
+from tests.conftest import run_main
 from tests.mrl_runs import mrl_run
 
 torch = pytest.importorskip("torch")
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(exc.value.code), out, err
+run = run_main
 
 
 def test_recommends_smaller_best_over_latest_with_equal_val_loss(tmp_path: Path) -> None:

@@ -10,19 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from ckptkit.cli.main import main
 from ckptkit.diff import diff
-from tests.conftest import SRC
+from tests.conftest import SRC, run_main
 from tests.mrl_runs import mrl_run
 
 torch = pytest.importorskip("torch")
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(exc.value.code), out, err
+run = run_main
 
 
 def groups(report) -> dict[str, tuple[int, int]]:

@@ -7,19 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from ckptkit.cli.main import main
 from ckptkit.errors import FormatError, UsageError
 from ckptkit.strip import plan_strip, strip, training_reason
 from tests.checkpoints import tiny_training_state
+from tests.conftest import run_main
 
 torch = pytest.importorskip("torch")
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(exc.value.code), out, err
+run = run_main
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from ckptkit.errors import IntegrityError, UsageError
+from ckptkit.partial import fsync_dir
 
 ArchiveKind = Literal["tar", "zip"]
 
@@ -140,11 +141,11 @@ def extract(archive: Path, dest: Path, *, max_bytes: int | None = None,
                                  hint="Delete it and download it again",
                                  path=str(archive)) from exc
         writer.check_links()
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if dest.is_dir():
             dest.rmdir()  # empty (checked above); rename cannot replace it on every OS
         os.rename(staging, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -386,13 +387,6 @@ def _file_mode(mode: int) -> int:
     return (mode & 0o777) | 0o600
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ckptkit.errors import NotFoundError, UsageError
 from ckptkit.hashing import sha256_file, tree_sha256, tree_size
+from ckptkit.partial import fsync_dir
 
 CACHEDIR_TAG = ("Signature: 8a477f597d28d172789f06886806bc55\n"
                 "# This file is a cache directory tag created by ckptkit.\n")
@@ -139,7 +140,7 @@ class Cache:
             shutil.rmtree(final)
         if staged.resolve() != final.resolve():
             os.replace(staged, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         size = tree_size(final) if final.is_dir() else final.stat().st_size
         entry = CacheEntry(file_id, kind, str(final), size, sha256, source, url, time.time(),
                            _signature(final))
@@ -213,12 +214,6 @@ def _inside(folder: Path, rel: str) -> Path:
     return target
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from ckptkit import integrity, retention
 from ckptkit.errors import MissingDependencyError, UsageError
 from ckptkit.metrics import parse_metric
 from ckptkit.retention import Checkpoint
+from ckptkit.partial import fsync_dir
 
 #: A leftover temp file of the same target untouched for this long belongs to a save that
 #: died (a live save keeps writing, so its mtime keeps moving); the next save removes it.
@@ -31,18 +32,6 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable (best effort: some platforms cannot open directories)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sweep_stale_temps(path: Path) -> None:
@@ -123,7 +112,7 @@ def save(obj: Any, path: str | os.PathLike[str], *, keep_last: int | None = None
         # BaseException too: a KeyboardInterrupt mid-save must not leave a half file behind.
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     _sweep_stale_temps(target)
     if retain and parsed is not None:
         try:

@@ -37,6 +37,7 @@ from typing import BinaryIO, Iterable, Iterator, Literal, Protocol, Sequence
 import numpy as np
 
 from ckptkit.errors import NotFoundError, UsageError
+from ckptkit.partial import fsync_dir
 
 Fmt = Literal["npz", "safetensors", "torch", "flax"]
 FORMATS: tuple[Fmt, ...] = ("npz", "safetensors", "torch", "flax")
@@ -205,17 +206,9 @@ def atomic_file(target: Path) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_directory(directory)
+    fsync_dir(directory)
 
 
-def _fsync_directory(directory: Path) -> None:
-    if sys.platform == "win32":
-        return  # directories cannot be opened for fsync there; the rename is durable enough
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_dtype(fmt: Fmt, name: str, dtype: str) -> None:
@@ -308,5 +301,3 @@ def _write_sidecar(target: Path, metadata: dict[str, str],
     with atomic_file(path) as fh:
         fh.write(json.dumps(content, indent=1, sort_keys=True).encode("utf-8") + b"\n")
     return path
-
-
