@@ -15,22 +15,28 @@ dependencies.
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 from types import ModuleType
 
 from ckptkit.errors import FormatError, IntegrityError, NotFoundError, UsageError
 
-#: Detection order matters: TorchScript is a torch zip with code, so it is tried first.
+#: Detection order: the common PyTorch formats first, so that inspecting a .pt file imports
+#: no other reader.  Formats cannot be mistaken for each other in this order: torch-zip
+#: excludes TorchScript archives itself, npz members are all .npy, and the TensorFlow readers
+#: only claim directories, SSTable index files and their shards.
 FORMAT_MODULES: tuple[tuple[str, str], ...] = (
-    ("savedmodel", "ckptkit.formats.savedmodel"),
-    ("tf-checkpoint", "ckptkit.formats.tf_checkpoint"),
-    ("torchscript", "ckptkit.formats.torchscript"),
     ("torch-zip", "ckptkit.formats.torch_zip"),
+    ("torchscript", "ckptkit.formats.torchscript"),
     ("npz", "ckptkit.formats.npz"),
     ("torch-legacy", "ckptkit.formats.torch_legacy"),
     ("safetensors", "ckptkit.formats.safetensors"),
+    ("savedmodel", "ckptkit.formats.savedmodel"),
+    ("tf-checkpoint", "ckptkit.formats.tf_checkpoint"),
     ("flax-msgpack", "ckptkit.formats.flax_msgpack"),
 )
+
+_TF_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
 
 EXPECTED = ("a PyTorch checkpoint (zip or legacy), TorchScript archive, .npz, safetensors, "
             "TensorFlow SavedModel directory or checkpoint (.index), or Flax msgpack")
@@ -63,7 +69,11 @@ def detect(path: Path) -> ModuleType:
     elif not (path.is_file() or path.is_dir()):
         raise FormatError(f"{path}: not a regular file or directory (a pipe or device?)",
                           hint="Pass the checkpoint file itself", path=str(path))
-    for _fmt, name in FORMAT_MODULES:
+    order = FORMAT_MODULES
+    if path.suffix == ".index" or _TF_SHARD.search(path.name) or not path.exists():
+        # Named like a TF checkpoint: its shards hold raw bytes that could look like anything.
+        order = tuple(sorted(FORMAT_MODULES, key=lambda f: f[0] != "tf-checkpoint"))
+    for _fmt, name in order:
         module = importlib.import_module(name)
         if module.sniff(path):
             return module
