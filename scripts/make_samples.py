@@ -242,8 +242,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     (OUT / "jukebox").mkdir(exist_ok=True)
-    for make in (thinker, jukebox_prior, jukebox_shared, redimnet_epoch, scripted, safetensors_file, musiq_npz,
-                 saved_model_and_tf_checkpoint, flax_msgpack):
+    for make in (thinker, jukebox_prior, jukebox_shared, redimnet_epoch, scripted,
+                 safetensors_file, musiq_npz, saved_model_and_tf_checkpoint, flax_msgpack):
         make()
         print(f"wrote {make.__name__}")
 

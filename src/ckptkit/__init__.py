@@ -17,9 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointInfo", "CkptkitError", "ExitCode", "FormatError", "IntegrityError",
     "MissingDependencyError", "NotFoundError", "UnsafeContentError", "UsageError",
-    "__version__", "inspect", "load",
-    "resume",
-    "save", "latest",
+    "__version__", "inspect", "latest", "load", "resume", "save",
 ]
 
 if TYPE_CHECKING:
@@ -30,8 +28,7 @@ if TYPE_CHECKING:
     from ckptkit.summary import CheckpointInfo
 
 _LAZY = {"inspect": "ckptkit.inspection", "load": "ckptkit.loading",
-         "CheckpointInfo": "ckptkit.summary",
-         "resume": "ckptkit.resuming",
+         "CheckpointInfo": "ckptkit.summary", "resume": "ckptkit.resuming",
          "save": "ckptkit.saving", "latest": "ckptkit.saving"}
 
 

@@ -39,7 +39,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
              epilog="Examples:\n\n  ckpt fetch musiq-spaq\n\n  ckpt inspect thinker_best.pt\n\n"
-                    "  ckpt inspect spaq_ckpt.npz --depth 3 --json\n\n  ckpt cache ls")
+                    "  ckpt convert loftr --to flax\n\n  ckpt cleanup checkpoints/ --keep-last 1\n\n"
+                    "  ckpt cache ls")
 @click.version_option(__version__, "--version", prog_name="ckpt")
 def cli() -> None:
     """ckpt: fetch, inspect, convert and manage model checkpoints.
