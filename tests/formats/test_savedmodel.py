@@ -4,12 +4,9 @@ itself reports, and damaged files fail with IntegrityError."""
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,7 @@ from ckptkit.errors import FormatError, IntegrityError, UsageError
 from ckptkit.formats import detect, savedmodel, tf_checkpoint
 from ckptkit.model import Signature
 from ckptkit.tree import iter_tensors, join
-from tests.conftest import SRC
+from tests.conftest import run_python
 
 OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
@@ -311,8 +308,6 @@ print(sorted(m for m in sys.modules
 
 
 def test_read_info_imports_no_framework(model_dir: Path) -> None:
-    result = subprocess.run([sys.executable, "-c", FRAMEWORK_FREE, str(model_dir)],
-                            capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(SRC)})
+    result = run_python(FRAMEWORK_FREE, str(model_dir))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

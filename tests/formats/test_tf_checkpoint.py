@@ -4,13 +4,10 @@ or damaged indexes fail with IntegrityError, never with a stray exception."""
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import re
 import shutil
 import struct
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,7 @@ import pytest
 from ckptkit.errors import FormatError, IntegrityError, NotFoundError, UsageError
 from ckptkit.formats import crc32c, detect, protowire, sstable, tensor_bundle, tf_checkpoint
 from ckptkit.tree import iter_tensors, join
-from tests.conftest import SRC
+from tests.conftest import run_python
 
 OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
@@ -302,9 +299,7 @@ print(sorted(m for m in sys.modules
 
 
 def test_read_info_imports_no_framework(tf2_dir: Path) -> None:
-    result = subprocess.run([sys.executable, "-c", FRAMEWORK_FREE, str(tf2_dir)],
-                            capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(SRC)})
+    result = run_python(FRAMEWORK_FREE, str(tf2_dir))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
