@@ -12,6 +12,12 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests import figures
+
+    figures.write()
+
+
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No CKPTKIT_* variable from the developer's shell leaks into a test."""
