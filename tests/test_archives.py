@@ -15,6 +15,7 @@ import pytest
 
 from ckptkit import archives
 from ckptkit.errors import IntegrityError, UsageError
+from tests import figures
 
 Member = tuple[tarfile.TarInfo, bytes | None]
 
@@ -54,13 +55,20 @@ def area(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
-def refused(archive: Path, area: dict[str, Path], member: str, **limits: int) -> IntegrityError:
-    """Extraction fails naming ``member``; no destination, no temp tree, nothing outside."""
+def refused(archive: Path, area: dict[str, Path], member: str, *, attack: bool = True,
+            **limits: int) -> IntegrityError:
+    """Extraction fails naming ``member``; no destination, no temp tree, nothing outside.
+
+    ``attack``: the member is hostile, so the refusal counts for docs/security.md.
+    """
     with pytest.raises(IntegrityError) as err:
         archives.extract(archive, area["dest"], **limits)
     assert repr(member) in str(err.value), str(err.value)
+    assert "\n" not in str(err.value) and err.value.hint
     assert list(area["work"].iterdir()) == []
     assert list(area["outside"].iterdir()) == []
+    if attack:
+        figures.count("archive-attacks")
     return err.value
 
 
@@ -153,6 +161,7 @@ def test_hardlink_leaving_dest_is_refused(area: dict[str, Path], link: str) -> N
     assert list(area["work"].iterdir()) == []
     assert [p.name for p in area["outside"].iterdir()] == ["secret"]
     assert (area["outside"] / "secret").stat().st_nlink == 1
+    figures.count("archive-attacks")
 
 
 @pytest.mark.parametrize("kind", [tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE])
@@ -178,6 +187,29 @@ def test_declared_size_over_default_cap_is_refused_before_reading(area: dict[str
 def test_member_count_is_capped(area: dict[str, Path]) -> None:
     archive = write_tar(area["in"] / "many.tgz", [file(f"f{i}", b"") for i in range(20)])
     refused(archive, area, "f10", max_members=10)
+
+
+def test_data_after_the_end_of_the_tar_counts_toward_the_cap(area: dict[str, Path]) -> None:
+    # tarfile stops at the end-of-archive blocks; the gzip stream goes on for 4 MiB.
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        member, data = file("ok.txt", b"ok")
+        tar.addfile(member, io.BytesIO(data))
+    archive = area["in"] / "tail.tgz"
+    archive.write_bytes(gzip.compress(raw.getvalue() + b"\0" * (4 << 20)))
+    assert archive.stat().st_size < 64 << 10
+    refused(archive, area, "<data after the end of the archive>", max_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_traversal_in_a_long_name_is_refused(area: dict[str, Path], fmt: int) -> None:
+    name = "a" * 120 + "/../../../x"  # over 100 bytes: a GNU longname or a PAX path record
+    archive = area["in"] / "long.tgz"
+    with tarfile.open(archive, "w:gz", format=fmt) as tar:
+        member, data = file(name, b"evil")
+        tar.addfile(member, io.BytesIO(data))
+    refused(archive, area, name)
+    assert not (area["work"].parent / "x").exists()
 
 
 def test_gzip_crc_mismatch_after_the_last_member_is_caught(area: dict[str, Path]) -> None:
@@ -214,18 +246,41 @@ def test_zip_slip_is_refused(area: dict[str, Path], name: str) -> None:
     assert not (area["work"].parent / "evil.txt").exists()
 
 
-def test_zip_symlink_out_is_refused(area: dict[str, Path]) -> None:
+@pytest.mark.parametrize("target", [b"../../outside", b"/etc", b"..", b"a/../../outside", b""])
+def test_zip_symlink_out_is_refused(area: dict[str, Path], target: bytes) -> None:
     link = zipfile.ZipInfo("escape")
     link.external_attr = (stat.S_IFLNK | 0o777) << 16
-    archive = write_zip(area["in"] / "l.zip", [(link, b"../../outside")])
+    archive = write_zip(area["in"] / "l.zip", [(link, target), ("escape/pwned", b"evil")])
     refused(archive, area, "escape")
 
 
-def test_zip_device_is_refused(area: dict[str, Path]) -> None:
+@pytest.mark.parametrize("kind", [stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO])
+def test_zip_devices_and_fifos_are_refused(area: dict[str, Path], kind: int) -> None:
     dev = zipfile.ZipInfo("dev")
-    dev.external_attr = (stat.S_IFCHR | 0o600) << 16
-    archive = write_zip(area["in"] / "d.zip", [(dev, b"")])
+    dev.external_attr = (kind | 0o600) << 16
+    archive = write_zip(area["in"] / "d.zip", [("ok.txt", b"ok"), (dev, b"")])
     refused(archive, area, "dev")
+
+
+def test_zip_member_count_is_capped(area: dict[str, Path]) -> None:
+    archive = write_zip(area["in"] / "many.zip", [(f"f{i}", b"") for i in range(20)])
+    refused(archive, area, "f10", max_members=10)
+
+
+def test_zip_lying_about_its_sizes_is_refused(area: dict[str, Path]) -> None:
+    """The headers say 10 bytes, the deflate stream holds 4 MiB: reading stops at the declared
+    size, so it never expands, and the CRC of what was read does not match."""
+    archive = write_zip(area["in"] / "liar.zip", [("zeros", b"\0" * (4 << 20))])
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        entry = zf.getinfo("zeros")
+    real = (4 << 20).to_bytes(4, "little")
+    for at in (entry.header_offset + 22, data.rindex(b"PK\x01\x02") + 24):
+        assert data[at:at + 4] == real  # uncompressed size, local header and central directory
+        data[at:at + 4] = (10).to_bytes(4, "little")
+    archive.write_bytes(bytes(data))
+    err = refused(archive, area, "zeros", max_bytes=1 << 20)
+    assert "Bad CRC-32" in str(err)
 
 
 def test_zip_bomb_is_refused(area: dict[str, Path]) -> None:
@@ -248,7 +303,7 @@ def test_member_clashing_with_a_file_is_refused(area: dict[str, Path], second: s
     clash = (info("x", tarfile.DIRTYPE, mode=0o755), None) if second == "dir" \
         else file("x/y", b"y")
     archive = write_tar(area["in"] / "a.tgz", [file("x", b"x"), clash])
-    refused(archive, area, "x" if second == "dir" else "x/y")
+    refused(archive, area, "x" if second == "dir" else "x/y", attack=False)
 
 
 def test_existing_destination_is_not_overwritten(area: dict[str, Path]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from ckptkit.errors import (AuthError, CkptkitError, ExitCode, IntegrityError, N
 from ckptkit.transfer_plan import (ContentRange, PieceSizing, Probe, Sidecar, backoff_delay,
                                    can_resume, looks_like_html, parse_content_range,
                                    parse_retry_after, plan_pieces)
+from tests import figures
 from tests.conftest import SRC
 from tests.servers.http import HTML_PAGE, Fault, HTTPTestServer, http_server  # noqa: F401
 
@@ -251,6 +253,7 @@ def test_interrupted_download_resumes_only_missing_pieces(http_server: HTTPTestS
     assert http_server.bytes_sent() == len(data) - have + 1
     assert bar.totals == [len(data)] and bar.updates[0] == have
     assert sum(bar.updates) == len(data) and leftovers(dest) == []
+    figures.count("network-faults")
 
 
 def test_changed_validator_restarts_from_scratch(http_server: HTTPTestServer,
@@ -263,6 +266,7 @@ def test_changed_validator_restarts_from_scratch(http_server: HTTPTestServer,
     result = download(http_server.url("/v.bin"), dest, connections=4)
     assert (result.resumed_from, result.transferred) == (0, len(new))
     assert dest.read_bytes() == new and leftovers(dest) == []
+    figures.count("network-faults")
 
 
 def test_file_changing_mid_download_is_noticed_by_if_range(http_server: HTTPTestServer,
@@ -275,6 +279,7 @@ def test_file_changing_mid_download_is_noticed_by_if_range(http_server: HTTPTest
     hits = http_server.hits("/c.bin")
     assert any(h.status == 200 and h.range and h.if_range for h in hits)  # If-Range said no
     assert [h.range for h in hits].count("bytes=0-0") == 2  # and it started over
+    figures.count("network-faults")
 
 
 def test_server_ignoring_range_gets_one_streamed_get(http_server: HTTPTestServer,
@@ -286,6 +291,7 @@ def test_server_ignoring_range_gets_one_streamed_get(http_server: HTTPTestServer
     assert (result.resumed_from, result.transferred) == (0, len(data))
     assert [h.status for h in http_server.hits()] == [200]  # the probe's body was used
     assert dest.read_bytes() == data and leftovers(dest) == []
+    figures.count("network-faults")
 
 
 def test_streamed_get_restarts_after_a_drop(http_server: HTTPTestServer,
@@ -296,6 +302,7 @@ def test_streamed_get_restarts_after_a_drop(http_server: HTTPTestServer,
     result = download(http_server.url("/n.bin"), dest)
     assert result.sha256 == sha(data) and result.transferred == len(data) + 300 * KiB
     assert [h.sent for h in http_server.hits()] == [300 * KiB, len(data)]
+    figures.count("network-faults")
 
 
 def test_dropped_connection_resumes_inside_the_piece(http_server: HTTPTestServer,
@@ -312,6 +319,7 @@ def test_dropped_connection_resumes_inside_the_piece(http_server: HTTPTestServer
         start, end = (int(x) for x in hit.range[6:].split("-"))
         assert f"bytes={start + 10_000}-{end}" in [h.range for h in hits]
     assert http_server.bytes_sent() == len(data) + 1
+    figures.count("network-faults")
 
 
 @pytest.mark.parametrize("status, error, code", [
@@ -329,6 +337,7 @@ def test_http_errors_map_to_ckptkit_errors(http_server: HTTPTestServer, tmp_path
     if error is AuthError:
         assert info.value.status == status and "credentials" in str(info.value)
     assert leftovers(tmp_path / "e.bin") == []
+    figures.count("network-faults")
 
 
 def test_unreachable_server_is_retried_then_reported(tmp_path: Path) -> None:
@@ -340,6 +349,8 @@ def test_unreachable_server_is_retried_then_reported(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"is unreachable: .*\(after 3 attempts\)") as info:
         download(url, tmp_path / "f.bin", retries=2)
     assert info.value.url == url and info.value.status is None
+    assert leftovers(tmp_path / "f.bin") == [] and not (tmp_path / "f.bin").exists()
+    figures.count("network-faults")
 
 
 def test_caller_headers_are_sent_and_encoding_is_identity(http_server: HTTPTestServer,
@@ -367,6 +378,8 @@ def test_corrupt_sidecar_means_a_fresh_start(http_server: HTTPTestServer,
 def test_missing_path_is_not_found(http_server: HTTPTestServer, tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="does not exist"):
         download(http_server.url("/nothing.bin"), tmp_path / "x.bin")
+    assert leftovers(tmp_path / "x.bin") == [] and not (tmp_path / "x.bin").exists()
+    figures.count("network-faults")
 
 
 def test_server_errors_are_retried_then_reported_unreachable(http_server: HTTPTestServer,
@@ -376,6 +389,8 @@ def test_server_errors_are_retried_then_reported_unreachable(http_server: HTTPTe
         download(http_server.url("/e.bin"), tmp_path / "e.bin", retries=2)
     assert info.value.status == 500 and info.value.exit_code == ExitCode.NOT_FOUND
     assert len(http_server.hits()) == 3
+    assert leftovers(tmp_path / "e.bin") == [] and not (tmp_path / "e.bin").exists()
+    figures.count("network-faults")
 
 
 def test_transient_statuses_then_success(http_server: HTTPTestServer, tmp_path: Path) -> None:
@@ -386,6 +401,7 @@ def test_transient_statuses_then_success(http_server: HTTPTestServer, tmp_path: 
     assert result.sha256 == sha(data)
     assert [h.status for h in http_server.hits()][:4] == [429, 502, 504, 206]
     assert 503 in [h.status for h in http_server.hits()]
+    figures.count("network-faults")
 
 
 def test_retry_after_is_honoured_and_capped(http_server: HTTPTestServer, tmp_path: Path) -> None:
@@ -395,6 +411,7 @@ def test_retry_after_is_honoured_and_capped(http_server: HTTPTestServer, tmp_pat
     result = download(http_server.url("/ra.bin"), tmp_path / "ra.bin")
     assert 0.3 <= time.monotonic() - started < 3  # waited RETRY_AFTER_CAP, not the backoff
     assert result.sha256 == sha(data) and len(http_server.hits()) == 3
+    figures.count("network-faults")
 
 
 def test_wrong_content_length_is_an_integrity_error(http_server: HTTPTestServer,
@@ -405,6 +422,7 @@ def test_wrong_content_length_is_an_integrity_error(http_server: HTTPTestServer,
         download(http_server.url("/l.bin"), tmp_path / "l.bin", retries=2)
     assert len(http_server.hits()) == 1 + 3
     assert not (tmp_path / "l.bin").exists()
+    figures.count("network-faults")
 
 
 def test_short_body_without_ranges_is_an_integrity_error(http_server: HTTPTestServer,
@@ -414,6 +432,7 @@ def test_short_body_without_ranges_is_an_integrity_error(http_server: HTTPTestSe
     with pytest.raises(IntegrityError, match=r"after 2 attempts") as info:
         download(http_server.url("/l.bin"), tmp_path / "l.bin", retries=1)
     assert info.value.exit_code == ExitCode.INTEGRITY and len(http_server.hits()) == 2
+    figures.count("network-faults")
 
 
 def test_flipped_byte_fails_the_hash_and_deletes_the_part(http_server: HTTPTestServer,
@@ -428,6 +447,7 @@ def test_flipped_byte_fails_the_hash_and_deletes_the_part(http_server: HTTPTestS
     assert sha(data) in str(info.value) and sha(bytes(bad)) in str(info.value)
     assert info.value.exit_code == ExitCode.INTEGRITY
     assert not dest.exists() and leftovers(dest) == []
+    figures.count("network-faults")
 
 
 def test_expected_size_mismatch_fails_before_transfer(http_server: HTTPTestServer,
@@ -436,6 +456,8 @@ def test_expected_size_mismatch_fails_before_transfer(http_server: HTTPTestServe
     with pytest.raises(IntegrityError, match="serves 5,000 bytes but 5,001 were expected"):
         download(http_server.url("/s.bin"), tmp_path / "s.bin", expected_size=5001)
     assert http_server.bytes_sent() == 1
+    assert leftovers(tmp_path / "s.bin") == [] and not (tmp_path / "s.bin").exists()
+    figures.count("network-faults")
 
 
 def test_stall_longer_than_timeout_is_retried(http_server: HTTPTestServer,
@@ -448,6 +470,7 @@ def test_stall_longer_than_timeout_is_retried(http_server: HTTPTestServer,
     assert time.monotonic() - started < 3 and result.sha256 == sha(data)
     assert http_server.ranges("/st.bin")[1:] == [f"bytes=0-{len(data) - 1}",
                                                  f"bytes=1000-{len(data) - 1}"]
+    figures.count("network-faults")
 
 
 def test_slow_headers_time_out_and_are_retried(http_server: HTTPTestServer,
@@ -456,6 +479,7 @@ def test_slow_headers_time_out_and_are_retried(http_server: HTTPTestServer,
     http_server.add("/sl.bin", data, faults=[Fault("delay", seconds=10)])
     result = download(http_server.url("/sl.bin"), tmp_path / "sl.bin", timeout=0.3)
     assert result.sha256 == sha(data) and http_server.ranges("/sl.bin")[:2] == ["bytes=0-0"] * 2
+    figures.count("network-faults")
 
 
 def test_slow_but_steady_body_is_not_a_timeout(http_server: HTTPTestServer,
@@ -475,6 +499,7 @@ def test_html_page_instead_of_the_file(http_server: HTTPTestServer, tmp_path: Pa
     with pytest.raises(SourceError, match="returned an HTML page instead of the file") as info:
         download(http_server.url("/model.bin"), dest)
     assert info.value.exit_code == ExitCode.NOT_FOUND and leftovers(dest) == []
+    figures.count("network-faults")
 
 
 def test_html_body_served_with_ranges_is_rejected(http_server: HTTPTestServer,
@@ -485,6 +510,7 @@ def test_html_body_served_with_ranges_is_rejected(http_server: HTTPTestServer,
     with pytest.raises(SourceError, match="HTML page"):
         download(http_server.url("/m.bin"), dest, connections=2)
     assert leftovers(dest) == []
+    figures.count("network-faults")
 
 
 def test_html_is_fine_when_the_url_is_a_page(http_server: HTTPTestServer,
@@ -510,9 +536,12 @@ def test_redirects_are_followed_and_pieces_use_the_final_url(http_server: HTTPTe
 def test_redirect_loop_is_a_clear_error(http_server: HTTPTestServer, tmp_path: Path) -> None:
     http_server.redirect("/loop1", "/loop2")
     http_server.redirect("/loop2", "/loop1")
-    with pytest.raises(SourceError, match="redirects in a loop"):
+    with pytest.raises(SourceError, match="redirects in a loop") as info:
         download(http_server.url("/loop1"), tmp_path / "x.bin")
     assert len(http_server.hits()) == dl.MAX_REDIRECTS + 1
+    assert info.value.exit_code == ExitCode.NOT_FOUND and "\n" not in str(info.value)
+    assert leftovers(tmp_path / "x.bin") == [] and not (tmp_path / "x.bin").exists()
+    figures.count("network-faults")
 
 
 def test_not_enough_free_space(http_server: HTTPTestServer, tmp_path: Path,
@@ -546,6 +575,50 @@ def test_fatal_error_stops_the_other_pieces_at_once(http_server: HTTPTestServer,
     with pytest.raises(NotFoundError):
         download(http_server.url("/f.bin"), tmp_path / "f.bin", connections=4, timeout=20)
     assert time.monotonic() - started < 3  # the stalled reader was woken, not waited for
+    figures.count("network-faults")
+
+
+@pytest.mark.parametrize("seed, route, faults, expect, error, says", [
+    pytest.param(0, {}, [Fault("drop", after=0, times=None, only="data")], {}, IntegrityError,
+                 r"connection broke mid-body .*\(after 3 attempts\)", id="reset-every-time"),
+    pytest.param(0, {}, [Fault("stall", after=0, seconds=5, times=None, only="data")], {},
+                 SourceError, r"is unreachable: .*timed out.* \(after 3 attempts\)",
+                 id="stall-every-time"),
+    pytest.param(0, {}, [Fault("status", status=503, retry_after="1", times=None)], {},
+                 SourceError, r"unreachable: HTTP 503 \(after 3 attempts\)",
+                 id="503-retry-after-every-time"),
+    pytest.param(0, {}, [Fault("length", delta=-100, times=None, only="data")], {},
+                 IntegrityError, r"Content-Length 65,436 for bytes=0-65535 .*\(after 3 attempts\)",
+                 id="content-length-too-short"),
+    pytest.param(0, {"ranges": False}, [Fault("length", delta=-100, times=None)],
+                 {"expected_size": 64 * KiB}, IntegrityError,
+                 r"serves 65,436 bytes but 65,536 were expected",
+                 id="content-length-too-short-no-ranges"),
+    pytest.param(0, {"ranges": False}, [Fault("length", delta=100, times=None)], {},
+                 IntegrityError, r"IncompleteRead\(65536 bytes read, 100 more expected\).*"
+                                 r"\(after 3 attempts\)",
+                 id="content-length-too-long-no-ranges"),
+    pytest.param(5, {}, [], {"expected_sha256": sha(payload(64 * KiB))}, IntegrityError,
+                 rf"sha256 is {sha(payload(64 * KiB, seed=5))}, expected "
+                 rf"{sha(payload(64 * KiB))}", id="other-file-same-size"),
+])
+def test_fault_that_persists_ends_in_a_clean_error_and_no_final_file(
+        http_server: HTTPTestServer, tmp_path: Path, seed: int, route: dict,
+        faults: list[Fault], expect: dict, error: type, says: str) -> None:
+    http_server.add("/m.bin", payload(64 * KiB, seed=seed), **route,
+                    faults=[dataclasses.replace(f) for f in faults])
+    dest = tmp_path / "m.bin"
+    started = time.monotonic()
+    with pytest.raises(error, match=says) as info:
+        download(http_server.url("/m.bin"), dest, retries=2, timeout=0.2, **expect)
+    assert time.monotonic() - started < 5
+    message = str(info.value)
+    assert http_server.url("/m.bin") in message and "\n" not in message and info.value.hint
+    assert not dest.exists()
+    # Resumable state may stay beside it; bytes that failed the hash may not.
+    allowed = set() if "expected_sha256" in expect else {"m.bin.part", "m.bin.part.json"}
+    assert set(leftovers(dest)) <= allowed
+    figures.count("network-faults")
 
 
 # --- processes ------------------------------------------------------------------------------------

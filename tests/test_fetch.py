@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from ckptkit import config
+from ckptkit.cache import Cache
+from ckptkit.errors import ExitCode
 from ckptkit.fetch import FetchError, plan_fetch
-from tests.conftest import SRC, run_ckpt
+from ckptkit.pins import Pins
+from tests import figures
+from tests.conftest import SRC, run_ckpt, run_main
 from tests.servers.http import Fault, HTTPTestServer, http_server  # noqa: F401 (fixture)
 
 torch = pytest.importorskip("torch")
@@ -71,6 +81,7 @@ def test_bundle_falls_back_to_the_second_source_and_verifies(mirror: str,
         assert item["source"] == "url" and item["bytes"] == len(jukebox_files[rel])
     assert "azureedge" in result.stderr and "failed" in result.stderr  # the fallback is visible
     assert not list(Path(os.environ["CKPTKIT_CACHE"]).rglob("*.part"))
+    figures.count("network-faults")
 
 
 def test_shared_bundle_files_are_fetched_once(mirror: str, http_server) -> None:
@@ -103,6 +114,8 @@ def test_first_download_is_pinned_and_drift_is_refused(mirror: str, http_server,
         plan_fetch(["jukebox-1b_lyrics"], settings(mirror)).execute()
     assert failed.value.exit_code == 3
     assert "jukebox/5b/vqvae.pth.tar" in str(failed.value)
+    nothing_under_final_names("jukebox/5b/vqvae.pth.tar")
+    figures.count("network-faults")
 
 
 def test_a_cdn_answering_503_is_retried_then_abandoned(http_server, jukebox_files,
@@ -115,6 +128,7 @@ def test_a_cdn_answering_503_is_retried_then_abandoned(http_server, jukebox_file
     fetched = plan_fetch(["jukebox-1b_lyrics"], settings(mirror)).execute()
     assert {f.source for f in fetched} == {"url"}
     assert len(http_server.hits("/cdn/jukebox/models/5b/vqvae.pth.tar")) > 1  # retried
+    figures.count("network-faults")
 
 
 def test_html_error_page_is_a_failed_source(http_server, jukebox_files) -> None:
@@ -126,6 +140,7 @@ def test_html_error_page_is_a_failed_source(http_server, jukebox_files) -> None:
     fetched = plan_fetch(["jukebox-1b_lyrics"], settings(mirror)).execute()
     assert all(Path(f.path).read_bytes() == jukebox_files[r]
                for f, r in zip(fetched, JUKEBOX[:4], strict=True))
+    figures.count("network-faults")
 
 
 def test_every_source_failing_lists_each_attempt(http_server) -> None:
@@ -135,6 +150,9 @@ def test_every_source_failing_lists_each_attempt(http_server) -> None:
     message = str(failed.value)
     assert failed.value.exit_code == 4
     assert message.count("url:") >= 8 and "local:" in message
+    for rel in JUKEBOX[:4]:
+        nothing_under_final_names(f"jukebox/{rel}")
+    figures.count("network-faults")
 
 
 def test_offline_uses_local_dirs_and_never_the_network(mirror: str, jukebox_files, http_server,
@@ -180,16 +198,36 @@ def test_dry_run_json_plans_without_transferring(mirror: str, http_server) -> No
 
 def test_concurrent_fetches_download_each_file_once(mirror: str, jukebox_files, http_server,
                                                     tmp_path: Path) -> None:
-    code = ("import sys; from ckptkit import config; from ckptkit.fetch import plan_fetch; "
-            "plan_fetch(['jukebox-1b_lyrics'], config.settings(mirror=sys.argv[1])).execute()")
+    """Four `ckpt fetch` processes, one bundle, started together: every file crosses the wire
+    once (one CDN miss, one probe, one body), all four processes succeed with the same files."""
+    bundle = JUKEBOX[:4]
+    for rel in bundle:  # over a second per file, so the four processes surely overlap
+        http_server.routes[f"/blob/jukebox/models/{rel}"].rate = 12 << 10
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    procs = [subprocess.Popen([sys.executable, "-c", code, mirror], env=env,
-                              stderr=subprocess.PIPE) for _ in range(4)]
-    for proc in procs:
-        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
-    total = sum(len(jukebox_files[r]) for r in JUKEBOX[:4])
-    served = sum(h.sent for h in http_server.hits() if "/blob/" in h.path)
-    assert served < total * 1.2  # each file crossed the wire once
+    procs = [subprocess.Popen([sys.executable, "-m", "ckptkit", "fetch", "jukebox-1b_lyrics",
+                               "--mirror", mirror, "--json"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, [err for _out, err in outputs]
+    reports = [json.loads(out) for out, _err in outputs]
+    files = {tuple((f["name"], f["path"], f["bytes"], f["sha256"]) for f in r) for r in reports}
+    assert len(files) == 1  # the same paths, sizes and hashes for all four
+    for index, rel in enumerate(bundle):
+        assert Path(reports[0][index]["path"]).read_bytes() == jukebox_files[rel]
+        # one process downloaded it, the three others found it in the cache
+        assert sorted(r[index]["source"] for r in reports) == ["cache"] * 3 + ["url"]
+    stderr = "".join(err for _out, err in outputs)
+    for rel in bundle:
+        blob_hits = http_server.hits(f"/blob/jukebox/models/{rel}")
+        assert [h.range for h in blob_hits].count("bytes=0-0") == 1  # one probe
+        assert len(blob_hits) == 2 and blob_hits[1].status == 206  # and one body
+        assert http_server.bytes_sent(f"/blob/jukebox/models/{rel}") \
+            == len(jukebox_files[rel]) + 1
+        assert len(http_server.hits(f"/cdn/jukebox/models/{rel}")) == 1  # one chain walked
+        assert stderr.count(f"jukebox/{rel}: verified from url:") == 1
+    assert "waiting for pid" in stderr  # they did run at the same time
+    assert not list(Path(os.environ["CKPTKIT_CACHE"]).rglob("*.part"))
+    figures.count("concurrent-fetches", 4)
 
 
 def test_unknown_model_and_bad_source_are_usage_errors() -> None:
@@ -205,3 +243,228 @@ def test_dry_run_asks_servers_for_sizes(mirror: str, jukebox_files, http_server)
     assert plan.total_bytes == sum(len(jukebox_files[r]) for r in JUKEBOX[:4])
     assert all(h.range == "bytes=0-0" for h in http_server.hits())  # one byte each, no download
     assert {f.to_dict(plan.settings)["size_from"] for f in plan.files} == {"server"}
+
+
+# --- one file, several sources, one network fault each ------------------------------------------
+
+FAULTY = "faults/model.bin"
+SIZE = 96 << 10
+
+
+def blob(seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(SIZE)
+
+
+def flipped(data: bytes, offset: int) -> bytes:
+    bad = bytearray(data)
+    bad[offset] ^= 0xFF
+    return bytes(bad)
+
+
+def fault_catalogue(path: Path, urls: list[str], sha256: str | None) -> Path:
+    """A catalogue whose model ``faulty`` is one file with ``urls`` as its sources, in order."""
+    sources = ", ".join(f'{{ type = "url", url = "{url}" }}' for url in urls)
+    pin = f'sha256 = "{sha256}"\n' if sha256 else ""
+    path.write_text(f'schema = 1\n\n[files."{FAULTY}"]\n{pin}sources = [{sources}]\n\n'
+                    f'[models.faulty]\nfiles = ["{FAULTY}"]\n')
+    return path
+
+
+def dead_url() -> str:
+    with socket.socket() as sock:  # a port nobody listens on once it is closed
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/model.bin"
+
+
+@dataclass(frozen=True)
+class Bad:
+    """How a source misbehaves every time, and what its failed attempt must say."""
+
+    says: str
+    exit_code: ExitCode
+    faults: tuple[Fault, ...] = ()
+    route: tuple[tuple[str, object], ...] = ()
+    seed: int = 0          # which bytes it serves: 0 is the right file
+    loop: bool = False     # it redirects in a loop
+    dead: bool = False     # nothing listens
+
+    def serve(self, server: HTTPTestServer) -> str:
+        """Set the fault up on ``server``; the URL of the faulty source."""
+        if self.dead:
+            return dead_url()
+        if self.loop:
+            server.redirect("/a/loop1", "/a/loop2")
+            server.redirect("/a/loop2", "/a/loop1")
+            return server.url("/a/loop1")
+        server.add("/a/model.bin", blob(self.seed), **dict(self.route),
+                   faults=copy.deepcopy(list(self.faults)))
+        return server.url("/a/model.bin")
+
+
+PERSISTENT = [
+    pytest.param(Bad("connection broke mid-body", ExitCode.INTEGRITY,
+                     (Fault("drop", after=0, times=None, only="data"),)), id="reset-mid-body"),
+    pytest.param(Bad("timed out", ExitCode.NOT_FOUND,
+                     (Fault("stall", after=0, seconds=3, times=None, only="data"),)),
+                 id="stall-past-timeout"),
+    pytest.param(Bad("does not exist (HTTP 404)", ExitCode.NOT_FOUND,
+                     (Fault("status", status=404, times=None),)), id="404"),
+    pytest.param(Bad("refused access (HTTP 403)", ExitCode.NOT_FOUND,
+                     (Fault("status", status=403, times=None),)), id="403"),
+    pytest.param(Bad("unreachable: HTTP 500", ExitCode.NOT_FOUND,
+                     (Fault("status", status=500, times=None),)), id="500"),
+    pytest.param(Bad("unreachable: HTTP 503", ExitCode.NOT_FOUND,
+                     (Fault("status", status=503, retry_after="1", times=None),)),
+                 id="503-retry-after"),
+    pytest.param(Bad(f"Content-Length {SIZE + 100:,}", ExitCode.INTEGRITY,
+                     (Fault("length", delta=100, times=None, only="data"),)),
+                 id="content-length-too-long"),
+    pytest.param(Bad(f"Content-Length {SIZE - 100:,}", ExitCode.INTEGRITY,
+                     (Fault("length", delta=-100, times=None, only="data"),)),
+                 id="content-length-too-short"),
+    pytest.param(Bad(f"sha256 is {hashlib.sha256(flipped(blob(), 4321)).hexdigest()}",
+                     ExitCode.INTEGRITY, (Fault("flip", offset=4321, times=None),)),
+                 id="byte-changed-in-transit"),
+    pytest.param(Bad("HTML page instead of the file", ExitCode.NOT_FOUND,
+                     (Fault("html", times=None),)), id="html-page-with-200"),
+    pytest.param(Bad("redirects in a loop", ExitCode.NOT_FOUND, loop=True), id="redirect-loop"),
+    pytest.param(Bad(f"sha256 is {hashlib.sha256(blob(9)).hexdigest()}", ExitCode.INTEGRITY,
+                     seed=9), id="other-file-same-size"),
+    pytest.param(Bad("unreachable", ExitCode.NOT_FOUND, dead=True), id="nothing-listening"),
+]
+
+
+@pytest.fixture
+def quick_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short timeout (CKPTKIT_TIMEOUT) and near-zero backoff, so a faulty source fails fast."""
+    from ckptkit import download
+
+    monkeypatch.setenv("CKPTKIT_TIMEOUT", "0.25")
+    for name, value in {"BACKOFF_BASE": 0.001, "BACKOFF_CAP": 0.01,
+                        "RETRY_AFTER_CAP": 0.05}.items():
+        monkeypatch.setattr(download, name, value)
+
+
+@pytest.mark.parametrize("value, seconds", [(None, 30.0), ("0.25", 0.25), ("90", 90.0),
+                                            ("0", None), ("-1", None), ("soon", None),
+                                            ("inf", None), ("nan", None)])
+def test_ckptkit_timeout_is_read_once_and_checked(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  value: str | None,
+                                                  seconds: float | None) -> None:
+    if value is not None:
+        monkeypatch.setenv("CKPTKIT_TIMEOUT", value)
+    if seconds is not None:
+        assert config.settings().timeout == seconds
+        return
+    code, _out, err = run_main(capsys, "fetch", "jukebox-5b", "--dry-run")
+    assert code == ExitCode.USAGE and err.count("\n") == 1
+    assert f"CKPTKIT_TIMEOUT={value!r} is not a number of seconds above 0" in err
+
+
+def nothing_under_final_names(file_id: str, dest: Path | None = None) -> None:
+    """No cache entry, no file at the cache's or the staging's final name, none in --dest."""
+    cache = Cache(Path(os.environ["CKPTKIT_CACHE"]))
+    assert cache.entry(file_id) is None
+    assert not cache.path(file_id).exists()
+    assert not (cache.root / "staging" / file_id).exists()
+    if dest is not None:
+        assert not dest.exists() or list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", PERSISTENT)
+def test_a_faulty_first_source_is_left_for_the_next(bad: Bad, http_server: HTTPTestServer,
+                                                    quick_network: None, tmp_path: Path) -> None:
+    good = blob()
+    http_server.add("/b/model.bin", good)
+    first = bad.serve(http_server)
+    catalogue = fault_catalogue(tmp_path / "faults.toml", [first, http_server.url("/b/model.bin")],
+                                hashlib.sha256(good).hexdigest())
+    logged: list[str] = []
+    started = time.monotonic()
+    [fetched] = plan_fetch(["faulty"], config.settings(catalogs=(catalogue,))).execute(
+        log=logged.append)
+    assert time.monotonic() - started < 5  # CKPTKIT_TIMEOUT reached the engine
+    assert fetched.source == "url" and fetched.sha256 == hashlib.sha256(good).hexdigest()
+    assert Path(fetched.path).read_bytes() == good and fetched.bytes == len(good)
+    failed = [m for m in logged if m.startswith(f"{FAULTY}: url:{first} failed: ")]
+    assert len(failed) == 1 and bad.says in failed[0], logged
+    assert logged[-1] == f"{FAULTY}: verified from url:{http_server.url('/b/model.bin')}"
+    assert bad.dead or http_server.hits("/a/loop1" if bad.loop else "/a/model.bin")
+    figures.count("network-faults")
+
+
+@pytest.mark.parametrize("bad", PERSISTENT)
+def test_the_only_source_failing_is_one_line_and_leaves_nothing(
+        bad: Bad, http_server: HTTPTestServer, quick_network: None, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    url = bad.serve(http_server)
+    catalogue = fault_catalogue(tmp_path / "faults.toml", [url],
+                                hashlib.sha256(blob()).hexdigest())
+    dest = tmp_path / "dest"
+    code, out, err = run_main(capsys, "fetch", "faulty", "--catalog", str(catalogue),
+                              "--dest", str(dest), "--quiet")
+    assert code == bad.exit_code and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"ckpt: error: could not fetch {FAULTY} ")
+    assert f"url:{url}: " in err and bad.says in err and "Traceback" not in err
+    assert "--mirror" in err  # the next step
+    nothing_under_final_names(FAULTY, dest)
+    figures.count("network-faults")
+
+
+@pytest.mark.parametrize("faults, route", [
+    pytest.param((Fault("drop", after=10_000, only="data"),), (), id="reset-mid-body-once"),
+    pytest.param((Fault("stall", after=10_000, seconds=3, only="data"),), (),
+                 id="stall-past-timeout-once"),
+    pytest.param((Fault("status", status=503, retry_after="1"),), (), id="503-retry-after-once"),
+    pytest.param((Fault("status", status=500), Fault("status", status=502, only="data")), (),
+                 id="500-then-502"),
+    pytest.param((Fault("length", delta=100, only="data"),), (),
+                 id="content-length-wrong-once"),
+    pytest.param((), (("ranges", False),), id="range-ignored"),
+    pytest.param((Fault("drop", after=10_000),), (("ranges", False),),
+                 id="range-ignored-and-reset"),
+])
+def test_a_fault_the_engine_survives_does_not_move_on(
+        faults: tuple[Fault, ...], route: tuple[tuple[str, object], ...],
+        http_server: HTTPTestServer, quick_network: None, tmp_path: Path) -> None:
+    good = blob()
+    http_server.add("/a/model.bin", good, **dict(route), faults=copy.deepcopy(list(faults)))
+    http_server.add("/b/model.bin", good)
+    catalogue = fault_catalogue(tmp_path / "faults.toml",
+                                [http_server.url("/a/model.bin"), http_server.url("/b/model.bin")],
+                                hashlib.sha256(good).hexdigest())
+    logged: list[str] = []
+    [fetched] = plan_fetch(["faulty"], config.settings(catalogs=(catalogue,))).execute(
+        log=logged.append)
+    assert Path(fetched.path).read_bytes() == good
+    assert fetched.sha256 == hashlib.sha256(good).hexdigest()
+    assert logged == [f"{FAULTY}: verified from url:{http_server.url('/a/model.bin')}"]
+    assert http_server.hits("/b/model.bin") == []
+    served = http_server.hits("/a/model.bin")
+    assert any(hit.faults for hit in served) or not faults  # the fault did happen
+    assert {hit.status for hit in served} <= ({200} if route else {206, 500, 502, 503})
+    figures.count("network-faults")
+
+
+def test_a_source_serving_another_file_of_the_pinned_size_is_refused(
+        http_server: HTTPTestServer, quick_network: None, tmp_path: Path) -> None:
+    """No sha256 in the catalogue: the pin of the first download is what refuses it."""
+    good, other = blob(), blob(9)
+    http_server.add("/a/model.bin", other)
+    http_server.add("/b/model.bin", good)
+    catalogue = fault_catalogue(tmp_path / "faults.toml", [http_server.url("/a/model.bin"),
+                                                           http_server.url("/b/model.bin")], None)
+    settings = config.settings(catalogs=(catalogue,))
+    Pins(settings.pins_path).record(FAULTY, hashlib.sha256(good).hexdigest(), len(good),
+                                    "url:first download")
+    logged: list[str] = []
+    [fetched] = plan_fetch(["faulty"], settings).execute(log=logged.append)
+    assert Path(fetched.path).read_bytes() == good
+    first = http_server.url("/a/model.bin")
+    assert len(logged) == 2 and logged[0].startswith(
+        f"{FAULTY}: url:{first} failed: {first}: sha256 is {hashlib.sha256(other).hexdigest()}, "
+        f"expected {hashlib.sha256(good).hexdigest()}"), logged
+    staged = Cache(settings.cache_dir).root / "staging" / FAULTY
+    assert not staged.exists() and not Path(f"{staged}.part").exists()  # refused bytes are gone
+    figures.count("network-faults")

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
 import ckptkit
-from ckptkit import config
+from ckptkit import archives, config
 from ckptkit.fetch import FetchPlan, plan_fetch
+from ckptkit.sources.tfhub import module_key
+from tests import figures
 from tests.conftest import SRC, run_ckpt
 from tests.servers.http import HTTPTestServer, http_server  # noqa: F401 (fixture)
 from tests.sources.hubs import (HANDLE, KAGGLE_HANDLE, SAMPLE_INPUT, SAMPLE_SCORE, KaggleStub,
@@ -77,6 +82,54 @@ def test_tf_hub_down_falls_back_to_kaggle(hubs, kaggle_env: Path) -> None:
     assert saved.source == "kaggle" and npz.source == "url"
     assert any("tfhub:https://tfhub.dev/google/musiq/spaq/1 failed" in m for m in logged)
     assert ckptkit.inspect(saved.path).signatures[0].key == "serving_default"
+    figures.count("network-faults")
+
+
+def hostile_archive(model_dir: Path, member: tarfile.TarInfo) -> bytes:
+    """The real SavedModel as TF Hub serves it, plus ``member``: a tar.gz."""
+    if member.size > archives.BOMB_FLOOR:  # a header past the default cap; the bytes never come
+        return gzip.compress(member.tobuf(tarfile.GNU_FORMAT) + b"\0" * 4096)
+    payload = b"pwned\n" * (member.size // 6)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(model_dir, arcname=".")
+        tar.addfile(member, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name, kind, link, size", [
+    pytest.param("../../escape.txt", tarfile.REGTYPE, "", 6, id="traversal"),
+    pytest.param("{outside}/abs.txt", tarfile.REGTYPE, "", 6, id="absolute-path"),
+    pytest.param("variables/escape", tarfile.SYMTYPE, "../../../../../outside", 0,
+                 id="symlink-out"),
+    pytest.param("variables/leak", tarfile.LNKTYPE, "/etc/passwd", 0, id="hardlink-out"),
+    pytest.param("dev/sda", tarfile.BLKTYPE, "", 0, id="device"),
+    pytest.param("variables/pipe", tarfile.FIFOTYPE, "", 0, id="fifo"),
+    pytest.param("variables/huge.data", tarfile.REGTYPE, "", archives.BOMB_FLOOR + 1, id="bomb"),
+])
+def test_hostile_tf_hub_archive_is_refused_and_kaggle_used(
+        name: str, kind: bytes, link: str, size: int, hubs, saved_model: Path, kaggle_env: Path,
+        tmp_path: Path) -> None:
+    tfhub, kaggle, gcs = hubs
+    outside = tmp_path / "outside"
+    member = tarfile.TarInfo(name.format(outside=outside))
+    member.type, member.linkname, member.size = kind, link, size
+    tfhub.add("/google/musiq/spaq/1", hostile_archive(saved_model, member))
+    settings = config.settings(mirror=f"https://tfhub.dev={tfhub.base},"
+                                      f"https://api.kaggle.com={kaggle.base},{GCS}={gcs.url('')}")
+    logged: list[str] = []
+    saved, _npz = plan_fetch(["musiq-spaq"], settings).execute(log=logged.append)
+    assert saved.source == "kaggle" and ckptkit.inspect(saved.path).format == "savedmodel"
+    refusal = [m for m in logged if m.startswith(
+        "musiq/spaq/saved_model: tfhub:https://tfhub.dev/google/musiq/spaq/1 failed: ")]
+    assert len(refusal) == 1 and f"unsafe member {member.name!r}" in refusal[0], logged
+    assert not outside.exists()
+    assert [p for p in tmp_path.rglob("*") if p.name in ("escape.txt", "abs.txt")] == []
+    cache = Path(os.environ["CKPTKIT_CACHE"])
+    assert [p.name for p in cache.rglob("*") if p.name.endswith((".extract", ".tmp", ".tar.gz"))
+            or not (p.is_file() or p.is_dir())] == []  # no temp tree, archive, link or fifo left
+    assert not (Path(os.environ["TFHUB_CACHE_DIR"]) / module_key(HANDLE)).exists()
+    figures.count("archive-attacks")
 
 
 def test_tf_hub_and_kaggle_deliver_the_same_tree(hubs, kaggle_env: Path) -> None:

@@ -38,6 +38,8 @@ import pytest
 
 import ckptkit
 from ckptkit import CkptkitError, ExitCode, IntegrityError
+from ckptkit.scanning import scan
+from tests import figures
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 #: Where ``pickle.dumps`` says ``os.system`` lives (``posix`` here, ``nt`` on Windows).
@@ -477,11 +479,12 @@ def npz_with_object_array(dst: Path, cmd: str, compressed: bool = False) -> Path
 
 # --- running ckptkit --------------------------------------------------------------------------
 
-def run_cli(path: Path, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(path: Path, *extra: str, timeout: float = 60,
+            command: str = "inspect") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     env.pop("CKPTKIT_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "ckptkit", "inspect", str(path), *extra],
+    return subprocess.run([sys.executable, "-m", "ckptkit", command, str(path), *extra],
                           capture_output=True, text=True, cwd=path.parent, env=env,
                           timeout=timeout)
 
@@ -505,7 +508,27 @@ def assert_caught(path: Path, target: Target, unsafe: tuple[str, ...],
         assert set(unsafe) <= set(json.loads(result.stdout)["unsafe"])
     else:
         assert "UNSAFE" in result.stdout
+    assert_scanned_unsafe(path, target, unsafe, via)
+    figures.count("hostile-files")
     return info
+
+
+def assert_scanned_unsafe(path: Path, target: Target, unsafe: tuple[str, ...],
+                          via: str | None = None) -> None:
+    """`ckpt scan` (library and CLI) calls the file unsafe and says how each name is reached."""
+    (result,) = scan([path]).results
+    assert not target.harmed(), "payload fired during scan"
+    assert result.verdict == "unsafe", result
+    found = {d.name: d for d in result.unsafe}
+    assert set(unsafe) <= set(found), (unsafe, found)
+    assert all(d.via and d.where for d in result.unsafe), result.unsafe
+    if via is not None:
+        assert found[unsafe[0]].via == via
+    cli = run_cli(path, "--json", command="scan")
+    assert not target.harmed(), "payload fired during `ckpt scan`"
+    assert cli.returncode == ExitCode.UNSAFE, cli.stderr
+    (data,) = json.loads(cli.stdout)["files"]
+    assert data["verdict"] == "unsafe" and set(unsafe) <= {d["name"] for d in data["unsafe"]}
 
 
 def shapes(info: Any) -> dict[str, tuple[int, ...]]:
@@ -740,6 +763,13 @@ def test_benign_objects_are_not_unsafe(legacy: bool, tmp_path: Path) -> None:
     assert result.returncode == ExitCode.OK, result.stderr
     data = json.loads(result.stdout)
     assert data["unsafe"] == [] and _qualname(Custom) in data["objects"]
+    (scanned,) = scan([path]).results
+    assert scanned.verdict == "unknown-objects" and scanned.unsafe == ()
+    assert {_qualname(c) for c in (argparse.Namespace, Custom, Hyperparams)} <= set(
+        scanned.objects)
+    cli = run_cli(path, command="scan")
+    assert cli.returncode == ExitCode.OK and "unknown-objects" in cli.stdout, cli.stderr
+    figures.count("benign-objects")
 
 
 # --- denial of service: quick, clean, bounded ------------------------------------------------
@@ -820,6 +850,11 @@ def test_dos_inputs_end_quickly_and_cleanly(name: str, torch_zip_base: Path,
     if outcome != ExitCode.OK:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("ckpt: error:")
+    start = time.perf_counter()
+    (scanned,) = scan([path]).results
+    assert time.perf_counter() - start < 5
+    assert scanned.verdict == ("unreadable" if outcome else scanned.verdict) != "unsafe"
+    figures.count("dos-inputs")
 
 
 def test_dos_in_legacy_object_pickle(tmp_path: Path) -> None:
@@ -868,3 +903,14 @@ def test_legacy_payload_in_a_pickle_that_must_be_plain_data(index: int, tmp_path
         ckptkit.inspect(path)
     assert caught.value.exit_code == ExitCode.UNSAFE
     assert "system" in str(caught.value)
+    assert_scanned_unsafe(path, Target(tmp_path).arm(), (SYSTEM,))
+    figures.count("hostile-files")
+
+
+def test_corpus_covers_the_required_techniques() -> None:
+    """At least 25 distinct techniques, each aiming at a different callable or route."""
+    ids = [t.id for t in TECHNIQUES]
+    assert len(set(ids)) == len(ids) >= 25
+    routes = {t.via for t in TECHNIQUES if t.via}
+    assert {"GLOBAL", "STACK_GLOBAL", "INST"} <= routes
+    figures.count("hostile-techniques", len(ids))

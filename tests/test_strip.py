@@ -81,7 +81,10 @@ def test_never_over_src_unless_in_place(trained, capsys: pytest.CaptureFixture[s
     strip(src)
     with pytest.raises(UsageError, match="already exists"):
         strip(src)  # a default name never replaces a file
-    code, out, _ = run(capsys, "strip", str(src), "--in-place", "--json")
+    code, out, err = run(capsys, "strip", str(src), "--in-place", "--json")  # no TTY, no --yes
+    assert code == 2 and "refusing to replace" in err and "--yes" in err and out == ""
+    assert src.read_bytes() == before
+    code, out, _ = run(capsys, "strip", str(src), "--in-place", "--yes", "--json")
     data = json.loads(out)
     assert code == 0 and data["output"] == str(src.resolve())
     loaded = torch.load(src, weights_only=True)

@@ -1,8 +1,16 @@
-"""Shared benchmark plumbing: timing whole processes and rewriting docs/performance.md."""
+"""Shared benchmark plumbing: timing whole processes, rewriting docs/performance.md, and
+recording each benchmark's headline ratios for the summary ``scripts/bench/all`` writes.
+
+``scripts/bench/all`` points two variables at a scratch directory (the doc is replaced only
+once every benchmark has succeeded): ``CKPTKIT_BENCH_DOC``, the copy of docs/performance.md
+the sections are written to, and ``CKPTKIT_BENCH_RESULTS``, where :func:`record` leaves one
+``<area>.json`` per benchmark.  Run alone, a benchmark rewrites docs/performance.md itself.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import re
@@ -10,11 +18,13 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-DOC = ROOT / "docs" / "performance.md"
+DOC = Path(os.environ.get("CKPTKIT_BENCH_DOC") or ROOT / "docs" / "performance.md")
+RESULTS = os.environ.get("CKPTKIT_BENCH_RESULTS")
 BIN = Path(sys.executable).parent
 
 
@@ -70,3 +80,37 @@ def update_section(name: str, body: str, command: str) -> None:
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else (
         text.rstrip() + "\n\n" + block + "\n")
     DOC.write_text(text)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """ckpt against one peer on one measure: ``value`` is how many times better ckpt did
+    (peer time / ckpt time, peer RSS / ckpt RSS, ckpt throughput / peer throughput)."""
+
+    benchmark: str
+    peer: str
+    measure: str
+    value: float
+    #: the smallest ``value`` the issue asks for; None where it sets none.
+    target: float | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    """A target without a peer: the measured ``value`` against ``target`` (both as text)."""
+
+    name: str
+    value: str
+    target: str
+    met: bool
+
+
+def record(area: str, ratios: Sequence[Ratio], checks: Sequence[Check] = ()) -> None:
+    """Leave this run's headline figures for ``scripts/bench/all``'s summary table.
+
+    Does nothing when the benchmark runs on its own (``CKPTKIT_BENCH_RESULTS`` unset).
+    """
+    if not RESULTS:
+        return
+    data = {"ratios": [asdict(r) for r in ratios], "checks": [asdict(c) for c in checks]}
+    (Path(RESULTS) / f"{area}.json").write_text(json.dumps(data, indent=1) + "\n")

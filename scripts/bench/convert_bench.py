@@ -12,7 +12,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from common import BIN, ROOT, Run, measure, update_section
+from common import BIN, ROOT, Ratio, Run, measure, record, update_section
 
 TARGET_RSS_RATIO, TARGET_WALL_RATIO = 3.0, 1.0
 
@@ -100,6 +100,18 @@ def main() -> None:
         via = "ckpt convert" if command[0].endswith("ckpt") else "convert_format()"
     body = report(runs, size, args, via)
     update_section("convert", body, "scripts/bench/convert")
+    name = f"convert, {size / 2**30:.2f} GiB torch zip"
+    ratios = []
+    for fmt, naive in (("safetensors", "torch.load + save_file"),
+                       ("npz", "torch.load + np.savez")):
+        mine, theirs = runs[f"ours-{fmt}"], runs[f"naive-{fmt}"]
+        ratios += [
+            Ratio(f"{name} → {fmt}", naive, "wall time", theirs.wall_s / mine.wall_s,
+                  1 / TARGET_WALL_RATIO),
+            Ratio(f"{name} → {fmt}", naive, "peak RSS",
+                  theirs.peak_rss_mib / mine.peak_rss_mib, TARGET_RSS_RATIO),
+        ]
+    record("convert", ratios)
     print(body)
 
 

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BIN, ROOT, update_section
+from common import BIN, ROOT, Ratio, record, update_section
 
 SERVER = """
 import sys, time
@@ -125,6 +125,9 @@ def run_all(root: Path, files: list[Path], urls: list[str], hashes: dict[str, st
 
 
 def report(best: dict[str, float], total: int, args: argparse.Namespace) -> None:
+    from ckptkit.config import DEFAULT_CONNECTIONS as connections
+    from ckptkit.fetch import MAX_PARALLEL_FILES as parallel
+
     mbps = {k: total / v / 1e6 for k, v in best.items()}
     aria = mbps.get("aria2c")
     verdict = lambda ok: "met" if ok else "**missed**"  # noqa: E731
@@ -149,12 +152,17 @@ streaming; aria2c gets `checksum=sha-256=` per file; curl is followed by `sha256
 {aria_ratio}
 | ckpt / curl throughput | {mbps['ckpt'] / mbps['curl']:.1f}× | ≥ 6× ({verdict(mbps['ckpt'] / mbps['curl'] >= 6)}) |
 
-Commands: `ckpt fetch bench-bundle --catalog bench.toml` (default 8 connections per file, up to
-4 files at once); `aria2c -x8 -s8 -j3 -k1M -i list`; `curl -o` per file, one after another.
-aria2c's `-x` caps connections per *server*, so its three files share 8 connections while ckpt
-opens 8 per file: the ratio measures the tools as configured, not equal connection counts.
+Commands: `ckpt fetch bench-bundle --catalog bench.toml` (default {connections} connections per
+file, up to {parallel} files at once); `aria2c -x8 -s8 -j3 -k1M -i list`; `curl -o` per file, one
+after another.  aria2c's `-x` caps connections per *server*, so its three files share 8
+connections while ckpt opens {connections} per file: the ratio measures the tools as configured,
+not equal connection counts.
 """
     update_section("fetch", body, "scripts/bench/fetch")
+    name = f"fetch, {args.files} × {args.file_mib} MiB at {args.rate_mb:g} MB/s per connection"
+    ratios = [Ratio(name, "aria2c -x8 -s8", "throughput", mbps["ckpt"] / aria, 1.0)] if aria else []
+    ratios.append(Ratio(name, "curl", "throughput", mbps["ckpt"] / mbps["curl"], 6.0))
+    record("fetch", ratios)
     print(body)
 
 

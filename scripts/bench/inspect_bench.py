@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import BIN, Run, measure, update_section
+from common import BIN, Check, Ratio, Run, measure, record, update_section
 
 TARGET_WALL, TARGET_RSS, TARGET_HELP = 0.16, 45.0, 0.15
 
@@ -98,11 +98,29 @@ Whole-process wall time (median of {args.repeat} warm runs) and peak RSS, on a
 | torch.load(mmap) wall / ckpt inspect wall | {speed:.1f}× | ≥ 10× ({verdict(speed >= 10)}) |
 | torch.load(mmap) RSS / ckpt inspect RSS | {lean:.1f}× | ≥ 5× ({verdict(lean >= 5)}) |
 | saved_model_cli wall / ckpt inspect wall | {cli.wall_s / ours_sm.wall_s:.1f}× | faster |
+| saved_model_cli RSS / ckpt inspect RSS | {cli.peak_rss_mib / ours_sm.peak_rss_mib:.1f}× | — |
 | ckpt inspect wall on 2 GiB | {ours.wall_s:.3f} s | ≤ {TARGET_WALL} s ({verdict(ours.wall_s <= TARGET_WALL)}) |
 | ckpt inspect peak RSS | {ours.peak_rss_mib:.0f} MiB | ≤ {TARGET_RSS:.0f} MiB ({verdict(ours.peak_rss_mib <= TARGET_RSS)}) |
 | ckpt --help wall | {helps.wall_s:.3f} s | ≤ {TARGET_HELP} s ({verdict(helps.wall_s <= TARGET_HELP)}) |
 """
     update_section("inspect", body, "scripts/bench/inspect")
+    big_name = f"inspect, {size / 2**30:.2f} GiB torch zip"
+    record("inspect", [
+        Ratio(big_name, "torch.load(mmap=True)", "wall time", speed, 10.0),
+        Ratio(big_name, "torch.load(mmap=True)", "peak RSS", lean, 5.0),
+        # "faster" is the target: anything above 1x.
+        Ratio("inspect, SavedModel", "saved_model_cli show --all", "wall time",
+              cli.wall_s / ours_sm.wall_s, 1.0),
+        Ratio("inspect, SavedModel", "saved_model_cli show --all", "peak RSS",
+              cli.peak_rss_mib / ours_sm.peak_rss_mib),
+    ], [
+        Check(f"ckpt inspect wall, {size / 2**30:.2f} GiB", f"{ours.wall_s:.3f} s",
+              f"≤ {TARGET_WALL} s", ours.wall_s <= TARGET_WALL),
+        Check("ckpt inspect peak RSS", f"{ours.peak_rss_mib:.0f} MiB", f"≤ {TARGET_RSS:.0f} MiB",
+              ours.peak_rss_mib <= TARGET_RSS),
+        Check("ckpt --help wall", f"{helps.wall_s:.3f} s", f"≤ {TARGET_HELP} s",
+              helps.wall_s <= TARGET_HELP),
+    ])
     print(body)
 
 

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import BIN, Run, measure, update_section
+from common import BIN, Check, Run, measure, record, update_section
 
 CLEANUP_TARGET_S = 1.0
 
@@ -98,6 +98,15 @@ def main() -> None:
         "| command | wall | peak RSS |\n|---|---|---|\n" + "\n".join(rows) + \
         "\n\n| check | value | target |\n|---|---|---|\n" + "\n".join(checks) + "\n"
     update_section("lifecycle", body, "scripts/bench/lifecycle")
+    facts = [Check(f"ckpt diff peak RSS, 2 × {size / 2**30:.2f} GiB",
+                   f"{ours.peak_rss_mib:.0f} MiB",
+                   f"≤ {limit:.0f} MiB (2 × largest tensor + 100 MiB)",
+                   ours.peak_rss_mib <= limit)]
+    if plan is not None:
+        facts.append(Check(f"ckpt cleanup planning, {args.files:,} checkpoints",
+                           f"{plan.wall_s:.2f} s", f"≤ {CLEANUP_TARGET_S:.0f} s",
+                           plan.wall_s <= CLEANUP_TARGET_S))
+    record("lifecycle", [], facts)
     print(body)
 
 

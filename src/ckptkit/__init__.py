@@ -8,19 +8,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ckptkit.errors import (CkptkitError, ExitCode, FormatError, IntegrityError,
+from ckptkit.errors import (CkptkitError, DiskFullError, ExitCode, FormatError, IntegrityError,
                             MissingDependencyError, NotFoundError, UnsafeContentError,
                             UsageError)
 
-__version__ = "0.1.0"
-
 __all__ = [
-    "CheckpointInfo", "CkptkitError", "ExitCode", "FormatError", "IntegrityError",
-    "MissingDependencyError", "NotFoundError", "UnsafeContentError", "UsageError",
+    "CheckpointInfo", "CkptkitError", "DiskFullError", "ExitCode", "FormatError",
+    "IntegrityError", "MissingDependencyError", "NotFoundError", "UnsafeContentError",
+    "UsageError",
     "__version__", "inspect", "latest", "load", "resume", "save",
 ]
 
 if TYPE_CHECKING:
+    __version__: str
     from ckptkit.inspection import inspect
     from ckptkit.loading import load
     from ckptkit.resuming import resume
@@ -32,7 +32,20 @@ _LAZY = {"inspect": "ckptkit.inspection", "load": "ckptkit.loading",
          "save": "ckptkit.saving", "latest": "ckptkit.saving"}
 
 
+def _package_version() -> str:
+    """The installed distribution's version (pyproject.toml is the one place it is written)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ckptkit")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH that was never installed
+        return "0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        value = globals()["__version__"] = _package_version()
+        return value
     if name in _LAZY:
         import importlib
 

@@ -12,6 +12,7 @@ import zipfile
 from typing import Iterator
 
 from ckptkit.errors import IntegrityError
+from ckptkit.formats.ziparchive import ZIP_ERRORS
 from ckptkit.model import ByteSpan, TensorRef, itemsize
 
 #: Bytes per read: big enough for sequential I/O at full speed, small next to a large tensor.
@@ -34,14 +35,18 @@ def iter_bytes(span: ByteSpan, start: int = 0, length: int | None = None,
             fh.seek(span.offset + start)
             yield from _pump(fh, remaining, chunk, span)
         return
-    with zipfile.ZipFile(span.path) as archive, archive.open(span.member) as member:
-        skip = span.offset + start
-        while skip:  # compressed members cannot seek; discard in bounded pieces
-            got = member.read(min(skip, chunk))
-            if not got:
-                break
-            skip -= len(got)
-        yield from _pump(member, remaining, chunk, span)
+    try:
+        with zipfile.ZipFile(span.path) as archive, archive.open(span.member) as member:
+            skip = span.offset + start
+            while skip:  # compressed members cannot seek; discard in bounded pieces
+                got = member.read(min(skip, chunk))
+                if not got:
+                    break
+                skip -= len(got)
+            yield from _pump(member, remaining, chunk, span)
+    except ZIP_ERRORS as exc:
+        raise IntegrityError(f"{span.path}: cannot read zip member {span.member!r} ({exc})",
+                             hint="The file is truncated or corrupt", path=span.path) from None
 
 
 def _pump(fh, remaining: int, chunk: int, span: ByteSpan) -> Iterator[bytes]:

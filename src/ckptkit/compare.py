@@ -91,7 +91,8 @@ def parse_metric(spec: str | None) -> tuple[str | None, Direction | None]:
         return None, None
     name, _, way = spec.partition(":")
     if not name or way not in ("", "min", "max"):
-        raise UsageError(f"--metric {spec!r}: expected NAME or NAME:min or NAME:max")
+        raise UsageError(f"--metric {spec!r}: expected NAME or NAME:min or NAME:max",
+                         hint="For example --metric val_loss or --metric val_acc:max")
     return name, (way or direction_of(name))  # type: ignore[return-value]
 
 

@@ -11,8 +11,10 @@ Precedence for every setting: 1. the command-line flag (or keyword argument), 2.
 | ``CKPTKIT_MIRROR`` | ``FROM=TO[,FROM=TO]`` URL prefix rewrites | none |
 | ``CKPTKIT_LOCAL_PATH`` | folders searched for files (``os.pathsep``-separated) | none |
 | ``CKPTKIT_CONNECTIONS`` | parallel connections per file | 8 |
+| ``CKPTKIT_TIMEOUT`` | seconds to connect, and of silence mid-download, before a retry | 30 |
 | ``CKPTKIT_DEBUG`` | ``1``: tracebacks instead of one-line errors | off |
 | ``TFHUB_CACHE_DIR`` | where TF Hub models are made visible to ``tensorflow_hub`` | tensorflow_hub's default |
+| ``KAGGLEHUB_CACHE`` | kagglehub's own cache, read and filled by the Kaggle source | ``~/.cache/kagglehub`` |
 | ``NO_COLOR`` | no colour in output | unset |
 """
 
@@ -28,6 +30,7 @@ from ckptkit.mirrors import Mirrors
 
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 DEFAULT_CONNECTIONS = 8
+DEFAULT_TIMEOUT = 30.0
 
 
 def env_flag(name: str, default: bool = False) -> bool:
@@ -57,7 +60,9 @@ class Settings:
     local_dirs: tuple[Path, ...] = ()
     catalogs: tuple[Path, ...] = ()
     tfhub_cache_dir: Path = Path(tempfile.gettempdir()) / "tfhub_modules"
+    kagglehub_cache_dir: Path = Path("~/.cache/kagglehub").expanduser()
     connections: int = DEFAULT_CONNECTIONS
+    timeout: float = DEFAULT_TIMEOUT
 
     @property
     def user_catalogue(self) -> Path:
@@ -86,8 +91,10 @@ def settings(*, cache_dir: Path | None = None, offline: bool | None = None,
     if connections is None:
         raw = env.get("CKPTKIT_CONNECTIONS", str(DEFAULT_CONNECTIONS))
         if not raw.isdigit() or not 1 <= int(raw) <= 64:
-            raise UsageError(f"CKPTKIT_CONNECTIONS={raw!r} is not a number from 1 to 64")
+            raise UsageError(f"CKPTKIT_CONNECTIONS={raw!r} is not a number from 1 to 64",
+                             hint="Set it to a number from 1 to 64, or unset it")
         connections = int(raw)
+    timeout = _timeout(env.get("CKPTKIT_TIMEOUT"))
     tfhub = env.get("TFHUB_CACHE_DIR") or str(Path(tempfile.gettempdir()) / "tfhub_modules")
     return Settings(
         cache_dir=cache.expanduser(), config_dir=config.expanduser(),
@@ -95,4 +102,19 @@ def settings(*, cache_dir: Path | None = None, offline: bool | None = None,
         mirrors=Mirrors.parse(mirror if mirror is not None else env.get("CKPTKIT_MIRROR")),
         local_dirs=tuple(p.expanduser() for p in (*local_dirs, *env_local)),
         catalogs=tuple(catalogs), tfhub_cache_dir=Path(tfhub).expanduser(),
-        connections=connections)
+        kagglehub_cache_dir=Path(env.get("KAGGLEHUB_CACHE") or "~/.cache/kagglehub").expanduser(),
+        connections=connections, timeout=timeout)
+
+
+def _timeout(raw: str | None) -> float:
+    """``CKPTKIT_TIMEOUT``: seconds, above 0 (a stalled server is retried after that long)."""
+    if raw is None or not raw.strip():
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise UsageError(f"CKPTKIT_TIMEOUT={raw!r} is not a number of seconds above 0",
+                         hint="Example: CKPTKIT_TIMEOUT=60")
+    return value

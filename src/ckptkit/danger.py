@@ -48,6 +48,8 @@ SAFE_NAMES = frozenset({
     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
     ("pathlib", "PureWindowsPath"), ("pathlib", "Path"),
     ("functools", "total_ordering"),
+    # joblib's record of an array's shape and dtype; the bytes follow it in the stream.
+    ("joblib.numpy_pickle", "NumpyArrayWrapper"),
 })
 
 #: Single dangerous names in modules that are otherwise fine.

@@ -135,13 +135,16 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: float = 
         [('backbone', 0, 7), ('head', 2, 2)]
     """
     from ckptkit import formats
-    from ckptkit.errors import UsageError
+    from ckptkit.errors import UsageError, naming
 
     if not atol >= 0 or depth < 1:
-        raise UsageError(f"--atol must be >= 0 and --depth >= 1 (got {atol}, {depth})")
+        raise UsageError(f"--atol must be >= 0 and --depth >= 1 (got {atol}, {depth})",
+                         hint="Pass atol=0 or more and depth=1 or more")
     path_a, path_b = Path(a), Path(b)
-    raw_a = formats.detect(path_a).read_info(path_a)
-    raw_b = formats.detect(path_b).read_info(path_b)
+    with naming(path_a):
+        raw_a = formats.detect(path_a).read_info(path_a)
+    with naming(path_b):
+        raw_b = formats.detect(path_b).read_info(path_b)
     side_a, training_a = _entries(raw_a)
     side_b, training_b = _entries(raw_b)
     if weights_only:

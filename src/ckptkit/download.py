@@ -26,6 +26,7 @@ patch them here (``ckptkit.download.BACKOFF_BASE``): they are passed on to the o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -38,7 +39,8 @@ from typing import Callable, Protocol
 
 import requests
 
-from ckptkit.errors import CkptkitError, IntegrityError, SourceError, UsageError
+from ckptkit.errors import (CkptkitError, DiskFullError, IntegrityError, SourceError,
+                            UsageError, disk_full)
 from ckptkit.hashing import sha256_file
 from ckptkit.locks import FileLock, LockHolder
 from ckptkit.partial import (PartFile, PrefixHasher, fsync_dir, load_sidecar, save_sidecar,
@@ -124,7 +126,9 @@ def download(url: str, dest: Path, *, expected_size: int | None = None,
             HTML page instead of the file.
         IntegrityError: size or sha256 mismatch (a bad ``.part`` is deleted), or a body that
             stays short after retries.
-        CkptkitError: not enough free space; the lock was lost to another process.
+        DiskFullError: not enough free space before starting, or the disk filled up while
+            writing (the ``.part`` file stays, to resume from).
+        CkptkitError: the lock was lost to another process.
         LockTimeoutError: ``lock_timeout`` expired.
 
     Example::
@@ -259,9 +263,14 @@ class _Transfer:
     def run(self) -> DownloadResult:
         try:
             return self._run()
-        except BaseException:
+        except BaseException as exc:
             if self._poisoned or self.net.html_seen:
                 self._discard_partial()
+            full = disk_full(exc, self.part, f"downloading {self.url}", hint=(
+                f"Free some space in {self.dest.parent} and run again (the download resumes "
+                "from the .part file), or download to another disk"))
+            if full is not None:
+                raise full from exc
             raise
 
     def _run(self) -> DownloadResult:
@@ -442,10 +451,11 @@ class _Transfer:
             return
         free = shutil.disk_usage(self.dest.parent).free
         if free < needed + FREE_SPACE_MARGIN:
-            raise CkptkitError(f"downloading {self.url} needs {needed + FREE_SPACE_MARGIN:,} "
-                               f"bytes in {self.dest.parent}, {free:,} free",
-                               hint="Free some disk space or download to another disk",
-                               path=str(self.dest))
+            raise DiskFullError(f"not enough disk space for {self.dest}: downloading {self.url} "
+                                f"needs {needed + FREE_SPACE_MARGIN:,} bytes in "
+                                f"{self.dest.parent}, {free:,} free",
+                                hint="Free some disk space or download to another disk",
+                                path=str(self.dest), errno_=errno.ENOSPC)
 
     def _check_lock(self) -> None:
         if self.lock.lost:

@@ -7,6 +7,11 @@ matching builtin so that library users can catch them the usual way.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import IntEnum
 
 
@@ -35,6 +40,27 @@ class CkptkitError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}. {self.hint}"
+
+
+@contextmanager
+def naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Name ``path`` in any ckptkit error raised inside that does not name a file yet.
+
+    Deep readers (pickle walking, protobuf, tensor views) do not know which file they read;
+    the caller does.  Example::
+
+        with naming(path):
+            raw = formats.detect(path).read_info(path)
+    """
+    try:
+        yield
+    except CkptkitError as exc:
+        where = os.fspath(path)
+        if exc.path is None and where not in exc.message:
+            exc.message = f"{where}: {exc.message}"
+            exc.args = (exc.message, *exc.args[1:])
+            exc.path = where
+        raise
 
 
 class UsageError(CkptkitError, ValueError):
@@ -97,6 +123,67 @@ class SourceError(CkptkitError):
 
 class AuthError(SourceError):
     """The source refused our credentials (HTTP 401/403, Kaggle consent not given)."""
+
+
+class DiskFullError(CkptkitError, OSError):
+    """Writing failed for want of space: the device is full, or a quota or file size limit
+    was reached.  What was being written has been removed (a download keeps its resumable
+    ``.part``); whatever the target held before is untouched."""
+
+    def __init__(self, message: str, *, path: str | None, errno_: int | None = None,
+                 hint: str | None = None):
+        super().__init__(message, hint=hint, path=path)
+        self.errno = errno_
+
+
+#: errno values meaning "no room to write": full device, exhausted quota, file size limit.
+DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None),
+                                         errno.EFBIG) if e is not None)
+
+
+def disk_full(exc: BaseException, path: str | os.PathLike[str] | None, doing: str,
+              hint: str | None = None) -> DiskFullError | None:
+    """A :class:`DiskFullError` for ``exc`` if it, or an error it arose from, is a disk-full
+    ``OSError`` (torch.save, for one, wraps it in a RuntimeError); else None, also when ``exc``
+    already is a :class:`DiskFullError` (re-raise it as it is).
+
+    Args:
+        exc: the exception that ended the write.
+        path: the file being written (named in the message).
+        doing: what was going on, e.g. ``"writing it"`` or ``"downloading <url>"``.
+        hint: the next step when space ran out [default: free space in the file's directory
+            or use another]; a file size limit always gets its own.
+    """
+    if isinstance(exc, DiskFullError):
+        return None
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
+            break
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    else:
+        return None
+    code = cause.errno
+    where = os.path.dirname(os.fspath(path)) if path is not None else None
+    subject = f"{os.fspath(path)}: " if path is not None else ""
+    if code == errno.EFBIG:
+        # The disk may have room: a per-process limit (ulimit -f) or the filesystem's own.
+        return DiskFullError(f"{subject}the file size limit was reached while {doing}",
+                             path=None if path is None else os.fspath(path), errno_=code,
+                             hint="Raise the limit (ulimit -f) or write to another filesystem")
+    what = ("the disk quota is exhausted (no space left)"
+            if code == getattr(errno, "EDQUOT", None) else "no space left on device")
+    try:
+        free = f", {shutil.disk_usage(where or '.').free:,} bytes free in {where or '.'}"
+    except OSError:
+        free = ""
+    return DiskFullError(f"{subject}{what} while {doing}{free}", path=None if path is None
+                         else os.fspath(path), errno_=code,
+                         hint=hint or (f"Free some space in {where}, or write to another "
+                                       "directory" if where else
+                                       "Free some disk space, or write to another directory"))
 
 
 class LockTimeoutError(CkptkitError, TimeoutError):

@@ -19,8 +19,8 @@ from ckptkit import catalogue as catalogue_mod
 from ckptkit.cache import Cache, CacheEntry
 from ckptkit.catalogue import Catalogue, FileSpec, SourceSpec
 from ckptkit.config import Settings
-from ckptkit.errors import (CkptkitError, ExitCode, FormatError, IntegrityError, NotFoundError,
-                            UsageError)
+from ckptkit.errors import (CkptkitError, DiskFullError, ExitCode, FormatError, IntegrityError,
+                            NotFoundError, UsageError, disk_full)
 from ckptkit.pins import Pins
 
 MAX_PARALLEL_FILES = 4
@@ -166,6 +166,8 @@ class FetchPlan:
         Raises:
             FetchError: a file could not be fetched from any source (after the others
                 finished, so nothing fetched is wasted).
+            DiskFullError: the cache's disk filled up (other sources are not tried: they
+                would need the same room); a partial download stays to resume from.
         """
         runner = _Runner(self.settings, progress, log or (lambda _m: None))
         failures: dict[str, list[Attempt]] = {}
@@ -179,6 +181,14 @@ class FetchPlan:
                     results[file_id] = future.result()
                 except _Failed as failed:
                     failures[file_id] = failed.attempts
+                except OSError as exc:
+                    # Committing, pinning or locking on a full disk: one clear error, no crash.
+                    full = disk_full(exc, Cache(self.settings.cache_dir).path(file_id),
+                                     f"fetching {file_id}", hint="Free some space, or use "
+                                     "another cache directory (--cache-dir or CKPTKIT_CACHE)")
+                    if full is None:
+                        raise
+                    raise full from exc
         except BaseException:
             # Ctrl-C: do not wait for running downloads (their .part files resume later).
             pool.shutdown(wait=False, cancel_futures=True)
@@ -204,7 +214,8 @@ def plan_fetch(names: list[str] | tuple[str, ...], settings: Settings, *,
             of that type (or none usable offline).
     """
     if source is not None and source not in SOURCE_NAMES:
-        raise UsageError(f"--source {source!r} is not one of {', '.join(SOURCE_NAMES)}")
+        raise UsageError(f"--source {source!r} is not one of {', '.join(SOURCE_NAMES)}",
+                         hint=f"Pass one of: {', '.join(SOURCE_NAMES)}")
     cat = catalogue or catalogue_mod.load(settings.all_catalogs())
     cache, pins = Cache(settings.cache_dir), Pins(settings.pins_path)
     models = tuple(cat.model(n).name for n in names)
@@ -224,7 +235,8 @@ def plan_fetch(names: list[str] | tuple[str, ...], settings: Settings, *,
             if entry is None and not sources:
                 if settings.offline:
                     raise NotFoundError(_no_source_message(spec, settings, source))
-                raise UsageError(_no_source_message(spec, settings, source))
+                raise UsageError(_no_source_message(spec, settings, source),
+                                 hint="Leave out --source, or pick a kind the file has")
             planned[spec.id] = PlannedFile(spec, cat.users_of(spec.id), entry, sources, size, sha,
                                            pin is not None)
     return FetchPlan(models, tuple(planned.values()), settings, dest)
@@ -285,6 +297,8 @@ class _Runner:
                 label = f"{source.type}:{source.ref}" if source.ref else "local:--local-dir"
                 try:
                     return self._from_source(planned, source, label)
+                except DiskFullError:
+                    raise  # every other source needs the same room: stop, do not fall back
                 except CkptkitError as exc:
                     attempts.append(Attempt(label, _one_line(exc),
                                             isinstance(exc, IntegrityError)))
@@ -327,11 +341,14 @@ class _Runner:
                 from ckptkit.sources import url as url_source
 
                 if spec.kind != "file":
-                    raise UsageError(f"{spec.id}: url sources deliver files, not directories")
+                    raise UsageError(f"{spec.id}: url sources deliver files, not directories",
+                                     hint="Fix the catalogue entry: give the directory a "
+                                          "tfhub or kaggle source")
                 result = url_source.fetch(source.ref, staged, mirrors=s.mirrors,
                                           expected_size=planned.expected_size,
                                           expected_sha256=planned.expected_sha256,
-                                          connections=s.connections, progress=bar)
+                                          connections=s.connections, timeout=s.timeout,
+                                          progress=bar)
                 return result.url, result.transferred, (result.size, result.sha256)
             if source.type == "tfhub":
                 from ckptkit.sources import tfhub
@@ -339,7 +356,7 @@ class _Runner:
                 _remove(staged)
                 got = tfhub.fetch(source.ref, staged, mirrors=s.mirrors,
                                   tfhub_cache_dir=s.tfhub_cache_dir, connections=s.connections,
-                                  progress=bar)
+                                  timeout=s.timeout, progress=bar)
                 return got.url, got.transferred, None
             if source.type == "kaggle":
                 from ckptkit.sources import kaggle, local

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ckptkit import formats
+from ckptkit.errors import naming
 from ckptkit.summary import CheckpointInfo, summarise
 
 
@@ -32,8 +33,8 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
         ('model', 210000)
     """
     target = Path(path)
-    reader = formats.detect(target)
-    raw = reader.read_info(target)
+    with naming(target):
+        raw = formats.detect(target).read_info(target)
     return summarise(raw, str(target), _size(target))
 
 

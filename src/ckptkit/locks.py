@@ -36,6 +36,8 @@ from ckptkit.errors import LockTimeoutError
 
 HEARTBEAT_INTERVAL = 2.0
 STALE_AFTER = 60.0
+#: Seconds an empty or unparsable lock file is respected (its creator may be mid-write).
+UNWRITTEN_GRACE = 2.0
 POLL_INTERVAL = 0.5
 GUARD_STALE_AFTER = 10.0  # a takeover takes a few syscalls; an older guard is an orphan
 HOST = socket.gethostname()
@@ -106,6 +108,10 @@ def stale_reason(holder: LockHolder | None, age: float, *, stale_after: float,
     """
     if holder is not None and holder.host == host and not alive(holder.pid):
         return f"holder pid {holder.pid} is no longer running"
+    if holder is None and age > min(stale_after, UNWRITTEN_GRACE):
+        # A creator writes its record right after the O_EXCL create; a file still empty or
+        # unparsable seconds later belongs to a process killed in between.
+        return f"the lock file has held no valid record for {age:.0f} s"
     if age > stale_after:
         return f"no heartbeat for {age:.0f} s"
     return None

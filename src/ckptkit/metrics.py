@@ -53,7 +53,8 @@ def parse_metric(text: str) -> MetricSpec:
     if not mode:
         mode = direction_of(name)
     if mode not in ("min", "max"):
-        raise UsageError(f"--keep-best {text!r}: direction must be min or max, not {mode!r}")
+        raise UsageError(f"--keep-best {text!r}: direction must be min or max, not {mode!r}",
+                         hint="Use METRIC, METRIC:min or METRIC:max")
     return MetricSpec(name, mode)  # type: ignore[arg-type]
 
 

@@ -49,6 +49,14 @@ class Pins:
         return Pin(str(entry["sha256"]), int(entry["size"]), str(entry.get("source", "")),
                    float(entry.get("pinned_at", 0)))
 
+    def ids(self) -> tuple[str, ...]:
+        """Every pinned file id, sorted.
+
+        Raises:
+            FormatError: the pins file is not valid JSON.
+        """
+        return tuple(sorted(self._read()))
+
     def record(self, file_id: str, sha256: str, size: int, source: str) -> Pin:
         """Pin ``file_id`` unless it is pinned already (the first verified download wins).
 

@@ -212,7 +212,9 @@ def _entries(directory: Path) -> list[os.DirEntry[str]]:
         with os.scandir(directory) as it:
             return sorted(it, key=lambda e: e.name)
     except FileNotFoundError:
-        raise NotFoundError(f"{directory}: no such directory", path=str(directory)) from None
+        raise NotFoundError(f"{directory}: no such directory",
+                            hint="Pass the run directory that holds the checkpoints",
+                            path=str(directory)) from None
     except NotADirectoryError:
         raise UsageError(f"{directory}: not a directory",
                          hint="Pass the run directory that holds the checkpoints") from None
@@ -341,13 +343,15 @@ def plan_cleanup(directory: str | os.PathLike[str], keep_last: int, keep_every: 
         >>> [i.path.name for i in plan.deleted], plan.freed_bytes          # doctest: +SKIP
     """
     if keep_last < 0:
-        raise UsageError(f"--keep-last must be 0 or more, got {keep_last}")
+        raise UsageError(f"--keep-last must be 0 or more, got {keep_last}",
+                         hint="Pass --keep-last N with N >= 1 (0 only with --keep-best)")
     if keep_last == 0 and not keep_best:
         raise UsageError("--keep-last 0 would delete every periodic checkpoint, including the "
                          "one to resume from", hint="Keep at least one (--keep-last 1), or "
                          "pass --keep-best METRIC to keep the best one instead")
     if keep_every is not None and keep_every < 1:
-        raise UsageError(f"--keep-every must be 1 or more, got {keep_every}")
+        raise UsageError(f"--keep-every must be 1 or more, got {keep_every}",
+                         hint="Pass --keep-every K with K >= 1, or leave it out")
     spec = parse_metric(keep_best) if keep_best else None
     root = Path(directory)
     checkpoints = scan(root, recursive=recursive)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptkit import integrity, retention
-from ckptkit.errors import MissingDependencyError, UsageError
+from ckptkit.errors import MissingDependencyError, UsageError, disk_full
 from ckptkit.metrics import parse_metric
 from ckptkit.retention import Checkpoint
 from ckptkit.partial import fsync_dir
@@ -30,8 +30,6 @@ STALE_TEMP_SECONDS = 15 * 60
 def _temp_path(path: Path) -> Path:
     # Unique per save: two processes saving the same name never write into one temp file.
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-
-
 
 
 def _sweep_stale_temps(path: Path) -> None:
@@ -75,6 +73,7 @@ def save(obj: Any, path: str | os.PathLike[str], *, keep_last: int | None = None
     Raises:
         MissingDependencyError: torch is not installed.
         UsageError: retention asked for, but ``path`` is not a periodic checkpoint name.
+        DiskFullError: no space left (or a quota or file size limit); also an ``OSError``.
 
     Example:
         >>> ckptkit.save({"model": model.state_dict(), "step": step},         # doctest: +SKIP
@@ -108,9 +107,14 @@ def save(obj: Any, path: str | os.PathLike[str], *, keep_last: int | None = None
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         # BaseException too: a KeyboardInterrupt mid-save must not leave a half file behind.
         tmp.unlink(missing_ok=True)
+        kept = " (the previous file there is untouched)" if target.exists() else ""
+        full = disk_full(exc, target, f"saving it{kept}", hint=f"Free some space in "
+                         f"{target.parent} or save to another directory")
+        if full is not None:
+            raise full from exc  # torch.save reports it as a RuntimeError; say what it is
         raise
     fsync_dir(target.parent)
     _sweep_stale_temps(target)
@@ -149,13 +153,16 @@ def find_latest(directory: str | os.PathLike[str], prefix: str | None = None) ->
     """
     found = retention.scan(directory)
     if prefix is not None:
-        found = [c for c in found if c.prefix == prefix]
+        # A run is named by its prefix, or by its pattern when two runs share a prefix
+        # (thinker_step_{N}.pt beside thinker_step_{N}.safetensors).
+        found = [c for c in found if prefix in (c.prefix, c.group)]
     groups = sorted({c.group for c in found})
     if len(groups) > 1:
         prefixes = sorted({c.prefix or '""' for c in found})
+        choices = prefixes if len(prefixes) == len(groups) else [f"'{g}'" for g in groups]
         raise UsageError(f"{directory}: holds checkpoints of {len(groups)} runs "
                          f"({', '.join(groups)})",
-                         hint=f"Pick one with --prefix (one of: {', '.join(prefixes)})")
+                         hint=f"Pick one with --prefix (one of: {', '.join(choices)})")
     skipped: list[tuple[Checkpoint, str]] = []
     for ckpt in sorted(found, key=lambda c: c.step, reverse=True):
         verdict = integrity.check_complete(ckpt.path)

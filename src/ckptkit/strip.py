@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptkit.errors import FormatError, UnsafeContentError, UsageError
+from ckptkit.errors import FormatError, UnsafeContentError, UsageError, naming
 from ckptkit.model import Opaque, RawCheckpoint, TensorRef
 
 #: (pattern on the top-level key, why it is training-only)
@@ -147,11 +147,12 @@ def plan_strip(src: str | os.PathLike[str], out: str | os.PathLike[str] | None =
     if in_place and out is not None:
         raise UsageError("--in-place and -o/--output contradict each other",
                          hint="Pass one of them")
-    raw = formats.detect(source).read_info(source)
+    with naming(source):
+        raw = formats.detect(source).read_info(source)
     if raw.format not in ("torch-zip", "torch-legacy"):
         raise UsageError(f"{source}: a {raw.format} file holds no optimizer state to strip",
-                         hint="strip works on PyTorch training checkpoints; use `ckpt convert` "
-                              "to change formats", path=str(source))
+                         hint="`ckpt strip` works on PyTorch training checkpoints; use "
+                              "`ckpt convert` to change formats", path=str(source))
     if raw.safety.unsafe:
         raise UnsafeContentError(f"{source}: refusing to strip, the file calls "
                                  f"{', '.join(raw.safety.unsafe)}", unsafe=list(raw.safety.unsafe),

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ckptkit.errors import IntegrityError, MissingDependencyError
+from ckptkit.formats.ziparchive import ZIP_ERRORS
 from ckptkit.model import TensorRef, itemsize
 
 _NATIVE = {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
@@ -31,16 +32,25 @@ def read_bytes(ref: TensorRef) -> bytes | memoryview:
     """The raw bytes of the tensor's whole span (a storage, for torch tensors)."""
     span = ref.span
     if span is None:
-        raise IntegrityError("tensor has no bytes in the file (meta tensor or inline value)")
+        raise IntegrityError("tensor has no bytes in the file (meta tensor or inline value)",
+                             hint="Leave that tensor out: there are no values to read")
     if span.member is None:
         with open(span.path, "rb") as fh:
+            # A buffered read allocates all it is asked for before it reads: ask only for
+            # what the file holds, so a damaged length costs nothing.
+            left = max(0, fh.seek(0, 2) - span.offset)
             fh.seek(span.offset)
-            data = fh.read(span.length)
+            data = fh.read(min(span.length, left))
     else:
-        with zipfile.ZipFile(span.path) as archive, archive.open(span.member) as member:
-            if span.offset:
-                member.read(span.offset)
-            data = member.read(span.length)
+        try:
+            with zipfile.ZipFile(span.path) as archive, archive.open(span.member) as member:
+                if span.offset:
+                    member.read(span.offset)
+                data = member.read(span.length)
+        except (*ZIP_ERRORS, KeyError) as exc:
+            raise IntegrityError(f"{span.path}: cannot read zip member {span.member!r} "
+                                 f"({exc})", hint="The file is truncated or corrupt",
+                                 path=span.path) from None
     if len(data) != span.length:
         raise IntegrityError(f"{span.path}: expected {span.length} bytes at offset "
                              f"{span.offset}, found {len(data)} (file truncated?)")
@@ -58,7 +68,8 @@ def read_tensor(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
         count = ref.numel
         start = ref.element_offset
         if start + count > flat.size:
-            raise IntegrityError(f"tensor of {count} elements overruns its storage of {flat.size}")
+            raise IntegrityError(f"{_where(ref)}tensor of {count} elements overruns its storage "
+                                 f"of {flat.size}")
         array = flat[start:start + count].reshape(ref.shape, order="F" if ref.fortran_order else "C")
     else:
         array = _strided(flat, ref)
@@ -70,15 +81,21 @@ def _strided(flat: np.ndarray, ref: TensorRef) -> np.ndarray:
         return np.zeros(ref.shape, dtype=flat.dtype)
     stride = ref.stride or ()
     if len(stride) != len(ref.shape):
-        raise IntegrityError(f"tensor of shape {ref.shape} has stride {stride} of another rank")
+        raise IntegrityError(f"{_where(ref)}tensor of shape {ref.shape} has stride {stride} of "
+                             "another rank")
     last = ref.element_offset + sum((s - 1) * st for s, st in zip(ref.shape, stride, strict=True))
     if ref.element_offset < 0 or last >= flat.size or any(st < 0 for st in stride):
-        raise IntegrityError(f"tensor view (offset {ref.element_offset}, stride {ref.stride}) "
-                             f"reaches outside its storage of {flat.size} elements")
+        raise IntegrityError(f"{_where(ref)}tensor view (offset {ref.element_offset}, stride "
+                             f"{ref.stride}) reaches outside its storage of {flat.size} elements")
     size = int(itemsize(ref.dtype))
     return np.lib.stride_tricks.as_strided(
         flat[ref.element_offset:], shape=ref.shape,
         strides=tuple(st * size for st in stride), writeable=False)
+
+
+def _where(ref: TensorRef) -> str:
+    """``"<file>: "`` for messages about a tensor, so that they name the file it came from."""
+    return f"{ref.span.path}: " if ref.span is not None else ""
 
 
 def materialise(tree: Any, *, big_endian: bool = False) -> Any:

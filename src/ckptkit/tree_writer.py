@@ -167,7 +167,8 @@ class _TreeEmitter(_Emitter):
                               hint="Leave that entry out of the stripped file")
         if ref.dtype not in LEGACY_STORAGES and ref.dtype not in UNTYPED_DTYPES:
             raise FormatError(f"tensor {join(path)} has dtype {ref.dtype}, which ckptkit "
-                              "cannot write to a torch file")
+                              "cannot write to a torch file",
+                              hint="Convert it to safetensors or npz with `ckpt convert`")
         ident = ref.storage_key or (ref.span.path, ref.span.offset, ref.span.member)
         key = self._keys.get(ident)
         if key is None:

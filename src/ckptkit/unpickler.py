@@ -15,6 +15,7 @@ module returns into the public model.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import pickletools
 import struct
@@ -38,6 +39,18 @@ class Findings:
     objects: set[str] = field(default_factory=set)
     unsafe: dict[str, str] = field(default_factory=dict)  # qualname -> how it was reached
     pickles: int = 0
+    where: dict[str, str] = field(default_factory=dict)  # qualname -> which pickle named it
+    location: str = "pickle"  # the pickle being read now
+
+    def flag(self, qualname: str, via: str) -> None:
+        """Record a dangerous callable, with the opcode and the pickle that first named it."""
+        if qualname not in self.unsafe:
+            self.unsafe[qualname] = via
+            self.where[qualname] = self.location
+
+    def details(self) -> dict[str, dict[str, str]]:
+        """The per-name facts readers put into ``RawCheckpoint.details``."""
+        return {"unsafe_via": dict(self.unsafe), "unsafe_where": dict(self.where)}
 
 
 class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
@@ -49,6 +62,7 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
                  persistent: Callable[[Any], Any] | None = None,
                  context: PickleContext | None = None):
         super().__init__(file, encoding="latin1")
+        self._file_read = _capped_read(file)
         self.findings = findings
         self._persistent = persistent
         self._context = context or PickleContext()
@@ -65,7 +79,7 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         if module.startswith(self._context.known_prefixes):
             pass  # classes the format itself defines (TorchScript's __torch__.*): not findings
         elif danger.is_dangerous(module, name):
-            self.findings.unsafe.setdefault(qualname, self._via)
+            self.findings.flag(qualname, self._via)
         elif (module, name) not in NUMPY_BENIGN:
             self.findings.objects.add(qualname)
         if qualname not in self._types:
@@ -224,7 +238,7 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             # Operands computed at load time (posixpath.basename('/x/os') is 'os'): where
             # this global leads cannot be known without running the file, so it is unsafe.
             qualname = f"{_describe(module)}.{_describe(name)}"
-            self.findings.unsafe.setdefault(qualname, "STACK_GLOBAL")
+            self.findings.flag(qualname, "STACK_GLOBAL")
             self.append(inert_type(qualname))
             return
         if type(name) is not str or type(module) is not str:
@@ -283,6 +297,34 @@ def _called(func: Any, args: Any) -> Opaque:
     return Opaque(f"{_describe(func)}()", args if isinstance(args, tuple) else (args,))
 
 
+#: Reads up to this size go straight to the stream; larger ones are capped by what is left.
+_BIG_READ = 1 << 16
+
+
+def _capped_read(file: BinaryIO) -> Callable[..., bytes]:
+    """``file.read``, except that a large request is cut to what the file has left.
+
+    Length prefixes (BINUNICODE, BINBYTES8, ...) become single reads, and a buffered file
+    allocates the whole request before it finds out how much is there: four bytes of a
+    damaged pickle could cost gigabytes.  Streams that are not plain files pass through.
+    """
+    if isinstance(file, io.BytesIO):
+        return file.read  # returns only what it holds
+    try:
+        end = os.fstat(file.fileno()).st_size
+        file.tell()
+    except (AttributeError, OSError, ValueError):
+        return file.read
+    raw_read, tell = file.read, file.tell
+
+    def read(n: int = -1) -> bytes:
+        if n > _BIG_READ:
+            n = min(n, max(0, end - tell()))
+        return raw_read(n)
+
+    return read
+
+
 def _plain_pid(pid: Any) -> bool:
     """True for a persistent id made of scalars (and flat tuples of them), as torch writes."""
     if not isinstance(pid, tuple):
@@ -307,29 +349,39 @@ class PickleContext:
 
 def read_pickle(data: bytes | BinaryIO, findings: Findings,
                 persistent: Callable[[Any], Any] | None = None, *, what: str = "pickle",
-                context: PickleContext | None = None) -> Any:
+                context: PickleContext | None = None, location: str | None = None,
+                machine: type[InertUnpickler] | None = None) -> Any:
     """Interpret one pickle from ``data`` (bytes or a file positioned at its start).
 
+    ``location`` names the pickle inside its file for findings (``archive/data.pkl``);
+    ``machine`` is an :class:`InertUnpickler` subclass for container-specific opcodes.
     On malformed input the remaining opcodes are still scanned statically so that globals
     after the break are reported, then :class:`IntegrityError` is raised.
     """
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     start = stream.tell()
     findings.pickles += 1
+    findings.location = location or what
     try:
-        return InertUnpickler(stream, findings, persistent, context).load()
+        return (machine or InertUnpickler)(stream, findings, persistent, context).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
             IndexError, struct.error, UnicodeDecodeError, OverflowError, MemoryError,
             RecursionError) as exc:
-        stream.seek(start)
-        scan_globals(stream.read(MAX_STATIC_SCAN), findings)
+        try:
+            # Only what is there: a buffered file read allocates all it is asked for up
+            # front, so MAX_STATIC_SCAN would cost 64 MiB for every broken pickle.
+            left = stream.seek(0, io.SEEK_END) - start
+            stream.seek(start)
+            scan_globals(stream.read(min(MAX_STATIC_SCAN, left)), findings, context)
+        except (AttributeError, OSError, ValueError):
+            pass  # a stream that cannot go back (raw zlib): the interpreted part is reported
         message = f"corrupt {what}: {type(exc).__name__}: {exc}"[:300]
         if findings.unsafe:
             # pickle.load runs every opcode before the break, so a truncated or broken file
             # that names dangerous callables is unsafe first and corrupt second.
             raise UnsafePickleError(f"{message}; it names dangerous callables: "
                                     f"{', '.join(sorted(findings.unsafe))}",
-                                    unsafe=sorted(findings.unsafe)) from exc
+                                    findings=findings) from exc
         raise IntegrityError(message) from exc
 
 
@@ -341,17 +393,19 @@ class UnsafePickleError(IntegrityError):
 
     exit_code = ExitCode.UNSAFE
 
-    def __init__(self, message: str, *, unsafe: list[str]):
+    def __init__(self, message: str, *, findings: Findings):
         super().__init__(message, hint="Do not load it with pickle or torch.load")
-        self.unsafe = unsafe
+        self.findings = findings
+        self.unsafe = sorted(findings.unsafe)
 
 
-def scan_globals(data: bytes, findings: Findings) -> None:
+def scan_globals(data: bytes, findings: Findings, context: PickleContext | None = None) -> None:
     """Statically list the globals a (possibly broken) pickle names, without interpreting it.
 
     Tracks string pushes and the memo so that ``STACK_GLOBAL`` operands fetched with
     ``BINGET`` are resolved too.
     """
+    allowed = context.allowed if context else {}
     strings: list[Any] = []
     memo: dict[int, Any] = {}
     try:
@@ -359,9 +413,11 @@ def scan_globals(data: bytes, findings: Findings) -> None:
             name = op.name
             if name in ("GLOBAL", "INST"):
                 module, _, attr = str(arg).partition(" ")
-                _note(findings, module, attr, name)
+                if (module, attr) not in allowed:
+                    _note(findings, module, attr, name)
             elif name == "STACK_GLOBAL" and len(strings) >= 2:
-                _note(findings, str(strings[-2]), str(strings[-1]), name)
+                if (str(strings[-2]), str(strings[-1])) not in allowed:
+                    _note(findings, str(strings[-2]), str(strings[-1]), name)
             if isinstance(arg, str) and ("UNICODE" in name or name.endswith("STRING")):
                 strings.append(arg)
             elif name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
@@ -380,7 +436,7 @@ def _note(findings: Findings, module: str, name: str, via: str) -> None:
     if (module, name) in ALLOWED or (module, name) in NUMPY_BENIGN:
         return
     if danger.is_dangerous(module, name):
-        findings.unsafe.setdefault(f"{module}.{name}", via)
+        findings.flag(f"{module}.{name}", via)
     else:
         findings.objects.add(f"{module}.{name}")
 

@@ -28,8 +28,7 @@ fnn = pytest.importorskip("flax.linen")
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-COARSE = {"d_model": 256, "nhead": 8, "layer_names": ("self", "cross") * 4}
-FINE = {"d_model": 128, "nhead": 8, "layer_names": ("self", "cross")}
+from ckptkit.testing.loftr import COARSE, FINE, state_dict  # noqa: E402  (shapes are data)
 
 
 # --- PyTorch --------------------------------------------------------------------------------
@@ -235,14 +234,9 @@ def loftr_state(seed: int = 0) -> tuple[dict, LocalFeatureTransformer, LocalFeat
     fine = LocalFeatureTransformer(**FINE).eval()
     state = {f"loftr_coarse.{k}": v for k, v in coarse.state_dict().items()}
     state.update({f"loftr_fine.{k}": v for k, v in fine.state_dict().items()})
-    state.update({
-        "backbone.conv1.weight": torch.randn(128, 1, 7, 7),
-        "backbone.bn1.weight": torch.ones(128), "backbone.bn1.bias": torch.zeros(128),
-        "backbone.bn1.running_mean": torch.zeros(128), "backbone.bn1.running_var": torch.ones(128),
-        "backbone.bn1.num_batches_tracked": torch.tensor(0),
-        "fine_preprocess.down_proj.weight": torch.randn(128, 256),
-        "fine_preprocess.down_proj.bias": torch.randn(128),
-    })
+    # The rest of the network (backbone, fine_preprocess) as the demo's checkpoint has it.
+    state.update({k: torch.from_numpy(v) for k, v in state_dict(seed).items()
+                  if not k.startswith(("loftr_coarse.", "loftr_fine."))})
     return state, coarse, fine
 
 

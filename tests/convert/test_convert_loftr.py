@@ -56,6 +56,16 @@ def test_coarse_transformer_is_80_arrays_and_computes_what_torch_does(loftr_ckpt
     assert meta["recipe"] == "loftr" and meta["prefix"] == "loftr_coarse"
 
 
+def test_the_demo_checkpoint_layout_is_these_networks_state_dict() -> None:
+    """ckptkit.testing.loftr, which scripts/demo serves as LoFTR, describes the networks whose
+    forward passes these tests compare."""
+    from ckptkit.testing.loftr import state_dict_layout
+
+    state, _coarse, _fine = loftr_state()
+    assert {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in state.items()} \
+        == {name: (dtype, shape) for name, dtype, shape in state_dict_layout()}
+
+
 def test_fine_transformer_by_prefix(loftr_ckpt, tmp_path: Path) -> None:
     path, _coarse, fine = loftr_ckpt
     report = convert_json(str(path), "--recipe", "loftr", "--prefix", "loftr_fine", "--to",

@@ -3,6 +3,7 @@ one tensor alive at a time."""
 
 from __future__ import annotations
 
+import os
 import json
 import pickletools
 import weakref
@@ -303,3 +304,25 @@ def test_bad_inputs_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="is a directory"):
         write(tmp_path, "npz", [("a", ones)])
     assert listing(tmp_path) == set()
+
+
+def test_temp_files_of_killed_writers_are_swept_live_ones_kept(tmp_path: Path) -> None:
+    """A kill -9 mid-write leaves `.<name>.<pid>.<hex>.partial`; the next write to the same
+    target removes it when that pid is gone, and never touches a live writer's file."""
+    import subprocess
+    import sys
+
+    from ckptkit.convert.writers import atomic_file
+
+    target = tmp_path / "out.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = tmp_path / f".out.safetensors.{int(dead.stdout)}.0123abcd.partial"
+    live = tmp_path / f".out.safetensors.{os.getpid()}.89abcdef.partial"
+    other = tmp_path / f".other.bin.{int(dead.stdout)}.0123abcd.partial"
+    for path in (stale, live, other):
+        path.write_bytes(b"half")
+    with atomic_file(target) as fh:
+        fh.write(b"whole")
+    assert target.read_bytes() == b"whole"
+    assert not stale.exists() and live.exists() and other.exists()

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
-from ckptkit.cli.options import cache_options, confirm, confirm_options
+from ckptkit.cli.options import (cache_options, confirm, confirm_options, json_option,
+                                  quiet_option, show_plan)
 from ckptkit.errors import ExitCode
 
 
@@ -30,7 +31,7 @@ def _open(cache_dir: Path | None, catalogs: tuple[Path, ...]):
 @cache_group.command("ls", epilog="Examples:\n\n  ckpt cache ls\n\n"
                                    "  ckpt cache ls --json | jq '.[].path'")
 @cache_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 def ls_command(cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool) -> None:
     """List cached files with size, source and date."""
     conf, cache, cat = _open(cache_dir, catalogs)
@@ -56,7 +57,7 @@ def ls_command(cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool
                                        "  ckpt cache verify jukebox-1b_lyrics --json")
 @click.argument("names", nargs=-1)
 @cache_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 def verify_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tuple[Path, ...],
                    as_json: bool) -> int:
     """Re-hash cached files (all, or those of NAMES) against what was recorded and pinned.
@@ -100,12 +101,15 @@ def verify_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tup
 
 
 @cache_group.command("rm", epilog="Examples:\n\n  ckpt cache rm jukebox-5b --dry-run\n\n"
-                                   "  ckpt cache rm jukebox/5b/vqvae.pth.tar --yes")
+                                   "  ckpt cache rm jukebox/5b/vqvae.pth.tar --yes\n\n"
+                                   "  ckpt cache rm loftr --yes --json | jq .freed_bytes")
 @click.argument("names", nargs=-1, required=True)
 @cache_options
 @confirm_options
+@json_option
+@quiet_option
 def rm_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tuple[Path, ...],
-               dry_run: bool, yes: bool) -> None:
+               dry_run: bool, yes: bool, as_json: bool, quiet: bool) -> None:
     """Remove the cached files of models (or file ids); shared files another cached model
     still needs are kept."""
     from ckptkit.cache import plan_removal
@@ -121,23 +125,28 @@ def rm_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tuple[P
         for file_id in model.files:
             if file_id not in explicit:
                 needed.setdefault(file_id, []).append(model.name)
-    _run(plan_removal(cache, ids, needed), cache, dry_run, yes)
+    _run(plan_removal(cache, ids, needed), cache, dry_run=dry_run, yes=yes, as_json=as_json,
+         quiet=quiet)
 
 
 @cache_group.command("prune", epilog="Examples:\n\n  ckpt cache prune --dry-run\n\n"
-                                      "  ckpt cache prune --unreferenced --yes")
+                                      "  ckpt cache prune --unreferenced --yes\n\n"
+                                      "  ckpt cache prune --yes --quiet")
 @cache_options
 @confirm_options
 @click.option("--unreferenced", is_flag=True,
               help="Also delete cached files no catalogue names (pass the --catalog files "
                    "you fetched with, or they count as unreferenced).")
+@json_option
+@quiet_option
 def prune_command(cache_dir: Path | None, catalogs: tuple[Path, ...], dry_run: bool,
-                  yes: bool, unreferenced: bool) -> None:
+                  yes: bool, unreferenced: bool, as_json: bool, quiet: bool) -> None:
     """Delete partial downloads and staging leftovers (never a download in progress)."""
     from ckptkit.cache import plan_prune
 
     _conf, cache, cat = _open(cache_dir, catalogs)
-    _run(plan_prune(cache, set(cat.files) if unreferenced else None), cache, dry_run, yes)
+    _run(plan_prune(cache, set(cat.files) if unreferenced else None), cache, dry_run=dry_run,
+         yes=yes, as_json=as_json, quiet=quiet)
 
 
 def _file_ids(cat, names: tuple[str, ...]) -> list[str]:
@@ -149,18 +158,30 @@ def _file_ids(cat, names: tuple[str, ...]) -> list[str]:
     return ids
 
 
-def _run(plan, cache, dry_run: bool, yes: bool) -> None:
-    for kept in plan.kept:
-        click.echo(f"keep    {kept}")
-    for item in plan.remove:
-        click.echo(f"delete  {item.file_id or item.path}  {render.size(item.bytes)}  "
-                   f"({item.reason})")
-    if not plan.remove:
-        click.echo("nothing to delete")
-        return
-    click.echo(f"{len(plan.remove)} item(s), {render.size(plan.freed_bytes)} to free")
-    if dry_run:
-        return
-    if confirm("Delete them?", yes):
-        freed = plan.execute(cache)
-        click.echo(f"freed {render.size(freed)}")
+def _run(plan, cache, *, dry_run: bool, yes: bool, as_json: bool, quiet: bool) -> None:
+    """Show the plan (unless --json, or --quiet with nobody to ask), confirm, delete, report."""
+    if not as_json and show_plan(quiet=quiet, dry_run=dry_run, yes=yes):
+        for kept in plan.kept:
+            click.echo(f"keep    {kept}")
+        for item in plan.remove:
+            click.echo(f"delete  {item.file_id or item.path}  {render.size(item.bytes)}  "
+                       f"({item.reason})")
+        if plan.remove:
+            click.echo(f"{len(plan.remove)} item(s), {render.size(plan.freed_bytes)} to free")
+        else:
+            click.echo("nothing to delete")
+    deleted = plan.remove if dry_run else ()
+    if plan.remove and not dry_run:
+        if confirm("Delete them?", yes):
+            plan.execute(cache)
+            deleted = plan.remove
+            if not as_json:
+                click.echo(f"freed {render.size(plan.freed_bytes)}")
+        else:
+            click.echo("nothing deleted", err=True)
+    if as_json:
+        render.emit_json({
+            "kept": list(plan.kept),
+            "deleted": [{"name": r.file_id, "path": r.path, "bytes": r.bytes, "reason": r.reason}
+                        for r in deleted],
+            "freed_bytes": sum(r.bytes for r in deleted), "dry_run": dry_run})

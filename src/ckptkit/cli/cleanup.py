@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from ckptkit.cli import render
-from ckptkit.cli.options import confirm, confirm_options
+from ckptkit.cli.options import (confirm, confirm_options, json_option, quiet_option,
+                                  show_plan)
 from ckptkit.errors import ExitCode
 
 EXAMPLES = """Examples:
@@ -34,10 +35,11 @@ EXAMPLES = """Examples:
                    "trainer_state.json); names with acc/score/f1/auc/bleu default to max.")
 @click.option("--recursive", "-r", is_flag=True, help="Also clean run subdirectories.")
 @confirm_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
+@quiet_option
 def cleanup_command(directory: Path, keep_last: int, keep_every: int | None,
                     keep_best: str | None, recursive: bool, dry_run: bool, yes: bool,
-                    as_json: bool) -> int:
+                    as_json: bool, quiet: bool) -> int:
     """Delete old periodic checkpoints in DIRECTORY (default: .), keeping the newest N per run.
 
     Periodic checkpoints: NAME_step_N.pt, epoch_N.pt, epoch=E-step=S.ckpt, checkpoint-N/,
@@ -45,6 +47,7 @@ def cleanup_command(directory: Path, keep_last: int, keep_every: int | None,
     NAME.pt, last/latest files and symlinks (and their targets), and everything else
     (tokenizers, configs, notes).  Before deleting, the newest kept checkpoint of each run is
     checked to be complete; if it is truncated the newest complete one is kept as well.
+    With --quiet (and --yes) only the final "deleted ..." line is printed.
 
     Exit codes: 0 done (or nothing to do), 1 some deletions skipped, 2 bad flags or no
     terminal to confirm on without --yes, 4 DIRECTORY missing.
@@ -53,7 +56,7 @@ def cleanup_command(directory: Path, keep_last: int, keep_every: int | None,
 
     plan = plan_cleanup(directory, keep_last=keep_last, keep_every=keep_every,
                         keep_best=keep_best, recursive=recursive)
-    if not as_json:
+    if not as_json and show_plan(quiet=quiet, dry_run=dry_run, yes=yes):
         _print_plan(plan, directory)
     if not plan.deleted or dry_run:
         if as_json:
@@ -62,6 +65,8 @@ def cleanup_command(directory: Path, keep_last: int, keep_every: int | None,
     if not confirm(f"Delete {len(plan.deleted)} checkpoint(s), "
                    f"{render.size(plan.freed_bytes)}?", yes):
         click.echo("nothing deleted", err=True)
+        if as_json:
+            render.emit_json(_json(plan, (), (), dry_run))
         return ExitCode.OK
     result = plan.execute()
     for item, why in result.skipped:

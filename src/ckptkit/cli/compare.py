@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.options import json_option
 from ckptkit.errors import ExitCode
 
 EXAMPLES = """
@@ -25,7 +26,7 @@ Examples:
 @click.option("--metric", metavar="NAME[:min|max]",
               help="Metric to judge by [default: the first of val_loss, best_val_loss, "
                    "eval_loss, ... present; max for acc/score/f1/auc/bleu/map names].")
-@click.option("--json", "as_json", is_flag=True, help="Print {rows, recommended, ...}.")
+@json_option
 def compare_command(paths: tuple[Path, ...], metric: str | None, as_json: bool) -> int:
     """Compare checkpoints (files, or directories of them) and recommend one for deployment.
 

@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from ckptkit.cli import render
-from ckptkit.cli.options import cache_options, log_to_stderr, network_options, output_options
+from ckptkit.cli.options import (cache_options, dry_run_option, log_to_stderr, network_options,
+                                  output_options)
 
 EXAMPLES = """
 Examples:
@@ -42,7 +43,7 @@ SHOWN = 5
 @click.option("--layers", metavar="SPEC", help="Layers to take, e.g. 0-3 or 0,2,4-5.")
 @click.option("--allow-partial", is_flag=True,
               help="Write even if target params stay unfilled or shapes disagree.")
-@click.option("--dry-run", is_flag=True, help="Only print the coverage report; write nothing.")
+@dry_run_option
 @network_options
 @cache_options
 @output_options
@@ -56,9 +57,9 @@ def convert_command(src: str, to: str, out: Path | None, recipe: str | None, pre
     Renames and re-lays tensors by a recipe (default: generic PyTorch <-> Flax rules), streams
     them one at a time into an atomically written file, never over the input, and re-reads the
     result.  Prints the coverage report: target params filled and unfilled, source tensors
-    unused, shape mismatches.  Exits 1 on unfilled or mismatched target params (unless
-    --allow-partial) or an empty result, 2 on bad options (a --prefix that matches nothing
-    lists the prefixes that exist).
+    unused, shape mismatches (with --quiet only the file written).  Exits 1 on unfilled or
+    mismatched target params (unless --allow-partial) or an empty result, 2 on bad options (a
+    --prefix that matches nothing lists the prefixes that exist).
     """
     from ckptkit.cli.progress import progress_bars
     from ckptkit.config import settings
@@ -78,11 +79,13 @@ def convert_command(src: str, to: str, out: Path | None, recipe: str | None, pre
             failed = ConversionReport.from_plan(exc.plan, Path(src))
             if as_json:
                 render.emit_json({**failed.to_dict(), "error": exc.message})
-            else:
+            elif not quiet:
                 click.echo(report_text(failed.to_dict(), dry_run=True))
         raise
     if as_json:
         render.emit_json(report.to_dict())
+    elif quiet and not dry_run:
+        click.echo(report.output)
     else:
         click.echo(report_text(report.to_dict(), dry_run=dry_run))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.options import json_option
 from ckptkit.errors import ExitCode
 
 EXAMPLES = """
@@ -25,15 +26,15 @@ SHOWN = 40
 @click.command("diff", epilog=EXAMPLES)
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
-@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--atol", metavar="X", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Largest absolute difference still counted as unchanged (0: equal values).")
-@click.option("--depth", type=click.IntRange(1, 64), default=1, show_default=True,
+@click.option("--depth", metavar="N", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Module-name components per summary row (after a shared root such as "
                    "'model').")
 @click.option("--weights-only", is_flag=True,
               help="Leave out optimizer, scheduler and scaler tensors.")
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, unchanged ones too.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option
 def diff_command(a: Path, b: Path, atol: float, depth: int, weights_only: bool, show_all: bool,
                  as_json: bool) -> int:
     """Compare checkpoints A and B tensor by tensor, with bounded memory.

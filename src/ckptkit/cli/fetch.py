@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
-from ckptkit.cli.options import (cache_options, log_to_stderr, network_options,
+from ckptkit.cli.options import (cache_options, dry_run_option, log_to_stderr, network_options,
                                   output_options)
 from ckptkit.cli.progress import progress_bars
 
@@ -28,12 +28,11 @@ Examples:
 @click.argument("names", nargs=-1, required=True)
 @click.option("--source", type=click.Choice(["tfhub", "kaggle", "url", "local"]),
               help="Use only this kind of source.")
-@click.option("--dest", type=click.Path(path_type=Path, file_okay=False),
+@click.option("--dest", metavar="DIR", type=click.Path(path_type=Path, file_okay=False),
               help="Also place the files here, in the layout the origin tool expects.")
-@click.option("--connections", type=click.IntRange(1, 64),
+@click.option("--connections", metavar="N", type=click.IntRange(1, 64),
               help="Parallel connections per file [env: CKPTKIT_CONNECTIONS, default 8].")
-@click.option("--dry-run", is_flag=True, help="Only print the plan (what is cached, sources, "
-                                               "bytes to transfer).")
+@dry_run_option
 @network_options
 @cache_options
 @output_options

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.options import json_option
 from ckptkit.errors import ExitCode
 
 EXAMPLES = """
@@ -24,8 +25,8 @@ Examples:
 
 @click.command("inspect", epilog=EXAMPLES)
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--depth", type=click.IntRange(1, 64), default=2, show_default=True,
+@json_option
+@click.option("--depth", metavar="N", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Collapse the module tree to this many name components.")
 @click.option("--filter", "pattern", metavar="GLOB",
               help="Only tensors whose name matches GLOB (implies --tensors).")
@@ -50,7 +51,8 @@ def inspect_command(path: Path, as_json: bool, depth: int, pattern: str | None,
     else:
         click.echo(_human(info, depth, pattern, show_tensors or bool(pattern)))
     if info.unsafe:
-        click.echo(f"ckpt: {path}: unsafe content: {', '.join(info.unsafe)}. Do not load it "
+        click.echo(f"ckpt: {render.safe(path)}: unsafe content: "
+                   f"{render.safe(', '.join(info.unsafe))}. Do not load it "
                    "with pickle or torch.load(weights_only=False); `ckpt inspect` ran none of it",
                    err=True)
         return ExitCode.UNSAFE

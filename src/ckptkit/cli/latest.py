@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.options import json_option, quiet_option
 
 EXAMPLES = """Examples:
 
@@ -22,19 +23,21 @@ EXAMPLES = """Examples:
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--prefix", metavar="P",
               help="Run prefix (thinker for thinker_step_N.pt, checkpoint for HF, ckpt for TF) "
-                   "when DIRECTORY holds several runs.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON {path, step}.")
-def latest_command(directory: Path, prefix: str | None, as_json: bool) -> None:
+                   "when DIRECTORY holds several runs; runs sharing a prefix are named by "
+                   "the pattern the error lists.")
+@json_option
+@quiet_option
+def latest_command(directory: Path, prefix: str | None, as_json: bool, quiet: bool) -> None:
     """Print the newest complete periodic checkpoint in DIRECTORY (by step, not mtime).
 
     Newer checkpoints that are incomplete (truncated, uncommitted) are skipped with a note on
-    stderr.  Exit codes: 0 found, 2 several runs and no --prefix, 4 none found.
+    stderr (not with --quiet).  Exit codes: 0 found, 2 several runs and no --prefix, 4 none found.
     """
     from ckptkit.errors import NotFoundError
     from ckptkit.saving import find_latest
 
     result = find_latest(directory, prefix)
-    for ckpt, why in result.skipped:
+    for ckpt, why in () if quiet else result.skipped:
         click.echo(f"ckpt: skipped {render.safe(ckpt.path)} (step {ckpt.step}): {why}",
                    err=True)
     if result.checkpoint is None:

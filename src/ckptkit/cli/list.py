@@ -7,12 +7,12 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
-from ckptkit.cli.options import cache_options
+from ckptkit.cli.options import cache_options, json_option
 
 
 @click.command("list", epilog="Examples:\n\n  ckpt list\n\n  ckpt list --json | jq '.[].name'")
 @cache_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 def list_command(cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool) -> None:
     """List catalogue models: files, known size, cached state, description."""
     from ckptkit import catalogue

@@ -7,13 +7,15 @@ import os
 import sys
 import click
 
-from ckptkit import __version__, config
+from ckptkit import config
+from ckptkit.cli.errors import command_path, error_line
 from ckptkit.errors import CkptkitError, ExitCode
 
 #: name -> (module, attribute).  Modules are imported only when their command runs or help
 #: lists it, so `ckpt --help` never imports numpy, torch or TensorFlow.
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("ckptkit.cli.inspect", "inspect_command"),
+    "scan": ("ckptkit.cli.scan", "scan_command"),
     "fetch": ("ckptkit.cli.fetch", "fetch_command"),
     "list": ("ckptkit.cli.list", "list_command"),
     "cache": ("ckptkit.cli.cache", "cache_group"),
@@ -23,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "strip": ("ckptkit.cli.strip", "strip_command"),
     "cleanup": ("ckptkit.cli.cleanup", "cleanup_command"),
     "latest": ("ckptkit.cli.latest", "latest_command"),
+    "doctor": ("ckptkit.cli.doctor", "doctor_command"),
+    "completion": ("ckptkit.cli.completion", "completion_command"),
 }
 
 
@@ -37,11 +41,21 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``--version``: the installed package's version, from its metadata (nothing imported)."""
+    if value and not ctx.resilient_parsing:
+        from ckptkit import __version__
+
+        click.echo(f"ckpt, version {__version__}")
+        ctx.exit()
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
              epilog="Examples:\n\n  ckpt fetch musiq-spaq\n\n  ckpt inspect thinker_best.pt\n\n"
                     "  ckpt convert loftr --to flax\n\n  ckpt cleanup checkpoints/ --keep-last 1\n\n"
                     "  ckpt cache ls")
-@click.version_option(__version__, "--version", prog_name="ckpt")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="Show the version and exit.")
 def cli() -> None:
     """ckpt: fetch, inspect, convert and manage model checkpoints.
 
@@ -56,17 +70,23 @@ def _error(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run ``ckpt`` and return (via SystemExit) the exit code from :class:`ExitCode`."""
     try:
-        result = cli.main(args=argv, prog_name="ckpt", standalone_mode=False)
+        # NO_COLOR: click strips styles from everything echoed through this context.
+        result = cli.main(args=argv, prog_name="ckpt", standalone_mode=False,
+                          color=False if config.no_color() else None)
         code = int(result) if isinstance(result, int) else ExitCode.OK
     except click.exceptions.Exit as exc:
         code = exc.exit_code
-    except click.ClickException as exc:
+    except click.exceptions.NoArgsIsHelpError as exc:  # `ckpt` or `ckpt cache` alone: the help
         exc.show()
+        code = ExitCode.USAGE
+    except click.ClickException as exc:
+        click.echo(error_line(exc), err=True)
         code = ExitCode.USAGE if isinstance(exc, click.UsageError) else ExitCode.ERROR
     except CkptkitError as exc:
         if config.debug():
             raise
-        _error(str(exc))
+        click.echo(error_line(exc, command_path(cli, sys.argv[1:] if argv is None else argv)),
+                   err=True)
         code = exc.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
         _error("interrupted")

@@ -16,7 +16,8 @@ def cache_options(func: F) -> F:
     func = click.option("--catalog", "catalogs", multiple=True, metavar="FILE",
                         type=click.Path(path_type=Path, dir_okay=False),
                         help="Extra catalogue file (repeatable; later files win).")(func)
-    return click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False),
+    return click.option("--cache-dir", metavar="DIR",
+                        type=click.Path(path_type=Path, file_okay=False),
                         help="Cache directory [env: CKPTKIT_CACHE].")(func)
 
 
@@ -32,26 +33,63 @@ def network_options(func: F) -> F:
                         help="Never touch the network [env: CKPTKIT_OFFLINE=1].")(func)
 
 
+#: One help text per concept, so that ``--help`` says the same thing on every command
+#: (tests/cli/test_consistency.py holds every command to it; docs/cli.md explains each).
+JSON_HELP = "Print the result as JSON on stdout (nothing else goes to stdout)."
+QUIET_HELP = "Print only results and errors: no progress bars, log lines, notes or reports."
+DRY_RUN_HELP = "Only print the plan; change nothing."
+YES_HELP = "Do not ask before deleting or replacing files (needed without a terminal)."
+
+
+def json_option(func: F) -> F:
+    """``--json``: one JSON object or array on stdout and nothing else there."""
+    return click.option("--json", "as_json", is_flag=True, help=JSON_HELP)(func)
+
+
+def quiet_option(func: F) -> F:
+    """``-q, --quiet``: results and errors only (what counts as the result: docs/cli.md)."""
+    return click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)(func)
+
+
+def dry_run_option(func: F) -> F:
+    """``--dry-run``: print what would happen; write, delete and download nothing."""
+    return click.option("--dry-run", is_flag=True, help=DRY_RUN_HELP)(func)
+
+
+def yes_option(func: F) -> F:
+    """``-y, --yes``: confirm up front; without a terminal it is the only way to confirm."""
+    return click.option("--yes", "-y", is_flag=True, help=YES_HELP)(func)
+
+
 def output_options(func: F) -> F:
-    func = click.option("--quiet", "-q", is_flag=True, help="No progress or log lines.")(func)
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(func)
+    """``--json`` and ``--quiet``."""
+    return json_option(quiet_option(func))
 
 
 def confirm_options(func: F) -> F:
-    func = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")(func)
-    return click.option("--dry-run", is_flag=True, help="Only print the plan.")(func)
+    """``--dry-run`` and ``--yes``, for commands that delete or replace files."""
+    return dry_run_option(yes_option(func))
 
 
-def confirm(question: str, yes: bool) -> bool:
+def confirm(question: str, yes: bool, action: str = "delete") -> bool:
     """Ask on a TTY; without one, refuse unless ``--yes`` (never delete by surprise)."""
     if yes:
         return True
     if not sys.stdin.isatty():
         from ckptkit.errors import UsageError
 
-        raise UsageError("refusing to delete without a terminal to confirm on",
+        raise UsageError(f"refusing to {action} without a terminal to confirm on",
                          hint="Pass --yes to confirm, or --dry-run to only see the plan")
     return click.confirm(question, default=False, err=True)
+
+
+def show_plan(*, quiet: bool, dry_run: bool, yes: bool) -> bool:
+    """Whether a destructive command prints its plan before acting.
+
+    Always, except under ``--quiet`` when the plan is neither the result (``--dry-run``) nor
+    needed by a person asked to confirm on a terminal.
+    """
+    return not quiet or dry_run or (not yes and sys.stdin.isatty())
 
 
 def log_to_stderr(quiet: bool) -> Callable[[str], None]:

@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.options import (confirm, dry_run_option, json_option, quiet_option,
+                                  yes_option)
 from ckptkit.errors import ExitCode
 
 EXAMPLES = """
@@ -15,7 +17,7 @@ Examples:
 \b
   ckpt strip thinker_best.pt
   ckpt strip epoch_5.pt -o deploy/model.pt
-  ckpt strip last.ckpt --keep ema --in-place
+  ckpt strip last.ckpt --keep ema --in-place --yes
   ckpt strip thinker_step_200.pt --dry-run --json
 """
 
@@ -28,18 +30,21 @@ Examples:
 @click.option("--keep", "keep", multiple=True, metavar="KEY",
               help="Keep this top-level entry although it is training state (repeatable).")
 @click.option("--in-place", is_flag=True,
-              help="Replace SRC itself (temporary file, then an atomic rename).")
-@click.option("--dry-run", is_flag=True, help="Only print what would be kept and dropped.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+              help="Replace SRC itself (temporary file, then an atomic rename; asks first).")
+@dry_run_option
+@yes_option
+@json_option
+@quiet_option
 def strip_command(src: Path, out: Path | None, keep: tuple[str, ...], in_place: bool,
-                  dry_run: bool, as_json: bool) -> int:
+                  dry_run: bool, yes: bool, as_json: bool, quiet: bool) -> int:
     """Drop training-only entries from PyTorch checkpoint SRC and write the rest atomically.
 
     Drops optimizer, scheduler, AMP scaler, Lightning callbacks/loops and RNG state (by name
     or by content); keeps model and EMA weights and metadata (step, epoch, best_val_loss,
     config), nested as they were.  Tensors are copied byte for byte, without torch; the result
     loads with torch.load(weights_only=True).  A file with nothing to strip is not copied
-    unless -o is given.
+    unless -o is given.  --in-place asks first on a terminal and needs --yes without one.
+    With --quiet only the path written is printed.
     """
     from ckptkit.strip import plan_strip
 
@@ -50,9 +55,18 @@ def strip_command(src: Path, out: Path | None, keep: tuple[str, ...], in_place: 
                 "dropped": plan.dropped, "kept": list(plan.kept), "tensor_count": None,
                 "note": plan.note, "dry_run": True}
     else:
+        if in_place and plan.output is not None:
+            dropped = ", ".join(plan.dropped) or "nothing"
+            if not confirm(f"Replace {render.safe(plan.source)} in place, dropping {dropped}?",
+                           yes, action=f"replace {plan.source} in place"):
+                click.echo("nothing written", err=True)
+                return ExitCode.OK
         data = {**plan.execute().to_dict(), "dry_run": False}
     if as_json:
         render.emit_json(data)
+    elif quiet and not dry_run:
+        if data["output"] is not None:
+            click.echo(data["output"])
     else:
         click.echo(_human(data))
     return ExitCode.OK

@@ -22,7 +22,7 @@ from ckptkit.convert.plan import (ConversionPlan, LayerSpec, Mismatch, TargetSpe
                                   plan_conversion, source_layout)
 from ckptkit.convert.recipes import Layout, Recipe, load_recipe
 from ckptkit.convert.writers import FORMATS, Fmt, WriteResult, sidecar_path, write
-from ckptkit.errors import IntegrityError, NotFoundError, UsageError
+from ckptkit.errors import IntegrityError, NotFoundError, UsageError, naming
 from ckptkit.model import RawCheckpoint
 from ckptkit.tree import is_scalar, join
 
@@ -118,13 +118,15 @@ def convert(src: str | Path, to: Fmt, out: str | Path | None = None, *,
             ``.msgpack``), ``npz``, ``safetensors`` or ``torch``.
         out: output file; default ``./<stem>[.<prefix>]<ext>`` (see docs/convert.md).
         settings: :class:`ckptkit.config.Settings` for fetching catalogue names.
-        dry_run: plan and report only; nothing is written.
+        dry_run: plan and report only; nothing is written, and a catalogue name is not
+            fetched (it must be cached already).
 
     Returns:
         The :class:`ConversionReport`.
 
     Raises:
-        UsageError: bad options, an output that would replace the input.
+        UsageError: bad options, an output that would replace the input, ``dry_run`` with a
+            catalogue name that is not cached.
         CoverageError: unfilled or mismatched target params (unless ``allow_partial``), or
             nothing to convert.
         NotFoundError: ``src`` is neither a file nor a catalogue name; fetching failed.
@@ -135,14 +137,17 @@ def convert(src: str | Path, to: Fmt, out: str | Path | None = None, *,
         5251072
     """
     if to not in FORMATS:
-        raise UsageError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
+        raise UsageError(f"--to {to!r} is not one of {', '.join(FORMATS)}",
+                         hint=f"Pass one of: {', '.join(FORMATS)}")
     out = Path(out) if out is not None else None
-    path, model_recipe = resolve_source(src, settings, log=log, progress=progress)
+    path, model_recipe = resolve_source(src, settings, log=log, progress=progress,
+                                        dry_run=dry_run)
     if recipe is None and to == "flax":
         recipe = model_recipe
     from ckptkit import formats
 
-    raw = formats.detect(path).read_info(path)
+    with naming(path):
+        raw = formats.detect(path).read_info(path)
     layout = source_layout(raw)
     if (recipe is None and prefix is None and target is None and layers is None
             and _LAYOUT_OF.get(to, layout) == layout):
@@ -165,11 +170,12 @@ def convert(src: str | Path, to: Fmt, out: str | Path | None = None, *,
 
 def resolve_source(src: str | Path, settings: Settings | None = None, *,
                    log: Callable[[str], None] | None = None,
-                   progress: Any = None) -> tuple[Path, str | None]:
+                   progress: Any = None, dry_run: bool = False) -> tuple[Path, str | None]:
     """The local file for ``src`` and the recipe its catalogue entry names (if any).
 
     A path that exists is used as is; otherwise ``src`` is looked up in the catalogue and
-    fetched (verified, cached) with :func:`ckptkit.fetch.plan_fetch`.
+    fetched (verified, cached) with :func:`ckptkit.fetch.plan_fetch`.  With ``dry_run``
+    nothing is fetched: the cached copy is used, and a model not cached yet is a UsageError.
     """
     path = Path(src).expanduser()
     if path.exists():
@@ -184,11 +190,20 @@ def resolve_source(src: str | Path, settings: Settings | None = None, *,
     except NotFoundError as exc:
         raise NotFoundError(f"{src}: no such file, and no catalogue model of that name",
                             hint=exc.hint, path=str(src)) from None
-    fetched = plan_fetch([model.name], conf, catalogue=cat).execute(progress=progress, log=log)
-    if len(fetched) != 1:
-        raise UsageError(f"model {model.name} has {len(fetched)} files; convert one by path",
-                         hint="Files: " + ", ".join(f.path for f in fetched))
-    return Path(fetched[0].path), model.recipe
+    plan = plan_fetch([model.name], conf, catalogue=cat)
+    if dry_run:
+        missing = [f.spec.id for f in plan.files if f.cached is None]
+        if missing:
+            raise UsageError(f"--dry-run changes nothing, and {model.name} is not cached "
+                             f"({', '.join(missing)})",
+                             hint=f"Run `ckpt fetch {model.name}` first, then repeat the dry run")
+        paths = [f.cached.path for f in plan.files if f.cached is not None]
+    else:
+        paths = [f.path for f in plan.execute(progress=progress, log=log)]
+    if len(paths) != 1:
+        raise UsageError(f"model {model.name} has {len(paths)} files; convert one by path",
+                         hint="Files: " + ", ".join(paths))
+    return Path(paths[0]), model.recipe
 
 
 def default_output(src: Path, to: Fmt, tag: str | None = None,

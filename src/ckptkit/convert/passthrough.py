@@ -244,7 +244,8 @@ def _check_readable(source: Path, name: str, dtype: str) -> None:
         numpy_dtype(dtype)
     except Exception as exc:  # noqa: BLE001 - IntegrityError or MissingDependencyError
         raise UsageError(f"{source}: tensor {name!r} has dtype {dtype}, which cannot be "
-                         f"converted ({exc})", path=str(source)) from None
+                         f"converted ({exc})", hint="Convert with the framework that wrote "
+                         "it, or leave that tensor out with a recipe", path=str(source)) from None
 
 
 def _span_reader(ref: TensorRef, big_endian: bool) -> Callable[[], np.ndarray]:

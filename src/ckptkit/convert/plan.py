@@ -304,7 +304,8 @@ def _filter_layers(selected: list[_Source], picked: tuple[int, ...] | None, spec
     missing = sorted(set(picked) - present)
     if missing:
         raise UsageError(f"--layers {spec}: layer(s) {', '.join(map(str, missing))} do not exist; "
-                         f"the source has layers {min(present)}-{max(present)}")
+                         f"the source has layers {min(present)}-{max(present)}",
+                         hint=f"Pick layers from {min(present)}-{max(present)}")
     return kept
 
 

@@ -384,7 +384,9 @@ def read_target(spec: TargetSpec) -> dict[str, tuple[int, ...]]:
         return {str(k): tuple(int(d) for d in v) for k, v in spec.items()}
     path = Path(spec)
     if not path.exists():
-        raise NotFoundError(f"--target {path}: no such file", path=str(path))
+        raise NotFoundError(f"--target {path}: no such file",
+                            hint="Check the path of the destination layout file",
+                            path=str(path))
     if path.suffix.lower() == ".json":
         try:
             layout = _flatten_json(json.loads(path.read_text(encoding="utf-8")), "")
@@ -398,7 +400,9 @@ def read_target(spec: TargetSpec) -> dict[str, tuple[int, ...]]:
         layout = {(w if isinstance(w, str) else join(w, raw.separator)): tuple(r.shape)
                   for w, r in raw.tensors}
     if not layout:
-        raise UsageError(f"--target {path} holds no parameters")
+        raise UsageError(f"--target {path} holds no parameters",
+                         hint="Pass the destination model's parameters: .npz, Flax msgpack, "
+                              "a checkpoint, or JSON {key: shape}")
     return layout
 
 

@@ -65,7 +65,8 @@ class SafetensorsWriter:
     def __init__(self, fh: BinaryIO, directory: Path, metadata: dict[str, str],
                  layout: Sequence[Entry] | None):
         if "__metadata__" in {e[0] for e in layout or ()}:
-            raise UsageError("a tensor cannot be named '__metadata__' in safetensors")
+            raise UsageError("a tensor cannot be named '__metadata__' in safetensors",
+                             hint="Rename it with a recipe rule, or write npz instead")
         self.fh = fh
         self.metadata = metadata
         self.layout = list(layout) if layout is not None else None
@@ -83,7 +84,8 @@ class SafetensorsWriter:
     def add(self, name: str, array: np.ndarray) -> None:
         dtype, shape = array.dtype.name, tuple(array.shape)
         if name == "__metadata__":
-            raise UsageError("a tensor cannot be named '__metadata__' in safetensors")
+            raise UsageError("a tensor cannot be named '__metadata__' in safetensors",
+                             hint="Rename it with a recipe rule, or write npz instead")
         if self.spool is not None:
             self.spooled.append(((name, dtype, shape), self.spool.put(raw_bytes(array))))
             return

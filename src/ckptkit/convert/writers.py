@@ -26,8 +26,10 @@ same path is removed.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import secrets
 import sys
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ from typing import BinaryIO, Iterable, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 
-from ckptkit.errors import NotFoundError, UsageError
+from ckptkit.errors import NotFoundError, UsageError, disk_full
 from ckptkit.partial import fsync_dir
 
 Fmt = Literal["npz", "safetensors", "torch", "flax"]
@@ -186,6 +188,8 @@ def atomic_file(target: Path) -> Iterator[BinaryIO]:
     The temporary name is unique per process and call, so concurrent writers to one target
     never share a file; the last to finish wins whole.  Data and the directory entry are
     fsynced, so after a crash ``target`` holds the old file or the new one, never a mix.
+    A full disk (or quota, or file size limit) becomes :class:`~ckptkit.errors.DiskFullError`
+    naming ``target``; the temporary file is removed on every error.
     """
     directory = target.parent
     if target.is_dir():
@@ -194,19 +198,44 @@ def atomic_file(target: Path) -> Iterator[BinaryIO]:
         raise NotFoundError(f"{directory}: no such directory for the output {target.name}",
                             hint="Create it first, or choose another output path",
                             path=str(directory))
+    _sweep_dead_partials(target)
     tmp = directory / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        full = disk_full(exc, target, "creating its temporary file")
+        if full is None:
+            raise
+        raise full from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        # A full disk is the user's to fix, not a crash: say so, with the path and free space.
+        full = disk_full(exc, target, "writing it (the partial file was removed)")
+        if full is not None:
+            raise full from exc
         raise
     fsync_dir(directory)
+
+
+def _sweep_dead_partials(target: Path) -> None:
+    """Remove temporary files of earlier writes to ``target`` whose process was killed.
+
+    The pid in the name decides: a file of a live process (a concurrent writer) is left."""
+    from ckptkit.locks import pid_alive
+
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[0-9a-f]{{8}}\.partial")
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        match = pattern.fullmatch(leftover.name)
+        if match and not leftover.is_symlink() and not pid_alive(int(match[1])):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptkit.errors import IntegrityError, UsageError
-from ckptkit.model import RawCheckpoint, TensorRef
+from ckptkit.model import ByteSpan, RawCheckpoint, TensorRef
 from ckptkit.pickle_globals import numpy_dtype_name
 from ckptkit.tree import iter_tensors
 
@@ -50,12 +50,25 @@ def _dtype_name(raw: Any) -> str:
 def _decode(path: Path, materialise: bool) -> Any:
     import msgpack
 
+    cursor = 0  # where the previous array ended: msgpack calls the hook in file order
+
+    def span(data: bytes, buffer: bytes) -> ByteSpan | None:
+        # The hook gets a copy of the extension's bytes, not its offset; they are found by
+        # searching forward from the previous array (an earlier identical copy would hold
+        # the same bytes).  The buffer is the extension's last field, hence its tail.
+        nonlocal cursor
+        at = raw.find(data, cursor)
+        if at < 0 or not data.endswith(buffer):
+            return None
+        cursor = at + len(data)
+        return ByteSpan(str(path), cursor - len(buffer), len(buffer))
+
     def ext_hook(code: int, data: bytes) -> Any:
         if code == _EXT_NDARRAY:
             shape, dtype, buffer = msgpack.unpackb(data, raw=True)
             shape = tuple(int(s) for s in shape)
             name = _dtype_name(dtype)
-            ref = TensorRef(name, shape)
+            ref = TensorRef(name, shape, span(data, buffer) if isinstance(buffer, bytes) else None)
             if len(buffer) != ref.nbytes:
                 raise IntegrityError(f"{path}: array {name}{list(shape)} holds {len(buffer)} "
                                      f"bytes, expected {ref.nbytes}")
@@ -84,32 +97,42 @@ def _decode(path: Path, materialise: bool) -> Any:
         return msgpack.ExtType(code, b"")
 
     with open(path, "rb") as fh:
-        data = fh.read()
+        raw = fh.read()
     try:
-        tree = msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
+        tree = msgpack.unpackb(raw, ext_hook=ext_hook, raw=False, strict_map_key=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
             UnicodeDecodeError, TypeError) as exc:
         raise IntegrityError(f"{path}: not a complete Flax msgpack file ({type(exc).__name__}: "
                              f"{exc})", hint="The file is truncated or corrupt",
                              path=str(path)) from exc
-    return _unchunk(tree, materialise)
+    return _unchunk(path, tree, materialise)
 
 
-def _unchunk(node: Any, materialise: bool) -> Any:
+def _unchunk(path: Path, node: Any, materialise: bool) -> Any:
     if isinstance(node, dict):
         if node.get("__msgpack_chunked_array__") is True:
-            shape = tuple(int(node["shape"][str(i)]) for i in range(len(node["shape"])))
-            chunks = [node["chunks"][str(i)] for i in range(len(node["chunks"]))]
-            if materialise:
-                import numpy as np
-
-                return np.concatenate(chunks).reshape(shape)
-            dtype = chunks[0].dtype if chunks else "float32"
-            if sum(c.numel for c in chunks) != math.prod(shape):
-                raise IntegrityError("chunked array does not add up to its shape")
-            return TensorRef(dtype, shape)
-        return {k: _unchunk(v, materialise) for k, v in node.items()}
+            try:
+                return _chunked(node, materialise)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise IntegrityError(f"{path}: malformed chunked array ({type(exc).__name__}: "
+                                     f"{exc})", hint="The file is truncated or corrupt",
+                                     path=str(path)) from None
+        return {k: _unchunk(path, v, materialise) for k, v in node.items()}
     return node
+
+
+def _chunked(node: dict[Any, Any], materialise: bool) -> Any:
+    """A ``{"shape": {"0": n, ...}, "chunks": {"0": array, ...}}`` array put together."""
+    shape = tuple(int(node["shape"][str(i)]) for i in range(len(node["shape"])))
+    chunks = [node["chunks"][str(i)] for i in range(len(node["chunks"]))]
+    if materialise:
+        import numpy as np
+
+        return np.concatenate(chunks).reshape(shape)
+    dtype = chunks[0].dtype if chunks else "float32"
+    if sum(c.numel for c in chunks) != math.prod(shape):
+        raise ValueError("chunks do not add up to its shape")
+    return TensorRef(dtype, shape)
 
 
 def read_info(path: Path) -> RawCheckpoint:

@@ -30,7 +30,7 @@ def sniff(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (*ziparchive.ZIP_ERRORS, ValueError):
         # Truncated: the central directory is gone, but the first record still names a .npy.
         return ziparchive.first_member_name(path).endswith(".npy")
     return bool(names) and all(n.endswith(".npy") for n in names)
@@ -82,7 +82,7 @@ def read_info(path: Path) -> RawCheckpoint:
             where = f"{path}: member {info.filename!r}"
             try:
                 header, data_start = parse_header(_read_head(archive, info), where)
-            except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            except ziparchive.ZIP_ERRORS as exc:
                 raise IntegrityError(f"{where} cannot be read ({exc})",
                                      hint="The file is truncated or corrupt", path=str(path))
             declared += info.file_size
@@ -109,7 +109,7 @@ def read_info(path: Path) -> RawCheckpoint:
             tree[key] = ref
             tensors.append((key, ref))
     details = {"members": len(tree), "compressed": compressed, "declared_bytes": declared,
-               "unsafe_via": dict(findings.unsafe)}
+               **findings.details()}
     if "opt/target" in {k.rsplit("/", 2)[0] for k in tree} or any(
             k.startswith("opt/target/") for k in tree):
         details["flax_optimizer_target"] = "opt/target"
@@ -147,10 +147,15 @@ def _object_array(archive: zipfile.ZipFile, info: zipfile.ZipInfo, start: int,
     findings.objects.add("numpy.ndarray[object]")
     if info.file_size > 256 << 20:
         return Opaque("numpy.ndarray[object]")
-    with archive.open(info) as member:
-        data = member.read()[start:]
     try:
-        read_pickle(data, findings, what=f"object array {where}")
+        with archive.open(info) as member:
+            data = member.read()[start:]
+    except ziparchive.ZIP_ERRORS as exc:
+        raise IntegrityError(f"{where} cannot be read ({exc})",
+                             hint="The file is truncated or corrupt") from None
+    try:
+        read_pickle(data, findings, what=f"object array {where}",
+                    location=f"object array {info.filename}")
     except IntegrityError:
         pass  # a broken pickle in an object array is reported through its findings
     return Opaque("numpy.ndarray[object]")

@@ -43,7 +43,12 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The parsed JSON header and the offset where the byte buffer starts."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
+        head = fh.read(8)
+        if len(head) < 8:
+            raise IntegrityError(f"{path}: {size} bytes is too short for a safetensors file "
+                                 "(8-byte header length first)",
+                                 hint="The file is truncated or corrupt", path=str(path))
+        (length,) = struct.unpack("<Q", head)
         if length > MAX_HEADER or length + 8 > size:
             raise IntegrityError(f"{path}: safetensors header of {length} bytes does not fit "
                                  f"in a {size}-byte file", hint="The file is truncated or corrupt",
@@ -63,13 +68,16 @@ def read_info(path: Path) -> RawCheckpoint:
     header, start = read_header(path)
     size = path.stat().st_size
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise IntegrityError(f"{path}: safetensors __metadata__ is a {type(metadata).__name__}, "
+                             "not a map of strings", hint="The file is corrupt", path=str(path))
     entries = []
     for name, entry in header.items():
         try:
             dtype = DTYPES[entry["dtype"]]
             shape = tuple(int(s) for s in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(1e400) overflows
             raise IntegrityError(f"{path}: tensor {name!r} has a malformed header entry "
                                  f"({exc!r})", hint="The file is corrupt", path=str(path))
         if any(s < 0 for s in shape) or end - begin != math.prod(shape) * itemsize(dtype):

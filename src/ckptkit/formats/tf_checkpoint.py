@@ -122,7 +122,8 @@ def resolve(path: Path) -> tuple[str, dict[str, Any]]:
                                   f"{path / indexes[-1].name[: -len('.index')]}",
                              path=str(path))
         raise NotFoundError(f"{path}: no TensorFlow checkpoint (.index file) in this directory",
-                            path=str(path))
+                            hint="Pass the checkpoint prefix (e.g. ckpt-1 for ckpt-1.index) or "
+                                 "the directory that holds it", path=str(path))
     if path.is_file():
         if path.name == STATE_FILE and read_state(path)[0] is not None:
             return resolve(path.parent)

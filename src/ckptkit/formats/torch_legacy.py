@@ -33,7 +33,29 @@ def sniff(path: Path) -> bool:
             head = fh.read(2)
     except OSError:
         return False
-    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+    if not (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return False
+    return not _complete_safetensors(path)
+
+
+def _complete_safetensors(path: Path) -> bool:
+    """True for a file that reads completely as safetensors.
+
+    Its little-endian header length puts 0x80 0x02-0x05 first whenever the header is 0x280 to
+    0x5FF bytes long (modulo 64 KiB).  Such a file is left to that reader only when it passes
+    every check of it (a JSON header whose tensors tile the rest of the file exactly): a
+    pickle that runs cannot also be that.
+    """
+    from ckptkit.errors import CkptkitError
+    from ckptkit.formats import safetensors
+
+    if not safetensors.sniff(path):
+        return False
+    try:
+        safetensors.read_info(path)
+    except CkptkitError:
+        return False
+    return True
 
 
 def read_info(path: Path) -> RawCheckpoint:
@@ -46,7 +68,7 @@ def read_info(path: Path) -> RawCheckpoint:
         if findings.unsafe and not isinstance(exc, UnsafePickleError):
             raise UnsafePickleError(f"{path}: {exc.message}; it also calls "
                                     f"{', '.join(sorted(findings.unsafe))}",
-                                    unsafe=sorted(findings.unsafe)) from exc
+                                    findings=findings) from exc
         raise
 
 
@@ -71,27 +93,27 @@ def _read(path: Path, findings: Findings) -> RawCheckpoint:
 
     with open(path, "rb") as fh:
         what = f"legacy torch file {path}"
-        magic = read_pickle(fh, findings, what=what)
+        magic = read_pickle(fh, findings, what=what, location="pickle 1 of 5 (magic number)")
         if magic != MAGIC_NUMBER:
             if findings.unsafe:
                 raise UnsafePickleError(
                     f"{path}: a pickle that calls {', '.join(sorted(findings.unsafe))}",
-                    unsafe=sorted(findings.unsafe))
+                    findings=findings)
             raise FormatError(f"{path}: a plain pickle, not a PyTorch checkpoint",
                               hint="ckptkit reads torch.save files; plain pickles are never "
                                    "loaded", path=str(path))
-        protocol = read_pickle(fh, findings, what=what)
-        sys_info = read_pickle(fh, findings, what=what)
-        obj = read_pickle(fh, findings, persistent, what=what)
-        keys = read_pickle(fh, findings, what=what)
+        protocol = read_pickle(fh, findings, what=what, location="pickle 2 of 5 (protocol)")
+        sys_info = read_pickle(fh, findings, what=what, location="pickle 3 of 5 (system info)")
+        obj = read_pickle(fh, findings, persistent, what=what,
+                          location="pickle 4 of 5 (the object)")
+        keys = read_pickle(fh, findings, what=what, location="pickle 5 of 5 (storage keys)")
         spans = _walk_storages(path, fh, keys, storages, size)
     if protocol != PROTOCOL_VERSION:
         raise IntegrityError(f"{path}: unsupported legacy protocol {protocol!r}")
     little = sys_info.get("little_endian", True) if isinstance(sys_info, dict) else True
     tree = Resolver(lambda s: spans.get(s.key)).resolve(obj)
     details = {"protocol_version": protocol, "byteorder": "little" if little else "big",
-               "storages": len(spans), "pickles": findings.pickles,
-               "unsafe_via": dict(findings.unsafe)}
+               "storages": len(spans), "pickles": findings.pickles, **findings.details()}
     safety = SafetyReport(tuple(sorted(findings.objects)), tuple(sorted(findings.unsafe)),
                           findings.pickles)
     return RawCheckpoint(FORMAT, tree, tuple(iter_tensors(tree)), safety, details)

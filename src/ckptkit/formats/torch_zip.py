@@ -43,7 +43,7 @@ def sniff(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (*ziparchive.ZIP_ERRORS, ValueError):
         # A truncated torch zip still starts like one; let read_info report it properly.
         return _looks_like_torch_zip_start(path)
     pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -96,7 +96,12 @@ class TorchArchive:
         info = self.zip.getinfo(member)
         if info.file_size > 4096:
             return None
-        return self.zip.read(member).decode("utf-8", "replace").strip()
+        try:
+            return self.zip.read(member).decode("utf-8", "replace").strip()
+        except ziparchive.ZIP_ERRORS as exc:
+            raise IntegrityError(f"{self.path}: cannot read {member}: {exc}",
+                                 hint="The file is truncated or corrupt",
+                                 path=str(self.path)) from None
 
     def persistent(self, folder: str):
         def load(pid: Any) -> Any:
@@ -145,11 +150,11 @@ class TorchArchive:
             raise IntegrityError(f"{self.path}: {member} declares an implausible size")
         try:
             data = self.zip.read(member)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except ziparchive.ZIP_ERRORS as exc:
             raise IntegrityError(f"{self.path}: cannot read {member}: {exc}",
                                  hint="The file is truncated or corrupt", path=str(self.path))
         raw = read_pickle(data, self.findings, self.persistent(folder),
-                          what=f"{member} in {self.path}", context=context)
+                          what=f"{member} in {self.path}", context=context, location=member)
         return Resolver(self.span_for).resolve(raw)
 
     def details(self) -> dict[str, Any]:
@@ -175,7 +180,7 @@ def read_info(path: Path) -> RawCheckpoint:
         tree = archive.read_object("data.pkl", "data")
         tensors = tuple(iter_tensors(tree))
         details = archive.details()
-        details["unsafe_via"] = dict(archive.findings.unsafe)
+        details.update(archive.findings.details())
         return RawCheckpoint(FORMAT, tree, tensors, archive.safety(), details)
 
 

@@ -47,7 +47,7 @@ def sniff(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (*ziparchive.ZIP_ERRORS, ValueError):
         return False
     prefix = find_prefix(names)
     return prefix is not None and is_torchscript(names, prefix)
@@ -68,7 +68,7 @@ def read_info(path: Path) -> RawCheckpoint:
                 and n.endswith(".py")]
         details = archive.details()
         details.update(module_class=getattr(module, "qualname", None), code_files=len(code),
-                       code_executed=False, unsafe_via=dict(archive.findings.unsafe))
+                       code_executed=False, **archive.findings.details())
         return RawCheckpoint(FORMAT, tree, tensors, archive.safety(), details)
 
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import lzma
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
 from ckptkit.errors import IntegrityError
 
 ZIP_MAGIC = b"PK\x03\x04"
+#: What zipfile raises for a damaged archive or member: bad magic or CRC (BadZipFile), an
+#: unknown compression method or zip version (NotImplementedError), a set encryption flag
+#: (RuntimeError), broken compressed data (zlib.error, LZMAError; bz2 raises OSError), data
+#: cut short (EOFError) and a local header name that is not the UTF-8 it claims to be.
+#: ValueError itself is left out: IntegrityError is one.
+ZIP_ERRORS: tuple[type[Exception], ...] = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, zlib.error,
+    lzma.LZMAError, OSError, EOFError, UnicodeDecodeError)
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")
 
 
@@ -26,7 +36,7 @@ def open_zip(path: Path, what: str) -> zipfile.ZipFile:
     """Open ``path`` as a zip, turning a missing central directory into an IntegrityError."""
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
+    except (*ZIP_ERRORS, ValueError) as exc:
         raise IntegrityError(
             f"{path}: {what} is truncated or corrupt ({exc})",
             hint="Re-download or re-save the file; a complete zip ends with its central directory",
@@ -41,16 +51,22 @@ def open_zip(path: Path, what: str) -> zipfile.ZipFile:
 
 def data_offset(fh: BinaryIO, info: zipfile.ZipInfo, file_size: int) -> int:
     """Absolute file offset of a member's data, read from its local header."""
-    fh.seek(info.header_offset)
-    header = fh.read(_LOCAL_HEADER.size)
+    # zipfile subtracts a guessed prefix length from the recorded offset, so a damaged
+    # central directory can yield a negative one (and seek would fail with EINVAL).
+    header = b""
+    if 0 <= info.header_offset < file_size:
+        fh.seek(info.header_offset)
+        header = fh.read(_LOCAL_HEADER.size)
+    where = getattr(fh, "name", "zip")
     if len(header) < _LOCAL_HEADER.size or header[:4] != ZIP_MAGIC:
-        raise IntegrityError(f"zip member {info.filename!r} has no valid local header")
+        raise IntegrityError(f"{where}: zip member {info.filename!r} has no valid local header",
+                             path=str(where))
     name_len, extra_len = _LOCAL_HEADER.unpack(header)[-2:]
     offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
     if offset + info.compress_size > file_size:
         raise IntegrityError(
-            f"zip member {info.filename!r} runs past the end of the file "
-            f"({offset + info.compress_size} > {file_size} bytes)")
+            f"{where}: zip member {info.filename!r} runs past the end of the file "
+            f"({offset + info.compress_size} > {file_size} bytes)", path=str(where))
     return offset
 
 

@@ -10,11 +10,12 @@ from ckptkit.mirrors import Mirrors
 
 
 def fetch(url: str, dest: Path, *, mirrors: Mirrors, expected_size: int | None,
-          expected_sha256: str | None, connections: int, progress: Any = None) -> DownloadResult:
+          expected_sha256: str | None, connections: int, timeout: float = 30.0,
+          progress: Any = None) -> DownloadResult:
     """Download ``url`` (after mirror rewriting) to ``dest``; verified and atomic."""
     return download(mirrors.rewrite(url), dest, expected_size=expected_size,
                     expected_sha256=expected_sha256, connections=connections,
-                    progress=progress)
+                    timeout=timeout, progress=progress)
 
 
 def probe_size(url: str, *, mirrors: Mirrors, timeout: float = 10.0) -> int | None:

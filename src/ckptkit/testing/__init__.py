@@ -1,12 +1,15 @@
 """Helpers for testing code that uses ckptkit, and for air-gapped demos.
 
-Everything here uses only the standard library (no pytest, TensorFlow or numpy), so it can be
-imported by any test suite and run on a machine without network access:
+Everything here but ``loftr`` uses only the standard library (no pytest, TensorFlow or numpy),
+so it can be imported by any test suite and run on a machine without network access:
 
 * :mod:`ckptkit.testing.hubs` — local stand-ins for TF Hub and the Kaggle Models API
   (:class:`~ckptkit.testing.hubs.TFHubStub`, :class:`~ckptkit.testing.hubs.KaggleStub`), and
   :class:`~ckptkit.testing.hubs.MirrorServer`, which serves a whole mirror directory on one
   port; ``python -m ckptkit.testing.hubs ROOT`` runs the latter.
+* :mod:`ckptkit.testing.loftr` — a LoFTR-shaped Lightning checkpoint written without torch
+  (the layout of the released weights as data; needs numpy, a core dependency), which the
+  demo's mirror serves as LoFTR; ``python -m ckptkit.testing.loftr OUT`` writes one.
 
-The other modules of this package are its parts and are re-exported by ``hubs``.
+The other modules of this package are the parts of ``hubs`` and are re-exported by it.
 """

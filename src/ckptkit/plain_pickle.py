@@ -1,0 +1,268 @@
+"""Plain pickle and joblib files, analysed statically for ``ckpt scan``.
+
+Such files are not checkpoints ckptkit loads, but they travel next to them (``hps.pkl``,
+scikit-learn heads saved with joblib) and run code when loaded.  The stream is read with the
+same restricted machine as torch pickles; nothing is imported or called.
+
+joblib writes each numpy array's bytes straight into the pickle stream after the array's
+``NumpyArrayWrapper`` (object arrays as a nested pickle), so the machine used here skips those
+bytes (or reads the nested pickle) exactly where joblib's own unpickler would read them.
+Compressed joblib files (zlib, gzip, bz2, xz, lzma) are decompressed as a stream.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import math
+import pickle
+import zlib
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ckptkit.errors import IntegrityError
+from ckptkit.model import Opaque, itemsize
+from ckptkit.pickle_globals import inert_type, numpy_dtype_name
+from ckptkit.unpickler import Findings, InertUnpickler, PickleContext, read_pickle
+
+SUFFIXES = (".pkl", ".pickle", ".joblib", ".jbl", ".sav", ".pk", ".p")
+WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
+CONTEXT = PickleContext(allowed={("joblib.numpy_pickle", "NumpyArrayWrapper"):
+                                 inert_type(WRAPPER)})
+#: More consecutive pickles than this in one file is not a file anyone wrote on purpose.
+MAX_PICKLES = 10_000
+#: Decompressed bytes allowed per compressed byte before the stream counts as a bomb.
+MAX_RATIO = 2000
+
+
+def sniff(path: Path) -> bool:
+    """True for a file that is (or decompresses to) a pickle stream."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+            if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+                return True
+            if not any(s in SUFFIXES for s in path.suffixes):
+                return False
+            fh.seek(0)
+            with _decompressed(fh, path) as stream:
+                first = stream.read(1)
+    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError):
+        return False
+    return first in (b"\x80", b"(", b"}", b"]", b"c", b"I", b"N", b"V", b"S", b"d", b"l", b"t")
+
+
+def analyse(path: Path) -> tuple[Findings, str]:
+    """Read every pickle in ``path`` with the restricted machine; return the findings and a
+    short description of the container ("pickle", "joblib", "gzip pickle", ...).
+
+    Raises:
+        IntegrityError: a broken stream (an UnsafePickleError when it also names dangerous
+            callables).
+    """
+    findings = Findings()
+    size = path.stat().st_size
+    with open(path, "rb") as fh, _decompressed(fh, path) as stream:
+        compression = getattr(stream, "compression", "")
+        budget = _Budget(stream, size * MAX_RATIO + (64 << 20), path)
+        count = 0
+        while budget.peek():
+            count += 1
+            if count > MAX_PICKLES:
+                raise IntegrityError(f"{path}: more than {MAX_PICKLES} pickles in one file")
+            read_pickle(budget, findings, what=f"pickle {count} in {path}",  # type: ignore[arg-type]
+                        context=CONTEXT, location=f"pickle {count}", machine=_JoblibMachine)
+    return findings, f"{compression} pickle".strip()
+
+
+class _JoblibMachine(InertUnpickler):
+    """The restricted machine, plus joblib's habit of writing array bytes after a wrapper."""
+
+    dispatch = dict(InertUnpickler.dispatch)
+
+    def _joblib_build(self) -> None:
+        InertUnpickler.dispatch[pickle.BUILD[0]](self)
+        wrapper = self.stack[-1]
+        if isinstance(wrapper, Opaque) and wrapper.qualname == WRAPPER:
+            self._skip_array(wrapper.state if isinstance(wrapper.state, dict) else {})
+
+    def _skip_array(self, state: dict[str, Any]) -> None:
+        dtype = _dtype_name(state.get("dtype"))
+        shape = state.get("shape", ())
+        if not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape):
+            raise pickle.UnpicklingError(f"joblib array with shape {shape!r}")
+        if dtype == "object":
+            # joblib pickles object arrays right here: a nested pickle that loading runs.
+            findings, location = self.findings, self.findings.location
+            read_pickle(self._stream, findings, what=f"object array in {location}",
+                        context=CONTEXT, location=f"{location}, object array",
+                        machine=_JoblibMachine)
+            findings.location = location
+            return
+        if state.get("numpy_array_alignment_bytes") is not None:
+            pad = self._file_read(1)
+            if len(pad) != 1:
+                raise EOFError
+            self._skip(pad[0])
+        self._skip(math.prod(shape) * max(1, int(itemsize(dtype))))
+
+    def _skip(self, count: int) -> None:
+        while count > 0:
+            chunk = self._file_read(min(count, 1 << 20))
+            if not chunk:
+                raise pickle.UnpicklingError("joblib array data is truncated")
+            count -= len(chunk)
+
+    def __init__(self, file: BinaryIO, *args: Any, **kwargs: Any):
+        super().__init__(file, *args, **kwargs)
+        self._stream = file
+
+    dispatch[pickle.BUILD[0]] = _joblib_build
+
+
+def _dtype_name(dtype: Any) -> str:
+    """The dtype a joblib wrapper records (a pickled ``numpy.dtype``, kept as an Opaque)."""
+    code = dtype.args[0] if isinstance(dtype, Opaque) and dtype.args else None
+    if not isinstance(code, str) or len(code) > 32:
+        raise pickle.UnpicklingError(f"joblib array with dtype {dtype!r}")
+    return "object" if code in ("O", "O8", "O4") else numpy_dtype_name(code)
+
+
+class _Budget:
+    """A read-only stream that stops a decompression bomb and can peek for another pickle."""
+
+    def __init__(self, stream: BinaryIO, limit: int, path: Path):
+        self._stream, self._limit, self._path = stream, limit, path
+        self._read = 0
+        self._ahead = b""
+
+    def peek(self) -> bool:
+        if not self._ahead:
+            self._ahead = self._stream.read(1)
+        return bool(self._ahead)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._ahead + self._stream.read(n - len(self._ahead) if n >= 0 else -1)
+        self._ahead = b""
+        self._read += len(data)
+        if self._read > self._limit:
+            raise IntegrityError(f"{self._path}: decompresses to more than {self._limit} bytes",
+                                 hint="A decompression bomb; do not load it")
+        return data
+
+    def readline(self) -> bytes:
+        if self._ahead == b"\n":
+            self._ahead = b""
+            return b"\n"
+        line = self._ahead + self._stream.readline(1 << 20)
+        self._ahead = b""
+        self._read += len(line)
+        return line
+
+    def tell(self) -> int:
+        return self._read
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        # Only read_pickle's fallback scan of a broken pickle seeks: to the end to learn how
+        # much is left, then back to the pickle's start.  On a decompressing stream, seeking
+        # to the end would inflate everything (a bomb's whole payload), so it is refused.
+        if whence == io.SEEK_END and isinstance(self._stream, _Named):
+            raise OSError("cannot seek to the end of a compressed stream")
+        where = self._stream.seek(pos, whence)
+        self._ahead = b""
+        self._read = where
+        return where
+
+
+class _decompressed:  # noqa: N801 - used as a context manager, like open()
+    """The pickle stream inside ``fh``: as is, or through the decompressor its magic names."""
+
+    def __init__(self, fh: BinaryIO, path: Path):
+        self._fh, self._path = fh, path
+        self._stream: Any = None
+
+    def __enter__(self) -> Any:
+        head = self._fh.read(6)
+        self._fh.seek(0)
+        if head.startswith(b"\x1f\x8b"):
+            self._stream, name = gzip.GzipFile(fileobj=self._fh, mode="rb"), "gzip"
+        elif head.startswith(b"BZh"):
+            self._stream, name = bz2.BZ2File(self._fh, "rb"), "bz2"
+        elif head.startswith(b"\xfd7zXZ"):
+            self._stream, name = lzma.LZMAFile(self._fh, "rb"), "xz"
+        elif head.startswith(b"\x5d\x00\x00"):
+            self._stream = lzma.LZMAFile(self._fh, "rb", format=lzma.FORMAT_ALONE)
+            name = "lzma"
+        elif head[:1] == b"\x78" and len(head) > 1 and (head[0] << 8 | head[1]) % 31 == 0:
+            self._stream, name = _ZlibStream(self._fh), "zlib"
+        else:
+            self._stream, name = self._fh, ""
+        if name:
+            self._stream = _Named(self._stream, name)
+        return self._stream
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._stream is not None and self._stream is not self._fh:
+            self._stream.close()
+
+
+class _Named:
+    """A decompressing stream that also says which compression it undoes."""
+
+    def __init__(self, stream: Any, compression: str):
+        self._stream, self.compression = stream, compression
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._stream.read(n)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+            raise pickle.UnpicklingError(f"{self.compression} stream: {exc}") from exc
+
+    def readline(self, limit: int = -1) -> bytes:
+        try:
+            return self._stream.readline(limit)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+            raise pickle.UnpicklingError(f"{self.compression} stream: {exc}") from exc
+
+    def seek(self, pos: int) -> None:
+        self._stream.seek(pos)
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class _ZlibStream:
+    """A raw zlib stream (joblib's default compressor) read incrementally."""
+
+    def __init__(self, fh: BinaryIO):
+        self._fh = fh
+        self._z = zlib.decompressobj()
+        self._buf = b""
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            want = 0 if n < 0 else n - len(self._buf)
+            if self._z.unconsumed_tail:  # input left over from a bounded call comes first
+                self._buf += self._z.decompress(self._z.unconsumed_tail, want)
+                continue
+            chunk = self._fh.read(1 << 16)
+            if not chunk:
+                self._buf += self._z.flush()
+                break
+            self._buf += self._z.decompress(chunk, want)
+        data, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        out = b""
+        while not out.endswith(b"\n") and (limit < 0 or len(out) < limit):
+            c = self.read(1)
+            if not c:
+                break
+            out += c
+        return out
+
+    def close(self) -> None:
+        pass

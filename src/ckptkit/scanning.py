@@ -1,0 +1,350 @@
+"""``ckpt scan``: a verdict per file on what loading it would run, without running anything.
+
+The verdict comes from the same restricted reading ``ckpt inspect`` does (every pickle in the
+file interpreted by :mod:`ckptkit.unpickler`), plus plain pickle/joblib files and the members
+of zip and tar archives (a checkpoint inside a hub archive, a zip inside a zip):
+
+``safe``
+    Tensors, containers and numbers only (or a format without pickles).
+``unknown-objects``
+    Loading would construct classes the file names (listed); no dangerous callable.
+``unsafe``
+    The file names callables that run code, touch files, processes or the network (listed,
+    each with the opcode that reached it and the pickle it is in).
+``unreadable``
+    Not a format ckptkit reads, or corrupt; the message says which.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptkit import formats, plain_pickle
+from ckptkit.errors import CkptkitError, ExitCode, FormatError, NotFoundError
+from ckptkit.unpickler import MAX_STATIC_SCAN, Findings, UnsafePickleError, scan_globals
+
+VERDICTS = ("safe", "unknown-objects", "unsafe", "unreadable")
+#: Archive members are scanned down to this depth (a zip in a zip in a zip).
+MAX_DEPTH = 3
+#: Members larger than this (uncompressed) are not unpacked for scanning; reported unreadable.
+MAX_MEMBER_BYTES = 8 << 30
+#: Uncompressed bytes per compressed byte beyond which a member counts as a bomb.
+MAX_RATIO = 1000
+
+
+@dataclass(frozen=True)
+class Danger:
+    """One dangerous callable: its name, the opcode that reached it, and the pickle it is in."""
+
+    name: str
+    via: str
+    where: str
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.via} in {self.where})" if self.where else \
+            f"{self.name} ({self.via})"
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """The verdict on one file (``path`` uses ``!`` to name a member inside an archive)."""
+
+    path: str
+    verdict: str
+    format: str | None = None
+    unsafe: tuple[Danger, ...] = ()
+    objects: tuple[str, ...] = ()
+    pickles: int = 0
+    note: str = ""
+    exit_code: int = ExitCode.OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "verdict": self.verdict, "format": self.format,
+                "unsafe": [{"name": d.name, "via": d.via, "where": d.where}
+                           for d in self.unsafe],
+                "objects": list(self.objects), "pickles": self.pickles, "note": self.note}
+
+
+@dataclass
+class ScanReport:
+    """Every file's result plus what the walk passed over."""
+
+    results: list[ScanResult] = field(default_factory=list)
+    skipped: int = 0
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(VERDICTS, 0)
+        for result in self.results:
+            counts[result.verdict] += 1
+        return counts
+
+    @property
+    def exit_code(self) -> int:
+        if any(r.verdict == "unsafe" for r in self.results):
+            return ExitCode.UNSAFE
+        return max((r.exit_code for r in self.results), default=ExitCode.OK)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"files": [r.to_dict() for r in self.results],
+                "summary": {**self.counts(), "skipped": self.skipped}}
+
+
+def scan(paths: Iterable[str | os.PathLike[str]]) -> ScanReport:
+    """Scan files and directories (recursively); nothing in them is imported or called.
+
+    Files named explicitly always get a result; inside directories, files that are neither a
+    checkpoint, a pickle nor an archive are counted as skipped.
+
+    Raises:
+        NotFoundError: a path does not exist.
+    """
+    report = ScanReport()
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists() and not path.with_name(path.name + ".index").is_file():
+            raise NotFoundError(f"{path}: no such file or directory",
+                                hint="Check the path", path=str(path))
+        if path.is_dir() and not _is_checkpoint_dir(path):
+            for file in _walk(path):
+                result = scan_file(file, explicit=False)
+                if result is None:
+                    report.skipped += 1
+                else:
+                    report.results.append(result)
+        else:
+            result = scan_file(path, explicit=True)
+            if result is not None:  # always a result for a path named explicitly
+                report.results.append(result)
+    return report
+
+
+def scan_file(path: Path, *, explicit: bool = True, label: str | None = None,
+              depth: int = 0) -> ScanResult | None:
+    """The verdict on one file (or SavedModel/TF checkpoint); ``None`` for a file found by a
+    directory walk that ckptkit has nothing to say about."""
+    name = label or str(path)
+    try:
+        reader = formats.detect(path)
+    except FormatError as exc:
+        return _not_a_checkpoint(path, name, explicit, depth, exc)
+    except CkptkitError as exc:
+        return _unreadable(name, exc)
+    fmt = reader.__name__.rpartition(".")[2].replace("_", "-")
+    try:
+        raw = reader.read_info(path)
+    except CkptkitError as exc:
+        if fmt == "torch-legacy":
+            # The legacy reader claims every protocol 2-5 pickle: a plain pickle or a joblib
+            # file is read as such; a broken legacy file keeps the legacy reader's verdict.
+            plain = _plain(path, name)
+            if plain.verdict != "unreadable" or isinstance(exc, FormatError):
+                return plain
+        if isinstance(exc, UnsafePickleError):
+            return _verdict(name, fmt, exc.findings, note=f"corrupt as well: {exc.message}")
+        return _unreadable(name, exc, fmt)
+    findings = Findings(objects=set(raw.safety.objects), pickles=raw.safety.pickles,
+                        unsafe=dict(raw.details.get("unsafe_via", {})),
+                        where=dict(raw.details.get("unsafe_where", {})))
+    for danger in raw.safety.unsafe:
+        findings.unsafe.setdefault(danger, "?")
+    note = "no pickle data" if not raw.safety.pickles else ""
+    if raw.details.get("code_files"):
+        note = (f"{raw.details['code_files']} TorchScript code file(s) that torch.jit.load "
+                "runs (not vetted)")
+    if raw.format in ("torch-zip", "torchscript"):
+        try:
+            _hidden_in_members(path, findings, depth)
+        except (OSError, EOFError, zipfile.BadZipFile, _Bomb) as exc:
+            note = "; ".join(x for x in (note, f"a record cannot be read ({exc})") if x)
+    return _verdict(name, raw.format, findings, note=note)
+
+
+def _hidden_in_members(path: Path, findings: Findings, depth: int) -> None:
+    """Pickles and zips stored where tensor bytes (or extra records) belong.
+
+    Loading the checkpoint does not run them by itself, but they are a classic way to smuggle
+    a payload past scanners that only read ``data.pkl``: whatever such a file hides is
+    reported, under the member that holds it."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.filename.endswith((".pkl", "/")) or "/code/" in info.filename:
+                continue
+            with archive.open(info) as member:
+                head = member.read(4)
+            if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+                nested = Findings(location=f"{info.filename} (a pickle inside a tensor record)")
+                with archive.open(info) as member:
+                    scan_globals(member.read(MAX_STATIC_SCAN), nested)
+            elif head == b"PK\x03\x04" and depth < MAX_DEPTH:
+                nested = _nested_zip(archive, info, depth)
+            else:
+                continue
+            for qualname, via in nested.unsafe.items():
+                findings.unsafe.setdefault(qualname, via)
+                findings.where.setdefault(qualname, nested.where.get(qualname, info.filename))
+
+
+def _nested_zip(archive: zipfile.ZipFile, info: zipfile.ZipInfo, depth: int) -> Findings:
+    findings = Findings()
+    with tempfile.TemporaryDirectory(prefix="ckpt-scan-") as tmp:
+        target = Path(tmp) / "member"
+        _check_size(info.filename, info.file_size, info.compress_size)
+        _copy(archive.open(info), target, info.file_size)
+        result = scan_file(target, explicit=False, label=info.filename, depth=depth + 1)
+    for danger in result.unsafe if result else ():
+        findings.unsafe[danger.name] = danger.via
+        findings.where[danger.name] = f"{info.filename} (a zip inside the zip): {danger.where}"
+    return findings
+
+
+def _not_a_checkpoint(path: Path, name: str, explicit: bool, depth: int,
+                      exc: CkptkitError) -> ScanResult | None:
+    if path.is_file() and plain_pickle.sniff(path):
+        return _plain(path, name)
+    if path.is_file() and depth < MAX_DEPTH and _is_archive(path):
+        return _archive(path, name, depth)
+    return _unreadable(name, exc) if explicit else None
+
+
+def _plain(path: Path, name: str) -> ScanResult:
+    try:
+        findings, kind = plain_pickle.analyse(path)
+    except UnsafePickleError as exc:
+        return _verdict(name, "pickle", exc.findings, note=f"corrupt as well: {exc.message}")
+    except CkptkitError as exc:
+        return _unreadable(name, exc, "pickle")
+    return _verdict(name, kind, findings)
+
+
+def _verdict(name: str, fmt: str | None, findings: Findings, note: str = "") -> ScanResult:
+    dangers = tuple(Danger(n, findings.unsafe[n], findings.where.get(n, ""))
+                    for n in sorted(findings.unsafe))
+    verdict = "unsafe" if dangers else "unknown-objects" if findings.objects else "safe"
+    return ScanResult(name, verdict, fmt, dangers, tuple(sorted(findings.objects)),
+                      findings.pickles, note,
+                      ExitCode.UNSAFE if dangers else ExitCode.OK)
+
+
+def _unreadable(name: str, exc: CkptkitError, fmt: str | None = None) -> ScanResult:
+    message = exc.message.replace(f"{name}: ", "", 1)
+    return ScanResult(name, "unreadable", fmt, note=message, exit_code=exc.exit_code)
+
+
+# --- archives: each member that could be a checkpoint or pickle is scanned on its own ------
+
+def _is_archive(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
+    except (OSError, EOFError, tarfile.TarError):
+        return False
+
+
+def _archive(path: Path, name: str, depth: int) -> ScanResult:
+    """One result for an archive, merged from its members' results (worst verdict wins)."""
+    members: list[ScanResult] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="ckpt-scan-") as tmp:
+            for member_name, unpack in _members(path):
+                target = Path(tmp) / "member"
+                unpack(target)
+                result = scan_file(target, explicit=False, label=f"{name}!{member_name}",
+                                   depth=depth + 1)
+                target.unlink(missing_ok=True)
+                if result is not None:
+                    members.append(result)
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, _Bomb) as exc:
+        return ScanResult(name, "unreadable", "archive", note=f"archive cannot be read: {exc}",
+                          exit_code=ExitCode.INTEGRITY)
+    findings = Findings()
+    notes = []
+    for member in members:
+        findings.objects |= set(member.objects)
+        findings.pickles += member.pickles
+        for d in member.unsafe:
+            findings.unsafe.setdefault(d.name, d.via)
+            glue = "!" if member.format == "archive" else ": "
+            findings.where.setdefault(d.name, f"{member.path[len(name) + 1:]}{glue}{d.where}")
+        if member.verdict == "unreadable":
+            notes.append(f"{member.path[len(name) + 1:]} unreadable ({member.note})")
+    scanned = f"{len(members)} member(s) scanned"
+    return _verdict(name, "archive", findings, note="; ".join([scanned, *notes[:3]]))
+
+
+class _Bomb(Exception):
+    pass
+
+
+def _members(path: Path) -> Iterator[tuple[str, Any]]:
+    """(name, unpack-to(target)) for each regular member, with size and ratio caps."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.is_dir():
+                    continue
+                _check_size(info.filename, info.file_size, info.compress_size)
+                yield info.filename, lambda t, i=info: _copy(archive.open(i), t, i.file_size)
+        return
+    with tarfile.open(path) as archive:
+        for info in archive:
+            if not info.isfile():
+                continue  # links, devices and directories hold no bytes of their own
+            _check_size(info.name, info.size, None)
+            yield info.name, lambda t, i=info: _copy(archive.extractfile(i), t, i.size)
+
+
+def _check_size(name: str, size: int, compressed: int | None) -> None:
+    if size > MAX_MEMBER_BYTES:
+        raise _Bomb(f"member {name!r} is {size} bytes (limit {MAX_MEMBER_BYTES})")
+    if compressed is not None and size > (64 << 20) and size > compressed * MAX_RATIO:
+        raise _Bomb(f"member {name!r} expands {size // max(compressed, 1)}x "
+                    "(a decompression bomb)")
+
+
+def _copy(src: Any, target: Path, declared: int) -> None:
+    with src, open(target, "wb") as out:
+        copied = 0
+        while chunk := src.read(1 << 20):
+            copied += len(chunk)
+            if copied > declared:
+                raise _Bomb("member is larger than its header says")
+            out.write(chunk)
+
+
+# --- walking directories ---------------------------------------------------------------------
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Files under ``root`` in a stable order; SavedModel and TF checkpoint parts as units."""
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        dirs.sort()
+        for d in list(dirs):
+            if _is_checkpoint_dir(here / d):
+                dirs.remove(d)
+                yield here / d
+        for f in sorted(files):
+            path = here / f
+            if _is_part_of_a_tf_checkpoint(path):
+                continue
+            yield path
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "saved_model.pb").is_file()
+
+
+def _is_part_of_a_tf_checkpoint(path: Path) -> bool:
+    """Data shards and the ``checkpoint`` state file: scanned once, through the index."""
+    if path.name == "checkpoint":
+        return any(path.parent.glob("*.index"))
+    if ".data-" not in path.name:
+        return False
+    prefix = path.name.split(".data-", 1)[0]
+    return (path.with_name(prefix + ".index")).is_file()
+

@@ -1,0 +1,271 @@
+"""`ckpt scan`: a verdict per file (safe / unknown-objects / unsafe / unreadable), nothing run.
+
+The hostile techniques of tests/test_hostile.py are checked through scan there (every hostile
+file is also scanned); this module covers what only scan reads: plain pickles, joblib files
+(plain and compressed), archives (a zip inside a zip, tar.gz from a hub), payloads hidden in
+tensor records, directory walks, exit codes and the JSON schema.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shlex
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ckptkit.errors import ExitCode
+from ckptkit.scanning import scan
+from tests import figures
+from tests.conftest import SRC, run_ckpt
+
+SAMPLES = SRC / "ckptkit" / "samples"
+SYSTEM = f"{os.system.__module__}.system"
+
+
+class Payload:
+    """Creates ``sentinel`` when unpickled (and only then)."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.sentinel))}",)
+
+
+class Settings:
+    """A benign custom class: constructing it runs no code, but it is not plain data."""
+
+    def __init__(self) -> None:
+        self.lr = 0.1
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Path:
+    return tmp_path / "PWNED"
+
+
+def verdict_of(path: Path) -> tuple[str, dict[str, str]]:
+    (result,) = scan([path]).results
+    return result.verdict, {d.name: d.where for d in result.unsafe}
+
+
+def fires(code: str, sentinel: Path) -> bool:
+    """Run ``code`` (a real loader) in a fresh interpreter: does the payload create sentinel?"""
+    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.getcwd()])})
+    fired = sentinel.exists()
+    sentinel.unlink(missing_ok=True)
+    return fired
+
+
+# --- plain pickles and joblib ----------------------------------------------------------------
+
+@pytest.mark.parametrize("proto", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_plain_pickle_every_protocol(proto: int, tmp_path: Path, sentinel: Path) -> None:
+    evil = tmp_path / "hps.pkl"
+    evil.write_bytes(pickle.dumps({"hps": Payload(sentinel)}, protocol=proto))
+    verdict, where = verdict_of(evil)
+    assert not sentinel.exists()
+    assert verdict == "unsafe" and where == {SYSTEM: "pickle 1"}
+    assert fires(f"import pickle; pickle.load(open({str(evil)!r}, 'rb'))", sentinel)
+    figures.count("hostile-files")
+    benign = tmp_path / "settings.pkl"
+    benign.write_bytes(pickle.dumps({"s": Settings(), "lr": [0.1, 0.2]}, protocol=proto))
+    (result,) = scan([benign]).results
+    assert result.verdict == "unknown-objects"
+    assert result.objects == (f"{__name__}.Settings",)
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"lr": 0.1, "steps": list(range(10))}, protocol=proto))
+    assert verdict_of(plain) == ("safe", {})
+
+
+def test_second_pickle_in_a_stream_is_read_too(tmp_path: Path, sentinel: Path) -> None:
+    path = tmp_path / "two.pkl"
+    path.write_bytes(pickle.dumps({"a": 1}) + pickle.dumps(Payload(sentinel)))
+    assert verdict_of(path) == ("unsafe", {SYSTEM: "pickle 2"})
+
+
+COMPRESSIONS = [0, 3, ("gzip", 3), ("bz2", 3), ("xz", 3), ("lzma", 3)]
+
+
+@pytest.mark.parametrize("compress", COMPRESSIONS, ids=str)
+def test_joblib_arrays_are_skipped_and_object_arrays_read(compress: object, tmp_path: Path,
+                                                          sentinel: Path) -> None:
+    joblib = pytest.importorskip("joblib")
+    benign = tmp_path / "head.joblib"
+    joblib.dump({"w": np.arange(50_000, dtype=np.float32).reshape(250, 200),
+                 "labels": np.array(["cat", "dog", None], dtype=object),
+                 "b": np.zeros(7, dtype=np.int64)}, benign, compress=compress)
+    assert verdict_of(benign) == ("safe", {})
+    evil = tmp_path / "evil.joblib"
+    joblib.dump({"w": np.ones((64, 64), dtype=np.float32),
+                 "labels": np.array([Payload(sentinel)], dtype=object)}, evil, compress=compress)
+    verdict, where = verdict_of(evil)
+    assert not sentinel.exists()
+    assert verdict == "unsafe" and where == {SYSTEM: "pickle 1, object array"}
+    assert fires(f"import joblib; joblib.load({str(evil)!r})", sentinel)
+    figures.count("hostile-files")
+
+
+def test_truncated_joblib_is_unreadable_not_safe(tmp_path: Path) -> None:
+    joblib = pytest.importorskip("joblib")
+    path = tmp_path / "model.joblib"
+    joblib.dump({"w": np.ones((256, 256), dtype=np.float32)}, path)
+    path.write_bytes(path.read_bytes()[:-1000])
+    (result,) = scan([path]).results
+    assert result.verdict == "unreadable" and result.exit_code == ExitCode.INTEGRITY
+
+
+# --- archives and hidden records --------------------------------------------------------------
+
+def torch_file(path: Path, value: object) -> Path:
+    torch = pytest.importorskip("torch")
+    torch.save(value, path)
+    return path
+
+
+def test_zip_inside_a_zip(tmp_path: Path, sentinel: Path) -> None:
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(Payload(sentinel), protocol=2))
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.write(evil, "weights/hps.pkl")
+        z.writestr("README", "nothing to see")
+    outer = tmp_path / "release.zip"
+    with zipfile.ZipFile(outer, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("bundle/inner.zip", inner.getvalue())
+        z.write(torch_file(tmp_path / "m.pt", {"w": [1.0]}), "bundle/model.pt")
+    (result,) = scan([outer]).results
+    assert not sentinel.exists()
+    assert result.verdict == "unsafe" and result.format == "archive"
+    assert result.unsafe[0].name == SYSTEM
+    assert result.unsafe[0].where == "bundle/inner.zip!weights/hps.pkl: pickle 1"
+    figures.count("hostile-files")
+
+
+def test_tar_gz_from_a_hub(tmp_path: Path, sentinel: Path) -> None:
+    good = torch_file(tmp_path / "model.pt", {"w": [1.0, 2.0]})
+    bad = tmp_path / "opt.pkl"
+    bad.write_bytes(pickle.dumps({"opt": Payload(sentinel)}, protocol=4))
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(good, "1/model.pt")
+        tar.add(bad, "1/opt.pkl")
+        link = tarfile.TarInfo("1/escape")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    (result,) = scan([archive]).results
+    assert result.verdict == "unsafe" and result.unsafe[0].where.startswith("1/opt.pkl")
+    assert "2 member(s) scanned" in result.note  # the link holds no bytes to scan
+    figures.count("hostile-files")
+
+
+def test_pickle_hidden_in_a_tensor_record(tmp_path: Path, sentinel: Path) -> None:
+    """A payload stored where tensor bytes belong: torch.load would not run it by itself, but
+    it is there to be picked up by a second stage, so scan reports it under its record."""
+    torch = pytest.importorskip("torch")
+    path = torch_file(tmp_path / "model.pt", {"w": torch.zeros(64)})
+    rewritten = tmp_path / "hidden.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(rewritten, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("/data/0"):
+                payload = pickle.dumps(Payload(sentinel), protocol=2)
+                data = payload + data[len(payload):] if len(payload) < len(data) else data
+            dst.writestr(info, data)
+    verdict, where = verdict_of(rewritten)
+    assert verdict == "unsafe"
+    assert where[SYSTEM] == "model/data/0 (a pickle inside a tensor record)"
+    figures.count("hostile-files")
+
+
+def test_zip_hidden_in_a_torch_file(tmp_path: Path, sentinel: Path) -> None:
+    path = torch_file(tmp_path / "model.pt", {"w": [1.0]})
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("x/data.pkl", pickle.dumps(Payload(sentinel), protocol=2))
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("model/extra/stage2.zip", inner.getvalue())
+    verdict, where = verdict_of(path)
+    assert verdict == "unsafe" and where[SYSTEM].startswith("model/extra/stage2.zip")
+    figures.count("hostile-files")
+
+
+def test_decompression_bomb_member_is_refused(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        with z.open("weights.pkl", "w", force_zip64=True) as member:
+            chunk = bytes(1 << 20)
+            for _ in range(200):
+                member.write(chunk)
+    (result,) = scan([bomb]).results
+    assert result.verdict == "unreadable" and "decompression bomb" in result.note
+    assert result.exit_code == ExitCode.INTEGRITY
+
+
+# --- walks, exit codes, output ------------------------------------------------------------------
+
+def test_samples_directory_verdicts() -> None:
+    report = scan([SAMPLES])
+    verdicts = {Path(r.path).relative_to(SAMPLES).as_posix(): r.verdict for r in report.results}
+    assert verdicts["prior_level_2.pth.tar"] == "unknown-objects"  # Jukebox's hps class
+    assert verdicts["redimnet_epoch_3.pt"] == "unknown-objects"  # argparse.Namespace
+    assert verdicts["thinker_step_200.pt"] == "safe"
+    assert verdicts["musiq_saved_model"] == "safe"  # scanned as one unit, not per file
+    assert verdicts["tf_ckpt/ckpt-1.index"] == "safe"
+    assert not any(p.startswith(("musiq_saved_model/", "tf_ckpt/ckpt-1.data")) for p in verdicts)
+    assert report.exit_code == ExitCode.OK
+
+
+def test_cli_exit_codes_and_json(tmp_path: Path, sentinel: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    torch_file(run / "step_1.pt", {"w": [1.0]})
+    (run / "notes.txt").write_text("not a checkpoint")
+    (run / "bad.pkl").write_bytes(pickle.dumps(Payload(sentinel), protocol=2))
+    result = run_ckpt("scan", str(run), "--json")
+    assert result.returncode == ExitCode.UNSAFE, result.stderr
+    data = json.loads(result.stdout)
+    assert data["summary"] == {"safe": 1, "unknown-objects": 0, "unsafe": 1, "unreadable": 0,
+                               "skipped": 1}
+    bad = next(f for f in data["files"] if f["verdict"] == "unsafe")
+    assert set(bad) == {"path", "verdict", "format", "unsafe", "objects", "pickles", "note"}
+    assert bad["unsafe"] == [{"name": SYSTEM, "via": "GLOBAL", "where": "pickle 1"}]
+    quiet = run_ckpt("scan", str(run), "--quiet")
+    assert "step_1.pt" not in quiet.stdout and "bad.pkl" in quiet.stdout
+    assert "1 safe, 1 unsafe (1 other files skipped)" in quiet.stdout
+    (run / "bad.pkl").unlink()
+    assert run_ckpt("scan", str(run)).returncode == ExitCode.OK
+    assert not sentinel.exists()
+
+
+def test_unreadable_and_missing_inputs(tmp_path: Path) -> None:
+    truncated = tmp_path / "cut.pt"
+    data = torch_file(tmp_path / "full.pt", {"w": [1.0] * 100}).read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    result = run_ckpt("scan", str(truncated), str(notes))
+    assert result.returncode == ExitCode.INTEGRITY, result.stderr
+    assert "unreadable" in result.stdout and "Traceback" not in result.stderr
+    missing = run_ckpt("scan", str(tmp_path / "nope.pt"))
+    assert missing.returncode == ExitCode.NOT_FOUND
+    assert missing.stderr.count("\n") == 1 and "nope.pt" in missing.stderr
+
+
+def test_scan_imports_no_framework(tmp_path: Path) -> None:
+    code = ("import sys\nfrom ckptkit.cli.main import main\n"
+            "try:\n    main(['scan', sys.argv[1], '--quiet'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'tensorflow', 'jax') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, str(SAMPLES)], capture_output=True,
+                            text=True, env={"PYTHONPATH": str(SRC)}, timeout=60)
+    assert result.stdout.strip().endswith("[]"), result.stdout + result.stderr
