@@ -86,7 +86,7 @@ def test_a_missing_page_is_created_with_a_title(table: ModuleType, tmp_path: Pat
     doc.parent.mkdir()
     table.main([str(figures), "--doc", str(doc), "--command", "scripts/fuzz 1"])
     text = doc.read_text()
-    assert text.startswith("# Security\n\n<!-- figures:start -->\n| what was tried | inputs |")
+    assert text.startswith("# Security\n\n<!-- figures:start -->\n| figure | count |")
     assert text.endswith("by `scripts/fuzz 1`.\n<!-- figures:end -->\n")
 
 

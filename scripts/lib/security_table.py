@@ -34,7 +34,7 @@ def render(counts: dict[str, int], labels: dict[str, str], *, date: str, where: 
            command: str) -> str:
     """The Markdown table: one row per label (``—`` where this run did not count it), then
     figures the labels do not know under their raw names, then when, where and how."""
-    lines = ["| what was tried | inputs |", "|---|---:|"]
+    lines = ["| figure | count |", "|---|---:|"]
     for name, label in labels.items():
         value = f"{counts[name]:,}" if name in counts else "—"
         lines.append(f"| {label} | {value} |")

@@ -144,13 +144,29 @@ class _Budget:
         return bool(self._ahead)
 
     def read(self, n: int = -1) -> bytes:
-        data = self._ahead + self._stream.read(n - len(self._ahead) if n >= 0 else -1)
+        if n < 0:
+            data = self._ahead + self._stream.read()
+        else:
+            data = self._ahead + self._pieces(n - len(self._ahead))
         self._ahead = b""
         self._read += len(data)
         if self._read > self._limit:
             raise IntegrityError(f"{self._path}: decompresses to more than {self._limit} bytes",
                                  hint="A decompression bomb; do not load it")
         return data
+
+    def _pieces(self, n: int) -> bytes:
+        # A length prefix (BINUNICODE, BINBYTES8) asks for one read, and buffered files and
+        # decompressors allocate the whole request before they read: take it in pieces.
+        parts: list[bytes] = []
+        got = 0
+        while got < n and self._read + got <= self._limit:  # past the limit read() raises
+            part = self._stream.read(min(n - got, 1 << 20))
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
 
     def readline(self) -> bytes:
         if self._ahead == b"\n":

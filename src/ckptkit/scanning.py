@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptkit import formats, plain_pickle
+from ckptkit.formats import ziparchive
 from ckptkit.errors import CkptkitError, ExitCode, FormatError, NotFoundError
 from ckptkit.unpickler import MAX_STATIC_SCAN, Findings, UnsafePickleError, scan_globals
 
@@ -161,7 +162,7 @@ def scan_file(path: Path, *, explicit: bool = True, label: str | None = None,
     if raw.format in ("torch-zip", "torchscript"):
         try:
             _hidden_in_members(path, findings, depth)
-        except (OSError, EOFError, zipfile.BadZipFile, _Bomb) as exc:
+        except (*ziparchive.ZIP_ERRORS, _Bomb) as exc:
             note = "; ".join(x for x in (note, f"a record cannot be read ({exc})") if x)
     return _verdict(name, raw.format, findings, note=note)
 
