@@ -260,7 +260,7 @@ def _archive(path: Path, name: str, depth: int) -> ScanResult:
                 target.unlink(missing_ok=True)
                 if result is not None:
                     members.append(result)
-    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, _Bomb) as exc:
+    except (*ziparchive.ZIP_ERRORS, tarfile.TarError, _Bomb) as exc:
         return ScanResult(name, "unreadable", "archive", note=f"archive cannot be read: {exc}",
                           exit_code=ExitCode.INTEGRITY)
     findings = Findings()
