@@ -80,3 +80,13 @@ def test_docs_index_links_every_page() -> None:
     index = (DOCS / "README.md").read_text(encoding="utf-8")
     pages = {p.name for p in DOCS.glob("*.md")} - {"README.md"}
     assert not sorted(p for p in pages if f"({p})" not in index)
+
+
+def test_readme_shows_every_command_and_the_two_quick_start_commands() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in {path.split()[0] for path, _ in all_commands()}:
+        assert f"ckpt {name}" in readme, f"README.md has no example of `ckpt {name}`"
+    quick = readme.split("## Quick start", 1)[1].split("##", 1)[0]
+    commands = [line.split()[0] for line in quick.split("```bash", 1)[1].split("```", 1)[0]
+                .strip().splitlines()]
+    assert commands == ["scripts/demo", "scripts/test"]
