@@ -201,15 +201,37 @@ def test_zip_hidden_in_a_torch_file(tmp_path: Path, sentinel: Path) -> None:
 
 
 def test_decompression_bomb_member_is_refused(tmp_path: Path) -> None:
+    """A member declaring more than max(64 x archive size, 1 GiB) is refused before a byte is
+    unpacked (the same budget as hub archive extraction)."""
     bomb = tmp_path / "bomb.zip"
-    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
-        with z.open("weights.pkl", "w", force_zip64=True) as member:
-            chunk = bytes(1 << 20)
-            for _ in range(200):
-                member.write(chunk)
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("weights.pkl", bytes(1 << 20))
+    data = bytearray(bomb.read_bytes())
+    central = data.rindex(b"PK\x01\x02")
+    data[central + 24:central + 28] = (3 << 30).to_bytes(4, "little")  # "3 GiB, uncompressed"
+    bomb.write_bytes(bytes(data))
     (result,) = scan([bomb]).results
     assert result.verdict == "unreadable" and "decompression bomb" in result.note
     assert result.exit_code == ExitCode.INTEGRITY
+    figures.count("archive-attacks")
+
+
+def test_tar_ending_in_a_zip_is_read_as_the_tar(tmp_path: Path, sentinel: Path) -> None:
+    """zipfile finds a zip's end record at the end of a plain tar whose last member is a zip:
+    scanning must read the tar (all its members), not the trailing zip alone."""
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(Payload(sentinel), protocol=2))
+    inner = tmp_path / "extra.zip"
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("README", "fine")
+    polyglot = tmp_path / "model.tar"
+    with tarfile.open(polyglot, "w") as tar:
+        tar.add(evil, "model/evil.pkl")
+        tar.add(inner, "model/extra.zip")
+    assert zipfile.is_zipfile(polyglot)
+    verdict, where = verdict_of(polyglot)
+    assert verdict == "unsafe" and where[SYSTEM].startswith("model/evil.pkl")
+    figures.count("hostile-files")
 
 
 # --- walks, exit codes, output ------------------------------------------------------------------
@@ -224,6 +246,28 @@ def test_samples_directory_verdicts() -> None:
     assert verdicts["tf_ckpt/ckpt-1.index"] == "safe"
     assert not any(p.startswith(("musiq_saved_model/", "tf_ckpt/ckpt-1.data")) for p in verdicts)
     assert report.exit_code == ExitCode.OK
+
+
+def test_walk_skips_what_cannot_hold_a_checkpoint(tmp_path: Path, sentinel: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "pkg").mkdir(parents=True)
+    (tree / ".gitkeep").write_bytes(b"")
+    (tree / "pkg" / "__init__.py").write_bytes(b"")
+    (tree / "dangling.pt").symlink_to(tmp_path / "gone.pt")
+    (tree / "loop").symlink_to(tree)  # a linked folder is not followed
+    os.mkfifo(tree / "pipe")
+    (tree / "pkg" / "hps.pkl").write_bytes(pickle.dumps(Payload(sentinel), protocol=2))
+    report = scan([tree])
+    assert [(Path(r.path).name, r.verdict) for r in report.results] == [("hps.pkl", "unsafe")]
+    assert report.skipped == 5 and report.exit_code == ExitCode.UNSAFE
+
+
+def test_a_missing_path_is_reported_before_anything_is_scanned(tmp_path: Path) -> None:
+    good = tmp_path / "ok.pkl"
+    good.write_bytes(pickle.dumps({"a": 1}))
+    result = run_ckpt("scan", str(good), str(tmp_path / "typo.pkl"))
+    assert result.returncode == ExitCode.NOT_FOUND and result.stdout == ""
+    assert "typo.pkl" in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_cli_exit_codes_and_json(tmp_path: Path, sentinel: Path) -> None:
@@ -269,3 +313,50 @@ def test_scan_imports_no_framework(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code, str(SAMPLES)], capture_output=True,
                             text=True, env={"PYTHONPATH": str(SRC)}, timeout=60)
     assert result.stdout.strip().endswith("[]"), result.stdout + result.stderr
+
+
+# --- bounded work on hostile plain pickles ------------------------------------------------------
+
+def _nested_object_arrays(levels: int) -> bytes:
+    """joblib wrappers for object arrays, each followed (as joblib writes) by the next one."""
+    wrapper = (pickle.GLOBAL + b"joblib.numpy_pickle\nNumpyArrayWrapper\n" + pickle.EMPTY_TUPLE
+               + pickle.NEWOBJ + pickle.EMPTY_DICT + pickle.MARK
+               + pickle.SHORT_BINUNICODE + b"\x05shape" + pickle.BININT1 + b"\x01" + pickle.TUPLE1
+               + pickle.SHORT_BINUNICODE + b"\x05dtype"
+               + pickle.GLOBAL + b"numpy\ndtype\n" + pickle.SHORT_BINUNICODE + b"\x02O8"
+               + pickle.TUPLE1 + pickle.REDUCE + pickle.SETITEMS + pickle.BUILD)
+    return (pickle.PROTO + b"\x02" + wrapper) * levels
+
+
+@pytest.mark.parametrize("name, payload", [
+    ("nested-object-arrays.pkl", _nested_object_arrays(400)),
+    ("opcodes.pkl.xz", None),
+    ("binbytes8-claims.pkl.bz2", None),
+])
+def test_hostile_plain_pickles_end_quickly_in_bounded_memory(name: str, payload: bytes | None,
+                                                            tmp_path: Path) -> None:
+    import bz2
+    import lzma
+    import time
+    import tracemalloc
+
+    path = tmp_path / name
+    if name.endswith(".xz"):  # 16 MB of NONE/POP opcodes in a 3 KB file
+        path.write_bytes(lzma.compress(pickle.PROTO + b"\x04" + b"N0" * (8 << 20)))
+    elif name.endswith(".bz2"):  # a 4 EiB bytes value, then 100 MB of zeros to "fill" it
+        head = pickle.PROTO + b"\x04" + pickle.BINBYTES8 + (1 << 62).to_bytes(8, "little")
+        path.write_bytes(bz2.compress(head + bytes(100 << 20)))
+    else:
+        path.write_bytes(payload)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        (result,) = scan([path]).results
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 10
+    assert peak < 64 << 20, f"{name} peaked at {peak >> 20} MiB"
+    assert result.verdict == "unreadable" and result.exit_code == ExitCode.INTEGRITY
+    assert len(result.note) < 400
+    figures.count("dos-inputs")

@@ -25,7 +25,8 @@ from typing import Any, BinaryIO
 from ckptkit.errors import IntegrityError
 from ckptkit.model import Opaque, itemsize
 from ckptkit.pickle_globals import inert_type, numpy_dtype_name
-from ckptkit.unpickler import Findings, InertUnpickler, PickleContext, read_pickle
+from ckptkit.unpickler import (Findings, InertUnpickler, PickleContext, UnsafePickleError,
+                               read_pickle)
 
 SUFFIXES = (".pkl", ".pickle", ".joblib", ".jbl", ".sav", ".pk", ".p")
 WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
@@ -35,6 +36,11 @@ CONTEXT = PickleContext(allowed={("joblib.numpy_pickle", "NumpyArrayWrapper"):
 MAX_PICKLES = 10_000
 #: Decompressed bytes allowed per compressed byte before the stream counts as a bomb.
 MAX_RATIO = 2000
+#: Of those, bytes the machine may interpret as opcodes (joblib array bytes are skipped, not
+#: interpreted): this bounds the time a small, highly compressible stream of opcodes can take.
+INTERPRETED_RATIO = 16
+#: joblib object arrays inside object arrays, as deep as this.
+MAX_NESTING = 8
 
 
 def sniff(path: Path) -> bool:
@@ -56,7 +62,7 @@ def sniff(path: Path) -> bool:
 
 def analyse(path: Path) -> tuple[Findings, str]:
     """Read every pickle in ``path`` with the restricted machine; return the findings and a
-    short description of the container ("pickle", "joblib", "gzip pickle", ...).
+    short description of the container (``pickle``, ``gzip pickle``, ``xz pickle``, ...).
 
     Raises:
         IntegrityError: a broken stream (an UnsafePickleError when it also names dangerous
@@ -66,14 +72,24 @@ def analyse(path: Path) -> tuple[Findings, str]:
     size = path.stat().st_size
     with open(path, "rb") as fh, _decompressed(fh, path) as stream:
         compression = getattr(stream, "compression", "")
-        budget = _Budget(stream, size * MAX_RATIO + (64 << 20), path)
+        budget = _Budget(stream, path, total=size * MAX_RATIO + (64 << 20),
+                         interpreted=size * INTERPRETED_RATIO + (1 << 20) if compression
+                         else size + 1)
         count = 0
         while budget.peek():
             count += 1
             if count > MAX_PICKLES:
                 raise IntegrityError(f"{path}: more than {MAX_PICKLES} pickles in one file")
-            read_pickle(budget, findings, what=f"pickle {count} in {path}",  # type: ignore[arg-type]
-                        context=CONTEXT, location=f"pickle {count}", machine=_JoblibMachine)
+            try:
+                read_pickle(budget, findings, what=f"pickle {count}",  # type: ignore[arg-type]
+                            context=CONTEXT, location=f"pickle {count}",
+                            machine=_JoblibMachine)
+            except UnsafePickleError:
+                raise
+            except IntegrityError as exc:
+                if isinstance(exc.__cause__, LimitError):
+                    raise exc.__cause__ from None
+                raise
     return findings, f"{compression} pickle".strip()
 
 
@@ -95,10 +111,16 @@ class _JoblibMachine(InertUnpickler):
             raise pickle.UnpicklingError(f"joblib array with shape {shape!r}")
         if dtype == "object":
             # joblib pickles object arrays right here: a nested pickle that loading runs.
+            # Read by a nested machine, not read_pickle: an error ends the whole stream, and
+            # the outermost read_pickle scans the rest statically once, not once per level.
+            if self._depth >= MAX_NESTING:
+                raise pickle.UnpicklingError(f"object arrays nested deeper than {MAX_NESTING}")
             findings, location = self.findings, self.findings.location
-            read_pickle(self._stream, findings, what=f"object array in {location}",
-                        context=CONTEXT, location=f"{location}, object array",
-                        machine=_JoblibMachine)
+            findings.location = f"{location}, object array"
+            findings.pickles += 1
+            nested = _JoblibMachine(self._stream, findings, None, CONTEXT)
+            nested._depth = self._depth + 1
+            nested.load()
             findings.location = location
             return
         if state.get("numpy_array_alignment_bytes") is not None:
@@ -109,15 +131,13 @@ class _JoblibMachine(InertUnpickler):
         self._skip(math.prod(shape) * max(1, int(itemsize(dtype))))
 
     def _skip(self, count: int) -> None:
-        while count > 0:
-            chunk = self._file_read(min(count, 1 << 20))
-            if not chunk:
-                raise pickle.UnpicklingError("joblib array data is truncated")
-            count -= len(chunk)
+        if self._stream.skip(count) != count:
+            raise pickle.UnpicklingError("joblib array data is truncated")
 
-    def __init__(self, file: BinaryIO, *args: Any, **kwargs: Any):
+    def __init__(self, file: _Budget, *args: Any, **kwargs: Any):
         super().__init__(file, *args, **kwargs)
         self._stream = file
+        self._depth = 0
 
     dispatch[pickle.BUILD[0]] = _joblib_build
 
@@ -130,12 +150,21 @@ def _dtype_name(dtype: Any) -> str:
     return "object" if code in ("O", "O8", "O4") else numpy_dtype_name(code)
 
 
-class _Budget:
-    """A read-only stream that stops a decompression bomb and can peek for another pickle."""
+class LimitError(IntegrityError):
+    """The stream went past its byte budget: reported as it is, not as a corrupt pickle."""
 
-    def __init__(self, stream: BinaryIO, limit: int, path: Path):
-        self._stream, self._limit, self._path = stream, limit, path
-        self._read = 0
+
+class _Budget:
+    """A read-only stream that stops a decompression bomb and can peek for another pickle.
+
+    ``interpreted`` caps the bytes handed to the pickle machine (opcodes and their operands),
+    ``total`` everything taken from the stream, including skipped joblib array bytes."""
+
+    def __init__(self, stream: BinaryIO, path: Path, *, total: int, interpreted: int):
+        self._stream, self._path = stream, path
+        self._total, self._interpreted = total, interpreted
+        self._read = 0  # position in the (decompressed) stream
+        self._used = 0  # interpreted bytes
         self._ahead = b""
 
     def peek(self) -> bool:
@@ -144,23 +173,42 @@ class _Budget:
         return bool(self._ahead)
 
     def read(self, n: int = -1) -> bytes:
-        if n < 0:
-            data = self._ahead + self._stream.read()
-        else:
-            data = self._ahead + self._pieces(n - len(self._ahead))
-        self._ahead = b""
-        self._read += len(data)
-        if self._read > self._limit:
-            raise IntegrityError(f"{self._path}: decompresses to more than {self._limit} bytes",
-                                 hint="A decompression bomb; do not load it")
+        # Length prefixes (BINBYTES8, BINUNICODE8) can ask for anything: read in pieces and
+        # never past the budget, so a claim costs memory only for bytes that are there.
+        room = self._interpreted - self._used
+        want = room + 1 if n < 0 else min(n, room + 1)
+        data = self._ahead[:want] + self._pieces(want - len(self._ahead[:want]))
+        self._ahead = self._ahead[want:]
+        self._used += len(data)
+        self._advance(len(data))
+        if self._used > self._interpreted:
+            raise LimitError(f"{self._path}: more than {self._interpreted} bytes of pickle "
+                             "opcodes", hint="A decompression bomb; do not load it")
         return data
 
+    def skip(self, n: int) -> int:
+        """Pass over ``n`` bytes (joblib array data) without keeping them; how many there were."""
+        skipped = len(self._ahead[:n])
+        self._ahead = self._ahead[n:]
+        self._advance(skipped)
+        while skipped < n:
+            part = self._stream.read(min(n - skipped, 1 << 20))
+            if not part:
+                break
+            skipped += len(part)
+            self._advance(len(part))
+        return skipped
+
+    def _advance(self, n: int) -> None:
+        self._read += n
+        if self._read > self._total:
+            raise LimitError(f"{self._path}: decompresses to more than {self._total} bytes",
+                             hint="A decompression bomb; do not load it")
+
     def _pieces(self, n: int) -> bytes:
-        # A length prefix (BINUNICODE, BINBYTES8) asks for one read, and buffered files and
-        # decompressors allocate the whole request before they read: take it in pieces.
         parts: list[bytes] = []
         got = 0
-        while got < n and self._read + got <= self._limit:  # past the limit read() raises
+        while got < n:
             part = self._stream.read(min(n - got, 1 << 20))
             if not part:
                 break
@@ -174,7 +222,11 @@ class _Budget:
             return b"\n"
         line = self._ahead + self._stream.readline(1 << 20)
         self._ahead = b""
-        self._read += len(line)
+        self._used += len(line)
+        self._advance(len(line))
+        if self._used > self._interpreted:
+            raise LimitError(f"{self._path}: more than {self._interpreted} bytes of pickle "
+                             "opcodes", hint="A decompression bomb; do not load it")
         return line
 
     def tell(self) -> int:

@@ -20,24 +20,19 @@ from __future__ import annotations
 import os
 import tarfile
 import tempfile
-import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptkit import formats, plain_pickle
+from ckptkit import archive_members, formats, plain_pickle
+from ckptkit.errors import CkptkitError, ExitCode, FormatError, NotFoundError, disk_full
 from ckptkit.formats import ziparchive
-from ckptkit.errors import CkptkitError, ExitCode, FormatError, NotFoundError
 from ckptkit.unpickler import MAX_STATIC_SCAN, Findings, UnsafePickleError, scan_globals
 
 VERDICTS = ("safe", "unknown-objects", "unsafe", "unreadable")
 #: Archive members are scanned down to this depth (a zip in a zip in a zip).
 MAX_DEPTH = 3
-#: Members larger than this (uncompressed) are not unpacked for scanning; reported unreadable.
-MAX_MEMBER_BYTES = 8 << 30
-#: Uncompressed bytes per compressed byte beyond which a member counts as a bomb.
-MAX_RATIO = 1000
 
 
 @dataclass(frozen=True)
@@ -107,14 +102,16 @@ def scan(paths: Iterable[str | os.PathLike[str]]) -> ScanReport:
         NotFoundError: a path does not exist.
     """
     report = ScanReport()
-    for raw in paths:
-        path = Path(raw)
+    targets = [Path(raw) for raw in paths]
+    for path in targets:  # all checked first: a typo must not hide other files' verdicts
         if not path.exists() and not path.with_name(path.name + ".index").is_file():
             raise NotFoundError(f"{path}: no such file or directory",
-                                hint="Check the path", path=str(path))
+                                hint="Check the path; nothing was scanned", path=str(path))
+    for path in targets:
         if path.is_dir() and not _is_checkpoint_dir(path):
-            for file in _walk(path):
-                result = scan_file(file, explicit=False)
+            for entry in _walk(path):
+                result = entry if isinstance(entry, ScanResult) else \
+                    scan_file(entry, explicit=False) if entry is not None else None
                 if result is None:
                     report.skipped += 1
                 else:
@@ -131,12 +128,14 @@ def scan_file(path: Path, *, explicit: bool = True, label: str | None = None,
     """The verdict on one file (or SavedModel/TF checkpoint); ``None`` for a file found by a
     directory walk that ckptkit has nothing to say about."""
     name = label or str(path)
+    if depth < MAX_DEPTH and archive_members.kind(path) == "tar":
+        return _archive(path, name, depth)  # before zip readers: a tar may end in a zip
     try:
         reader = formats.detect(path)
     except FormatError as exc:
         return _not_a_checkpoint(path, name, explicit, depth, exc)
-    except CkptkitError as exc:
-        return _unreadable(name, exc)
+    except CkptkitError as exc:  # empty, vanished, a broken link
+        return _unreadable(name, exc) if explicit else None
     fmt = reader.__name__.rpartition(".")[2].replace("_", "-")
     try:
         raw = reader.read_info(path)
@@ -162,7 +161,7 @@ def scan_file(path: Path, *, explicit: bool = True, label: str | None = None,
     if raw.format in ("torch-zip", "torchscript"):
         try:
             _hidden_in_members(path, findings, depth)
-        except (*ziparchive.ZIP_ERRORS, _Bomb) as exc:
+        except (*ziparchive.ZIP_ERRORS, archive_members.ArchiveBomb) as exc:
             note = "; ".join(x for x in (note, f"a record cannot be read ({exc})") if x)
     return _verdict(name, raw.format, findings, note=note)
 
@@ -173,43 +172,35 @@ def _hidden_in_members(path: Path, findings: Findings, depth: int) -> None:
     Loading the checkpoint does not run them by itself, but they are a classic way to smuggle
     a payload past scanners that only read ``data.pkl``: whatever such a file hides is
     reported, under the member that holds it."""
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            if info.filename.endswith((".pkl", "/")) or "/code/" in info.filename:
+    with tempfile.TemporaryDirectory(prefix="ckpt-scan-") as tmp:
+        for member in archive_members.members(path):
+            if isinstance(member, str) or member.name.endswith(".pkl") or "/code/" in member.name:
                 continue
-            with archive.open(info) as member:
-                head = member.read(4)
-            if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-                nested = Findings(location=f"{info.filename} (a pickle inside a tensor record)")
-                with archive.open(info) as member:
-                    scan_globals(member.read(MAX_STATIC_SCAN), nested)
-            elif head == b"PK\x03\x04" and depth < MAX_DEPTH:
-                nested = _nested_zip(archive, info, depth)
+            if member.head[:1] == b"\x80" and member.head[1:2] in (b"\x02", b"\x03", b"\x04",
+                                                                   b"\x05"):
+                nested = Findings(location=f"{member.name} (a pickle inside a tensor record)")
+                scan_globals(member.read(MAX_STATIC_SCAN), nested)
+            elif member.head.startswith(b"PK\x03\x04") and depth < MAX_DEPTH:
+                target = Path(tmp) / "member"
+                member.copy_to(target)
+                result = scan_file(target, explicit=False, label=member.name, depth=depth + 1)
+                target.unlink(missing_ok=True)
+                nested = Findings(location=f"{member.name} (a zip inside the zip)")
+                for danger in result.unsafe if result else ():
+                    nested.flag(danger.name, danger.via)
+                    nested.where[danger.name] += f": {danger.where}"
             else:
                 continue
             for qualname, via in nested.unsafe.items():
                 findings.unsafe.setdefault(qualname, via)
-                findings.where.setdefault(qualname, nested.where.get(qualname, info.filename))
-
-
-def _nested_zip(archive: zipfile.ZipFile, info: zipfile.ZipInfo, depth: int) -> Findings:
-    findings = Findings()
-    with tempfile.TemporaryDirectory(prefix="ckpt-scan-") as tmp:
-        target = Path(tmp) / "member"
-        _check_size(info.filename, info.file_size, info.compress_size)
-        _copy(archive.open(info), target, info.file_size)
-        result = scan_file(target, explicit=False, label=info.filename, depth=depth + 1)
-    for danger in result.unsafe if result else ():
-        findings.unsafe[danger.name] = danger.via
-        findings.where[danger.name] = f"{info.filename} (a zip inside the zip): {danger.where}"
-    return findings
+                findings.where.setdefault(qualname, nested.where[qualname])
 
 
 def _not_a_checkpoint(path: Path, name: str, explicit: bool, depth: int,
                       exc: CkptkitError) -> ScanResult | None:
     if path.is_file() and plain_pickle.sniff(path):
         return _plain(path, name)
-    if path.is_file() and depth < MAX_DEPTH and _is_archive(path):
+    if path.is_file() and depth < MAX_DEPTH and archive_members.kind(path):
         return _archive(path, name, depth)
     return _unreadable(name, exc) if explicit else None
 
@@ -234,38 +225,39 @@ def _verdict(name: str, fmt: str | None, findings: Findings, note: str = "") -> 
 
 
 def _unreadable(name: str, exc: CkptkitError, fmt: str | None = None) -> ScanResult:
-    message = exc.message.replace(f"{name}: ", "", 1)
+    message = exc.message.removeprefix(f"{name}: ")
     return ScanResult(name, "unreadable", fmt, note=message, exit_code=exc.exit_code)
 
 
-# --- archives: each member that could be a checkpoint or pickle is scanned on its own ------
-
-def _is_archive(path: Path) -> bool:
-    try:
-        return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
-    except (OSError, EOFError, tarfile.TarError):
-        return False
-
+# --- archives: each member that could hold a pickle is scanned on its own --------------------
 
 def _archive(path: Path, name: str, depth: int) -> ScanResult:
     """One result for an archive, merged from its members' results (worst verdict wins)."""
-    members: list[ScanResult] = []
+    results: list[ScanResult] = []
+    passed = 0
     try:
         with tempfile.TemporaryDirectory(prefix="ckpt-scan-") as tmp:
-            for member_name, unpack in _members(path):
-                target = Path(tmp) / "member"
-                unpack(target)
-                result = scan_file(target, explicit=False, label=f"{name}!{member_name}",
+            target = Path(tmp) / "member"
+            for member in archive_members.members(path):
+                if isinstance(member, str):
+                    passed += 1
+                    continue
+                member.copy_to(target)
+                result = scan_file(target, explicit=False, label=f"{name}!{member.name}",
                                    depth=depth + 1)
                 target.unlink(missing_ok=True)
                 if result is not None:
-                    members.append(result)
-    except (*ziparchive.ZIP_ERRORS, tarfile.TarError, _Bomb) as exc:
+                    results.append(result)
+    except (*ziparchive.ZIP_ERRORS, tarfile.TarError, archive_members.ArchiveBomb) as exc:
+        full = disk_full(exc, Path(tempfile.gettempdir()) / "ckpt-scan", "unpacking a member",
+                         hint="Free space there, or point TMPDIR at a larger disk")
+        if full is not None:
+            raise full from exc
         return ScanResult(name, "unreadable", "archive", note=f"archive cannot be read: {exc}",
                           exit_code=ExitCode.INTEGRITY)
     findings = Findings()
     notes = []
-    for member in members:
+    for member in results:
         findings.objects |= set(member.objects)
         findings.pickles += member.pickles
         for d in member.unsafe:
@@ -274,59 +266,30 @@ def _archive(path: Path, name: str, depth: int) -> ScanResult:
             findings.where.setdefault(d.name, f"{member.path[len(name) + 1:]}{glue}{d.where}")
         if member.verdict == "unreadable":
             notes.append(f"{member.path[len(name) + 1:]} unreadable ({member.note})")
-    scanned = f"{len(members)} member(s) scanned"
+    scanned = f"{len(results)} member(s) scanned, {passed} without pickles"
     return _verdict(name, "archive", findings, note="; ".join([scanned, *notes[:3]]))
-
-
-class _Bomb(Exception):
-    pass
-
-
-def _members(path: Path) -> Iterator[tuple[str, Any]]:
-    """(name, unpack-to(target)) for each regular member, with size and ratio caps."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.is_dir():
-                    continue
-                _check_size(info.filename, info.file_size, info.compress_size)
-                yield info.filename, lambda t, i=info: _copy(archive.open(i), t, i.file_size)
-        return
-    with tarfile.open(path) as archive:
-        for info in archive:
-            if not info.isfile():
-                continue  # links, devices and directories hold no bytes of their own
-            _check_size(info.name, info.size, None)
-            yield info.name, lambda t, i=info: _copy(archive.extractfile(i), t, i.size)
-
-
-def _check_size(name: str, size: int, compressed: int | None) -> None:
-    if size > MAX_MEMBER_BYTES:
-        raise _Bomb(f"member {name!r} is {size} bytes (limit {MAX_MEMBER_BYTES})")
-    if compressed is not None and size > (64 << 20) and size > compressed * MAX_RATIO:
-        raise _Bomb(f"member {name!r} expands {size // max(compressed, 1)}x "
-                    "(a decompression bomb)")
-
-
-def _copy(src: Any, target: Path, declared: int) -> None:
-    with src, open(target, "wb") as out:
-        copied = 0
-        while chunk := src.read(1 << 20):
-            copied += len(chunk)
-            if copied > declared:
-                raise _Bomb("member is larger than its header says")
-            out.write(chunk)
 
 
 # --- walking directories ---------------------------------------------------------------------
 
-def _walk(root: Path) -> Iterator[Path]:
-    """Files under ``root`` in a stable order; SavedModel and TF checkpoint parts as units."""
-    for folder, dirs, files in os.walk(root):
+def _walk(root: Path) -> Iterator[Path | ScanResult | None]:
+    """Files under ``root`` in a stable order, SavedModel directories as units; a folder that
+    cannot be listed becomes an unreadable result, a linked folder None (skipped, not
+    followed: links can loop or lead out of the tree)."""
+    errors: list[OSError] = []
+    for folder, dirs, files in os.walk(root, onerror=errors.append):
+        while errors:
+            error = errors.pop()
+            yield ScanResult(str(error.filename or folder), "unreadable",
+                             note=f"cannot list the folder ({error.strerror or error})",
+                             exit_code=ExitCode.ERROR)
         here = Path(folder)
         dirs.sort()
         for d in list(dirs):
-            if _is_checkpoint_dir(here / d):
+            if (here / d).is_symlink():
+                dirs.remove(d)
+                yield None
+            elif _is_checkpoint_dir(here / d):
                 dirs.remove(d)
                 yield here / d
         for f in sorted(files):
@@ -334,6 +297,10 @@ def _walk(root: Path) -> Iterator[Path]:
             if _is_part_of_a_tf_checkpoint(path):
                 continue
             yield path
+    for error in errors:  # the root itself could not be listed
+        yield ScanResult(str(error.filename or root), "unreadable",
+                         note=f"cannot list the folder ({error.strerror or error})",
+                         exit_code=ExitCode.ERROR)
 
 
 def _is_checkpoint_dir(path: Path) -> bool:

@@ -311,6 +311,7 @@ def test_temp_files_of_killed_writers_are_swept_live_ones_kept(tmp_path: Path) -
     target removes it when that pid is gone, and never touches a live writer's file."""
     import subprocess
     import sys
+    import time
 
     from ckptkit.convert.writers import atomic_file
 
@@ -318,11 +319,14 @@ def test_temp_files_of_killed_writers_are_swept_live_ones_kept(tmp_path: Path) -
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     stale = tmp_path / f".out.safetensors.{int(dead.stdout)}.0123abcd.partial"
+    fresh = tmp_path / f".out.safetensors.{int(dead.stdout)}.4567abcd.partial"  # another host?
     live = tmp_path / f".out.safetensors.{os.getpid()}.89abcdef.partial"
     other = tmp_path / f".other.bin.{int(dead.stdout)}.0123abcd.partial"
-    for path in (stale, live, other):
+    for path in (stale, fresh, live, other):
         path.write_bytes(b"half")
+        if path is not fresh:
+            os.utime(path, (time.time() - 120, time.time() - 120))
     with atomic_file(target) as fh:
         fh.write(b"whole")
     assert target.read_bytes() == b"whole"
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and fresh.exists() and live.exists() and other.exists()

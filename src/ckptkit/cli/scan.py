@@ -30,7 +30,8 @@ def scan_command(paths: tuple[Path, ...], as_json: bool, quiet: bool) -> int:
     Reads every pickle inside PyTorch zip and legacy files, TorchScript archives, .npz object
     arrays, plain .pkl and joblib files (also compressed), and the members of zip and tar
     archives, without importing or calling anything they name.  Directories are scanned
-    recursively.  Exits 5 when any file is unsafe, 3 when one is unreadable.
+    recursively (links to folders are not followed).  Exits 5 when any file is unsafe, else 3
+    when one is corrupt, 1 when a file named explicitly is not a format ckptkit reads.
     """
     from ckptkit.scanning import scan
 

@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Literal, Protocol, Sequence
@@ -181,6 +182,10 @@ def read_sidecar(path: Path) -> dict[str, dict[str, str]]:
             if k in ("metadata", "dtypes") and isinstance(v, dict)}
 
 
+#: Seconds a dead writer's temporary file must sit untouched before it is removed.
+ABANDONED_AFTER = 60.0
+
+
 @contextlib.contextmanager
 def atomic_file(target: Path) -> Iterator[BinaryIO]:
     """A new file that becomes ``target`` only if the ``with`` block completes.
@@ -227,14 +232,19 @@ def atomic_file(target: Path) -> Iterator[BinaryIO]:
 def _sweep_dead_partials(target: Path) -> None:
     """Remove temporary files of earlier writes to ``target`` whose process was killed.
 
-    The pid in the name decides: a file of a live process (a concurrent writer) is left."""
+    The pid in the name must be gone here, and the file untouched for a minute: on a shared
+    file system the pid may belong to a writer on another machine, which keeps its file fresh.
+    """
     from ckptkit.locks import pid_alive
 
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[0-9a-f]{{8}}\.partial")
+    now = time.time()
     for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
         match = pattern.fullmatch(leftover.name)
-        if match and not leftover.is_symlink() and not pid_alive(int(match[1])):
-            with contextlib.suppress(OSError):
+        if not match or leftover.is_symlink() or pid_alive(int(match[1])):
+            continue
+        with contextlib.suppress(OSError):
+            if now - leftover.stat().st_mtime >= ABANDONED_AFTER:
                 leftover.unlink()
 
 
