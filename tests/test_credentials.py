@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptkit.credentials import find_kaggle_credentials, in_colab
+from ckptkit.credentials import find_kaggle_credentials, in_colab, look_up_kaggle_credentials
 from ckptkit.errors import FormatError
 
 
@@ -62,6 +62,16 @@ def test_a_broken_kaggle_json_is_an_error_as_in_kagglehub(tmp_path: Path) -> Non
     (tmp_path / ".kaggle" / "kaggle.json").write_text('{"username": "me"}')
     with pytest.raises(FormatError, match="lacks a 'username' or a 'key'"):
         find_kaggle_credentials({}, home=tmp_path)
+
+
+def test_a_lookup_reports_a_broken_kaggle_json_instead_of_raising(tmp_path: Path) -> None:
+    (tmp_path / ".kaggle").mkdir()
+    (tmp_path / ".kaggle" / "kaggle.json").write_text("{not json")
+    broken = look_up_kaggle_credentials({}, home=tmp_path)
+    assert broken.credentials is None and "kaggle.json is not valid JSON" in (broken.problem or "")
+    found = look_up_kaggle_credentials({"KAGGLE_USERNAME": "u", "KAGGLE_KEY": "k"}, home=tmp_path)
+    assert found.problem is None and found.credentials is not None
+    assert found.credentials.origin == "KAGGLE_USERNAME/KAGGLE_KEY"
 
 
 def test_kaggle_notebook_token(tmp_path: Path) -> None:

@@ -311,6 +311,30 @@ def test_kaggle_cache_filled_by_a_fetch_counts(mirror: MirrorServer, kaggle_env:
     assert kaggle.copy == str(kaggle_env / "models" / KAGGLE_HANDLE)
 
 
+def test_lock_json_credentials_and_each_copy_are_read_once(
+        mirror: MirrorServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptkit import credentials, hashing, pins
+
+    plan_fetch(["musiq-spaq"], config.settings(mirror=rules(mirror.base))).execute()
+    reads: list[Path] = []
+    lookups: list[object] = []
+    walks: list[Path] = []
+    read, find, walk = pins.Pins._read, credentials.find_kaggle_credentials, hashing.tree_files
+    monkeypatch.setattr(pins.Pins, "_read", lambda self: reads.append(self.path) or read(self))
+    monkeypatch.setattr(credentials, "find_kaggle_credentials",
+                        lambda *a, **k: lookups.append(a) or find(*a, **k))
+    monkeypatch.setattr(hashing, "tree_files", lambda root: walks.append(root) or walk(root))
+
+    report = doctor(["musiq-spaq"], mirror=rules(mirror.base), offline=True)
+
+    tfhub = source(the_file(report, "musiq/spaq/saved_model"), "tfhub")
+    assert tfhub.verified.status == "ok" and tfhub.size == sum(
+        p.stat().st_size for p in walk(Path(tfhub.copy or "")))
+    # Shared by the checks and the environment report; the copy is sized while it is hashed.
+    assert len(reads) == 1 and len(lookups) == 1 and report.environment.pins == 2
+    assert walks.count(Path(tfhub.copy or "")) == 1
+
+
 def test_unknown_names_and_bad_timeouts_are_usage_errors() -> None:
     with pytest.raises(UsageError, match="no model named 'musiq-spaqq'.*Did you mean musiq-spaq"):
         plan_doctor(["musiq-spaqq"], config.settings())

@@ -71,3 +71,21 @@ def test_kaggle_credentials_are_named_by_origin_only(tmp_path: Path) -> None:
     env = describe_environment(config.settings(), {"KAGGLE_API_TOKEN": "tok"})
     assert env.kaggle_credentials == "KAGGLE_API_TOKEN"
     assert env.to_dict()["variables"]["KAGGLE_API_TOKEN"] == HIDDEN
+
+
+def test_facts_the_caller_read_are_not_read_again() -> None:
+    from ckptkit.credentials import KaggleCredentials, KaggleLookup
+    from ckptkit.pins import Pin, PinsSnapshot
+
+    conf = config.settings()
+    conf.config_dir.mkdir(parents=True, exist_ok=True)
+    conf.pins_path.write_text("{broken")  # would be a problem if it were read here
+    env = describe_environment(conf, {"KAGGLE_API_TOKEN": "tok"},
+                               pins=PinsSnapshot({"a": Pin("0" * 64, 1, "url", 0.0)}),
+                               kaggle=KaggleLookup(KaggleCredentials("kaggle.json", "t")))
+    assert (env.pins, env.pins_problem) == (1, None)
+    assert env.kaggle_credentials == "kaggle.json"
+    broken = describe_environment(conf, {}, kaggle=KaggleLookup(None, "kaggle.json is bad"))
+    assert broken.pins is None and "not valid JSON" in (broken.pins_problem or "")
+    assert (broken.kaggle_credentials, broken.kaggle_credentials_problem) == (
+        None, "kaggle.json is bad")

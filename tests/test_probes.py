@@ -50,6 +50,14 @@ def test_an_html_page_is_recognised(http_server: HTTPTestServer) -> None:
     assert send(download_probe(http_server.url("/w.bin")), timeout=2).html
 
 
+def test_html_counts_only_where_a_fetch_would_refuse_it(http_server: HTTPTestServer) -> None:
+    # The downloader accepts HTML from a URL naming an HTML document; so does the probe.
+    http_server.add("/page.html", b"<!doctype html><html></html>",
+                    faults=[Fault("html", times=None)])
+    result = send(download_probe(http_server.url("/page.html")), timeout=2)
+    assert result.status in (200, 206) and not result.html
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -74,6 +82,19 @@ def test_kaggle_probe_is_the_listing_kagglehub_sends_first() -> None:
     assert json.loads(request.body or "") == {
         "ownerSlug": "google", "modelSlug": "musiq", "instanceSlug": "spaq",
         "framework": "MODEL_FRAMEWORK_TENSOR_FLOW_2", "versionNumber": 1, "pageSize": 25}
+
+
+def test_kaggle_probe_refuses_an_unknown_framework_as_fetch_does() -> None:
+    pytest.importorskip("kagglehub")
+    from ckptkit.errors import UsageError
+    from ckptkit.sources.kaggle import check_framework
+
+    handle = "google/musiq/notAFramework/spaq/1"
+    with pytest.raises(UsageError) as fetching:
+        check_framework(handle)
+    with pytest.raises(UsageError) as probing:
+        kaggle_probe(handle, "http://127.0.0.1:1/kaggle")
+    assert str(probing.value) == str(fetching.value) and handle in str(probing.value)
 
 
 def test_kaggle_answers_404_for_an_unknown_model_and_403_when_forbidden() -> None:

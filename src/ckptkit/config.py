@@ -31,6 +31,9 @@ from ckptkit.mirrors import Mirrors
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 DEFAULT_CONNECTIONS = 8
 DEFAULT_TIMEOUT = 30.0
+#: ``ckpt doctor --timeout``.  Not CKPTKIT_TIMEOUT, which bounds a download's silences and must
+#: be patient: a probe is one tiny request, and a dead host must not hold the report up.
+DOCTOR_TIMEOUT = 5.0
 
 
 def env_flag(name: str, default: bool = False) -> bool:

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptkit.errors import FormatError
+from ckptkit.errors import CkptkitError, FormatError
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,15 @@ class KaggleCredentials:
             return {"Authorization": f"Bearer {self.token}"}
         pair = base64.b64encode(f"{self.username}:{self.key}".encode()).decode()
         return {"Authorization": f"Basic {pair}"}
+
+
+@dataclass(frozen=True)
+class KaggleLookup:
+    """Where the search for Kaggle credentials ended: what was found (None: nothing, public
+    models only), or why an unreadable ``kaggle.json`` stopped it (``problem``)."""
+
+    credentials: KaggleCredentials | None
+    problem: str | None = None
 
 
 def in_colab(environ: Mapping[str, str] | None = None) -> bool:
@@ -84,6 +93,21 @@ def find_kaggle_credentials(environ: Mapping[str, str] | None = None,
                                  key=env["KAGGLE_KEY"])
     folder = Path(env["KAGGLE_CONFIG_DIR"]) if env.get("KAGGLE_CONFIG_DIR") else home / ".kaggle"
     return _kaggle_json(folder / "kaggle.json")
+
+
+def look_up_kaggle_credentials(environ: Mapping[str, str] | None = None,
+                               home: Path | None = None) -> KaggleLookup:
+    """:func:`find_kaggle_credentials`, for callers that report an unreadable ``kaggle.json``
+    instead of stopping on it (``ckpt doctor``: it is looked up once, then shown and used).
+
+    Example:
+        >>> look_up_kaggle_credentials({"KAGGLE_API_TOKEN": "t"}).credentials.origin
+        'KAGGLE_API_TOKEN'
+    """
+    try:
+        return KaggleLookup(find_kaggle_credentials(environ, home))
+    except CkptkitError as exc:
+        return KaggleLookup(None, str(exc))
 
 
 def _exists(path: str) -> bool:

@@ -22,15 +22,16 @@ from pathlib import Path
 from ckptkit import catalogue as catalogue_mod
 from ckptkit.cache import Cache, CacheEntry
 from ckptkit.catalogue import Catalogue, FileSpec, SourceSpec
-from ckptkit.config import Settings
-from ckptkit.credentials import KaggleCredentials, find_kaggle_credentials, in_colab
+from ckptkit.config import DOCTOR_TIMEOUT, Settings
+from ckptkit.credentials import KaggleLookup, in_colab, look_up_kaggle_credentials
 from ckptkit.diagnosis import (Check, DoctorReport, FileReport, SourceReport, judge,
                                not_applicable, not_checked)
 from ckptkit.errors import CkptkitError, NotFoundError, UsageError
+from ckptkit.hashing import sha256_and_size, tree_size
+from ckptkit.pins import Pins, PinsSnapshot
 from ckptkit.probes import ProbeRequest, ProbeResult, download_probe, kaggle_probe, send
 
 MAX_WORKERS = 8
-DEFAULT_TIMEOUT = 5.0
 _ON_DISK = "on disk"
 
 
@@ -64,14 +65,18 @@ class PlannedFile:
 
 @dataclass(frozen=True)
 class DoctorPlan:
-    """What :meth:`execute` will check; shared files appear once in ``files``."""
+    """What :meth:`execute` will check; shared files appear once in ``files``.
+
+    ``pins`` and ``kaggle`` are read once, here, and serve both the checks and the
+    environment report.
+    """
 
     models: tuple[tuple[str, tuple[str, ...]], ...]  # (model name, its file ids)
     files: tuple[PlannedFile, ...]
     settings: Settings
     timeout: float
-    kaggle_credentials: KaggleCredentials | None
-    kaggle_problem: str | None  # an unreadable kaggle.json
+    kaggle: KaggleLookup  # the credentials sent with Kaggle probes, or an unreadable kaggle.json
+    pins: PinsSnapshot  # lock.json
 
     @property
     def probes(self) -> tuple[ProbeRequest, ...]:
@@ -91,12 +96,13 @@ class DoctorPlan:
         reports = run.files()
         models = tuple(judge(name, tuple(reports[i] for i in ids), self.settings.offline)
                        for name, ids in self.models)
-        return DoctorReport(describe_environment(self.settings), models, self.settings.offline,
-                            self.timeout, len(self.probes))
+        environment = describe_environment(self.settings, pins=self.pins, kaggle=self.kaggle)
+        return DoctorReport(environment, models, self.settings.offline, self.timeout,
+                            len(self.probes))
 
 
 def plan_doctor(names: list[str] | tuple[str, ...], settings: Settings, *,
-                timeout: float = DEFAULT_TIMEOUT,
+                timeout: float = DOCTOR_TIMEOUT,
                 catalogue: Catalogue | None = None) -> DoctorPlan:
     """Decide what ``ckpt doctor NAMES`` checks (every model when ``names`` is empty).
 
@@ -113,38 +119,24 @@ def plan_doctor(names: list[str] | tuple[str, ...], settings: Settings, *,
                                                               for n in sorted(cat.models)]
     except NotFoundError as exc:  # a name typed wrong is a usage error here, not a lookup
         raise UsageError(exc.message, hint=exc.hint) from exc
-    expected = _Expected(settings)
-    try:
-        creds, problem = find_kaggle_credentials(), None
-    except CkptkitError as exc:
-        creds, problem = None, str(exc)
+    pins = Pins(settings.pins_path).snapshot()  # unreadable: no pins, reported with the environment
     files: dict[str, PlannedFile] = {}
     for model in chosen:
         for spec in cat.files_of(model.name):
             if spec.id not in files:
-                sha, origin = expected(spec)
+                sha, origin = _expected(spec, pins)
                 files[spec.id] = PlannedFile(spec, sha, origin, tuple(
                     _plan_source(s, spec, settings) for s in _chain(spec, settings)))
     return DoctorPlan(tuple((m.name, m.files) for m in chosen), tuple(files.values()), settings,
-                      timeout, creds, problem)
+                      timeout, look_up_kaggle_credentials(), pins)
 
 
-class _Expected:
-    """The sha256 a file must have: the catalogue's, else the first-use pin."""
-
-    def __init__(self, settings: Settings) -> None:
-        from ckptkit.pins import Pins
-
-        self.pins = Pins(settings.pins_path)
-
-    def __call__(self, spec: FileSpec) -> tuple[str | None, str | None]:
-        if spec.sha256:
-            return spec.sha256, "catalogue"
-        try:
-            pin = self.pins.get(spec.id)
-        except CkptkitError:  # an unreadable lock.json: reported with the environment
-            return None, None
-        return (pin.sha256, "pin") if pin else (None, None)
+def _expected(spec: FileSpec, pins: PinsSnapshot) -> tuple[str | None, str | None]:
+    """The sha256 a file must have and where it comes from: the catalogue's, else the pin."""
+    if spec.sha256:
+        return spec.sha256, "catalogue"
+    pin = pins.pins.get(spec.id)
+    return (pin.sha256, "pin") if pin else (None, None)
 
 
 def _chain(spec: FileSpec, settings: Settings) -> tuple[SourceSpec, ...]:
@@ -201,7 +193,7 @@ class _Run:
         self.recorded = dict(self.cache.status())
         self.pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="ckpt-doctor")
         self.probes: dict[ProbeRequest, Future[ProbeResult]] = {}
-        self.hashes: dict[Path, Future[str]] = {}
+        self.hashes: dict[Path, Future[tuple[str, int]]] = {}  # sha256 and size
         self.verified: dict[str, Future[tuple[CacheEntry, str]]] = {}
         self.copies: dict[tuple[str, SourceSpec], list[Path]] = {}
 
@@ -219,7 +211,7 @@ class _Run:
     def _submit(self) -> None:
         from ckptkit.sources import local
 
-        auth = self.plan.kaggle_credentials
+        auth = self.plan.kaggle.credentials
         for planned in self.plan.files:
             if self.recorded.get(planned.spec.id) == "ok":
                 self.verified[planned.spec.id] = self.pool.submit(self.cache.verify,
@@ -240,7 +232,7 @@ class _Run:
                 self.copies[(planned.spec.id, s.source)] = found
                 for path in found:
                     if comparable and path not in self.hashes:
-                        self.hashes[path] = self.pool.submit(self.cache.hash_of, path)
+                        self.hashes[path] = self.pool.submit(sha256_and_size, path)
 
     def _present(self, s: PlannedSource) -> bool:
         """An origin cache entry its tool would use: kagglehub needs its ``.complete``
@@ -299,7 +291,7 @@ class _Run:
                             reachable, auth, cached, verified, usable,
                             result.status if result else None,
                             result.seconds if result else None,
-                            result.size if result else None, _size_of(copy))
+                            result.size if result else None, self._size(copy))
 
     def _reachable(self, s: PlannedSource, result: ProbeResult | None) -> Check:
         if s.source.type == "local":
@@ -323,9 +315,9 @@ class _Run:
         kind = s.source.type
         if kind == "local":
             return not_applicable("not needed")
-        creds = self.plan.kaggle_credentials if kind == "kaggle" else None
-        if kind == "kaggle" and self.plan.kaggle_problem:
-            return Check("fail", self.plan.kaggle_problem)
+        creds = self.plan.kaggle.credentials if kind == "kaggle" else None
+        if kind == "kaggle" and self.plan.kaggle.problem:
+            return Check("fail", self.plan.kaggle.problem)
         have = (f"credentials from {creds.origin}" if creds else
                 "no credentials" + (" (Colab secrets not checked)" if in_colab() else ""))
         if s.problem is not None:
@@ -356,12 +348,21 @@ class _Run:
             return cached, not_checked("no catalogue sha256 or pin to compare with"), found[0]
         for path in found:
             try:
-                actual = self.hashes[path].result()
+                actual = self.hashes[path].result()[0]
             except OSError as exc:
                 return cached, not_checked(f"unreadable: {exc.strerror or exc}"), path
             if actual == expected:
                 return cached, Check("ok", f"matches the {what}"), path
         return cached, Check("fail", f"sha256 differs from the {what}"), found[0]
+
+    def _size(self, copy: Path | None) -> int | None:
+        """Bytes of the copy reported: counted while it was hashed, else measured now."""
+        if copy is None:
+            return None
+        job = self.hashes.get(copy)
+        if job is not None and job.exception() is None:
+            return job.result()[1]
+        return _size_of(copy)
 
     def _usable(self, s: PlannedSource, reachable: Check, auth: Check, cached: Check,
                 verified: Check) -> bool:
@@ -377,11 +378,7 @@ class _Run:
         return fetchable
 
 
-def _size_of(path: Path | None) -> int | None:
-    from ckptkit.hashing import tree_size
-
-    if path is None:
-        return None
+def _size_of(path: Path) -> int | None:
     try:
         return tree_size(path) if path.is_dir() else path.stat().st_size
     except OSError:

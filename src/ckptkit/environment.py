@@ -18,11 +18,15 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptkit import __version__
 from ckptkit.config import Settings
-from ckptkit.errors import CkptkitError
+from ckptkit.hashing import tree_files
+
+if TYPE_CHECKING:
+    from ckptkit.credentials import KaggleLookup
+    from ckptkit.pins import PinsSnapshot
 
 #: (importable module, distribution, ckptkit extra that installs it)
 EXTRAS: tuple[tuple[str, str, str], ...] = (
@@ -109,38 +113,39 @@ class Environment:
         }
 
 
-def describe_environment(settings: Settings,
-                         environ: Mapping[str, str] | None = None) -> Environment:
+def describe_environment(settings: Settings, environ: Mapping[str, str] | None = None, *,
+                         pins: PinsSnapshot | None = None,
+                         kaggle: KaggleLookup | None = None) -> Environment:
     """Collect the environment facts; reads the disk (cache size), never the network.
+
+    Args:
+        settings: the resolved settings (cache, config and origin cache directories).
+        environ: the variables to read (default ``os.environ``).
+        pins: ``lock.json`` as the caller already read it; read here when None.
+        kaggle: the Kaggle credentials the caller already looked up (in ``environ``); looked
+            up here when None.
 
     Example:
         >>> from ckptkit.config import settings
         >>> describe_environment(settings()).ckptkit  # doctest: +SKIP
         '0.1.0'
     """
-    from ckptkit.credentials import find_kaggle_credentials
+    from ckptkit.credentials import look_up_kaggle_credentials
     from ckptkit.pins import Pins
 
     env = os.environ if environ is None else environ
-    try:
-        pins: int | None = len(Pins(settings.pins_path).ids())
-        pins_problem = None
-    except CkptkitError as exc:
-        pins, pins_problem = None, str(exc)
-    try:
-        creds = find_kaggle_credentials(env)
-        kaggle, kaggle_problem = (creds.origin if creds else None), None
-    except CkptkitError as exc:
-        kaggle, kaggle_problem = None, str(exc)
+    pins = Pins(settings.pins_path).snapshot() if pins is None else pins
+    kaggle = look_up_kaggle_credentials(env) if kaggle is None else kaggle
     return Environment(
         ckptkit=__version__, python=platform.python_version(),
         implementation=platform.python_implementation(), executable=sys.executable,
         platform=platform.platform(), extras=tuple(find_extras()),
         cache=measure_cache(settings.cache_dir), config_dir=settings.config_dir,
-        pins_path=settings.pins_path, pins=pins, pins_problem=pins_problem,
-        tfhub_cache_dir=settings.tfhub_cache_dir,
-        kagglehub_cache_dir=settings.kagglehub_cache_dir, kaggle_credentials=kaggle,
-        kaggle_credentials_problem=kaggle_problem, variables=variables(env))
+        pins_path=settings.pins_path, pins=None if pins.problem else len(pins.pins),
+        pins_problem=pins.problem, tfhub_cache_dir=settings.tfhub_cache_dir,
+        kagglehub_cache_dir=settings.kagglehub_cache_dir,
+        kaggle_credentials=kaggle.credentials.origin if kaggle.credentials else None,
+        kaggle_credentials_problem=kaggle.problem, variables=variables(env))
 
 
 def find_extras() -> list[Extra]:
@@ -162,18 +167,19 @@ def find_extras() -> list[Extra]:
 
 
 def measure_cache(root: Path) -> CacheFacts:
-    """Files and bytes under ``root`` (symlinks not followed) and free space on its disk."""
+    """Files and bytes under ``root`` and free space on its disk.
+
+    The files are those :func:`ckptkit.hashing.tree_files` lists (regular files; symlinks
+    neither followed nor counted), the same walk that sizes and hashes cached trees.
+    """
     files = size = 0
     problem = None
-    if root.is_dir():
-        for folder, _dirs, names in os.walk(root):
-            for name in names:
-                try:
-                    stat = os.lstat(os.path.join(folder, name))
-                except OSError:
-                    continue
-                files += 1
-                size += stat.st_size
+    for path in tree_files(root) if root.is_dir() else ():
+        try:
+            size += path.stat().st_size
+        except OSError:  # removed while counting: a fetch or a prune is running
+            continue
+        files += 1
     existing = next((p for p in (root, *root.parents) if p.exists()), None)
     free = None
     if existing is not None:

@@ -11,7 +11,8 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptkit.errors import FormatError
@@ -23,6 +24,15 @@ class Pin:
     size: int
     source: str
     pinned_at: float
+
+
+@dataclass(frozen=True)
+class PinsSnapshot:
+    """The pins file as read once: every pin by file id, or, when it is not valid JSON, no pins
+    and the reason (``problem``), for callers that report it rather than stop."""
+
+    pins: Mapping[str, Pin] = field(default_factory=dict)
+    problem: str | None = None
 
 
 class Pins:
@@ -43,11 +53,17 @@ class Pins:
         return data.get("files", {}) if isinstance(data, dict) else {}
 
     def get(self, file_id: str) -> Pin | None:
-        entry = self._read().get(file_id)
-        if not isinstance(entry, dict):
-            return None
-        return Pin(str(entry["sha256"]), int(entry["size"]), str(entry.get("source", "")),
-                   float(entry.get("pinned_at", 0)))
+        return _pin(self._read().get(file_id))
+
+    def snapshot(self) -> PinsSnapshot:
+        """Every pin from one read of the file; a file that is not valid JSON is a
+        ``problem``, not an error."""
+        try:
+            files = self._read()
+        except FormatError as exc:
+            return PinsSnapshot(problem=str(exc))
+        return PinsSnapshot({file_id: pin for file_id, entry in files.items()
+                             if (pin := _pin(entry)) is not None})
 
     def ids(self) -> tuple[str, ...]:
         """Every pinned file id, sorted.
@@ -84,3 +100,10 @@ class Pins:
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
         return pin
+
+
+def _pin(entry: object) -> Pin | None:
+    if not isinstance(entry, dict):
+        return None
+    return Pin(str(entry["sha256"]), int(entry["size"]), str(entry.get("source", "")),
+               float(entry.get("pinned_at", 0)))

@@ -8,7 +8,11 @@
 * Kaggle sources: the ``ListModelInstanceVersionFiles`` RPC kagglehub sends first for a pinned
   version that is not in its cache: a small JSON listing, never the files.
 
-:func:`send` never raises for network trouble: a probe that gets no answer says why.
+:func:`send` never raises for network trouble: a probe that gets no answer says why.  What an
+answer means is decided by the code the fetch itself runs (:mod:`ckptkit.transport` for sizes
+and HTML pages, :mod:`ckptkit.sources.kaggle` for Kaggle statuses), so doctor and fetch agree.
+``requests`` is imported only when a request is sent: planning, and ``ckpt doctor --offline``,
+never pay for it.
 """
 
 from __future__ import annotations
@@ -17,17 +21,17 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
-
-import requests
+from typing import TYPE_CHECKING, Literal
 
 from ckptkit import __version__
-from ckptkit.errors import MissingDependencyError, UsageError
+from ckptkit.errors import MissingDependencyError
+
+if TYPE_CHECKING:
+    import requests
 
 MAX_REDIRECTS = 10
 KAGGLE_RPC = "/v1/models.ModelApiService/ListModelInstanceVersionFiles"
 KAGGLE_PAGE_SIZE = 25  # what kagglehub asks for (MAX_NUM_FILES_DIRECT_DOWNLOAD)
-_HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,9 @@ class ProbeResult:
             body when there is one); None when no answer came.
         error: why no answer came (refused, timed out, host not found, …), else None.
         seconds: how long it took.
-        size: the size the server announced for the file, when it did.
-        html: the answer was an HTML page (a login or error page), not a file.
+        size: the size the server announced for the file, when it did (GET only).
+        html: the answer was an HTML page (a login or error page) where a file was expected:
+            what a fetch refuses (:func:`ckptkit.transport.unexpected_html`).
     """
 
     url: str
@@ -73,17 +78,16 @@ def kaggle_probe(handle: str, base: str) -> ProbeRequest:
         MissingDependencyError: kagglehub is not installed (it names the framework enum).
         UsageError: the handle's framework is not one Kaggle knows.
     """
+    from ckptkit.sources.kaggle import check_framework
+
     try:
         from kagglehub.handle import parse_model_handle
     except ImportError as exc:
         raise MissingDependencyError("kagglehub", "kaggle", "Using Kaggle sources") from exc
+    check_framework(handle)
     parsed = parse_model_handle(handle)
-    try:
-        framework = parsed.framework_enum().name
-    except ValueError as exc:
-        raise UsageError(f"Kaggle handle {handle!r} names an unknown framework "
-                         f"{parsed.framework!r}") from exc
-    body = {"ownerSlug": parsed.owner, "modelSlug": parsed.model, "framework": framework,
+    body = {"ownerSlug": parsed.owner, "modelSlug": parsed.model,
+            "framework": parsed.framework_enum().name,
             "instanceSlug": parsed.variation, "versionNumber": parsed.version,
             "pageSize": KAGGLE_PAGE_SIZE}
     return ProbeRequest("POST", base.rstrip("/") + KAGGLE_RPC, json.dumps(body))
@@ -97,9 +101,15 @@ def send(request: ProbeRequest, *, timeout: float,
         >>> send(download_probe("http://127.0.0.1:9/x"), timeout=1).error  # doctest: +SKIP
         'connection refused'
     """
+    import requests
+
+    from ckptkit.sources.kaggle import rpc_status
+    from ckptkit.transport import announced_size, unexpected_html
+
+    get = request.method == "GET"
     sent = {"User-Agent": f"ckptkit/{__version__}", "Accept-Encoding": "identity",
             **(headers or {})}
-    if request.method == "GET":
+    if get:
         sent["Range"] = "bytes=0-0"
     else:
         sent["Content-Type"] = "application/json"
@@ -108,45 +118,21 @@ def send(request: ProbeRequest, *, timeout: float,
         session.max_redirects = MAX_REDIRECTS
         try:
             resp = session.request(request.method, request.url, headers=sent, data=request.body,
-                                   stream=request.method == "GET", timeout=(timeout, timeout))
+                                   stream=get, timeout=(timeout, timeout))
         except requests.RequestException as exc:
             return ProbeResult(request.url, None, _reason(exc, timeout),
                                time.monotonic() - start)
         with resp:
-            status = resp.status_code
-            if request.method == "POST":
-                status = _rpc_status(resp)
-            ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            return ProbeResult(request.url, status, None, time.monotonic() - start,
-                               size=_announced_size(resp), html=ctype in _HTML_TYPES)
-
-
-def _announced_size(resp: requests.Response) -> int | None:
-    from ckptkit.transfer_plan import parse_content_range
-
-    if resp.status_code == 206:
-        found = parse_content_range(resp.headers.get("Content-Range"))
-        return found.total if found else None
-    if resp.status_code == 200 and resp.request.method == "GET":
-        length = resp.headers.get("Content-Length", "")
-        return int(length) if length.isdigit() else None
-    return None
-
-
-def _rpc_status(resp: requests.Response) -> int:
-    """The status, or the ``code`` of a JSON error body kagglesdk would raise on."""
-    if resp.status_code < 400:
-        try:
-            code = resp.json().get("code")
-        except (ValueError, AttributeError):
-            return resp.status_code
-        if isinstance(code, int) and code >= 400:
-            return code
-    return resp.status_code
+            return ProbeResult(request.url, resp.status_code if get else rpc_status(resp), None,
+                               time.monotonic() - start,
+                               size=announced_size(resp) if get else None,
+                               html=unexpected_html(resp, request.url) is not None)
 
 
 def _reason(exc: requests.RequestException, timeout: float) -> str:
     """A few words on why no answer came."""
+    import requests
+
     if isinstance(exc, requests.Timeout):
         return f"no answer within {timeout:g} s"
     if isinstance(exc, requests.TooManyRedirects):

@@ -121,13 +121,12 @@ class Transport:
             etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
             if status == 206:
                 self.check_content_type(resp)
-                span = parse_content_range(resp.headers.get("Content-Range"))
-                total = span.total if span is not None else None
+                total = announced_size(resp)
                 return Probe(resp.url, total, total is not None, etag, modified), None
             if status == 200:
                 self.check_content_type(resp)
                 keep = True
-                return Probe(resp.url, content_length(resp), False, etag, modified), resp
+                return Probe(resp.url, announced_size(resp), False, etag, modified), resp
             if status == 416:
                 span = parse_content_range(resp.headers.get("Content-Range"))
                 if span is not None and span.total == 0:  # bytes=0-0 of an empty file
@@ -279,8 +278,8 @@ class Transport:
                            url=self.url, status=err.status, path=str(self.dest))
 
     def check_content_type(self, resp: requests.Response) -> None:
-        ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if ctype in _HTML_TYPES and not self.html_ok:
+        ctype = unexpected_html(resp, self.url)
+        if ctype is not None:
             raise self.html_error(f"Content-Type {ctype}")
 
     def html_error(self, why: str) -> SourceError:
@@ -313,6 +312,27 @@ class Retrier:
 def content_length(resp: requests.Response) -> int | None:
     value = resp.headers.get("Content-Length", "")
     return int(value) if value.isdigit() else None
+
+
+def announced_size(resp: requests.Response) -> int | None:
+    """The file size announced by the answer to a ``Range: bytes=0-0`` probe: the total of a
+    206's ``Content-Range``, the ``Content-Length`` of a 200 (a server that ignores ranges), else
+    None.  Shared by the downloader, ``fetch --dry-run`` and ``ckpt doctor``."""
+    if resp.status_code == 206:
+        span = parse_content_range(resp.headers.get("Content-Range"))
+        return span.total if span is not None else None
+    if resp.status_code == 200:
+        return content_length(resp)
+    return None
+
+
+def unexpected_html(resp: requests.Response, url: str) -> str | None:
+    """The Content-Type of ``resp`` when it is an HTML page although ``url`` names a file (a
+    login, error or confirmation page), else None.  URLs of HTML documents may answer with HTML
+    (:func:`~ckptkit.transfer_plan.html_expected`).  The downloader refuses such an answer;
+    ``ckpt doctor`` reports it, so the two never disagree."""
+    ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    return ctype if ctype in _HTML_TYPES and not html_expected(url) else None
 
 
 def _is_timeout(exc: BaseException) -> bool:

@@ -16,7 +16,7 @@ import pytest
 from ckptkit import config
 from ckptkit.fetch import plan_fetch
 from ckptkit.testing.hubs import MirrorServer
-from tests.conftest import SRC, run_ckpt, run_main
+from tests.conftest import SRC, run_ckpt, run_main, run_python
 
 SAMPLES = SRC / "ckptkit" / "samples"
 
@@ -59,6 +59,38 @@ def test_text_report_has_environment_a_table_and_a_summary(mirror: MirrorServer)
     assert "yes (206," in tfhub and "yes (TF Hub cache" in tfhub and "matches the pin" in tfhub
     assert out.rstrip().endswith("1 model(s): 1 ok; exit 0")
     assert "checking 2 file(s): 3 request(s)" in err
+
+
+def test_quiet_prints_only_the_model_reports(capsys: pytest.CaptureFixture[str],
+                                             mirror: MirrorServer) -> None:
+    fetched(mirror)
+    args = ("doctor", "musiq-spaq", "--offline", "--mirror", rules(mirror.base))
+    _, loud, loud_err = run_main(capsys, *args)
+    code, out, err = run_main(capsys, *args, "--quiet")
+    assert code == 0 and err == "" and "checking 2 file(s)" in loud_err
+    # The environment block is informational: gone.  The per-model report is the result.
+    assert loud.startswith("ckptkit ") and "\ncache     " in loud
+    assert out.startswith("musiq-spaq: ok - all 2 file(s) cached and verified\n")
+    starts = {line.split(" ", 1)[0] for line in out.splitlines()}
+    assert not starts & {"ckptkit", "extras", "cache", "config", "kaggle", "network", "env"}
+    assert out == loud[loud.index("musiq-spaq: ok"):]
+    assert out.rstrip().endswith("1 model(s): 1 ok; exit 0")
+    # --json is the same with or without --quiet (only stderr changes).
+    _, as_json, _ = run_main(capsys, *args, "--json")
+    _, quiet_json, quiet_err = run_main(capsys, *args, "--json", "-q")
+    assert quiet_err == "" and json.loads(quiet_json).keys() == json.loads(as_json).keys()
+    assert "environment" in json.loads(quiet_json)
+
+
+def test_offline_does_not_import_requests() -> None:
+    # Offline, doctor sends nothing: the HTTP stack (about 100 ms to import) is never loaded.
+    code = ("import sys\nfrom ckptkit.cli.main import main\n"
+            "try:\n    main(['doctor', 'musiq-spaq', 'jukebox-5b', '--offline', '-q'])\n"
+            "except SystemExit as exc:\n    code = exc.code\n"
+            "print('exit', code, sorted(m for m in ('requests', 'urllib3') if m in sys.modules),"
+            " file=sys.stderr)")
+    result = run_python(code)
+    assert result.stderr.strip().splitlines()[-1] == "exit 4 []", result.stderr[-2000:]
 
 
 def test_json_is_one_document(mirror: MirrorServer) -> None:
@@ -125,6 +157,7 @@ def test_help_lists_the_shared_flags_and_examples() -> None:
     for flag in ("--offline", "--mirror", "--local-dir", "--cache-dir", "--catalog", "--json",
                  "--timeout", "Examples:", "ckpt doctor --offline --json"):
         assert flag in result.stdout
+    assert f"[default: {config.DOCTOR_TIMEOUT};" in result.stdout  # the one default, shown
     assert "doctor" in run_ckpt("--help").stdout
 
 

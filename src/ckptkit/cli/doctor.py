@@ -11,6 +11,7 @@ import click
 from ckptkit.cli import render
 from ckptkit.cli.options import (cache_options, log_to_stderr, network_options,
                                   output_options)
+from ckptkit.config import DOCTOR_TIMEOUT
 
 if TYPE_CHECKING:
     from ckptkit.diagnosis import Check, DoctorReport, ModelReport, SourceReport
@@ -34,7 +35,7 @@ VERDICT_WORDS = {"ok": "ok", "degraded": "DEGRADED", "unavailable": "UNAVAILABLE
 
 @click.command("doctor", epilog=EXAMPLES)
 @click.argument("names", nargs=-1)
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DOCTOR_TIMEOUT,
               show_default=True, metavar="S",
               help="Seconds to wait for each source to connect and to answer.")
 @network_options
@@ -49,8 +50,8 @@ def doctor_command(names: tuple[str, ...], timeout: float, offline: bool | None,
     source's client sends, with --mirror applied), authenticated (Kaggle credentials; 401/403
     answers), cached (ckptkit's cache, the TF Hub and kagglehub caches, local paths) and
     verified (re-hashed against the catalogue sha256 or the lock.json pin).  Also prints the
-    environment: versions, installed extras, cache size and free disk, relevant variables.
-    Offline (--offline, CKPTKIT_OFFLINE=1) no request is sent.
+    environment first (versions, installed extras, cache size and free disk, relevant
+    variables), except with --quiet.  Offline (--offline, CKPTKIT_OFFLINE=1) no request is sent.
 
     Exits 0 when every model is fine, 1 when a source failed but every file can still be had,
     4 when a file has no cached copy and no working source, 3 when a cached copy fails
@@ -65,13 +66,15 @@ def doctor_command(names: tuple[str, ...], timeout: float, offline: bool | None,
     if as_json:
         render.emit_json(report.to_dict())
     else:
-        click.echo(report_text(report, conf.mirrors.rules))
+        click.echo(report_text(report, conf.mirrors.rules, environment=not quiet))
     return int(report.exit_code)
 
 
-def report_text(report: DoctorReport, mirror_rules: tuple[tuple[str, str], ...] = ()) -> str:
-    """The human report: environment, one table per model, one summary line."""
-    parts = [_environment_text(report, mirror_rules)]
+def report_text(report: DoctorReport, mirror_rules: tuple[tuple[str, str], ...] = (), *,
+                environment: bool = True) -> str:
+    """The human report: environment (unless ``environment`` is false: ``--quiet``), one
+    table per model, one summary line."""
+    parts = [_environment_text(report, mirror_rules)] if environment else []
     parts += [_model_text(model) for model in report.models]
     counts: dict[str, int] = {}
     for model in report.models:

@@ -89,7 +89,7 @@ def fetch(handle: str, *, mirrors: Mirrors, quiet: bool = True) -> KaggleResult:
     """
     check_handle(handle)
     kagglehub = _import_kagglehub()
-    _check_framework(handle)
+    check_framework(handle)
     base = api_base(mirrors)
     with _LOCK, _endpoint(base), _output(quiet):
         try:
@@ -223,7 +223,9 @@ def _import_kagglehub() -> ModuleType:
     return kagglehub
 
 
-def _check_framework(handle: str) -> None:
+def check_framework(handle: str) -> None:
+    """Raise UsageError unless kagglehub knows the framework ``handle`` names (kagglehub must
+    be installed)."""
     from kagglehub.handle import parse_model_handle
 
     try:
@@ -239,7 +241,7 @@ def _translate(exc: Exception, handle: str, base: str) -> CkptkitError:
     from kagglehub import exceptions as kex
 
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
-        status = _status(exc.response)
+        status = rpc_status(exc.response)
         url = exc.response.url
         if status == 404:
             return NotFoundError(f"Kaggle has no model {handle} (HTTP 404 from {url})",
@@ -268,13 +270,14 @@ def _translate(exc: Exception, handle: str, base: str) -> CkptkitError:
                        f"{_one_line(exc)}", url=base, hint="Set CKPTKIT_DEBUG=1 for the traceback")
 
 
-def _status(response: Any) -> int:
-    """HTTP status, or the ``code`` kagglesdk found in a JSON error body of a 2xx answer."""
+def rpc_status(response: Any) -> int:
+    """The status of a Kaggle API answer as kagglesdk sees it: the HTTP status, or the ``code``
+    (≥ 400) of a JSON error body sent with a non-error status, which kagglesdk raises on."""
     status = int(response.status_code)
     if status < 400:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             code = response.json().get("code")
-            if isinstance(code, int):
+            if isinstance(code, int) and code >= 400:
                 return code
     return status
 

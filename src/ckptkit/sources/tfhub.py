@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from ckptkit import archives
-from ckptkit.download import download
 from ckptkit.errors import IntegrityError, UsageError
 from ckptkit.formats import savedmodel
 from ckptkit.mirrors import Mirrors
@@ -115,6 +114,9 @@ def fetch(handle: str, dest: Path, *, mirrors: Mirrors, tfhub_cache_dir: Path | 
         >>> fetch("https://tfhub.dev/google/musiq/spaq/1", Path("spaq"), mirrors=Mirrors(),
         ...       tfhub_cache_dir=default_tfhub_cache_dir())          # doctest: +SKIP
     """
+    # Imported here: ckpt doctor uses module_key/compressed_url and must not load requests.
+    from ckptkit.download import download
+
     if not handle.startswith(("http://", "https://")):
         raise UsageError(f"TF Hub handle {handle!r} is not an http(s) URL",
                          hint="Example: https://tfhub.dev/google/musiq/spaq/1")

@@ -7,6 +7,7 @@ from typing import Any
 
 from ckptkit.download import DownloadResult, download
 from ckptkit.mirrors import Mirrors
+from ckptkit.transport import announced_size
 
 
 def fetch(url: str, dest: Path, *, mirrors: Mirrors, expected_size: int | None,
@@ -26,17 +27,10 @@ def probe_size(url: str, *, mirrors: Mirrors, timeout: float = 10.0) -> int | No
     """
     import requests
 
-    from ckptkit.transfer_plan import parse_content_range
-
     try:
         with requests.get(mirrors.rewrite(url), headers={"Range": "bytes=0-0",
                                                          "Accept-Encoding": "identity"},
                           stream=True, timeout=timeout) as resp:
-            if resp.status_code == 206:
-                found = parse_content_range(resp.headers.get("Content-Range"))
-                return found.total if found else None
-            if resp.status_code == 200 and resp.headers.get("Content-Length", "").isdigit():
-                return int(resp.headers["Content-Length"])
+            return announced_size(resp)
     except requests.RequestException:
         return None
-    return None
