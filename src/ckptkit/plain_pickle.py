@@ -26,7 +26,7 @@ from ckptkit.errors import IntegrityError
 from ckptkit.model import Opaque, itemsize
 from ckptkit.pickle_globals import inert_type, numpy_dtype_name
 from ckptkit.unpickler import (Findings, InertUnpickler, PickleContext, UnsafePickleError,
-                               read_pickle)
+                               is_binary_pickle, read_pickle)
 
 SUFFIXES = (".pkl", ".pickle", ".joblib", ".jbl", ".sav", ".pk", ".p")
 WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
@@ -48,7 +48,7 @@ def sniff(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
             head = fh.read(2)
-            if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            if is_binary_pickle(head):
                 return True
             if not any(s in SUFFIXES for s in path.suffixes):
                 return False

@@ -28,7 +28,8 @@ from typing import Any
 from ckptkit import archive_members, formats, plain_pickle
 from ckptkit.errors import CkptkitError, ExitCode, FormatError, NotFoundError, disk_full
 from ckptkit.formats import ziparchive
-from ckptkit.unpickler import MAX_STATIC_SCAN, Findings, UnsafePickleError, scan_globals
+from ckptkit.unpickler import (MAX_STATIC_SCAN, Findings, UnsafePickleError, is_binary_pickle,
+                               scan_globals)
 
 VERDICTS = ("safe", "unknown-objects", "unsafe", "unreadable")
 #: Archive members are scanned down to this depth (a zip in a zip in a zip).
@@ -176,8 +177,7 @@ def _hidden_in_members(path: Path, findings: Findings, depth: int) -> None:
         for member in archive_members.members(path):
             if isinstance(member, str) or member.name.endswith(".pkl") or "/code/" in member.name:
                 continue
-            if member.head[:1] == b"\x80" and member.head[1:2] in (b"\x02", b"\x03", b"\x04",
-                                                                   b"\x05"):
+            if is_binary_pickle(member.head):
                 nested = Findings(location=f"{member.name} (a pickle inside a tensor record)")
                 scan_globals(member.read(MAX_STATIC_SCAN), nested)
             elif member.head.startswith(b"PK\x03\x04") and depth < MAX_DEPTH:

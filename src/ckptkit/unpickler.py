@@ -27,6 +27,11 @@ from ckptkit.errors import CkptkitError, ExitCode, IntegrityError
 from ckptkit.model import Opaque
 from ckptkit.pickle_globals import ALLOWED, NUMPY_BENIGN, AttrDict, check_keys, inert_type
 
+def is_binary_pickle(head: bytes) -> bool:
+    """True when ``head`` starts like a protocol 2-5 pickle (``PROTO`` then 2..5)."""
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 #: Upper bounds that keep a hostile pickle from exhausting time or memory.
 MAX_OPCODES = 50_000_000
 MAX_STATIC_SCAN = 64 << 20

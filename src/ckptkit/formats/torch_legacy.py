@@ -17,7 +17,7 @@ from ckptkit.model import ByteSpan, RawCheckpoint, SafetyReport, itemsize
 from ckptkit.pickle_globals import StorageRef, StorageType
 from ckptkit.pickle_tree import Resolver
 from ckptkit.tree import iter_tensors
-from ckptkit.unpickler import Findings, UnsafePickleError, read_pickle
+from ckptkit.unpickler import Findings, UnsafePickleError, is_binary_pickle, read_pickle
 
 FORMAT = "torch-legacy"
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -33,7 +33,7 @@ def sniff(path: Path) -> bool:
             head = fh.read(2)
     except OSError:
         return False
-    if not (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+    if not is_binary_pickle(head):
         return False
     return not _complete_safetensors(path)
 
