@@ -69,7 +69,8 @@ def archive_kind(path: Path) -> ArchiveKind | None:
     with contextlib.suppress(OSError):
         if tarfile.is_tarfile(path):
             return "tar"
-    with contextlib.suppress(OSError):
+    # is_zipfile lets BadZipFile out for an end record that names several disks.
+    with contextlib.suppress(OSError, zipfile.BadZipFile):
         if zipfile.is_zipfile(path):
             return "zip"
     return None

@@ -315,7 +315,7 @@ def _open_writer(fmt: Fmt, fh: BinaryIO, target: Path, metadata: dict[str, str],
     if fmt == "npz":
         from ckptkit.convert.zip_writer import NpzWriter
 
-        return NpzWriter(fh)
+        return NpzWriter(fh, target)
     if fmt == "torch":
         from ckptkit.convert.zip_writer import TorchZipWriter
 

@@ -14,12 +14,14 @@ import io
 import json
 import struct
 import zipfile
+from pathlib import Path
 from typing import BinaryIO, Iterable
 
 import numpy as np
 
 from ckptkit.convert.streams import raw_bytes
 from ckptkit.convert.torch_pickle import StoredTensor, state_dict_pickle
+from ckptkit.errors import FormatError
 
 ALIGNMENT = 64
 #: Where :class:`TorchZipWriter` keeps metadata: a record torch.load never opens.
@@ -81,10 +83,18 @@ def npy_parts(array: np.ndarray) -> tuple[bytes, memoryview]:
 class NpzWriter:
     """An ``np.savez``-compatible archive: one stored ``<name>.npy`` member per tensor."""
 
-    def __init__(self, fh: BinaryIO):
+    def __init__(self, fh: BinaryIO, path: Path | None = None):
         self.archive = zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.path = path  # named in errors
 
     def add(self, name: str, array: np.ndarray) -> None:
+        if "\x00" in name:
+            # zipfile cuts member names at NUL: the array would land under another name.
+            where = f"{self.path}: " if self.path else ""
+            raise FormatError(f"{where}tensor name {name!r} holds a NUL character, which an "
+                              "npz member name cannot", hint="Rename it with a recipe rule, "
+                              "or convert --to safetensors",
+                              path=str(self.path) if self.path else None)
         header, data = npy_parts(array)
         # zip64 for every member, as np.savez does: sizes are not known to fit beforehand.
         add_member(self.archive, f"{name}.npy", (header, data), force_zip64=True)

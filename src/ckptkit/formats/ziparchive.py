@@ -33,9 +33,15 @@ def is_zip(path: Path) -> bool:
 
 
 def open_zip(path: Path, what: str) -> zipfile.ZipFile:
-    """Open ``path`` as a zip, turning a missing central directory into an IntegrityError."""
+    """Open ``path`` as a zip, turning a missing central directory into an IntegrityError.
+
+    Every member's compressed bytes must lie inside the file: zipfile reads a member in
+    pieces of up to its declared compressed size, and a buffered read allocates the whole
+    piece before it reads, so a damaged size of gigabytes would cost gigabytes.
+    """
     try:
         archive = zipfile.ZipFile(path)
+        size = path.stat().st_size
     except (*ZIP_ERRORS, ValueError) as exc:
         raise IntegrityError(
             f"{path}: {what} is truncated or corrupt ({exc})",
@@ -46,6 +52,14 @@ def open_zip(path: Path, what: str) -> zipfile.ZipFile:
         archive.close()
         raise IntegrityError(f"{path}: zip holds duplicate member names",
                              hint="Such files can hide payloads; do not load it", path=str(path))
+    for info in archive.infolist():
+        if not 0 <= info.header_offset <= info.header_offset + info.compress_size <= size:
+            archive.close()
+            raise IntegrityError(
+                f"{path}: zip member {info.filename!r} claims {info.compress_size} bytes at "
+                f"offset {info.header_offset}, past the end of the {size}-byte file",
+                hint="The file is truncated or corrupt; re-download or re-save it",
+                path=str(path))
     return archive
 
 
