@@ -182,3 +182,13 @@ def test_refuses_other_formats_and_names_rules(tmp_path: Path) -> None:
     torch.save((torch.zeros(1),), tuple_root)
     with pytest.raises(FormatError):
         plan_strip(tuple_root)
+
+
+def test_report_says_larger_when_the_output_grew() -> None:
+    """Alignment padding can make a tiny stripped file larger than its source."""
+    from ckptkit.cli.strip import _human
+
+    base = {"source": "a.pt", "size_before": 1000, "dropped": {}, "kept": ["model"],
+            "note": "", "output": "b.pt", "dry_run": False}
+    assert _human({**base, "size_after": 1080}).endswith("8% larger")
+    assert _human({**base, "size_after": 300}).endswith("70% smaller")

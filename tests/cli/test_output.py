@@ -252,3 +252,10 @@ def test_convert_dry_run_does_not_fetch_a_catalogue_name(local_catalogue: Path,
     report = json.loads(planned.stdout)
     assert report["output"] is None and report["tensor_count"] > 0
     assert tree(cache) == cached and not list(tmp_path.glob("*.safetensors"))
+
+
+def test_names_from_files_cannot_drive_the_terminal() -> None:
+    """C0, DEL and C1 controls (U+009B is CSI on some terminals) are escaped, text is kept."""
+    from ckptkit.cli.render import safe
+
+    assert safe("w\x1b[2J\x9b31m\x7fé") == "w\\x1b[2J\\x9b31m\\x7fé"

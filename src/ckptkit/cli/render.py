@@ -8,7 +8,8 @@ from typing import Any, Iterable
 
 import click
 
-_CONTROL = {i: f"\\x{i:02x}" for i in list(range(0x20)) + [0x7F]}
+# C0, DEL and C1 (U+0080-U+009F: some terminals take U+009B as CSI, an escape sequence start)
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
 
 
 def safe(text: Any) -> str:

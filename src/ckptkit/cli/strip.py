@@ -91,7 +91,9 @@ def _human(data: dict) -> str:
                                             "written)"))
     else:
         before, after = data["size_before"], data["size_after"]
-        saved = f", {100 * (1 - after / before):.0f}% smaller" if before else ""
+        change = 100 * (1 - after / before) if before else 0.0
+        saved = (f", {change:.0f}% smaller" if change >= 0 else f", {-change:.0f}% larger") \
+            if before else ""
         lines.append(render.label("Output", f"{render.safe(data['output'])}  "
                                             f"{render.size(after)}{saved}"))
     return "\n".join(lines)
