@@ -13,13 +13,13 @@ from ckptkit.errors import IntegrityError
 
 ZIP_MAGIC = b"PK\x03\x04"
 #: What zipfile raises for a damaged archive or member: bad magic or CRC (BadZipFile), an
-#: unknown compression method or zip version (NotImplementedError), a set encryption flag
-#: (RuntimeError), broken compressed data (zlib.error, LZMAError; bz2 raises OSError), data
-#: cut short (EOFError) and a local header name that is not the UTF-8 it claims to be.
+#: unknown compression method or zip version and a set encryption flag (RuntimeError and its
+#: subclasses), broken compressed data (zlib.error, LZMAError; bz2 raises OSError), data cut
+#: short (EOFError) and a local header name that is not the UTF-8 it claims to be.
 #: ValueError itself is left out: IntegrityError is one.
 ZIP_ERRORS: tuple[type[Exception], ...] = (
-    zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, zlib.error,
-    lzma.LZMAError, OSError, EOFError, UnicodeDecodeError)
+    zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, zlib.error, lzma.LZMAError,
+    OSError, EOFError, UnicodeDecodeError)
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")
 
 
