@@ -37,3 +37,14 @@ def test_every_global_passes_through_the_one_gate() -> None:
     tree = Resolver().resolve(read_pickle(data, findings))
     assert set(findings.unsafe) == {"builtins.len", "builtins.print"}
     assert all(isinstance(item, Opaque) for item in tree)  # inert stand-ins, not the builtins
+
+
+def test_a_pickle_cut_short_says_so() -> None:
+    import pickle
+
+    from ckptkit.errors import IntegrityError
+    from ckptkit.unpickler import Findings, read_pickle
+
+    data = pickle.dumps({"weights": list(range(100))}, protocol=2)
+    with pytest.raises(IntegrityError, match=r"corrupt pickle: EOFError: the data ends early$"):
+        read_pickle(data[:-1], Findings())

@@ -380,7 +380,8 @@ def read_pickle(data: bytes | BinaryIO, findings: Findings,
             scan_globals(stream.read(min(MAX_STATIC_SCAN, left)), findings, context)
         except (AttributeError, OSError, ValueError):
             pass  # a stream that cannot go back (raw zlib): the interpreted part is reported
-        message = f"corrupt {what}: {type(exc).__name__}: {exc}"[:300]
+        detail = str(exc) or ("the data ends early" if isinstance(exc, EOFError) else "")
+        message = f"corrupt {what}: {type(exc).__name__}{': ' + detail if detail else ''}"[:300]
         if findings.unsafe:
             # pickle.load runs every opcode before the break, so a truncated or broken file
             # that names dangerous callables is unsafe first and corrupt second.
