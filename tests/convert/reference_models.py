@@ -33,6 +33,18 @@ from ckptkit.testing.loftr import COARSE, FINE, state_dict  # noqa: E402  (shape
 
 # --- PyTorch --------------------------------------------------------------------------------
 
+
+def self_then_cross(layers, feat0, feat1):
+    """LoFTR's layer schedule, shared by both frameworks: a "self" layer attends each feature
+    map to itself, a "cross" layer each to the other (feat1 sees the updated feat0)."""
+    for layer, name in layers:
+        if name == "self":
+            feat0, feat1 = layer(feat0, feat0), layer(feat1, feat1)
+        else:
+            feat0 = layer(feat0, feat1)
+            feat1 = layer(feat1, feat0)
+    return feat0, feat1
+
 class LinearAttention(nn.Module):
     def __init__(self, eps: float = 1e-6):
         super().__init__()
@@ -84,13 +96,7 @@ class LocalFeatureTransformer(nn.Module):
                 nn.init.normal_(p, mean=1.0 if p.data.eq(1).all() else 0.0, std=0.1)
 
     def forward(self, feat0, feat1):
-        for layer, name in zip(self.layers, self.layer_names):
-            if name == "self":
-                feat0, feat1 = layer(feat0, feat0), layer(feat1, feat1)
-            else:
-                feat0 = layer(feat0, feat1)
-                feat1 = layer(feat1, feat0)
-        return feat0, feat1
+        return self_then_cross(zip(self.layers, self.layer_names), feat0, feat1)
 
 
 class TorchCNN(nn.Module):
@@ -162,14 +168,9 @@ class FlaxLoFTR(fnn.Module):
 
     @fnn.compact
     def __call__(self, feat0, feat1):
-        for i, name in enumerate(self.layer_names):
-            layer = FlaxEncoderLayer(self.d_model, self.nhead, name=f"layers.{i}")
-            if name == "self":
-                feat0, feat1 = layer(feat0, feat0), layer(feat1, feat1)
-            else:
-                feat0 = layer(feat0, feat1)
-                feat1 = layer(feat1, feat0)
-        return feat0, feat1
+        layers = (FlaxEncoderLayer(self.d_model, self.nhead, name=f"layers.{i}")
+                  for i in range(len(self.layer_names)))
+        return self_then_cross(zip(layers, self.layer_names), feat0, feat1)
 
 
 class FlaxCNN(fnn.Module):
