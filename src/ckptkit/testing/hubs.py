@@ -24,15 +24,13 @@ Example:
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from ckptkit.testing.mirror import MirrorServer
-from ckptkit.testing.server import Logged, StubHandler, StubServer, parse_range
+from ckptkit.testing.server import (Logged, StubHandler, StubServer, parse_range, port_number,
+                                    serve_until_signalled)
 from ckptkit.testing.stubs import (FRAMEWORKS, KaggleModel, KaggleRpcHandler, KaggleStub,
                                    TFHubStub, archive_of, tfhub_archive, tree_files)
 
@@ -60,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Serve ROOT/files, ROOT/tfhub and ROOT/kaggle on 127.0.0.1 (one port) "
                     "for --mirror rules.")
     parser.add_argument("root", metavar="ROOT", help="the mirror directory")
-    parser.add_argument("--port", type=_port, default=0,
+    parser.add_argument("--port", type=port_number, default=0,
                         help="port to listen on (default 0: any free port, printed)")
     parser.add_argument("--down", action="append", default=[], metavar="PREFIX",
                         help="a path prefix that fails, e.g. /tfhub (repeatable)")
@@ -71,33 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.root).is_dir():
         parser.error(f"ROOT {args.root!r} is not a directory")
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        try:
-            server = MirrorServer(args.root, port=args.port, down=args.down,
-                                  down_mode=args.down_mode, verbose=args.verbose, record=False)
-        except OSError as exc:
-            print(f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}",
-                  file=sys.stderr)
-            return 1
-        with server:
-            print(f"serving {args.root} on {server.base}", flush=True)
-            stop.wait()
-        return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _port(value: str) -> int:
-    if not (value.isascii() and value.isdigit() and 0 <= int(value) <= 65535):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0-65535)")
-    return int(value)
+    return serve_until_signalled(
+        lambda: MirrorServer(args.root, port=args.port, down=args.down, down_mode=args.down_mode,
+                             verbose=args.verbose, record=False),
+        lambda server: f"serving {args.root} on {server.base}", f"127.0.0.1:{args.port}")
 
 
 if __name__ == "__main__":

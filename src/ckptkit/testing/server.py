@@ -4,36 +4,64 @@ every request, and a handler base that answers with byte ranges and validators.
 Payloads (in memory or on disk) are served with ``Content-Length``, ``Accept-Ranges``, ``ETag``
 (and ``Last-Modified`` for files); one ``Range`` gives 206, honouring ``If-Range``, and an
 unsatisfiable one 416 — what ckptkit's downloader and kagglehub rely on to resume.
+
+Each request's status and body bytes sent are recorded; ``StubServer.rate`` caps every
+connection's body throughput, and the body faults of :mod:`ckptkit.testing.faults` (drop,
+reset, corrupt) are applied while a payload is written.
 """
 
 from __future__ import annotations
 
+import argparse
 import email.utils
 import hashlib
 import json
 import re
+import signal
 import socket
+import struct
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any, TypeVar
+
+from ckptkit.testing.faults import Fault
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 _CHUNK = 1 << 20  # bytes read from a served file at once: bounds memory per connection
+_PACED_BLOCK = 64 << 10  # largest write under a rate cap: keeps the pace smooth
 _Self = TypeVar("_Self", bound="StubServer")  # typing.Self needs Python 3.11
+_Served = TypeVar("_Served", bound=AbstractContextManager[Any])
 
 
 @dataclass
 class Logged:
-    """One request as the server saw it."""
+    """One request as the server saw it; ``status`` and ``sent`` (body bytes written) are
+    filled in as it is answered."""
 
     method: str
     path: str
     headers: dict[str, str]
     body: Any = None
+    status: int = 0
+    sent: int = 0
+
+    @property
+    def route(self) -> str:
+        """The path without its query string, percent-decoded."""
+        return urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+
+    def header(self, name: str) -> str | None:
+        """The value of header ``name`` (any case), or None."""
+        wanted = name.lower()
+        return next((v for k, v in self.headers.items() if k.lower() == wanted), None)
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -75,13 +103,18 @@ class StubServer:
     """A threaded HTTP server on ``127.0.0.1:port`` (0: ephemeral) running ``handler_class``
     with ``self`` as ``handler.stub``; use as a context manager or call start/stop.
 
-    Every request is appended to ``requests`` (a :class:`Logged`), for assertions.
+    Every request is appended to ``requests`` (a :class:`Logged`), for assertions, unless
+    ``record`` is off (long-running processes).  ``rate`` (bytes per second, None: unlimited)
+    caps the body throughput of each connection.
     """
 
     handler_class: type[BaseHTTPRequestHandler] = BaseHTTPRequestHandler
+    record = True
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, *, rate: float | None = None) -> None:
         self.requests: list[Logged] = []
+        self.rate = rate
+        self.stopping = threading.Event()  # wakes paced writers when the server stops
         self._lock = threading.Lock()
         stub = self
 
@@ -104,6 +137,7 @@ class StubServer:
 
     def stop(self) -> None:
         """Stop serving and close the socket: later connections are refused."""
+        self.stopping.set()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(5)
@@ -118,6 +152,8 @@ class StubServer:
 
     def log(self, entry: Logged) -> None:
         """Record one request (called by the handler threads)."""
+        if not self.record:
+            return
         with self._lock:
             self.requests.append(entry)
 
@@ -125,6 +161,17 @@ class StubServer:
         """The request paths (with query) seen so far, optionally only those of ``method``."""
         with self._lock:
             return [r.path for r in self.requests if method is None or r.method == method]
+
+    def hits(self, route: str | None = None, method: str | None = None) -> list[Logged]:
+        """The requests to ``route`` (a decoded path without query; None: all), optionally
+        only those of ``method``."""
+        with self._lock:
+            return [r for r in self.requests if (route is None or r.route == route)
+                    and (method is None or r.method == method)]
+
+    def bytes_sent(self, route: str | None = None) -> int:
+        """Body bytes written so far in answers to ``route`` (None: to every request)."""
+        return sum(r.sent for r in self.hits(route))
 
 
 class StubHandler(BaseHTTPRequestHandler):
@@ -136,8 +183,20 @@ class StubHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
         pass  # keep test output clean; requests are in stub.requests
 
-    def _record(self, body: Any = None) -> None:
-        self.stub.log(Logged(self.command, self.path, dict(self.headers.items()), body))
+    _entry: Logged | None = None
+
+    def _record(self, body: Any = None) -> Logged:
+        self._entry = Logged(self.command, self.path, dict(self.headers.items()), body)
+        self.stub.log(self._entry)
+        return self._entry
+
+    def _answered(self, status: int) -> None:
+        if self._entry is not None:
+            self._entry.status = status
+
+    def _count(self, sent: int) -> None:
+        if self._entry is not None:
+            self._entry.sent += sent
 
     def _send(self, status: int, body: bytes = b"", content_type: str = "text/plain",
               headers: dict[str, str] | None = None) -> None:
@@ -147,8 +206,10 @@ class StubHandler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
+        self._answered(status)
         if self.command != "HEAD":
             self.wfile.write(body)
+            self._count(len(body))
 
     def _redirect(self, location: str) -> None:
         self._send(302, b"", headers={"Location": location})
@@ -181,11 +242,16 @@ class StubHandler(BaseHTTPRequestHandler):
                             headers)
 
     def _send_span(self, size: int, body: Callable[[int, int], Iterator[bytes]],
-                   headers: dict[str, str]) -> None:
+                   headers: dict[str, str], *, ranges: bool = True,
+                   faults: Callable[[int, int], Sequence[Fault]] | None = None) -> None:
         """Answer 200, 206 or 416 for a payload of ``size`` bytes; ``body(start, stop)``
         yields the bytes of ``[start, stop)``.  ``If-Range`` must equal the ETag or the
-        Last-Modified in ``headers`` for the range to apply (RFC 9110 13.1.5)."""
-        wanted = self.headers.get("Range")
+        Last-Modified in ``headers`` for the range to apply (RFC 9110 13.1.5).
+
+        ``ranges=False`` ignores ``Range`` (a server answering 200 and the whole payload);
+        ``faults(start, stop)`` returns the body faults to apply once the span is known.
+        """
+        wanted = self.headers.get("Range") if ranges else None
         if_range = self.headers.get("If-Range")
         validators = {headers.get("ETag"), headers.get("Last-Modified")} - {None}
         status, start, end = 200, 0, size - 1
@@ -203,16 +269,56 @@ class StubHandler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
+        self._answered(status)
         if self.command == "HEAD":
             return
-        sent = 0
-        for chunk in body(start, end + 1):
-            self.wfile.write(chunk)
-            sent += len(chunk)
+        taken = faults(start, end + 1) if faults is not None else ()
+        sent = self._write_body(body(start, end + 1), start, taken)
         if sent != end + 1 - start:
-            # The file shrank while being sent: the declared length is a lie, so the
-            # connection cannot carry another response.
+            # The file shrank while being sent, or a fault cut it: the declared length is a
+            # lie, so the connection cannot carry another response.
             self.close_connection = True
+
+    def _write_body(self, chunks: Iterator[bytes], start: int, faults: Sequence[Fault]) -> int:
+        """Write ``chunks`` (the payload from offset ``start``) under the server's rate cap,
+        applying ``faults``; returns the bytes written."""
+        cut = min((f.after for f in faults if f.kind in ("drop", "reset")), default=None)
+        flips = [f.offset for f in faults if f.kind == "corrupt"]
+        rate = self.stub.rate
+        block = _CHUNK if rate is None else max(1024, min(_PACED_BLOCK, int(rate / 20)))
+        began = time.monotonic()
+        sent = 0
+        for chunk in chunks:
+            for at in range(0, len(chunk), block):
+                piece = bytearray(chunk[at:at + block])
+                if cut is not None and sent + len(piece) >= cut:
+                    del piece[cut - sent:]
+                for offset in flips:
+                    if start + sent <= offset < start + sent + len(piece):
+                        piece[offset - start - sent] ^= 0xFF
+                self.wfile.write(piece)
+                sent += len(piece)
+                self._count(len(piece))
+                if cut is not None and sent >= cut:
+                    self._abort(reset=any(f.kind == "reset" for f in faults))
+                    return sent
+                if rate is not None:
+                    ahead = sent / rate - (time.monotonic() - began)
+                    if ahead > 0 and self.stub.stopping.wait(ahead):
+                        return sent
+        return sent
+
+    def _abort(self, *, reset: bool) -> None:
+        """End the connection mid-body: a clean close (FIN) or, with ``reset``, an RST."""
+        self.close_connection = True
+        self.wfile.flush()
+        if reset:
+            # Linger 0: close() sends RST instead of FIN, so the peer's read fails.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            self.connection.close()
+        else:
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     @staticmethod
     def _chunks(fh: IO[bytes], start: int, stop: int) -> Iterator[bytes]:
@@ -235,3 +341,40 @@ def file_etag(size: int, mtime_ns: int) -> str:
     """A strong ETag for a file that changes whenever its size or modification time does."""
     return f'"{mtime_ns:x}-{size:x}"'
 
+
+
+def port_number(value: str) -> int:
+    """An argparse type: a TCP port number, 0 meaning any free port."""
+    if not (value.isascii() and value.isdigit() and 0 <= int(value) <= 65535):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0-65535)")
+    return int(value)
+
+
+def serve_until_signalled(open_server: Callable[[], _Served], banner: Callable[[_Served], str],
+                          where: str) -> int:
+    """The body of a stand-in's ``python -m`` entry point: build the server, print
+    ``banner(server)`` (one line, flushed), serve until SIGTERM or SIGINT, stop; returns the
+    exit code (1 with a one-line message when ``open_server`` cannot bind ``where``).
+
+    Must run in the main thread: it installs signal handlers (restored on return) before the
+    line is printed, so a signal sent after reading it always ends the process cleanly.
+    """
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            server = open_server()
+        except OSError as exc:
+            print(f"cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        with server:
+            print(banner(server), flush=True)
+            stop.wait()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

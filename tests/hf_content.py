@@ -1,0 +1,43 @@
+"""Real files for the Hugging Face Hub stand-in's repos: a safetensors file written by the
+safetensors library, a config.json, and a stand-in holding them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from ckptkit.testing.hf_hub import HfHubStandIn
+
+CONFIG = json.dumps({"model_type": "tiny", "hidden_size": 64}, indent=2).encode() + b"\n"
+NOTES = b"trained for 3 steps\n"
+TOKEN = "hf_granted_token_0123456789"
+
+
+def safetensors_bytes(rows: int = 64, seed: int = 0) -> bytes:
+    """A safetensors file as the library writes it; 64 rows is about 33 KiB, 400 rows ~200 KiB
+    (more than the first 100 kB the Hub client reads for a header)."""
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(seed)
+    return save({"encoder.weight": rng.standard_normal((rows, 128)).astype(np.float32),
+                 "encoder.bias": np.zeros(128, dtype=np.float32),
+                 "step": np.array([3], dtype=np.int64)}, metadata={"format": "np"})
+
+
+WEIGHTS = safetensors_bytes()
+
+
+@pytest.fixture
+def hub() -> Iterator[HfHubStandIn]:
+    """A running stand-in with ``org/tiny`` (config.json, model.safetensors in LFS,
+    docs/notes.txt) and a gated ``org/gated`` that :data:`TOKEN` may read."""
+    with HfHubStandIn() as standin:
+        standin.add_repo("org/tiny", {"config.json": CONFIG, "model.safetensors": WEIGHTS,
+                                      "docs/notes.txt": NOTES})
+        standin.add_repo("org/gated", {"config.json": CONFIG, "model.safetensors": WEIGHTS},
+                         gated=True)
+        standin.grant(TOKEN, "org/gated")
+        yield standin
