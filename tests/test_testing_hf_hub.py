@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import selectors
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 from ckptkit.testing.hf_hub import Fault, HfHubStandIn
 from tests.conftest import SRC
 from tests.hf_content import CONFIG, NOTES, TOKEN, WEIGHTS, hub  # noqa: F401  (fixture)
-from tests.test_testing_hubs import get
+from tests.test_testing_hubs import get, serving_line, start_cli
 
 SHA256 = hashlib.sha256(WEIGHTS).hexdigest()
 POINTER = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{SHA256}\n"
@@ -327,16 +326,10 @@ def test_entry_point_serves_a_folder_of_repos_until_signalled(tmp_path: Path) ->
     (root / "models" / "org" / "tiny" / "model.safetensors").write_bytes(WEIGHTS)
     (root / "datasets" / "org" / "data").mkdir(parents=True)
     (root / "datasets" / "org" / "data" / "README.md").write_bytes(b"# d\n")
-    proc = subprocess.Popen([sys.executable, "-m", "ckptkit.testing.hf_hub", str(root),
-                             "--gated", "org/tiny", "--token", TOKEN, "--rate", "64MiB"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(SRC)})
+    proc = start_cli(str(root), "--gated", "org/tiny", "--token", TOKEN, "--rate", "64MiB",
+                     module="ckptkit.testing.hf_hub")
     try:
-        assert proc.stdout is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(proc.stdout, selectors.EVENT_READ)
-            assert selector.select(timeout=30), "no 'serving' line within 30 s"
-        line = proc.stdout.readline()
+        line = serving_line(proc)
         prefix = f"serving {root} on http://127.0.0.1:"
         assert line.startswith(prefix) and " (CDN http://127.0.0.1:" in line, line
         endpoint = line.split(" on ", 1)[1].split(" ", 1)[0]
@@ -368,12 +361,3 @@ def test_entry_point_rejects_bad_arguments(tmp_path: Path, args: list[str], mess
     assert proc.returncode == 2 and proc.stdout == ""
     assert message in proc.stderr
 
-
-def test_module_imports_only_the_standard_library() -> None:
-    code = ("import sys\n"
-            "import ckptkit.testing.hf_hub\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names)))")
-    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "['__main__', 'ckptkit']"

@@ -261,21 +261,26 @@ def test_down_prefix_can_close_the_connection(root: Path) -> None:
 
 # --- python -m ckptkit.testing.hubs ---------------------------------------------------------------
 
-def start_cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ckptkit.testing.hubs", *args],
+def start_cli(*args: str, module: str = "ckptkit.testing.hubs") -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", module, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(SRC)})
+
+
+def serving_line(proc: subprocess.Popen[str]) -> str:
+    """The first line a started entry point prints (its 'serving' line)."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        assert selector.select(timeout=30), "no 'serving' line within 30 s"
+    return proc.stdout.readline()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_entry_point_serves_until_signalled(root: Path, sig: signal.Signals) -> None:
     proc = start_cli(str(root), "--port", "0")
     try:
-        assert proc.stdout is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(proc.stdout, selectors.EVENT_READ)
-            assert selector.select(timeout=30), "no 'serving' line within 30 s"
-        line = proc.stdout.readline()
+        line = serving_line(proc)
         match = re.fullmatch(rf"serving {re.escape(str(root))} on (http://127\.0\.0\.1:(\d+))\n",
                              line)
         assert match, line
@@ -302,7 +307,7 @@ def test_entry_point_rejects_a_missing_root(tmp_path: Path) -> None:
 
 def test_package_imports_only_the_standard_library() -> None:
     code = ("import sys\n"
-            "import ckptkit.testing.hubs\n"
+            "import ckptkit.testing.hubs, ckptkit.testing.hf_hub\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names)))")
     # -S: no site-packages at all, so a third-party import would fail, not just show up.
     proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,

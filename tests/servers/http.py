@@ -32,6 +32,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from ckptkit.testing.faults import consume
+
 HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>"
              b"<body><p>Please sign in to continue.</p></body></html>\n")
 _BLOCK = 64 << 10
@@ -223,21 +225,8 @@ class HTTPTestServer:
 
     def _take_faults(self, route: Route, kind_filter: set[str], info: _Request) -> list[Fault]:
         """The faults that apply to this request (the first of each kind), consumed."""
-        taken: list[Fault] = []
         with self._lock:
-            for fault in list(route.faults):
-                if fault.kind not in kind_filter or not _applies(fault, info) \
-                        or any(t.kind == fault.kind for t in taken):
-                    continue
-                if fault.skip > 0:
-                    fault.skip -= 1
-                    continue
-                taken.append(fault)
-                if fault.times is not None:
-                    fault.times -= 1
-                    if fault.times <= 0:
-                        route.faults.remove(fault)
-        return taken
+            return consume(route.faults, kind_filter, lambda fault: _applies(fault, info))
 
     def _current(self, route: Route) -> Route:
         with self._lock:

@@ -28,12 +28,47 @@ Example::
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 FaultKind = Literal["status", "ignore-range", "drop", "reset", "corrupt"]
 BODY_KINDS: frozenset[str] = frozenset({"drop", "reset", "corrupt"})
+
+
+class Countdown(Protocol):
+    """What :func:`consume` needs of a fault: a kind and its skip/times counters."""
+
+    @property
+    def kind(self) -> str: ...
+
+    skip: int
+    times: int | None
+
+
+_F = TypeVar("_F", bound=Countdown)
+
+
+def consume(queued: list[_F], kinds: Collection[str], applies: Callable[[_F], bool]) -> list[_F]:
+    """The first fault of each of ``kinds`` in ``queued`` that ``applies``, after counting
+    down its ``skip``; each taken one counts down ``times`` and leaves ``queued`` when spent.
+
+    Mutates the faults and ``queued``: the caller holds the lock guarding them.
+    """
+    taken: list[_F] = []
+    for fault in list(queued):
+        if fault.kind not in kinds or any(t.kind == fault.kind for t in taken) \
+                or not applies(fault):
+            continue
+        if fault.skip > 0:
+            fault.skip -= 1
+            continue
+        taken.append(fault)
+        if fault.times is not None:
+            fault.times -= 1
+            if fault.times <= 0:
+                queued.remove(fault)
+    return taken
 
 
 @dataclass
@@ -93,20 +128,6 @@ class FaultQueue:
         ``start``/``stop`` is the payload span the response carries (``stop`` None: unknown
         yet, so span conditions are not checked).
         """
-        taken: list[Fault] = []
         with self._lock:
-            queued = self._queued.get(target, [])
-            for fault in list(queued):
-                if fault.kind not in kinds or any(t.kind == fault.kind for t in taken):
-                    continue
-                if stop is not None and not fault.applies(start, stop):
-                    continue
-                if fault.skip > 0:
-                    fault.skip -= 1
-                    continue
-                taken.append(fault)
-                if fault.times is not None:
-                    fault.times -= 1
-                    if fault.times <= 0:
-                        queued.remove(fault)
-        return taken
+            return consume(self._queued.get(target, []), kinds,
+                           lambda fault: stop is None or fault.applies(start, stop))

@@ -41,7 +41,8 @@ from ckptkit.testing.faults import Fault, FaultQueue
 from ckptkit.testing.hf_repos import (REPO_TYPES, HubFile, HubRepo, RepoType, folder_files,
                                       sibling)
 from ckptkit.testing.hf_server import (CdnServer, Denied, HubServer, fault_target, signature)
-from ckptkit.testing.server import Logged, port_number, serve_until_signalled
+from ckptkit.testing.server import (Logged, entry_point_parser, port_number,
+                                    serve_until_signalled)
 
 __all__ = ["Fault", "HfHubStandIn", "HubRepo", "main"]
 
@@ -285,14 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Must run in the main thread (it installs signal handlers, restored on return).
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m ckptkit.testing.hf_hub", epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Serve ROOT/models/ORG/NAME and ROOT/datasets/ORG/NAME as a Hugging Face "
-                    "Hub on 127.0.0.1 (point HF_ENDPOINT at it), LFS files through a CDN port.")
-    parser.add_argument("root", metavar="ROOT", help="the folder of repos")
-    parser.add_argument("--port", type=port_number, default=0,
-                        help="Hub port (default 0: any free port, printed)")
+    parser = entry_point_parser(
+        "ckptkit.testing.hf_hub", "Serve ROOT/models/ORG/NAME and ROOT/datasets/ORG/NAME as a "
+        "Hugging Face Hub on 127.0.0.1 (point HF_ENDPOINT at it), LFS files through a CDN port.",
+        EXAMPLES, root_help="the folder of repos",
+        port_help="Hub port (default 0: any free port, printed)")
     parser.add_argument("--cdn-port", type=port_number, default=0,
                         help="CDN port (default 0: any free port, printed)")
     parser.add_argument("--rate", type=_rate, default=None, metavar="BYTES",
@@ -305,10 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a token granted every gated and private repo (repeatable)")
     parser.add_argument("--verbose", action="store_true", help="log each request to stderr")
     args = parser.parse_args(argv)
-    root = Path(args.root)
-    if not root.is_dir():
-        parser.error(f"ROOT {args.root!r} is not a directory")
-    found = _repo_folders(root)
+    found = _repo_folders(Path(args.root))
     for name in (*args.gated, *args.private):
         if _repo_key(name) not in found:
             parser.error(f"{name!r} is not a repo under {args.root} "

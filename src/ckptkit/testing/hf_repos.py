@@ -150,8 +150,10 @@ class HubRepo:
         for path in sorted(tree):
             digest.update(f"{path}\0{tree[path].oid}\n".encode())
         sha = digest.hexdigest()
-        self.commits[sha] = Commit(sha, parent, message, tree, len(self.commits))
-        self.branches[branch] = sha
+        # Copy on write: handler threads may be iterating over the old mappings.
+        self.commits = {**self.commits, sha: Commit(sha, parent, message, tree,
+                                                    len(self.commits))}
+        self.branches = {**self.branches, branch: sha}
         return sha
 
     def tag(self, name: str, revision: str = "main") -> str:
@@ -159,7 +161,7 @@ class HubRepo:
         sha = self.resolve(revision)
         if sha is None:
             raise KeyError(f"{self.repo_id} has no revision {revision!r}")
-        self.tags[name] = sha
+        self.tags = {**self.tags, name: sha}
         return sha
 
     def resolve(self, revision: str) -> str | None:

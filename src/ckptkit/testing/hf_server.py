@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptkit.testing.faults import BODY_KINDS, Fault
-from ckptkit.testing.hf_repos import (REPO_TYPES, HubFile, HubRepo, RepoType, path_info, sibling,
+from ckptkit.testing.hf_repos import (REPO_TYPES, HubFile, HubRepo, RepoType, path_info,
                                       tree_entries)
 from ckptkit.testing.server import StubHandler, StubServer
 

@@ -23,14 +23,12 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from ckptkit.testing.mirror import MirrorServer
-from ckptkit.testing.server import (Logged, StubHandler, StubServer, parse_range, port_number,
-                                    serve_until_signalled)
+from ckptkit.testing.server import (Logged, StubHandler, StubServer, entry_point_parser,
+                                    parse_range, serve_until_signalled)
 from ckptkit.testing.stubs import (FRAMEWORKS, KaggleModel, KaggleRpcHandler, KaggleStub,
                                    TFHubStub, archive_of, tfhub_archive, tree_files)
 
@@ -52,23 +50,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Must run in the main thread (it installs signal handlers, restored on return).
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m ckptkit.testing.hubs", epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Serve ROOT/files, ROOT/tfhub and ROOT/kaggle on 127.0.0.1 (one port) "
-                    "for --mirror rules.")
-    parser.add_argument("root", metavar="ROOT", help="the mirror directory")
-    parser.add_argument("--port", type=port_number, default=0,
-                        help="port to listen on (default 0: any free port, printed)")
+    parser = entry_point_parser(
+        "ckptkit.testing.hubs", "Serve ROOT/files, ROOT/tfhub and ROOT/kaggle on 127.0.0.1 "
+        "(one port) for --mirror rules.", EXAMPLES, root_help="the mirror directory",
+        port_help="port to listen on (default 0: any free port, printed)")
     parser.add_argument("--down", action="append", default=[], metavar="PREFIX",
                         help="a path prefix that fails, e.g. /tfhub (repeatable)")
     parser.add_argument("--down-mode", choices=["503", "close"], default="503",
                         help="how a down prefix fails: answer 503, or close the connection")
     parser.add_argument("--verbose", action="store_true", help="log each request to stderr")
     args = parser.parse_args(argv)
-    if not Path(args.root).is_dir():
-        parser.error(f"ROOT {args.root!r} is not a directory")
-
     return serve_until_signalled(
         lambda: MirrorServer(args.root, port=args.port, down=args.down, down_mode=args.down_mode,
                              verbose=args.verbose, record=False),

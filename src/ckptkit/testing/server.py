@@ -350,6 +350,24 @@ def port_number(value: str) -> int:
     return int(value)
 
 
+def entry_point_parser(module: str, description: str, examples: str, *, root_help: str,
+                       port_help: str) -> argparse.ArgumentParser:
+    """The parser of a stand-in's ``python -m`` entry point, with ROOT (an existing folder)
+    and ``--port``; the caller adds its own options."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                     epilog=examples,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", metavar="ROOT", type=_folder, help=root_help)
+    parser.add_argument("--port", type=port_number, default=0, help=port_help)
+    return parser
+
+
+def _folder(value: str) -> str:
+    if not Path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"ROOT {value!r} is not a directory")
+    return value
+
+
 def serve_until_signalled(open_server: Callable[[], _Served], banner: Callable[[_Served], str],
                           where: str) -> int:
     """The body of a stand-in's ``python -m`` entry point: build the server, print
