@@ -93,15 +93,25 @@ out(hf.snapshot_download("org/tiny", allow_patterns=["*.json", "docs/*"]))
     assert not [r for r in hub.hub.hits() if r.route.endswith("/model.safetensors")]
 
 
-def test_model_info_files_metadata_describes_every_file(hub: HfHubStandIn,
-                                                        tmp_path: Path) -> None:
+def test_api_describes_files_refs_and_revisions(hub: HfHubStandIn, tmp_path: Path) -> None:
+    first = hub.tag("org/tiny", "v1.0")
+    second = hub.commit("org/tiny", {"extra.txt": b"x\n"}, branch="dev")
     got = run_client(hub, tmp_path / "hf", """
-info = hf.HfApi().model_info("org/tiny", files_metadata=True)
+api = hf.HfApi()
+info = api.model_info("org/tiny", files_metadata=True)
+refs = api.list_repo_refs("org/tiny")
 out({"sha": info.sha, "gated": info.gated, "siblings": [
     [s.rfilename, s.size, s.blob_id, s.lfs and [s.lfs.sha256, s.lfs.size]]
-    for s in info.siblings]})
+    for s in info.siblings],
+    "refs": [sorted((b.name, b.target_commit) for b in refs.branches),
+             [(t.name, t.target_commit) for t in refs.tags]],
+    "dev": api.resolve_revision("org/tiny", revision="dev").resolved,
+    "exists": [api.file_exists("org/tiny", "extra.txt", revision="dev"),
+               api.file_exists("org/tiny", "extra.txt"), api.repo_exists("org/absent")]})
 """)
-    assert got["sha"] == hub.repo("org/tiny").branches["main"] and got["gated"] is False
+    assert got["sha"] == first and got["gated"] is False
+    assert got["refs"] == [[["dev", second], ["main", first]], [["v1.0", first]]]
+    assert got["dev"] == second and got["exists"] == [True, False, False]
     siblings = {name: rest for name, *rest in got["siblings"]}
     assert siblings["config.json"] == [len(CONFIG), git_blob_id(CONFIG), None]
     assert siblings["docs/notes.txt"] == [len(NOTES), git_blob_id(NOTES), None]

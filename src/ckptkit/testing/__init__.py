@@ -7,9 +7,14 @@ so it can be imported by any test suite and run on a machine without network acc
   (:class:`~ckptkit.testing.hubs.TFHubStub`, :class:`~ckptkit.testing.hubs.KaggleStub`), and
   :class:`~ckptkit.testing.hubs.MirrorServer`, which serves a whole mirror directory on one
   port; ``python -m ckptkit.testing.hubs ROOT`` runs the latter.
+* :mod:`ckptkit.testing.hf_hub` — a Hugging Face Hub and its CDN
+  (:class:`~ckptkit.testing.hf_hub.HfHubStandIn`) that the real ``huggingface_hub`` client
+  downloads from; ``python -m ckptkit.testing.hf_hub ROOT`` serves a folder of repos.
+* :mod:`ckptkit.testing.faults` — the faults (429, drop, reset, corrupt, ignore-range) the
+  stand-ins inject.
 * :mod:`ckptkit.testing.loftr` — a LoFTR-shaped Lightning checkpoint written without torch
   (the layout of the released weights as data; needs numpy, a core dependency), which the
   demo's mirror serves as LoFTR; ``python -m ckptkit.testing.loftr OUT`` writes one.
 
-The other modules of this package are the parts of ``hubs`` and are re-exported by it.
+The other modules of this package are the parts of ``hubs`` and ``hf_hub``.
 """

@@ -158,14 +158,16 @@ class _HubHandler(_Handler):
         if repo is None or self._early_faults(fault_target("api", repo)):
             return
         what = rest[0] if rest else "revision"
-        if what == "refs" and len(rest) == 1:
+        revision = rest[1] if len(rest) > 1 else "main"  # /api/{t}/ORG/NAME: the main branch
+        posted = what == "paths-info"  # the only POST; the others are GETs
+        if rest == ["refs"] and form is None:
             self._json(_refs(repo))
             return
-        if what not in ("revision", "tree", "paths-info") or \
-                (form is None) != (what != "paths-info"):
+        if what not in ("revision", "tree", "paths-info") or len(rest) == 1 \
+                or (what == "revision" and len(rest) > 2) or posted != (form is not None):
             self._send(404, b"not found\n")
             return
-        sha = self._commit(repo, rest[1] if len(rest) > 1 else "main")
+        sha = self._commit(repo, revision)
         if sha is None:
             return
         if what == "revision":
@@ -174,7 +176,8 @@ class _HubHandler(_Handler):
             self._tree(repo, sha, "/".join(rest[2:]).strip("/"), query)
         else:
             expand = _flag(form or {}, "expand")
-            found = (path_info(repo, sha, p.strip("/"), expand) for p in (form or {}).get("paths", []))
+            found = (path_info(repo, sha, p.strip("/"), expand)
+                     for p in (form or {}).get("paths", []))
             self._json([entry for entry in found if entry is not None])
 
     def _tree(self, repo: HubRepo, sha: str, base: str, query: dict[str, list[str]]) -> None:

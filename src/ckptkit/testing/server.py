@@ -289,13 +289,16 @@ class StubHandler(BaseHTTPRequestHandler):
         began = time.monotonic()
         sent = 0
         for chunk in chunks:
-            for at in range(0, len(chunk), block):
-                piece = bytearray(chunk[at:at + block])
+            view = memoryview(chunk)  # slices without copying; copied only to corrupt
+            for at in range(0, len(view), block):
+                piece: memoryview | bytearray = view[at:at + block]
                 if cut is not None and sent + len(piece) >= cut:
-                    del piece[cut - sent:]
-                for offset in flips:
-                    if start + sent <= offset < start + sent + len(piece):
-                        piece[offset - start - sent] ^= 0xFF
+                    piece = piece[:cut - sent]
+                hit = [o - start - sent for o in flips if 0 <= o - start - sent < len(piece)]
+                if hit:
+                    piece = bytearray(piece)
+                    for index in hit:
+                        piece[index] ^= 0xFF
                 self.wfile.write(piece)
                 sent += len(piece)
                 self._count(len(piece))
