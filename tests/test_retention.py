@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from ckptkit.errors import UsageError
+from ckptkit.errors import DeletionStoppedError, UsageError
 from ckptkit.retention import parse_name, plan_cleanup, scan
+from tests.conftest import SRC
 from tests.runs import hf_run, muomni_run, orbax_run, truncate
+
+SAMPLES = SRC / "ckptkit" / "samples"
 
 pytest.importorskip("torch")
 
@@ -186,16 +190,66 @@ def test_tf_checkpoints_go_with_their_shards(tmp_path: Path, tf) -> None:  # typ
     assert float(restored[0, 0]) == 3.0
 
 
-def test_execute_skips_what_changed_since_planning(tmp_path: Path) -> None:
+def test_execute_deletes_nothing_when_a_planned_file_changed(tmp_path: Path) -> None:
     muomni_run(tmp_path)
     plan = plan_cleanup(tmp_path, keep_last=2)
     with open(tmp_path / "thinker_step_100.pt", "ab") as fh:
         fh.write(b"x")
-    result = plan.execute()
-    assert [i.path.name for i in result.deleted] == ["thinker_step_200.pt"]
-    assert [(i.path.name, "changed" in why) for i, why in result.skipped] == [
-        ("thinker_step_100.pt", True)]
-    assert (tmp_path / "thinker_step_100.pt").exists()
+    with pytest.raises(DeletionStoppedError, match=r"nothing deleted: .*thinker_step_100\.pt "
+                       r"changed since the plan was made: size") as exc:
+        plan.execute()
+    assert exc.value.deleted == () and exc.value.exit_code == 1
+    assert {"thinker_step_100.pt", "thinker_step_200.pt"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def replace_keeping_size_and_mtime(path: Path) -> None:
+    """Swap ``path`` for a copy with the same bytes, size and mtime: only the inode differs."""
+    st = path.stat()
+    copy = path.with_name(path.name + ".copy")
+    shutil.copy(path, copy)
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(copy, path)
+
+
+def test_execute_notices_a_replaced_file_and_a_touched_one(tmp_path: Path) -> None:
+    muomni_run(tmp_path)
+    plan = plan_cleanup(tmp_path, keep_last=2)
+    replace_keeping_size_and_mtime(tmp_path / "thinker_step_200.pt")
+    with pytest.raises(DeletionStoppedError, match=r"thinker_step_200\.pt changed .*inode"):
+        plan.execute()
+    plan = plan_cleanup(tmp_path, keep_last=2)
+    os.utime(tmp_path / "thinker_step_100.pt", (1e9, 1e9))
+    with pytest.raises(DeletionStoppedError, match=r"thinker_step_100\.pt changed .*mtime"):
+        plan.execute()
+    assert {"thinker_step_100.pt", "thinker_step_200.pt"} <= {p.name for p in tmp_path.iterdir()}
+    plan_cleanup(tmp_path, keep_last=2).execute()  # planned afresh, it goes through
+    assert not (tmp_path / "thinker_step_100.pt").exists()
+
+
+def test_execute_reproves_the_newest_kept_checkpoint(tmp_path: Path) -> None:
+    muomni_run(tmp_path)
+    plan = plan_cleanup(tmp_path, keep_last=1)
+    assert [g.path.name for g in plan.guards] == ["thinker_step_400.pt"]
+    truncate(tmp_path / "thinker_step_400.pt")
+    with pytest.raises(DeletionStoppedError, match=r"nothing deleted: .*thinker_step_400\.pt, "
+                       r"the newest kept checkpoint of thinker_step_\{N\}\.pt, is no longer "
+                       r"complete"):
+        plan.execute()
+    assert all((tmp_path / f"thinker_step_{n}.pt").exists() for n in (100, 200, 300))
+
+
+def test_a_directory_checkpoint_goes_only_as_planned(tmp_path: Path) -> None:
+    dirs = hf_run(tmp_path, steps=(10, 20, 30), eval_losses=(1.0, 1.0, 1.0))
+    plan = plan_cleanup(tmp_path, keep_last=1)
+    (dirs[10] / "notes_added_later.txt").write_text("mine")
+    with pytest.raises(DeletionStoppedError, match=r"checkpoint-10/notes_added_later\.txt "
+                       r"appeared since the plan was made"):
+        plan.execute()
+    assert dirs[10].is_dir() and dirs[20].is_dir()
+    (dirs[10] / "notes_added_later.txt").unlink()
+    plan = plan_cleanup(tmp_path, keep_last=1)
+    assert len(plan.execute().deleted) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-30", "config.json"]
 
 
 def test_symlinked_run_dirs_are_not_followed(tmp_path: Path) -> None:
@@ -207,3 +261,35 @@ def test_symlinked_run_dirs_are_not_followed(tmp_path: Path) -> None:
     plan = plan_cleanup(root, keep_last=1, recursive=True)
     assert not plan.deleted
     json.dumps([str(i.path) for i in plan.items])
+
+
+def tf_sample_run(directory: Path, steps: tuple[int, ...]) -> None:
+    """TF checkpoints ``ckpt-{N}`` copied from the sample TensorFlow wrote (index + 1 shard)."""
+    sample = SAMPLES / "tf_ckpt"
+    directory.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        shutil.copy(sample / "ckpt-1.index", directory / f"ckpt-{step}.index")
+        shutil.copy(sample / "ckpt-1.data-00000-of-00001",
+                    directory / f"ckpt-{step}.data-00000-of-00001")
+
+
+def test_a_tf_checkpoint_owns_exactly_its_index_and_shards(tmp_path: Path) -> None:
+    tf_sample_run(tmp_path, (1, 2, 3))
+    analysis = tmp_path / "ckpt-1.data-analysis"
+    analysis.mkdir()
+    (analysis / "plots.txt").write_text("loss curve\n")
+    (tmp_path / "ckpt-1.data-00000-of-00001.sha256").write_text("abc\n")
+    plan = plan_cleanup(tmp_path, keep_last=1)
+    acts = actions(plan)
+    assert acts["ckpt-1.data-analysis"] == "keep"
+    assert acts["ckpt-1.data-00000-of-00001.sha256"] == "keep"
+    shown = {str(m.relative_to(tmp_path)) for i in plan.deleted for m in i.members}
+    assert shown == {"ckpt-1.index", "ckpt-1.data-00000-of-00001", "ckpt-2.index",
+                     "ckpt-2.data-00000-of-00001"}
+    # A path is either deleted or kept, never both.
+    assert not shown & {p for p, a in acts.items() if a == "keep"}
+    plan.execute()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt-1.data-00000-of-00001.sha256", "ckpt-1.data-analysis",
+        "ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+    assert (analysis / "plots.txt").read_text() == "loss curve\n"

@@ -24,7 +24,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ckptkit.errors import NotFoundError, UsageError
+from ckptkit import deletion
+from ckptkit.deletion import Snapshot
+from ckptkit.errors import DeletionStoppedError, NotFoundError, UsageError
 from ckptkit.hashing import sha256_file, tree_sha256, tree_size
 from ckptkit.partial import fsync_dir
 
@@ -168,33 +170,30 @@ class Cache:
                                 hint="Fetch it first: ckpt fetch <model>")
         return entry, self.hash_of(Path(entry.path))
 
-    def remove(self, file_id: str) -> int:
-        """Delete a file and its marker (marker first, so a crash never leaves a stale entry).
-        Returns the bytes freed."""
-        entry = self.entry(file_id)
-        freed = entry.size if entry else 0
+    def forget(self, file_id: str) -> None:
+        """Delete the commit record of ``file_id``: the file stops counting as cached.  Done
+        before the file itself goes, so a crash never leaves a record without its file."""
         self._meta(file_id).unlink(missing_ok=True)
-        path = self.path(file_id)
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        return freed
 
     def leftovers(self) -> list[Path]:
-        """Partial downloads, staging directories and unmarked files: safe to delete."""
+        """Partial downloads, staging and unmarked files, found by where they lie, never by
+        name (a committed id may well end in ``.part`` or ``.lock``): the entries of ``tmp/``,
+        every file under ``staging/``, and the files under ``files/`` that no commit record
+        (``meta/<id>.json``) covers."""
         found: list[Path] = []
         tmp = self.root / "tmp"
         if tmp.is_dir():
             found.extend(sorted(tmp.iterdir()))
+        staging = self.root / "staging"
+        if staging.is_dir():
+            found.extend(sorted(p for p in staging.rglob("*") if p.is_file()))
         files = self.root / "files"
         if files.is_dir():
+            committed = self._committed_ids()
             for path in sorted(files.rglob("*")):
                 rel = path.relative_to(files).as_posix()
-                if path.name.endswith((".part", ".part.json")):
-                    found.append(path)
-                elif path.is_file() and not any(
-                        rel == e or rel.startswith(e + "/") for e in self._committed_ids()):
+                if path.is_file() and not any(rel == e or rel.startswith(e + "/")
+                                              for e in committed):
                     found.append(path)
         return found
 
@@ -218,11 +217,12 @@ def _inside(folder: Path, rel: str) -> Path:
 
 @dataclass(frozen=True)
 class Removal:
-    """One path a removal plan deletes, and why."""
+    """One path a removal plan deletes, why, and how it looked when planned."""
 
     path: str
     bytes: int
     reason: str
+    snapshot: Snapshot
     file_id: str | None = None
 
 
@@ -239,17 +239,51 @@ class RemovalPlan:
         return sum(r.bytes for r in self.remove)
 
     def execute(self, cache: Cache) -> int:
-        """Delete everything planned; returns the bytes freed."""
+        """Delete exactly the planned paths; returns the bytes freed.
+
+        Before the first deletion every path is compared with its snapshot (type, size,
+        mtime, inode) and every leftover is checked not to have become part of a running
+        download; if anything changed nothing is deleted.  Each path is checked again right
+        before it goes; a cached file loses its commit record first.
+
+        Raises:
+            DeletionStoppedError: what changed or could not be deleted (``.deleted`` lists the
+                paths already gone).
+        """
+        problems = [why for r in self.remove if (why := deletion.change(r.snapshot, cache.root))]
+        problems += [f"{r.path} now belongs to a download in progress" for r in self.remove
+                     if r.file_id is None and _in_use(cache, Path(r.path))]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise DeletionStoppedError(f"nothing deleted: {problems[0]}{more}", hint=_AGAIN,
+                                       path=str(cache.root))
+        gone: list[str] = []
         for item in self.remove:
-            if item.file_id is not None:
-                cache.remove(item.file_id)
-            else:
-                path = Path(item.path)
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+            try:
+                if item.file_id is not None:
+                    why = deletion.change(item.snapshot, cache.root)
+                    if why:
+                        raise DeletionStoppedError(why, path=item.path)
+                    cache.forget(item.file_id)
+                deletion.remove(item.snapshot, cache.root)
+            except DeletionStoppedError as exc:
+                raise DeletionStoppedError(
+                    f"deleted {len(gone)} of {len(self.remove)} item(s), then stopped: "
+                    f"{exc.message}", deleted=tuple(gone), hint=_AGAIN, path=exc.path) from exc
+            gone.append(item.path)
         return self.freed_bytes
+
+
+_AGAIN = "Run the command again to see the new plan"
+
+
+def _planned(path: Path, reason: str, file_id: str | None = None) -> Removal | None:
+    """A removal of ``path`` as it is now; None when it vanished meanwhile."""
+    try:
+        snap = deletion.snapshot(path)
+    except FileNotFoundError:
+        return None
+    return Removal(str(path), snap.size, reason, snap, file_id)
 
 
 def plan_removal(cache: Cache, file_ids: list[str], still_needed: dict[str, list[str]]
@@ -264,47 +298,59 @@ def plan_removal(cache: Cache, file_ids: list[str], still_needed: dict[str, list
         users = still_needed.get(file_id, [])
         if users:
             kept.append(f"{file_id} (still used by {', '.join(users)})")
-        else:
-            remove.append(Removal(entry.path, entry.size, "requested", file_id))
+        elif (item := _planned(cache.path(file_id), "requested", file_id)) is not None:
+            remove.append(item)
     return RemovalPlan(tuple(remove), tuple(kept))
 
 
 def plan_prune(cache: Cache, known_ids: set[str] | None) -> RemovalPlan:
-    """Leftovers (partial downloads, staging, unmarked files); with ``known_ids``, also
-    committed files no catalogue names (a file fetched through a ``--catalog`` entry is
-    "unknown" when that catalogue is not passed, so this is opt-in).
+    """Leftovers (partial downloads, staging, unmarked files: :meth:`Cache.leftovers`); with
+    ``known_ids``, also committed files no catalogue names (a file fetched through a
+    ``--catalog`` entry is "unknown" when that catalogue is not passed, so this is opt-in).
 
-    A partial download whose lock is held by a live process is in use and left alone.
+    A leftover of a download whose lock a live process holds is in use and left alone.
     """
-    remove = []
-    for path in cache.leftovers() + _staging(cache):
-        if _in_use(path):
-            continue
-        size = tree_size(path) if path.is_dir() else path.stat().st_size
-        remove.append(Removal(str(path), size, "incomplete or unreferenced"))
+    planned = [_planned(path, "incomplete or unreferenced") for path in cache.leftovers()
+               if not _in_use(cache, path)]
     for entry in cache.entries() if known_ids is not None else ():
         if entry.id not in known_ids:
-            remove.append(Removal(entry.path, entry.size, "not in any catalogue", entry.id))
-    return RemovalPlan(tuple(remove))
+            planned.append(_planned(cache.path(entry.id), "not in any catalogue", entry.id))
+    return RemovalPlan(tuple(item for item in planned if item is not None))
 
 
-def _in_use(path: Path) -> bool:
-    """True when ``path`` belongs to a download whose lock a live process holds."""
+#: What a download adds to its staged file's name for its own files (ckptkit.download).
+_DOWNLOAD_SIBLINGS = (".part.json", ".part", ".lock")
+
+
+def _owners(cache: Cache, path: Path) -> set[str]:
+    """The ids ``path`` may belong to, read from where it lies: ``files/<id>[/...]`` or
+    ``staging/<id>[/...]`` plus a download's own ``<id>.part|.part.json|.lock`` there."""
+    for area in ("files", "staging"):
+        try:
+            parts = path.relative_to(cache.root / area).parts
+        except ValueError:
+            continue
+        ids = {"/".join(parts[:n]) for n in range(1, len(parts) + 1)}
+        if area == "staging":
+            whole = "/".join(parts)
+            ids |= {whole[: -len(s)] for s in _DOWNLOAD_SIBLINGS if whole.endswith(s)}
+        return ids
+    return set()
+
+
+def _in_use(cache: Cache, path: Path) -> bool:
+    """True when ``path`` belongs to a fetch or download whose lock a live process holds."""
     from ckptkit.locks import STALE_AFTER, read_holder, stale_reason
 
-    base = path.name
-    for suffix in (".part.json", ".part", ".lock"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    lock = path.with_name(base + ".lock")
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except OSError:
-        return False
-    return stale_reason(read_holder(lock), age, stale_after=STALE_AFTER) is None
-
-
-def _staging(cache: Cache) -> list[Path]:
-    staging = cache.root / "staging"
-    return sorted(p for p in staging.rglob("*") if p.is_file()) if staging.is_dir() else []
+    locks = []
+    for file_id in _owners(cache, path):
+        locks.append(cache.lock_path(file_id))
+        locks.append(cache.root / "staging" / (file_id + ".lock"))
+    for lock in locks:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            continue
+        if stale_reason(read_holder(lock), age, stale_after=STALE_AFTER) is None:
+            return True
+    return False

@@ -96,6 +96,18 @@ class UnsafeContentError(CkptkitError):
         self.unsafe = unsafe
 
 
+class DeletionStoppedError(CkptkitError):
+    """A deletion plan stopped before deleting a path: the path changed since the plan was
+    shown (rewritten, replaced, gone, or the checkpoint kept to resume from is no longer
+    complete), or it could not be removed.  ``deleted`` lists what had already gone: empty
+    when the checks made before the first deletion failed, which is when nothing is deleted."""
+
+    def __init__(self, message: str, *, deleted: tuple[str, ...] = (), hint: str | None = None,
+                 path: str | None = None):
+        super().__init__(message, hint=hint, path=path)
+        self.deleted = deleted
+
+
 class MissingDependencyError(CkptkitError, ImportError):
     """An optional framework is needed for this operation but is not installed."""
 

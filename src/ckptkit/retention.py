@@ -1,66 +1,36 @@
-"""Which periodic checkpoints of a run directory may go: recognise, group, decide, then delete.
+"""Which periodic checkpoints of a run directory may go: decide, then delete exactly that.
 
-:func:`scan` recognises periodic checkpoints by name and groups them by run;
-:func:`plan_cleanup` decides (pure, apart from cheap reads) and returns a frozen
-:class:`CleanupPlan`; only :meth:`CleanupPlan.execute` deletes.  Anything not recognised is
-kept: "no marker" or "unknown name" never means garbage (orbax#394).
+:func:`ckptkit.checkpoint_names.scan` recognises periodic checkpoints by name and groups them
+by run; :func:`plan_cleanup` decides (pure, apart from cheap reads) and returns a frozen
+:class:`CleanupPlan` naming every path it would delete; only :meth:`CleanupPlan.execute`
+deletes, through :mod:`ckptkit.deletion`.  Anything not recognised is kept: "no marker" or
+"unknown name" never means garbage (orbax#394).
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ckptkit import integrity
-from ckptkit.errors import NotFoundError, UsageError
+from ckptkit import deletion, integrity
+from ckptkit.checkpoint_names import (PINNED, SAVE_TEMP_NAME, Checkpoint, entries, parse_name,
+                                      scan)
+from ckptkit.errors import DeletionStoppedError, UsageError
 from ckptkit.metrics import MetricSpec, metric_values, parse_metric
 
-Kind = Literal["file", "dir", "tf"]
 Action = Literal["keep", "delete"]
-
-_EXT = r"(?P<ext>\.pt|\.pth|\.pth\.tar|\.ckpt|\.bin|\.safetensors)"
-#: (pattern label, regex, kind).  Order matters: the first match wins.
-_FILE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    # Lightning: epoch=E-step=S[-anything].ckpt; the step orders, the epoch is informative.
-    ("{prefix}epoch={E}-step={N}.ckpt",
-     re.compile(r"(?P<prefix>.*?)epoch=(?P<epoch>\d+)-step=(?P<step>\d+)(?:[-_].*)?\.ckpt")),
-    # μOmni thinker_step_200.pt, thinker_step200.pt, Jukebox checkpoint_step_N.pth.tar.
-    ("{prefix}_step_{N}", re.compile(r"(?P<prefix>.+?)_step_?(?P<step>\d+)" + _EXT)),
-    # epoch_3.pt, epoch3.pt, model_epoch_3.pt (the epoch is the step).
-    ("{prefix}epoch_{N}", re.compile(r"(?P<prefix>.*?)epoch_?(?P<step>\d+)" + _EXT)),
-)
-_HF_DIR = re.compile(r"checkpoint-(?P<step>\d+)")
-_ORBAX_DIR = re.compile(r"(?:(?P<prefix>[A-Za-z][\w]*?)_)?(?P<step>0|[1-9]\d*)")
-_TF_INDEX = re.compile(r"(?P<prefix>.+)-(?P<step>\d+)\.index")
-#: best/last/latest anywhere as a word: such files are pinned, whatever else the name says.
-_PINNED = re.compile(r"(?:^|[^a-z])(best|last|latest)(?:$|[^a-z])", re.IGNORECASE)
-SAVE_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """One periodic checkpoint: a file, a directory, or a TF index with its data shards."""
-
-    path: Path
-    group: str
-    prefix: str
-    step: int
-    kind: Kind
-    members: tuple[Path, ...]
-    epoch: int | None = None
-
-    @property
-    def name(self) -> str:
-        return self.path.name
 
 
 @dataclass(frozen=True)
 class PlanItem:
-    """One entry of a plan: what happens to ``path`` and why."""
+    """One entry of a plan: what happens to ``path`` and why.
+
+    ``members`` are the paths that make up a checkpoint (a TF index and its data shards; the
+    path alone otherwise) and ``snapshots`` record each as planned: a ``delete`` item deletes
+    exactly these, and only if they are unchanged.
+    """
 
     path: Path
     action: Action
@@ -69,16 +39,23 @@ class PlanItem:
     group: str | None = None
     size: int = 0
     members: tuple[Path, ...] = ()
-    #: (path, size, mtime_ns) of every member when planned; execute refuses if they changed.
-    fingerprint: tuple[tuple[str, int, int], ...] = ()
+    snapshots: tuple[deletion.Snapshot, ...] = ()
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The kept checkpoint of ``group`` proven complete when the plan was made; it is proven
+    again right before the group's first deletion."""
+
+    group: str
+    path: Path
 
 
 @dataclass(frozen=True)
 class CleanupResult:
-    """What :meth:`CleanupPlan.execute` did."""
+    """What :meth:`CleanupPlan.execute` deleted."""
 
     deleted: tuple[PlanItem, ...]
-    skipped: tuple[tuple[PlanItem, str], ...]
     freed_bytes: int
 
 
@@ -89,6 +66,7 @@ class CleanupPlan:
     root: Path
     items: tuple[PlanItem, ...]
     notes: tuple[str, ...] = ()
+    guards: tuple[Guard, ...] = ()
 
     @property
     def kept(self) -> tuple[PlanItem, ...]:
@@ -103,192 +81,50 @@ class CleanupPlan:
         return sum(i.size for i in self.deleted)
 
     def execute(self) -> CleanupResult:
-        """Delete every ``delete`` item, re-checking each is still what was planned.
+        """Delete every ``delete`` item's members, exactly those paths, or nothing.
 
-        An item whose files changed size or mtime, vanished, became a symlink, or lie outside
-        the plan's root is skipped (reported, not raised); so is one whose deletion fails.
-        TF checkpoints lose their ``.index`` first, so a half-deleted one reads as incomplete.
+        First, before anything is deleted, the newest kept checkpoint of every group that
+        loses one is proven complete again, and every path to delete is compared with its
+        snapshot (type, size, mtime, inode; every entry of a directory).  If anything changed
+        nothing is deleted.  Then each path is checked once more right before it is removed
+        (TF checkpoints lose their ``.index`` first, so a half-deleted one reads as absent).
+
+        Raises:
+            DeletionStoppedError: what changed or could not be deleted; ``.deleted`` lists the
+                paths already gone (none when the checks before the first deletion failed).
         """
-        root = self.root.resolve()
+        doomed = self.deleted
+        losing = {i.group for i in doomed}
+        problems = []
+        for guard in self.guards:
+            if guard.group in losing:
+                verdict = integrity.check_complete(guard.path)
+                if not verdict:
+                    problems.append(f"{guard.path}, the newest kept checkpoint of "
+                                    f"{guard.group}, is no longer complete ({verdict.reason})")
+        problems += [why for i in doomed for snap in i.snapshots
+                     if (why := deletion.change(snap, self.root))]
+        if problems:
+            more = f" (and {len(problems) - 1} more change(s))" if len(problems) > 1 else ""
+            raise DeletionStoppedError(f"nothing deleted: {problems[0]}{more}",
+                                       hint=_AGAIN, path=str(self.root))
         done: list[PlanItem] = []
-        skipped: list[tuple[PlanItem, str]] = []
-        for item in self.deleted:
-            problem = _changed(item, root)
-            if problem:
-                skipped.append((item, problem))
-                continue
-            try:
-                for member in item.members:
-                    if member.is_dir() and not member.is_symlink():
-                        shutil.rmtree(member)
-                    else:
-                        member.unlink(missing_ok=True)
-            except OSError as exc:
-                skipped.append((item, f"delete failed: {exc}"))
-                continue
+        gone: list[str] = []
+        for item in doomed:
+            for snap in item.snapshots:
+                try:
+                    deletion.remove(snap, self.root)
+                except DeletionStoppedError as exc:
+                    raise DeletionStoppedError(
+                        f"deleted {len(done)} of {len(doomed)} checkpoint(s), then stopped: "
+                        f"{exc.message}", deleted=tuple(gone), hint=_AGAIN,
+                        path=exc.path) from exc
+                gone.append(str(snap.path))
             done.append(item)
-        return CleanupResult(tuple(done), tuple(skipped), sum(i.size for i in done))
+        return CleanupResult(tuple(done), sum(i.size for i in done))
 
 
-def _fingerprint(paths: tuple[Path, ...]) -> tuple[tuple[str, int, int], ...]:
-    out = []
-    for p in paths:
-        st = p.lstat()
-        out.append((str(p), _tree_size(p), st.st_mtime_ns))
-    return tuple(out)
-
-
-def _tree_size(path: Path) -> int:
-    if path.is_symlink() or not path.is_dir():
-        return path.lstat().st_size
-    total = 0
-    for base, _dirs, files in os.walk(path):  # os.walk does not follow symlinked dirs
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(base, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def _changed(item: PlanItem, root: Path) -> str | None:
-    for member in item.members:
-        if member.is_symlink():
-            return f"{member.name} became a symlink"
-        try:
-            member.resolve().relative_to(root)
-        except ValueError:
-            return f"{member} is outside {root}"
-    try:
-        now = _fingerprint(item.members)
-    except OSError:
-        return "gone since the plan was made"
-    if now != item.fingerprint:
-        return "changed since the plan was made (size or mtime)"
-    return None
-
-
-# --------------------------------------------------------------------------- recognising
-
-
-def parse_name(name: str, is_dir: bool = False) -> tuple[str, str, int, int | None] | None:
-    """``(pattern, prefix, step, epoch)`` if ``name`` is a periodic checkpoint name, else None.
-
-    Names with ``best``, ``last`` or ``latest`` as a word are never periodic (they are pinned).
-    """
-    if _PINNED.search(name):
-        return None
-    if is_dir:
-        m = _HF_DIR.fullmatch(name)
-        if m:
-            return "checkpoint-{N}/", "checkpoint", int(m["step"]), None
-        m = _ORBAX_DIR.fullmatch(name)
-        if m:
-            prefix = m["prefix"] or ""
-            return f"{prefix + '_' if prefix else ''}{{N}}/", prefix, int(m["step"]), None
-        return None
-    m = _TF_INDEX.fullmatch(name)
-    if m:
-        return f"{m['prefix']}-{{N}}.index", m["prefix"], int(m["step"]), None
-    for label, regex in _FILE_PATTERNS:
-        m = regex.fullmatch(name)
-        if m:
-            groups = m.groupdict()
-            ext = groups.get("ext") or ".ckpt"
-            pattern = label.replace("{prefix}", m["prefix"])
-            if not pattern.endswith(".ckpt"):
-                pattern += ext
-            epoch = int(groups["epoch"]) if groups.get("epoch") else None
-            return pattern, m["prefix"], int(m["step"]), epoch
-    return None
-
-
-def _is_orbax_dir(path: Path) -> bool:
-    return any((path / m).exists() for m in integrity.ORBAX_MARKERS)
-
-
-def _entries(directory: Path) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(directory) as it:
-            return sorted(it, key=lambda e: e.name)
-    except FileNotFoundError:
-        raise NotFoundError(f"{directory}: no such directory",
-                            hint="Pass the run directory that holds the checkpoints",
-                            path=str(directory)) from None
-    except NotADirectoryError:
-        raise UsageError(f"{directory}: not a directory",
-                         hint="Pass the run directory that holds the checkpoints") from None
-
-
-def _scan_one(directory: Path, root: Path) -> tuple[list[Checkpoint], list[Path]]:
-    """Checkpoints directly in ``directory`` and the subdirectories that are not checkpoints."""
-    entries = _entries(directory)
-    names = {e.name for e in entries}
-    found: list[Checkpoint] = []
-    subdirs: list[Path] = []
-    orbax_candidates: list[tuple[Path, tuple[str, str, int, int | None]]] = []
-    # Group names are relative to the scanned root: "thinker_step_{N}.pt", "vision_tiny/...".
-    rel = "" if directory == root else f"{directory.relative_to(root)}/"
-    for e in entries:
-        path = Path(e.path)
-        if e.is_symlink():
-            continue  # links are pinned (and never followed)
-        if e.is_dir(follow_symlinks=False):
-            parsed = parse_name(e.name, is_dir=True)
-            if parsed and parsed[0] == "checkpoint-{N}/":
-                found.append(Checkpoint(path, f"{rel}{parsed[0]}", parsed[1], parsed[2], "dir",
-                                        (path,)))
-            elif parsed:
-                orbax_candidates.append((path, parsed))
-            elif not e.name.startswith("."):
-                subdirs.append(path)
-            continue
-        parsed = parse_name(e.name)
-        if parsed is None:
-            continue
-        pattern, prefix, step, epoch = parsed
-        if pattern.endswith(".index"):
-            stem = e.name[: -len(".index")]
-            shards = tuple(directory / n for n in sorted(names)
-                           if n.startswith(stem + ".data-"))
-            # The index goes first: a TF checkpoint without it reads as absent, not as broken.
-            found.append(Checkpoint(path, f"{rel}{pattern}", prefix, step, "tf",
-                                    (path, *shards)))
-        else:
-            found.append(Checkpoint(path, f"{rel}{pattern}", prefix, step, "file", (path,),
-                                    epoch))
-    # Numeric directories count as Orbax steps only if one of their group carries an Orbax
-    # marker: a folder named "2024" beside the checkpoints is not a checkpoint.
-    by_pattern: dict[str, list[tuple[Path, tuple[str, str, int, int | None]]]] = {}
-    for path, parsed in orbax_candidates:
-        by_pattern.setdefault(parsed[0], []).append((path, parsed))
-    for pattern, members in by_pattern.items():
-        if any(_is_orbax_dir(p) for p, _ in members):
-            found.extend(Checkpoint(p, f"{rel}{pattern}", parsed[1], parsed[2], "dir", (p,))
-                         for p, parsed in members)
-        else:
-            subdirs.extend(p for p, _ in members)
-    return found, sorted(subdirs)
-
-
-def scan(directory: str | os.PathLike[str], recursive: bool = False) -> list[Checkpoint]:
-    """Periodic checkpoints in ``directory`` (and its run subdirectories if ``recursive``).
-
-    Recognised: ``{prefix}_step_{N}.pt`` / ``{prefix}_step{N}.pt`` (also .pth, .pth.tar,
-    .ckpt, .bin, .safetensors), ``[prefix]epoch_{N}.pt`` / ``epoch{N}.pt``, Lightning
-    ``epoch={E}-step={S}[-...].ckpt``, HF ``checkpoint-{N}/``, Orbax ``{N}/`` or
-    ``{prefix}_{N}/`` (when a marker file shows the group is Orbax's) and TF
-    ``{prefix}-{N}.index`` with its ``.data-*`` shards.  Symlinks are never followed and, like
-    names containing best/last/latest, never periodic.  Sorted by group, then step.
-    """
-    root = Path(directory)
-    found, subdirs = _scan_one(root, root)
-    while recursive and subdirs:
-        sub = subdirs.pop(0)
-        more, deeper = _scan_one(sub, root)
-        found.extend(more)
-        subdirs.extend(deeper)
-    return sorted(found, key=lambda c: (c.group, c.step, c.name))
+_AGAIN = "Look at the directory, then plan again (ckpt cleanup --dry-run shows the new plan)"
 
 
 def pinned_targets(directory: Path) -> dict[Path, str]:
@@ -297,7 +133,7 @@ def pinned_targets(directory: Path) -> dict[Path, str]:
 
     pins: dict[Path, str] = {}
     root = directory.resolve()
-    for e in _entries(directory):
+    for e in entries(directory):
         if e.is_symlink():
             target = Path(e.path).resolve()
             if target.parent == root or root in target.parents:
@@ -363,27 +199,31 @@ def plan_cleanup(directory: str | os.PathLike[str], keep_last: int, keep_every: 
     pins: dict[Path, str] = {}
     for folder in {root, *(c.path.parent for c in checkpoints)}:
         pins.update(pinned_targets(folder))
+    guards: list[Guard] = []
     for group, members in groups.items():
-        items.extend(_plan_group(group, members, keep_last, keep_every, spec, pins, notes))
-    recognised = {c.path for c in checkpoints}
+        planned, guard = _plan_group(group, members, keep_last, keep_every, spec, pins, notes)
+        items.extend(planned)
+        guards.extend([guard] if guard else [])
+    # A TF checkpoint's shards are part of it: listed with it, never again as "keep".
+    recognised = {m for c in checkpoints for m in c.members}
     finals = {c.path.parent / f"{c.prefix}{c.path.suffix}": c.group for c in checkpoints
               if c.kind == "file" and c.prefix}
     folders = [root] + (sorted({c.path.parent for c in checkpoints} - {root}) if recursive else [])
     for folder in folders:
-        for e in _entries(folder):
+        for e in entries(folder):
             path = Path(e.path)
             if path not in recognised:
                 reason = (f"final checkpoint of {finals[path]}" if path in finals
                           else _unrecognised_reason(e, pins))
                 items.append(PlanItem(path, "keep", reason))
     items.sort(key=lambda i: (str(i.path.parent), i.group or "~", i.step or 0, i.path.name))
-    return CleanupPlan(root, tuple(items), tuple(notes))
+    return CleanupPlan(root, tuple(items), tuple(notes), tuple(guards))
 
 
 def _unrecognised_reason(e: os.DirEntry[str], pins: dict[Path, str]) -> str:
     if e.is_symlink():
         return "symlink (never touched, nor is its target)"
-    if _PINNED.search(e.name):
+    if PINNED.search(e.name):
         return "best/last/latest checkpoint (always kept)"
     if SAVE_TEMP_NAME.fullmatch(e.name):
         return "temporary file of an interrupted ckptkit.save (remove it by hand when no " \
@@ -397,7 +237,7 @@ def _unrecognised_reason(e: os.DirEntry[str], pins: dict[Path, str]) -> str:
 
 def _plan_group(group: str, members: list[Checkpoint], keep_last: int, keep_every: int | None,
                 spec: MetricSpec | None, pins: dict[Path, str],
-                notes: list[str]) -> list[PlanItem]:
+                notes: list[str]) -> tuple[list[PlanItem], Guard | None]:
     ordered = sorted(members, key=lambda c: c.step)
     reasons: dict[Path, str] = {}
     for ckpt in ordered[len(ordered) - keep_last:] if keep_last else []:
@@ -428,39 +268,44 @@ def _plan_group(group: str, members: list[Checkpoint], keep_last: int, keep_ever
             notes.append(f"{group}: {len(missing)} checkpoint(s) lack {spec.name!r} and are "
                          f"kept: {', '.join(c.name for c in missing[:5])}")
     # Verify before deleting: the newest kept checkpoint must be complete, else fall back.
-    deletable = True
+    # The one proven complete guards the group: execute() proves it again before deleting.
+    guard: Checkpoint | None = None
     kept = [c for c in ordered if c.path in reasons]
     if kept:
         newest = kept[-1]
         verdict = integrity.check_complete(newest.path)
-        if not verdict:
-            good = next((c for c in reversed(ordered)
-                         if c.step < newest.step and integrity.check_complete(c.path)), None)
-            if good is None:
-                deletable = False
-                notes.append(f"{group}: no complete checkpoint (newest {newest.name}: "
-                             f"{verdict.reason}); nothing in this group is deleted")
-            else:
-                reasons.setdefault(good.path, f"newest complete checkpoint ({newest.name} "
-                                              f"is incomplete)")
-                notes.append(f"{group}: newest kept {newest.name} is incomplete "
-                             f"({verdict.reason}); also keeping {good.name}, the newest "
-                             f"complete one")
+        guard = newest if verdict else next(
+            (c for c in reversed(ordered)
+             if c.step < newest.step and integrity.check_complete(c.path)), None)
+        if guard is None:
+            notes.append(f"{group}: no complete checkpoint (newest {newest.name}: "
+                         f"{verdict.reason}); nothing in this group is deleted")
+        elif guard is not newest:
+            reasons.setdefault(guard.path, f"newest complete checkpoint ({newest.name} "
+                                           f"is incomplete)")
+            notes.append(f"{group}: newest kept {newest.name} is incomplete "
+                         f"({verdict.reason}); also keeping {guard.name}, the newest "
+                         f"complete one")
     items = []
     for ckpt in ordered:
-        size = sum(_tree_size(m) for m in ckpt.members)
+        try:
+            snaps = tuple(deletion.snapshot(m) for m in ckpt.members)
+        except OSError as exc:  # gone or unreadable since the scan: not ours to judge now
+            items.append(PlanItem(ckpt.path, "keep", f"unreadable while planning "
+                                  f"({exc.strerror or exc})", ckpt.step, group))
+            continue
+        size = sum(s.size for s in snaps)
         if ckpt.path in reasons:
             items.append(PlanItem(ckpt.path, "keep", reasons[ckpt.path], ckpt.step, group, size,
-                                  ckpt.members))
-        elif not deletable:
+                                  ckpt.members, snaps))
+        elif guard is None:
             items.append(PlanItem(ckpt.path, "keep", "group has no complete checkpoint",
-                                  ckpt.step, group, size, ckpt.members))
+                                  ckpt.step, group, size, ckpt.members, snaps))
         else:
             items.append(PlanItem(ckpt.path, "delete", _delete_reason(keep_last, keep_every,
                                                                      spec),
-                                  ckpt.step, group, size, ckpt.members,
-                                  _fingerprint(ckpt.members)))
-    return items
+                                  ckpt.step, group, size, ckpt.members, snaps))
+    return items, (Guard(group, guard.path) if guard is not None else None)
 
 
 def _delete_reason(keep_last: int, keep_every: int | None, spec: MetricSpec | None) -> str:
@@ -472,5 +317,7 @@ def _delete_reason(keep_last: int, keep_every: int | None, spec: MetricSpec | No
     return "; ".join(parts)
 
 
-__all__ = ["Checkpoint", "CleanupPlan", "CleanupResult", "PlanItem", "parse_name",
+#: Checkpoint, parse_name and scan live in ckptkit.checkpoint_names; re-exported here because
+#: retention.scan / retention.parse_name are documented (docs/cleanup.md).
+__all__ = ["Checkpoint", "CleanupPlan", "CleanupResult", "Guard", "PlanItem", "parse_name",
            "plan_cleanup", "scan"]

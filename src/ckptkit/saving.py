@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptkit import integrity, retention
-from ckptkit.errors import MissingDependencyError, UsageError, disk_full
+from ckptkit import checkpoint_names, integrity, retention
+from ckptkit.checkpoint_names import Checkpoint
+from ckptkit.errors import (DeletionStoppedError, MissingDependencyError, UsageError,
+                            disk_full)
 from ckptkit.metrics import parse_metric
-from ckptkit.retention import Checkpoint
 from ckptkit.partial import fsync_dir
 
 #: A leftover temp file of the same target untouched for this long belongs to a save that
@@ -36,7 +37,7 @@ def _sweep_stale_temps(path: Path) -> None:
     """Remove temp files of earlier saves to ``path`` that were killed mid-write."""
     now = time.time()
     for leftover in path.parent.glob(f".{path.name}.*.tmp"):
-        if leftover.is_symlink() or not retention.SAVE_TEMP_NAME.fullmatch(leftover.name):
+        if leftover.is_symlink() or not checkpoint_names.SAVE_TEMP_NAME.fullmatch(leftover.name):
             continue
         try:
             if now - leftover.stat().st_mtime >= STALE_TEMP_SECONDS:
@@ -58,7 +59,8 @@ def save(obj: Any, path: str | os.PathLike[str], *, keep_last: int | None = None
     With ``keep_last`` and/or ``keep_best``, :func:`ckptkit.retention.plan_cleanup` then runs
     on the directory and only deletions of ``path``'s own run group are executed (never the
     file just saved, never best/final/unrecognised files, never before the newest kept
-    checkpoint is verified complete).  Flags are validated before writing; an I/O error
+    checkpoint is verified complete, and nothing at all if a file to delete changed since the
+    plan was made).  Flags are validated before writing; an I/O error or a stopped deletion
     while pruning becomes a ``RuntimeWarning``, not a failed save.
 
     Args:
@@ -84,14 +86,15 @@ def save(obj: Any, path: str | os.PathLike[str], *, keep_last: int | None = None
     except ImportError:
         raise MissingDependencyError("torch", "torch", "ckptkit.save") from None
     target = Path(path)
-    parsed = retention.parse_name(target.name)
+    # in_run: a name such as 1000.pt is a step once a second file of its pattern exists.
+    parsed = checkpoint_names.parse_name(target.name, in_run=True)
     retain = keep_last is not None or keep_best is not None
     if retain and parsed is None:
         # Checked before writing: a run without retention would fill the disk silently.
         raise UsageError(f"{target.name}: not a periodic checkpoint name, so keep_last/keep_best "
                          "cannot tell which files belong to its run",
-                         hint="Name it like thinker_step_300.pt, epoch_3.pt or "
-                              "epoch=3-step=300.ckpt")
+                         hint="Name it like step_300.pt, thinker_step_300.pt, model_300.pt, "
+                              "epoch_3.pt or 300.pt (docs/cleanup.md lists the names)")
     if retain:
         # Validate the retention flags now, so a bad value fails before anything is written.
         if keep_last is not None and keep_last < (0 if keep_best else 1):
@@ -121,7 +124,7 @@ def save(obj: Any, path: str | os.PathLike[str], *, keep_last: int | None = None
     if retain and parsed is not None:
         try:
             _retain(target, keep_last if keep_last is not None else 1, keep_best)
-        except OSError as exc:
+        except (OSError, DeletionStoppedError) as exc:
             # The new checkpoint is safely on disk; a failed prune must not crash training.
             warnings.warn(f"ckptkit.save: retention after saving {target} failed: {exc}",
                           RuntimeWarning, stacklevel=2)
@@ -151,7 +154,7 @@ def find_latest(directory: str | os.PathLike[str], prefix: str | None = None) ->
         UsageError: several runs in ``directory`` and no ``prefix`` to choose one.
         NotFoundError: ``directory`` does not exist.
     """
-    found = retention.scan(directory)
+    found = checkpoint_names.scan(directory)
     if prefix is not None:
         # A run is named by its prefix, or by its pattern when two runs share a prefix
         # (thinker_step_{N}.pt beside thinker_step_{N}.safetensors).

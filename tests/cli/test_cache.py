@@ -140,3 +140,43 @@ def test_a_changed_or_missing_cached_file_is_never_handed_out(filled: dict[str, 
     fetched = run_ckpt("fetch", "jukebox-1b_lyrics", env=filled)
     assert fetched.returncode == 0, fetched.stderr
     assert run_ckpt("cache", "verify", env=filled).returncode == 0
+
+
+def test_prune_keeps_committed_files_whatever_their_ids_look_like(tmp_path: Path) -> None:
+    """Partial, staging and lock files are told by where they lie, never by how an id ends."""
+    ids = ["odd/weights.part", "odd/state.part.json", "odd/run.lock", "tmp/w.pt"]
+    catalogue = tmp_path / "odd.toml"
+    catalogue.write_text("".join(f'[files."{i}"]\nsources = [{{ type = "local", path = '
+                                 f'"{SAMPLES / "thinker_step_200.pt"}" }}]\n' for i in ids)
+                         + f"[models.odd]\nfiles = {json.dumps(ids)}\n")
+    args = ("--catalog", str(catalogue))
+    assert run_ckpt("fetch", "odd", *args).returncode == 0
+    leftover = cache_root() / "staging" / "odd" / "weights.part.part"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"x" * 10)
+    pruned = run_ckpt("cache", "prune", "--yes", "--json", *args)
+    assert pruned.returncode == 0, pruned.stderr
+    assert [d["path"] for d in json.loads(pruned.stdout)["deleted"]] == [str(leftover)]
+    listed = json.loads(run_ckpt("cache", "ls", "--json", *args).stdout)
+    assert sorted(e["name"] for e in listed) == sorted(ids)
+    assert run_ckpt("cache", "verify", *args).returncode == 0
+
+
+def test_prune_deletes_nothing_when_a_leftover_changed_after_the_plan(tmp_path: Path) -> None:
+    from ckptkit.cache import Cache, plan_prune
+    from ckptkit.errors import DeletionStoppedError
+
+    cache = Cache(cache_root())
+    old = cache_root() / "staging" / "a.bin.part"
+    other = cache_root() / "tmp" / "extract-1"
+    for path in (old, other / "x"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 10)
+    plan = plan_prune(cache, None)
+    assert sorted(r.path for r in plan.remove) == sorted([str(old), str(other)])
+    with open(old, "ab") as fh:  # a download resumed into it meanwhile
+        fh.write(b"more")
+    with pytest.raises(DeletionStoppedError, match=r"nothing deleted: .*a\.bin\.part changed "
+                                                   r"since the plan was made: size 10 -> 14"):
+        plan.execute(cache)
+    assert old.exists() and (other / "x").exists()

@@ -42,7 +42,7 @@ def ls_command(cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool
                            "models": list(cat.users_of(e.id))} for e in entries])
         return
     if not entries:
-        click.echo(f"cache {conf.cache_dir} is empty")
+        click.echo(f"cache {render.safe(conf.cache_dir)} is empty")
         return
     click.echo(render.table(
         [("FILE", "SIZE", "SOURCE", "FETCHED", "MODELS")]
@@ -50,7 +50,7 @@ def ls_command(cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool
             dt.datetime.fromtimestamp(e.fetched_at).strftime("%Y-%m-%d %H:%M"),
             ", ".join(cat.users_of(e.id)) or "-") for e in entries], indent=0, right=(1,)))
     click.echo(f"{len(entries)} file(s), {render.size(sum(e.size for e in entries))} "
-               f"in {conf.cache_dir}")
+               f"in {render.safe(conf.cache_dir)}")
 
 
 @cache_group.command("verify", epilog="Examples:\n\n  ckpt cache verify\n\n"
@@ -91,11 +91,12 @@ def verify_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tup
         render.emit_json(rows)
     else:
         for row in rows:
-            click.echo(f"{row['status']:<11}{row['name']}")
+            click.echo(f"{row['status']:<11}{render.safe(row['name'])}")
     bad = [r["name"] for r in rows if r["status"] in ("CHANGED", "MISSING")]
     if bad:
         click.echo(f"ckpt: {len(bad)} cached file(s) changed or missing; fetch them again: "
-                   f"ckpt cache rm {' '.join(bad)} --yes && ckpt fetch <model>", err=True)
+                   f"ckpt cache rm {render.safe(' '.join(bad))} --yes && ckpt fetch <model>",
+                   err=True)
         return ExitCode.INTEGRITY
     return ExitCode.OK
 
@@ -141,7 +142,12 @@ def rm_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tuple[P
 @quiet_option
 def prune_command(cache_dir: Path | None, catalogs: tuple[Path, ...], dry_run: bool,
                   yes: bool, unreferenced: bool, as_json: bool, quiet: bool) -> None:
-    """Delete partial downloads and staging leftovers (never a download in progress)."""
+    """Delete partial downloads and staging leftovers (never a download in progress).
+
+    Leftovers are found by where they lie in the cache (tmp/, staging/, files without a
+    commit record), never by name.  Every planned path is re-checked (size, mtime, inode)
+    before the first deletion; if one changed, nothing is deleted (exit 1).
+    """
     from ckptkit.cache import plan_prune
 
     _conf, cache, cat = _open(cache_dir, catalogs)
@@ -162,10 +168,10 @@ def _run(plan, cache, *, dry_run: bool, yes: bool, as_json: bool, quiet: bool) -
     """Show the plan (unless --json, or --quiet with nobody to ask), confirm, delete, report."""
     if not as_json and show_plan(quiet=quiet, dry_run=dry_run, yes=yes):
         for kept in plan.kept:
-            click.echo(f"keep    {kept}")
+            click.echo(f"keep    {render.safe(kept)}")
         for item in plan.remove:
-            click.echo(f"delete  {item.file_id or item.path}  {render.size(item.bytes)}  "
-                       f"({item.reason})")
+            click.echo(f"delete  {render.safe(item.file_id or item.path)}  "
+                       f"{render.size(item.bytes)}  ({item.reason})")
         if plan.remove:
             click.echo(f"{len(plan.remove)} item(s), {render.size(plan.freed_bytes)} to free")
         else:

@@ -42,15 +42,22 @@ def cleanup_command(directory: Path, keep_last: int, keep_every: int | None,
                     as_json: bool, quiet: bool) -> int:
     """Delete old periodic checkpoints in DIRECTORY (default: .), keeping the newest N per run.
 
-    Periodic checkpoints: NAME_step_N.pt, epoch_N.pt, epoch=E-step=S.ckpt, checkpoint-N/,
-    Orbax step directories, TF ckpt-N.index with its shards.  Always kept: *best*, the final
+    Periodic checkpoints: [NAME_]step_N.pt, epoch_N.pt, NAME_N.pt (model_N, ckpt_N, iter_N),
+    epoch=E-step=S.ckpt, checkpoint-N/, Orbax step directories, TF ckpt-N.index with its
+    shards; N.pt and NAMEN.pt only when two or more share the pattern (docs/cleanup.md has
+    the table).  Always kept: *best*, the final
     NAME.pt, last/latest files and symlinks (and their targets), and everything else
     (tokenizers, configs, notes).  Before deleting, the newest kept checkpoint of each run is
     checked to be complete; if it is truncated the newest complete one is kept as well.
     With --quiet (and --yes) only the final "deleted ..." line is printed.
 
-    Exit codes: 0 done (or nothing to do), 1 some deletions skipped, 2 bad flags or no
-    terminal to confirm on without --yes, 4 DIRECTORY missing.
+    Only the paths the plan lists are deleted.  Right before the first deletion (after the
+    question) the newest kept checkpoint is proven complete again and every path to delete is
+    compared with the plan (size, mtime, inode); if anything changed nothing is deleted.
+
+    Exit codes: 0 done (or nothing to do), 1 something changed since the plan (nothing
+    deleted) or a deletion failed, 2 bad flags or no terminal to confirm on without --yes,
+    4 DIRECTORY missing.
     """
     from ckptkit.retention import plan_cleanup
 
@@ -60,23 +67,21 @@ def cleanup_command(directory: Path, keep_last: int, keep_every: int | None,
         _print_plan(plan, directory)
     if not plan.deleted or dry_run:
         if as_json:
-            render.emit_json(_json(plan, plan.deleted, (), dry_run))
+            render.emit_json(_json(plan, plan.deleted, dry_run))
         return ExitCode.OK
     if not confirm(f"Delete {len(plan.deleted)} checkpoint(s), "
                    f"{render.size(plan.freed_bytes)}?", yes):
         click.echo("nothing deleted", err=True)
         if as_json:
-            render.emit_json(_json(plan, (), (), dry_run))
+            render.emit_json(_json(plan, (), dry_run))
         return ExitCode.OK
-    result = plan.execute()
-    for item, why in result.skipped:
-        click.echo(f"ckpt: skipped {render.safe(item.path)}: {why}", err=True)
+    result = plan.execute()  # proves and re-checks everything first; raises if it changed
     if as_json:
-        render.emit_json(_json(plan, result.deleted, result.skipped, dry_run))
+        render.emit_json(_json(plan, result.deleted, dry_run))
     else:
         click.echo(f"deleted {len(result.deleted)} checkpoint(s), freed "
                    f"{render.size(result.freed_bytes)}")
-    return ExitCode.ERROR if result.skipped else ExitCode.OK
+    return ExitCode.OK
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -89,11 +94,16 @@ def _rel(path: Path, root: Path) -> str:
 def _print_plan(plan: Any, root: Path) -> None:
     rows = []
     for item in plan.items:
+        size = render.size(item.size) if item.step is not None else ""
+        if len(item.snapshots) > 1:
+            # Every path a checkpoint is made of gets its own row: the plan names all it deletes.
+            rows.append((item.action, _rel(item.path, root), render.size(item.snapshots[0].size),
+                         item.reason))
+            rows += [(item.action, _rel(snap.path, root), render.size(snap.size),
+                      f"data shard of {item.path.name}") for snap in item.snapshots[1:]]
+            continue
         name = _rel(item.path, root) + ("/" if item.path.is_dir() else "")
-        if len(item.members) > 1:
-            name += f" (+{len(item.members) - 1} shard(s))"
-        rows.append((item.action, name, render.size(item.size) if item.step is not None else "",
-                     item.reason))
+        rows.append((item.action, name, size, item.reason))
     click.echo(f"Plan for {render.safe(root)}")
     if rows:
         click.echo(render.table(rows, right=(2,)))
@@ -106,13 +116,14 @@ def _print_plan(plan: Any, root: Path) -> None:
         click.echo("nothing to delete")
 
 
-def _json(plan: Any, deleted: Any, skipped: Any, dry_run: bool) -> dict[str, Any]:
-    def row(item: Any, reason: str | None = None) -> dict[str, Any]:
-        return {"path": str(item.path), "step": item.step, "reason": reason or item.reason,
-                "bytes": item.size, "action": item.action}
+def _json(plan: Any, deleted: Any, dry_run: bool) -> dict[str, Any]:
+    def row(item: Any) -> dict[str, Any]:
+        return {"path": str(item.path), "step": item.step, "reason": item.reason,
+                "bytes": item.size, "action": item.action,
+                "members": [str(m) for m in item.members or (item.path,)]}
 
     gone = {i.path for i in deleted}
-    kept = [row(i) for i in plan.kept] + [row(i, f"skipped: {why}") for i, why in skipped]
-    return {"kept": kept, "deleted": [row(i) for i in plan.deleted if i.path in gone],
+    return {"kept": [row(i) for i in plan.kept],
+            "deleted": [row(i) for i in plan.deleted if i.path in gone],
             "freed_bytes": sum(i.size for i in deleted), "dry_run": dry_run,
             "notes": list(plan.notes)}

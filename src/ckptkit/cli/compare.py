@@ -70,7 +70,7 @@ def _human(result) -> str:
         lines.append(f"\nRecommended{judged}: {render.safe(result.recommended)}  "
                      f"({render.safe(result.reason)})")
     else:
-        lines.append(f"\nNo recommendation: {result.reason}")
+        lines.append(f"\nNo recommendation: {render.safe(result.reason)}")
     for note in result.notes:
         lines.append(f"  note: {render.safe(note)}")
     return "\n".join(lines)

@@ -85,7 +85,7 @@ def convert_command(src: str, to: str, out: Path | None, recipe: str | None, pre
     if as_json:
         render.emit_json(report.to_dict())
     elif quiet and not dry_run:
-        click.echo(report.output)
+        click.echo(render.safe(report.output))
     else:
         click.echo(report_text(report.to_dict(), dry_run=dry_run))
 
@@ -101,7 +101,8 @@ def report_text(report: dict[str, Any], *, dry_run: bool = False) -> str:
             where += f" (under {render.safe(report['base'])})"
         layers = report["layers"]
         picked = _ranges(layers) if layers is not None else "all"
-        lines.append(_label("Recipe", f"{report['recipe']}   layout {report['layout']}   "
+        lines.append(_label("Recipe", f"{render.safe(report['recipe'])}   layout "
+                                      f"{report['layout']}   "
                                       f"prefix {where}   layers {picked}"))
     if report["target"]:
         lines.append(_label("Target", render.safe(report["target"])))

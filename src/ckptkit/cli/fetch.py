@@ -64,11 +64,11 @@ def fetch_command(names: tuple[str, ...], source: str | None, dest: Path | None,
         render.emit_json([f.to_dict() for f in fetched])
     else:
         for item in fetched:
-            click.echo(item.path)
+            click.echo(render.safe(item.path))
 
 
 def _plan_text(plan) -> str:
-    lines = [f"Plan for {', '.join(plan.models)}"
+    lines = [f"Plan for {render.safe(', '.join(plan.models))}"
              + ("  (offline: local sources only)" if plan.settings.offline else "")]
     rows = []
     for f in plan.files:

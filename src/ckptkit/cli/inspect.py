@@ -74,7 +74,7 @@ def _human(info, depth: int, pattern: str | None, show_tensors: bool) -> str:
         for sig in info.signatures:
             ins = ", ".join(f"{s.name}:{s.dtype}{_shape(s.shape)}" for s in sig.inputs)
             outs = ", ".join(f"{s.name}:{s.dtype}{_shape(s.shape)}" for s in sig.outputs)
-            lines.append(f"  {render.safe(sig.key)}({ins}) -> {outs}")
+            lines.append(render.safe(f"  {sig.key}({ins}) -> {outs}"))
     lines.append(render.label(
         "Tensors", f"{render.count(info.tensor_count)}  {render.count(info.param_count)} params  "
                    f"{render.size(info.tensor_bytes)}  dtypes "
@@ -106,7 +106,8 @@ def _human(info, depth: int, pattern: str | None, show_tensors: bool) -> str:
             lines.append(f"  … {len(rows) - 200} more rows (use a smaller --depth)")
     if show_tensors:
         chosen = info.filtered(pattern) if pattern else info.tensors
-        lines.append(f"Tensors matching {pattern!r}: {len(chosen)}" if pattern else "Tensor list")
+        lines.append(render.safe(f"Tensors matching {pattern!r}: {len(chosen)}") if pattern
+                     else "Tensor list")
         lines.append(render.table([(t.name, t.dtype, _shape(t.shape)) for t in chosen]))
     for key, obj in info.opaque.items():
         state = obj["state"]

@@ -43,9 +43,10 @@ def latest_command(directory: Path, prefix: str | None, as_json: bool, quiet: bo
     if result.checkpoint is None:
         what = f" with prefix {prefix!r}" if prefix is not None else ""
         raise NotFoundError(f"{directory}: no complete periodic checkpoint{what}",
-                            hint="Periodic names look like NAME_step_N.pt, epoch_N.pt, "
-                                 "checkpoint-N/ or ckpt-N.index", path=str(directory))
+                            hint="Periodic names look like step_N.pt, NAME_step_N.pt, "
+                                 "model_N.pt, epoch_N.pt, checkpoint-N/ or ckpt-N.index "
+                                 "(docs/cleanup.md lists them)", path=str(directory))
     if as_json:
         render.emit_json({"path": str(result.checkpoint.path), "step": result.checkpoint.step})
     else:
-        click.echo(str(result.checkpoint.path))
+        click.echo(render.safe(result.checkpoint.path))

@@ -9,6 +9,7 @@ import click
 
 from ckptkit import config
 from ckptkit.cli.errors import command_path, error_line
+from ckptkit.cli.render import safe
 from ckptkit.errors import CkptkitError, ExitCode
 
 #: name -> (module, attribute).  Modules are imported only when their command runs or help
@@ -64,7 +65,7 @@ def cli() -> None:
 
 
 def _error(message: str) -> None:
-    click.echo(f"ckpt: error: {' '.join(message.split())}", err=True)
+    click.echo(f"ckpt: error: {safe(' '.join(message.split()))}", err=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 import click
 
+from ckptkit.cli.render import safe
+
 F = Callable[..., Any]
 
 
@@ -95,6 +97,6 @@ def show_plan(*, quiet: bool, dry_run: bool, yes: bool) -> bool:
 def log_to_stderr(quiet: bool) -> Callable[[str], None]:
     def log(message: str) -> None:
         if not quiet:
-            click.echo(f"ckpt: {message}", err=True)
+            click.echo(f"ckpt: {safe(message)}", err=True)
 
     return log

@@ -11,7 +11,9 @@ class Bar:
     def __init__(self, label: str, total: int | None):
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+        from ckptkit.cli.render import safe
+
+        self._bar = tqdm(total=total, desc=safe(label), unit="B", unit_scale=True, unit_divisor=1024,
                          file=sys.stderr, leave=False, dynamic_ncols=True)
 
     def set_total(self, total: int | None) -> None:

@@ -8,13 +8,35 @@ from typing import Any, Iterable
 
 import click
 
-# C0, DEL and C1 (U+0080-U+009F: some terminals take U+009B as CSI, an escape sequence start)
-_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
+
+def _escapes() -> dict[int, str]:
+    """Every character that can drive or fool a terminal, mapped to a readable escape."""
+    table = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}  # C0, DEL, C1
+    # Bytes of a name that is not UTF-8 arrive as U+DC80-U+DCFF (surrogateescape); written
+    # back raw they would be C1 controls (0x9B is CSI), so show the byte they stand for.
+    table.update({0xDC00 + b: f"\\x{b:02x}" for b in range(0x80, 0x100)})
+    table.update({c: f"\\u{c:04x}" for c in range(0xD800, 0xE000) if c not in table})
+    # Bidirectional overrides reorder what is shown (a name can display as another); line and
+    # paragraph separators start new lines in some terminals.
+    for c in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+              *range(0x2066, 0x206A)):
+        table[c] = f"\\u{c:04x}"
+    return table
+
+
+_ESCAPES = _escapes()
 
 
 def safe(text: Any) -> str:
-    """Escape control characters so names from a file cannot drive the terminal."""
-    return str(text).translate(_CONTROL)
+    """``text`` with every control character escaped, so a name cannot drive the terminal.
+
+    The one helper every command uses for names (and messages quoting them) in human output:
+    C0 controls (newline and ESC included, so OSC/CSI sequences fall apart), DEL, C1
+    controls, bytes that were not UTF-8, bidirectional overrides and line separators become
+    ``\\x1b``-style escapes; every other character is kept.  ``--json`` output is not
+    escaped: it carries the real name.
+    """
+    return str(text).translate(_ESCAPES)
 
 
 def size(n: float) -> str:
@@ -60,4 +82,4 @@ def emit_json(data: Any) -> None:
 
 
 def label(name: str, text: str) -> str:
-    return f"{name:<10}{text}"
+    return f"{name:<10}{safe(text)}"

@@ -66,7 +66,7 @@ def strip_command(src: Path, out: Path | None, keep: tuple[str, ...], in_place: 
         render.emit_json(data)
     elif quiet and not dry_run:
         if data["output"] is not None:
-            click.echo(data["output"])
+            click.echo(render.safe(data["output"]))
     else:
         click.echo(_human(data))
     return ExitCode.OK
