@@ -36,10 +36,68 @@ def deleted(plan) -> set[str]:  # type: ignore[no-untyped-def]
     ("thinker_best.pt", None), ("thinker.pt", None), ("last.ckpt", None),
     ("latest_step_3.pt", None), ("best_epoch_2.pt", None), ("tokenizer.model", None),
     ("resnet50.pt", None), ("ckpt-12.data-00000-of-00001", None), ("checkpoint", None),
+    # The common names (issue 13): a word or an underscore before the number.
+    ("step_1000.pt", ("", 1000)), ("step1000.pt", ("", 1000)),
+    ("checkpoint_5.pt", ("checkpoint", 5)), ("ckpt_7.pth", ("ckpt", 7)),
+    ("model_100.pt", ("model", 100)), ("iter_3000.pt", ("iter", 3000)),
+    ("model_100.safetensors", ("model", 100)), ("run_2024_05.bin", ("run_2024", 5)),
+    # No separator: only as a run (see test_names_without_a_separator_count_only_as_a_run).
+    ("100.pt", None), ("model100.pt", None), ("model-100.pt", None),
+    ("model-00001-of-00002.safetensors", None), ("best_model_100.pt", None),
 ])
 def test_parse_name(name: str, expected: tuple[str, int] | None) -> None:
     parsed = parse_name(name)
     assert (parsed[1], parsed[2]) == expected if parsed else expected is None
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("100.pt", ("{N}.pt", "", 100)), ("model100.pt", ("model{N}.pt", "model", 100)),
+    ("model-100.pt", ("model-{N}.pt", "model-", 100)),
+    ("resnet50.pt", ("resnet{N}.pt", "resnet", 50)),
+    ("model-00001-of-00002.safetensors", None), ("last100.pt", None),
+])
+def test_parse_name_in_a_run(name: str, expected: tuple[str, str, int] | None) -> None:
+    parsed = parse_name(name, in_run=True)
+    assert (parsed[0], parsed[1], parsed[2]) == expected if parsed else expected is None
+
+
+COMMON = ("step_{}.pt", "checkpoint_{}.pt", "ckpt_{}.pt", "model_{}.pt", "iter_{}.pt", "{}.pt")
+
+
+@pytest.mark.parametrize("pattern", COMMON)
+def test_common_names_are_runs_for_cleanup_and_latest(tmp_path: Path, pattern: str) -> None:
+    sample = SAMPLES / "thinker_step_200.pt"
+    for step in (1000, 2000, 3000):
+        shutil.copy(sample, tmp_path / pattern.format(step))
+    shutil.copy(sample, tmp_path / "resnet50.pt")  # a lone number without a separator
+    found = scan(tmp_path)
+    assert [(c.path.name, c.step) for c in found] == [
+        (pattern.format(s), s) for s in (1000, 2000, 3000)]
+    assert {c.group for c in found} == {pattern.format("{N}")}
+    assert deleted(plan_cleanup(tmp_path, keep_last=1)) == {pattern.format(1000),
+                                                            pattern.format(2000)}
+    assert actions(plan_cleanup(tmp_path, keep_last=1))["resnet50.pt"] == "keep"
+    from ckptkit.saving import latest
+
+    newest = latest(tmp_path)
+    assert newest is not None and newest.path.name == pattern.format(3000)
+
+
+def test_names_without_a_separator_count_only_as_a_run(tmp_path: Path) -> None:
+    sample = SAMPLES / "thinker_step_200.pt"
+    for name in ("resnet50.pt", "model_100.pt", "model100.pt", "7.pt"):
+        shutil.copy(sample, tmp_path / name)
+    # Alone, only the name with an underscore before its number is a periodic checkpoint.
+    assert [c.path.name for c in scan(tmp_path)] == ["model_100.pt"]
+    for name in ("model200.pt", "8.pt"):
+        shutil.copy(sample, tmp_path / name)
+    # Two files sharing a pattern make a run; resnet50.pt still has no partner.
+    assert {(c.group, c.path.name) for c in scan(tmp_path)} == {
+        ("model_{N}.pt", "model_100.pt"), ("model{N}.pt", "model100.pt"),
+        ("model{N}.pt", "model200.pt"), ("{N}.pt", "7.pt"), ("{N}.pt", "8.pt")}
+    plan = plan_cleanup(tmp_path, keep_last=1)
+    assert deleted(plan) == {"model100.pt", "7.pt"}
+    assert actions(plan)["resnet50.pt"] == "keep"
 
 
 def test_keep_last_per_group_never_touches_pinned_files(tmp_path: Path) -> None:
@@ -56,6 +114,11 @@ def test_keep_last_per_group_never_touches_pinned_files(tmp_path: Path) -> None:
     assert "symlink" in reasons["thinker_step_100.pt"]
     assert "final checkpoint" in reasons["thinker.pt"]
     assert plan.freed_bytes == sum((tmp_path / n).stat().st_size for n in deleted(plan))
+
+
+def test_a_run_shorter_than_keep_last_keeps_everything(tmp_path: Path) -> None:
+    muomni_run(tmp_path, steps=(1, 2))
+    assert not plan_cleanup(tmp_path, keep_last=3).deleted
 
 
 def test_step_order_not_mtime(tmp_path: Path) -> None:

@@ -52,6 +52,18 @@ def test_save_keep_best_keeps_best_and_newest(tmp_path: Path) -> None:
                                                          "thinker_step_4.pt"]
 
 
+@pytest.mark.parametrize("pattern", ["step_{}.pt", "checkpoint_{}.pt", "ckpt_{}.pt",
+                                     "model_{}.pt", "iter_{}.pt", "{}.pt"])
+def test_save_with_the_common_names(tmp_path: Path, pattern: str) -> None:
+    """The README's own example: ckptkit.save(checkpoint, "run/step_1000.pt", keep_last=3)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "resnet50.pt").write_bytes(b"pretrained, not ours")
+    for step in (1000, 2000, 3000, 4000, 5000):
+        ckptkit.save({"step": step}, tmp_path / "run" / pattern.format(step), keep_last=3)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(
+        [pattern.format(s) for s in (3000, 4000, 5000)] + ["resnet50.pt"])
+
+
 def test_retention_needs_a_periodic_name(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="periodic"):
         ckptkit.save({"x": 1}, tmp_path / "thinker_best.pt", keep_last=1)

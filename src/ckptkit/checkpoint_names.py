@@ -36,36 +36,36 @@ class NamingScheme:
     alone: bool  # False: the name counts only in a run of two or more
 
 
-#: Tried in order; the first match wins.
+#: Tried in order; the first match wins.  DOTALL: a name may hold any character, newlines too.
 SCHEMES: tuple[NamingScheme, ...] = (
     # Lightning: epoch=E-step=S[-anything].ckpt; the step orders, the epoch is informative.
     NamingScheme(re.compile(r"(?P<prefix>.*?)epoch=(?P<epoch>\d+)-step=(?P<step>\d+)"
-                            r"(?:[-_].*)?(?P<ext>\.ckpt)"),
+                            r"(?:[-_].*)?(?P<ext>\.ckpt)", re.DOTALL),
                  lambda p, e: f"{p}epoch={{E}}-step={{N}}.ckpt", True),
     # step_1000.pt, μOmni thinker_step_200.pt / thinker_step200.pt, Jukebox
     # checkpoint_step_N.pth.tar.
-    NamingScheme(re.compile(r"(?:(?P<prefix>.+?)_)?step_?(?P<step>\d+)" + _EXT),
+    NamingScheme(re.compile(r"(?:(?P<prefix>.+?)_)?step_?(?P<step>\d+)" + _EXT, re.DOTALL),
                  lambda p, e: f"{p}_step_{{N}}{e}" if p else f"step_{{N}}{e}", True),
     # epoch_3.pt, epoch3.pt, model_epoch_3.pt (the epoch is the step).
-    NamingScheme(re.compile(r"(?P<prefix>.*?)epoch_?(?P<step>\d+)" + _EXT),
+    NamingScheme(re.compile(r"(?P<prefix>.*?)epoch_?(?P<step>\d+)" + _EXT, re.DOTALL),
                  lambda p, e: f"{p}epoch_{{N}}{e}", True),
     # model_100.pt, checkpoint_5.pt, ckpt_5.pt, iter_3000.pth: an underscore before the number.
-    NamingScheme(re.compile(r"(?P<prefix>.+?)_(?P<step>\d+)" + _EXT),
+    NamingScheme(re.compile(r"(?P<prefix>.+?)_(?P<step>\d+)" + _EXT, re.DOTALL),
                  lambda p, e: f"{p}_{{N}}{e}", True),
     # 100.pt, model100.pt, model-100.pt: only as a run, since resnet50.pt looks the same.
-    NamingScheme(re.compile(r"(?P<prefix>(?:.*\D)?)(?P<step>\d+)" + _EXT),
+    NamingScheme(re.compile(r"(?P<prefix>(?:.*\D)?)(?P<step>\d+)" + _EXT, re.DOTALL),
                  lambda p, e: f"{p}{{N}}{e}", False),
 )
 _HF_DIR = re.compile(r"checkpoint-(?P<step>\d+)")
 _ORBAX_DIR = re.compile(r"(?:(?P<prefix>[A-Za-z][\w]*?)_)?(?P<step>0|[1-9]\d*)")
-_TF_INDEX = re.compile(r"(?P<prefix>.+)-(?P<step>\d+)\.index")
+_TF_INDEX = re.compile(r"(?P<prefix>.+)-(?P<step>\d+)\.index", re.DOTALL)
 #: What TensorFlow names the data shards of checkpoint PREFIX (``%s.data-%05d-of-%05d``).
 _TF_SHARD = r"\.data-\d{5,}-of-\d{5,}"
 #: best/last/latest anywhere as a word: such files are pinned, whatever else the name says.
 PINNED = re.compile(r"(?:^|[^a-z])(best|last|latest)(?:$|[^a-z])", re.IGNORECASE)
 #: One shard of a sharded save (model-00001-of-00003.safetensors), never a step of a run.
 _SHARD_OF = re.compile(r"\d+-of-\d+")
-SAVE_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
+SAVE_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{32}\.tmp", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def entries(directory: Path) -> list[os.DirEntry[str]]:
 def _tf_shards(stem: str, listing: list[os.DirEntry[str]]) -> tuple[Path, ...]:
     """Exactly ``STEM.data-NNNNN-of-NNNNN`` regular files: a folder or a ``.sha256`` beside
     them that merely starts the same way is not part of the checkpoint."""
-    shard = re.compile(re.escape(stem) + _TF_SHARD)
+    shard = re.compile(re.escape(stem) + _TF_SHARD, re.DOTALL)
     return tuple(Path(e.path) for e in listing if shard.fullmatch(e.name)
                  and e.is_file(follow_symlinks=False))
 

@@ -240,7 +240,7 @@ def _plan_group(group: str, members: list[Checkpoint], keep_last: int, keep_ever
                 notes: list[str]) -> tuple[list[PlanItem], Guard | None]:
     ordered = sorted(members, key=lambda c: c.step)
     reasons: dict[Path, str] = {}
-    for ckpt in ordered[len(ordered) - keep_last:] if keep_last else []:
+    for ckpt in ordered[max(0, len(ordered) - keep_last):] if keep_last else []:
         reasons[ckpt.path] = f"newest {keep_last} of {group}"
     if keep_every:
         for ckpt in ordered:

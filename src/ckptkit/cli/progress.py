@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ckptkit.cli.render import safe
+
 
 class Bar:
     """A tqdm bar on stderr behind the small progress interface the library calls."""
@@ -11,10 +13,8 @@ class Bar:
     def __init__(self, label: str, total: int | None):
         from tqdm import tqdm
 
-        from ckptkit.cli.render import safe
-
-        self._bar = tqdm(total=total, desc=safe(label), unit="B", unit_scale=True, unit_divisor=1024,
-                         file=sys.stderr, leave=False, dynamic_ncols=True)
+        self._bar = tqdm(total=total, desc=safe(label), unit="B", unit_scale=True,
+                         unit_divisor=1024, file=sys.stderr, leave=False, dynamic_ncols=True)
 
     def set_total(self, total: int | None) -> None:
         self._bar.total = total
