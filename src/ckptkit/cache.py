@@ -69,7 +69,9 @@ class Cache:
         return _inside(self.root / "meta", f"{file_id}.json")
 
     def lock_path(self, file_id: str) -> Path:
-        return self.root / "locks" / (hashlib.sha1(file_id.encode()).hexdigest() + ".lock")
+        # surrogateescape: an id read back from a file name that is not UTF-8 still hashes.
+        digest = hashlib.sha1(file_id.encode("utf-8", "surrogateescape")).hexdigest()
+        return self.root / "locks" / (digest + ".lock")
 
     def tmp_dir(self) -> Path:
         tmp = self.root / "tmp"

@@ -27,7 +27,7 @@ import numpy as np
 from ckptkit.chunks import iter_bytes
 from ckptkit.convert.torch_pickle import LEGACY_STORAGES, UNTYPED_DTYPES, _Emitter
 from ckptkit.convert.writers import atomic_file
-from ckptkit.convert.zip_writer import ALIGNMENT, add_member
+from ckptkit.convert.zip_writer import ALIGNMENT, add_member, archive_stem
 from ckptkit.errors import FormatError
 from ckptkit.model import ByteSpan, Opaque, TensorRef, itemsize
 from ckptkit.tree import join
@@ -65,7 +65,7 @@ def write_torch_tree(out: Path, tree: Any, *, big_endian: bool = False) -> TreeW
 
 
 def _write_zip(fh: BinaryIO, out: Path, emitter: _TreeEmitter, big_endian: bool) -> int:
-    stem = os.path.splitext(out.name)[0] or "archive"
+    stem = archive_stem(out)
     archive = zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True)
     try:
         for name, text in ((".format_version", "1"), (".storage_alignment", str(ALIGNMENT)),

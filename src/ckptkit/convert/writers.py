@@ -124,6 +124,7 @@ def write(out: str | os.PathLike[str], fmt: Fmt, tensors: Iterable[tuple[str, np
             raise UsageError("the layout names a tensor twice",
                              hint="Every tensor of a checkpoint needs its own name")
         for name, dtype, _shape in layout:
+            check_name(fmt, name)
             check_dtype(fmt, name, dtype)
     sidecar: Path | None = None
     with atomic_file(target) as fh:
@@ -260,6 +261,20 @@ def check_dtype(fmt: Fmt, name: str, dtype: str) -> None:
                            "No output format ckptkit writes holds this dtype"))
 
 
+def check_name(fmt: Fmt, name: str) -> None:
+    """Raise :class:`UsageError` if ``fmt`` cannot store a tensor called ``name``: npz member
+    names and safetensors headers are UTF-8, so a name read from a pickle that holds a lone
+    surrogate (bytes that were not UTF-8) fits only torch's pickle."""
+    if fmt == "torch":
+        return
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"tensor {name!r} has a name that is not UTF-8 text, which {fmt} "
+                         "cannot store", hint="Convert --to torch, which keeps any name, or "
+                         "rename the tensor with a recipe rule") from None
+
+
 def holds(fmt: Fmt, dtype: str) -> bool:
     """Whether ``fmt`` can store tensors of ``dtype`` (ckptkit/numpy spelling)."""
     if fmt == "safetensors":
@@ -296,6 +311,7 @@ def _checked_array(fmt: Fmt, name: str, array: object, seen: set[str]) -> np.nda
     if name in seen:
         raise UsageError(f"tensor name {name!r} occurs twice",
                          hint="Every tensor of a checkpoint needs its own name")
+    check_name(fmt, name)
     seen.add(name)
     if not isinstance(array, np.ndarray):
         raise UsageError(f"tensor {name!r} is a {type(array).__name__}, not a numpy array",
@@ -317,11 +333,9 @@ def _open_writer(fmt: Fmt, fh: BinaryIO, target: Path, metadata: dict[str, str],
 
         return NpzWriter(fh, target)
     if fmt == "torch":
-        from ckptkit.convert.zip_writer import TorchZipWriter
+        from ckptkit.convert.zip_writer import TorchZipWriter, archive_stem
 
-        # torch.save names the archive folder after the file, without its last suffix.
-        stem = os.path.splitext(target.name)[0] or "archive"
-        return TorchZipWriter(fh, stem, metadata)
+        return TorchZipWriter(fh, archive_stem(target), metadata)
     if fmt == "safetensors":
         from ckptkit.convert.safetensors_writer import SafetensorsWriter
 

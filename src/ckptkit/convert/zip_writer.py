@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -31,6 +32,15 @@ _ZIP64_LOCAL_EXTRA = 20  # what zipfile appends to the local header of a zip64 m
 _PAD_FIELD = 0x4246  # "FB", the extra-field id PyTorch pads with
 _EXTENDED = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
                        "float8_e5m2fnuz", "float8_e8m0fnu", "float8_e4m3b11fnuz"})
+
+
+def archive_stem(target: Path) -> str:
+    """The folder inside a torch zip written to ``target``: the file name without its last
+    suffix, as ``torch.save`` names it, with every character that is not printable UTF-8 (a
+    raw byte of a name that is not UTF-8, a control) as ``_``; zip member names must encode,
+    and readers take the folder as it comes."""
+    stem = os.path.splitext(target.name)[0] or "archive"
+    return "".join(c if c.isprintable() else "_" for c in stem)
 
 
 def add_member(archive: zipfile.ZipFile, name: str, pieces: Iterable[bytes | memoryview], *,
