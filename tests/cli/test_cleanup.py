@@ -71,6 +71,32 @@ def test_asks_on_a_tty(run: Path) -> None:
     assert {"vision_step_5.pt", "vision_step_6.pt"}.isdisjoint(names(run / "vision_tiny"))
 
 
+def test_truncating_the_newest_kept_while_the_prompt_waits_deletes_nothing(run: Path) -> None:
+    folder = run / "vision_tiny"
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "ckptkit", "cleanup", str(folder),
+                             "--keep-last", "1"], stdin=follower, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(SRC)})
+    os.close(follower)
+    try:
+        # Wait for the question itself (bytes on stderr), never for time to pass.
+        asked = b""
+        while b"[y/N]" not in asked:
+            chunk = proc.stderr.read1(4096)  # type: ignore[union-attr]
+            assert chunk, f"no question was asked: {asked!r}"
+            asked += chunk
+        truncate(folder / "vision_step_7.pt")  # the one the plan keeps to resume from
+        os.write(leader, b"y\n")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.close(leader)
+    assert proc.returncode == 1, err
+    line = err.decode().strip().splitlines()[-1]
+    assert line.startswith("ckpt: error: nothing deleted: ") and "vision_step_7.pt" in line
+    assert "no longer complete" in line and b"deleted" not in out
+    assert {"vision_step_5.pt", "vision_step_6.pt"} <= names(folder)
+
+
 def test_json_schema_recursive(run: Path) -> None:
     result = run_ckpt("cleanup", str(run), "--recursive", "--keep-last", "1", "--dry-run",
                       "--json")
