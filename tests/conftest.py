@@ -85,3 +85,28 @@ def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter that imports ckptkit from this checkout."""
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(SRC)})
+
+
+#: The frameworks a core install lacks (``pip install ckptkit`` without extras).
+FRAMEWORKS = ("torch", "tensorflow", "tensorflow_hub", "jax", "flax", "keras", "safetensors")
+
+_BLOCKED_CKPT = """
+import sys, importlib.abc
+blocked = set(sys.argv[1].split(','))
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in blocked:
+            raise ImportError('blocked for this test: ' + name)
+sys.meta_path.insert(0, Block())
+from ckptkit.cli.main import main
+main(sys.argv[2:])
+"""
+
+
+def run_ckpt_without(blocked: tuple[str, ...], *args: str,
+                     cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `ckpt` in a fresh interpreter where importing any of ``blocked`` fails, as on a
+    machine where they are not installed."""
+    return subprocess.run([sys.executable, "-c", _BLOCKED_CKPT, ",".join(blocked), *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(SRC)})

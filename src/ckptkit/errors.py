@@ -109,12 +109,15 @@ class DeletionStoppedError(CkptkitError):
 
 
 class MissingDependencyError(CkptkitError, ImportError):
-    """An optional framework is needed for this operation but is not installed."""
+    """A package this operation needs is not installed: an optional framework (``extra`` names
+    the ckptkit extra that installs it), or a core dependency missing from a broken install
+    (``extra`` None).  Exit code 1, like any error that is not the user's flags."""
 
-    def __init__(self, package: str, extra: str, purpose: str):
+    def __init__(self, package: str, extra: str | None, purpose: str):
         super().__init__(
             f"{purpose} needs {package}, which is not installed",
-            hint=f"Install it with: pip install 'ckptkit[{extra}]'",
+            hint=(f"Install it with: pip install 'ckptkit[{extra}]'" if extra else
+                  f"It is a core dependency of ckptkit; install it with: pip install {package}"),
         )
         self.package = package
         self.extra = extra

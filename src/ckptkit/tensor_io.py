@@ -22,7 +22,7 @@ def numpy_dtype(name: str) -> np.dtype:
     try:
         import ml_dtypes
     except ImportError:
-        raise MissingDependencyError("ml_dtypes", "jax", f"reading {name} tensors") from None
+        raise MissingDependencyError("ml_dtypes", None, f"reading {name} tensors") from None
     if not hasattr(ml_dtypes, name):
         raise IntegrityError(f"dtype {name} cannot be read into numpy")
     return np.dtype(getattr(ml_dtypes, name))

@@ -242,7 +242,7 @@ def _refuse_overwrite(source: Path, target: Path, inputs: set[Path]) -> None:
 def _check_readable(source: Path, name: str, dtype: str) -> None:
     try:
         numpy_dtype(dtype)
-    except Exception as exc:  # noqa: BLE001 - IntegrityError or MissingDependencyError
+    except IntegrityError as exc:  # a missing ml_dtypes propagates: exit 1, what to install
         raise UsageError(f"{source}: tensor {name!r} has dtype {dtype}, which cannot be "
                          f"converted ({exc})", hint="Convert with the framework that wrote "
                          "it, or leave that tensor out with a recipe", path=str(source)) from None

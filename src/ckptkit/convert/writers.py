@@ -39,7 +39,7 @@ from typing import BinaryIO, Iterable, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 
-from ckptkit.errors import NotFoundError, UsageError, disk_full
+from ckptkit.errors import IntegrityError, NotFoundError, UsageError, disk_full
 from ckptkit.partial import fsync_dir
 
 Fmt = Literal["npz", "safetensors", "torch", "flax"]
@@ -289,7 +289,7 @@ def holds(fmt: Fmt, dtype: str) -> bool:
 
     try:
         kind = numpy_dtype(dtype).kind
-    except Exception:  # noqa: BLE001 - any failure means numpy has no such dtype
+    except IntegrityError:  # numpy has no such dtype; a missing ml_dtypes propagates
         return False
     # "V": ml_dtypes types (bfloat16, float8) report themselves as void.
     return kind in "biufcV"

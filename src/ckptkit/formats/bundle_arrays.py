@@ -29,7 +29,7 @@ def numpy_dtype(dtype: str, endianness: str = "little") -> Any:
         try:
             import ml_dtypes
         except ImportError:
-            raise MissingDependencyError("ml_dtypes", "jax",
+            raise MissingDependencyError("ml_dtypes", None,
                                          f"Reading {dtype} tensors as numpy") from None
         kind = getattr(ml_dtypes, base, None)
         if kind is None:
