@@ -4,12 +4,15 @@ with real examples.  Data-driven from COMMANDS, so new commands are held to the 
 from __future__ import annotations
 
 import re
+import shlex
 from typing import Any
 
 import click
 import pytest
 
 from ckptkit.cli import options as shared
+from ckptkit.cli.examples import ExamplesCommand, ExamplesGroup
+from ckptkit.cli.main import cli
 from tests.cli.commands import all_commands, leaf_commands, options
 from tests.conftest import run_main
 
@@ -88,16 +91,75 @@ def test_flags_that_go_together(path: str, command: click.Command) -> None:
         assert "--cache-dir" in have, f"ckpt {path} has --offline but no --cache-dir"
 
 
-@pytest.mark.parametrize("path", [p for p, _ in all_commands()])
-def test_help_ends_with_real_examples(path: str, capsys: pytest.CaptureFixture[str]) -> None:
+HELP_PAGES = [("", cli), *all_commands()]
+
+
+@pytest.mark.parametrize("path, command", HELP_PAGES, ids=[p or "ckpt" for p, _ in HELP_PAGES])
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_help_ends_with_examples_printed_verbatim(
+        path: str, command: click.Command, columns: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # One mechanism for every page: examples kept apart from a free-form epilog.
+    assert isinstance(command, (ExamplesCommand, ExamplesGroup)) and command.epilog is None
+    monkeypatch.setenv("COLUMNS", columns)
     code, out, _err = run_main(capsys, *path.split(), "--help")
     assert code == 0
-    assert "Examples:" in out, f"`ckpt {path} --help` has no Examples section"
-    head, examples = out.split("Examples:", 1)
-    assert "Options:" in head, "the examples must come last, after the options"
-    lines = [line.strip() for line in examples.splitlines() if line.strip()]
-    runs = [line for line in lines if re.search(rf"\bckpt {re.escape(path)}\b", line)]
-    assert len(runs) >= 2, f"`ckpt {path} --help` shows fewer than 2 examples: {lines}"
+    head, sep, block = out.partition("\nExamples:\n")
+    assert sep and "Options:" in head, "the examples must come last, after the options"
+    assert block == "".join(f"  {line}\n" for line in command.examples)  # never re-wrapped
+    own = [line for line in command.examples
+           if any(args[:len(path.split())] == path.split() for args in ckpt_invocations(line))]
+    assert len(own) >= 2, f"`ckpt {path} --help` shows fewer than 2 examples of itself"
+
+
+EXAMPLES = sorted({(p or "ckpt", line) for p, c in HELP_PAGES for line in c.examples})
+
+
+@pytest.mark.parametrize("page, line", EXAMPLES, ids=[line for _p, line in EXAMPLES])
+def test_every_example_is_a_command_line_that_parses(page: str, line: str) -> None:
+    invocations = ckpt_invocations(line)
+    assert invocations, f"{page}: {line!r} runs no ckpt command"
+    for args in invocations:
+        parse(args)  # raises for an unknown command or option, or a bad value
+
+
+def ckpt_invocations(line: str) -> list[list[str]]:
+    """The ``ckpt`` argument lists a shell line runs: simple commands (split at ``|``, ``;``,
+    ``&&``; redirections and leading ``NAME=value`` assignments left out) whose program is
+    ckpt, and ``$(ckpt ...)`` substitutions anywhere."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    found: list[list[str]] = []
+    words: list[str] = []
+    tokens = iter([*lexer, ";"])
+    for token in tokens:
+        if token in ("|", "||", "&&", ";", "&"):
+            while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+                words.pop(0)
+            if words and words[0] == "ckpt":
+                found.append(words[1:])
+            words = []
+        elif token in (">", ">>", "<", "2>"):
+            next(tokens)  # the redirection's target
+        else:
+            for inner in re.findall(r"\$\(([^()]*)\)", token):
+                found += ckpt_invocations(inner)
+            words.append(token)
+    return found
+
+
+def parse(args: list[str]) -> None:
+    """Parse ``ckpt ARGS`` as the real command would, without running it."""
+    command: click.Command = cli
+    words, names = list(args), ["ckpt"]
+    while isinstance(command, click.Group) and words and not words[0].startswith("-"):
+        sub = command.get_command(click.Context(command), words[0])
+        assert sub is not None, f"`{' '.join(names)}` has no command {words[0]!r}"
+        names.append(words.pop(0))
+        command = sub
+    if words:
+        command.make_context(" ".join(names), words)
 
 
 def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:

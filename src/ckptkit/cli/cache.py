@@ -8,13 +8,14 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.examples import group
 from ckptkit.cli.options import (cache_options, confirm, confirm_options, json_option,
                                   quiet_option, show_plan)
 from ckptkit.errors import ExitCode
 
 
-@click.group("cache", epilog="Examples:\n\n  ckpt cache ls\n\n  ckpt cache verify\n\n"
-                             "  ckpt cache rm jukebox-5b --dry-run\n\n  ckpt cache prune --yes")
+@group("cache", ("ckpt cache ls", "ckpt cache verify", "ckpt cache rm jukebox-5b --dry-run",
+                  "ckpt cache prune --yes"))
 def cache_group() -> None:
     """Manage the download cache (CKPTKIT_CACHE)."""
 
@@ -28,8 +29,7 @@ def _open(cache_dir: Path | None, catalogs: tuple[Path, ...]):
     return conf, Cache(conf.cache_dir), catalogue.load(conf.all_catalogs())
 
 
-@cache_group.command("ls", epilog="Examples:\n\n  ckpt cache ls\n\n"
-                                   "  ckpt cache ls --json | jq '.[].path'")
+@cache_group.command("ls", examples=("ckpt cache ls", "ckpt cache ls --json | jq '.[].path'"))
 @cache_options
 @json_option
 def ls_command(cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool) -> None:
@@ -53,8 +53,8 @@ def ls_command(cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool
                f"in {render.safe(conf.cache_dir)}")
 
 
-@cache_group.command("verify", epilog="Examples:\n\n  ckpt cache verify\n\n"
-                                       "  ckpt cache verify jukebox-1b_lyrics --json")
+@cache_group.command("verify", examples=("ckpt cache verify",
+                                          "ckpt cache verify jukebox-1b_lyrics --json"))
 @click.argument("names", nargs=-1)
 @cache_options
 @json_option
@@ -101,9 +101,9 @@ def verify_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tup
     return ExitCode.OK
 
 
-@cache_group.command("rm", epilog="Examples:\n\n  ckpt cache rm jukebox-5b --dry-run\n\n"
-                                   "  ckpt cache rm jukebox/5b/vqvae.pth.tar --yes\n\n"
-                                   "  ckpt cache rm loftr --yes --json | jq .freed_bytes")
+@cache_group.command("rm", examples=("ckpt cache rm jukebox-5b --dry-run",
+                                      "ckpt cache rm jukebox/5b/vqvae.pth.tar --yes",
+                                      "ckpt cache rm loftr --yes --json | jq .freed_bytes"))
 @click.argument("names", nargs=-1, required=True)
 @cache_options
 @confirm_options
@@ -130,9 +130,9 @@ def rm_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tuple[P
          quiet=quiet)
 
 
-@cache_group.command("prune", epilog="Examples:\n\n  ckpt cache prune --dry-run\n\n"
-                                      "  ckpt cache prune --unreferenced --yes\n\n"
-                                      "  ckpt cache prune --yes --quiet")
+@cache_group.command("prune", examples=("ckpt cache prune --dry-run",
+                                         "ckpt cache prune --unreferenced --yes",
+                                         "ckpt cache prune --yes --quiet"))
 @cache_options
 @confirm_options
 @click.option("--unreferenced", is_flag=True,

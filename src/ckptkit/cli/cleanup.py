@@ -8,23 +8,20 @@ from typing import Any
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.examples import command
 from ckptkit.cli.options import (confirm, confirm_options, json_option, quiet_option,
                                   show_plan)
 from ckptkit.errors import ExitCode
 
-EXAMPLES = """Examples:
-
-  ckpt cleanup checkpoints/thinker_tiny --keep-last 2 --dry-run
-
-  ckpt cleanup checkpoints --recursive --keep-last 1 --keep-every 1000 --yes
-
-  ckpt cleanup runs/hf --keep-last 1 --keep-best eval_loss:min
-
-  ckpt cleanup . --keep-last 3 --dry-run --json | jq '.deleted[].path'
-"""
+EXAMPLES = (
+    "ckpt cleanup checkpoints/thinker_tiny --keep-last 2 --dry-run",
+    "ckpt cleanup checkpoints --recursive --keep-last 1 --keep-every 1000 --yes",
+    "ckpt cleanup runs/hf --keep-last 1 --keep-best eval_loss:min",
+    "ckpt cleanup . --keep-last 3 --dry-run --json | jq '.deleted[].path'",
+)
 
 
-@click.command("cleanup", epilog=EXAMPLES)
+@command("cleanup", EXAMPLES)
 @click.argument("directory", default=".", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--keep-last", type=int, required=True, metavar="N",
               help="Keep the newest N periodic checkpoints of each run (by step number).")

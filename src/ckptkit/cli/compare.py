@@ -7,21 +7,19 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.examples import command
 from ckptkit.cli.options import json_option
 from ckptkit.errors import ExitCode
 
-EXAMPLES = """
-Examples:
-
-\b
-  ckpt compare runs/mrl/
-  ckpt compare epoch_0.pt epoch_5.pt best.pt latest.pt
-  ckpt compare checkpoints/ --metric val_acc:max
-  ckpt compare runs/mrl/ --json | jq .recommended
-"""
+EXAMPLES = (
+    "ckpt compare runs/mrl/",
+    "ckpt compare epoch_0.pt epoch_5.pt best.pt latest.pt",
+    "ckpt compare checkpoints/ --metric val_acc:max",
+    "ckpt compare runs/mrl/ --json | jq .recommended",
+)
 
 
-@click.command("compare", epilog=EXAMPLES)
+@command("compare", EXAMPLES)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--metric", metavar="NAME[:min|max]",
               help="Metric to judge by [default: the first of val_loss, best_val_loss, "

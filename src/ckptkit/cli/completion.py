@@ -12,22 +12,20 @@ import os
 
 import click
 
+from ckptkit.cli.examples import command
 from ckptkit.errors import UsageError
 
 SHELLS = ("bash", "zsh", "fish")
 
-EXAMPLES = """
-Examples:
-
-\b
-  eval "$(ckpt completion bash)"        # this bash session; add the line to ~/.bashrc
-  eval "$(ckpt completion zsh)"         # this zsh session; add the line to ~/.zshrc
-  ckpt completion fish > ~/.config/fish/completions/ckpt.fish
-  _CKPT_COMPLETE=bash_source ckpt       # the same bash script, click's way
-"""
+EXAMPLES = (
+    'eval "$(ckpt completion bash)"        # this bash session; add the line to ~/.bashrc',
+    'eval "$(ckpt completion zsh)"         # this zsh session; add the line to ~/.zshrc',
+    "ckpt completion fish > ~/.config/fish/completions/ckpt.fish",
+    "_CKPT_COMPLETE=bash_source ckpt       # the same bash script, click's way",
+)
 
 
-@click.command("completion", epilog=EXAMPLES)
+@command("completion", EXAMPLES)
 @click.argument("shell", required=False, type=click.Choice(SHELLS))
 def completion_command(shell: str | None) -> None:
     """Print the completion script for SHELL (bash, zsh or fish; default: from $SHELL).

@@ -8,24 +8,22 @@ from typing import Any
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.examples import command
 from ckptkit.cli.options import (cache_options, dry_run_option, log_to_stderr, network_options,
                                   output_options)
 
-EXAMPLES = """
-Examples:
-
-\b
-  ckpt convert loftr --to flax
-  ckpt convert outdoor_ds.ckpt --recipe loftr --prefix loftr_fine --to flax
-  ckpt convert outdoor_ds.ckpt --recipe loftr --target ifvit.json --layers 0-3 --to flax
-  ckpt convert model.flax.npz --to torch -o model.pt
-  ckpt convert thinker_step_200.pt --to safetensors
-"""
+EXAMPLES = (
+    "ckpt convert loftr --to flax",
+    "ckpt convert outdoor_ds.ckpt --recipe loftr --prefix loftr_fine --to flax",
+    "ckpt convert outdoor_ds.ckpt --recipe loftr --target ifvit.json --layers 0-3 --to flax",
+    "ckpt convert model.flax.npz --to torch -o model.pt",
+    "ckpt convert thinker_step_200.pt --to safetensors",
+)
 #: Shown per list in the human report; --json always has everything.
 SHOWN = 5
 
 
-@click.command("convert", epilog=EXAMPLES)
+@command("convert", EXAMPLES)
 @click.argument("src")
 @click.option("--to", "to", required=True,
               type=click.Choice(["flax", "npz", "safetensors", "torch"]),

@@ -7,23 +7,21 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.examples import command
 from ckptkit.cli.options import json_option
 from ckptkit.errors import ExitCode
 
-EXAMPLES = """
-Examples:
-
-\b
-  ckpt diff epoch_0.pt epoch_5.pt
-  ckpt diff model.pt model.flax.npz --atol 1e-6
-  ckpt diff thinker_step_100.pt thinker_step_200.pt --weights-only --depth 2
-  ckpt diff a.pt b.safetensors --json | jq '.groups[] | {name, changed, total}'
-"""
+EXAMPLES = (
+    "ckpt diff epoch_0.pt epoch_5.pt",
+    "ckpt diff model.pt model.flax.npz --atol 1e-6",
+    "ckpt diff thinker_step_100.pt thinker_step_200.pt --weights-only --depth 2",
+    "ckpt diff a.pt b.safetensors --json | jq '.groups[] | {name, changed, total}'",
+)
 #: Tensors listed in the human report; --all or --json show every one.
 SHOWN = 40
 
 
-@click.command("diff", epilog=EXAMPLES)
+@command("diff", EXAMPLES)
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
 @click.option("--atol", metavar="X", type=click.FloatRange(min=0), default=0.0, show_default=True,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.examples import command
 from ckptkit.cli.options import (cache_options, log_to_stderr, network_options,
                                   output_options)
 from ckptkit.config import DOCTOR_TIMEOUT
@@ -16,24 +17,19 @@ from ckptkit.config import DOCTOR_TIMEOUT
 if TYPE_CHECKING:
     from ckptkit.diagnosis import Check, DoctorReport, ModelReport, SourceReport
 
-EXAMPLES = """
-Examples:
-
-  ckpt doctor
-
-  ckpt doctor musiq-spaq jukebox-1b_lyrics --timeout 2
-
-  ckpt doctor --offline --json
-
-  ckpt doctor musiq-spaq --mirror https://tfhub.dev=http://127.0.0.1:8000/tfhub
-"""
+EXAMPLES = (
+    "ckpt doctor",
+    "ckpt doctor musiq-spaq jukebox-1b_lyrics --timeout 2",
+    "ckpt doctor --offline --json",
+    "ckpt doctor musiq-spaq --mirror https://tfhub.dev=http://127.0.0.1:8000/tfhub",
+)
 
 COLUMNS = ("SOURCE", "REACHABLE", "AUTH", "CACHED", "VERIFIED", "WHERE")
 VERDICT_WORDS = {"ok": "ok", "degraded": "DEGRADED", "unavailable": "UNAVAILABLE",
                  "damaged": "DAMAGED"}
 
 
-@click.command("doctor", epilog=EXAMPLES)
+@command("doctor", EXAMPLES)
 @click.argument("names", nargs=-1)
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DOCTOR_TIMEOUT,
               show_default=True, metavar="S",

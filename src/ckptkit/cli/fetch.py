@@ -7,24 +7,20 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.examples import command
 from ckptkit.cli.options import (cache_options, dry_run_option, log_to_stderr, network_options,
                                   output_options)
 from ckptkit.cli.progress import progress_bars
 
-EXAMPLES = """
-Examples:
-
-  ckpt fetch musiq-spaq
-
-  ckpt fetch jukebox-1b_lyrics --dest ~/.cache/jukebox/models
-
-  ckpt fetch loftr --dry-run --json
-
-  CKPTKIT_MIRROR=https://openaipublic.azureedge.net=http://127.0.0.1:8000 ckpt fetch jukebox-5b
-"""
+EXAMPLES = (
+    "ckpt fetch musiq-spaq",
+    "ckpt fetch jukebox-1b_lyrics --dest ~/.cache/jukebox/models",
+    "ckpt fetch loftr --dry-run --json",
+    "CKPTKIT_MIRROR=https://openaipublic.azureedge.net=http://127.0.0.1:8000 ckpt fetch jukebox-5b",
+)
 
 
-@click.command("fetch", epilog=EXAMPLES)
+@command("fetch", EXAMPLES)
 @click.argument("names", nargs=-1, required=True)
 @click.option("--source", type=click.Choice(["tfhub", "kaggle", "url", "local"]),
               help="Use only this kind of source.")

@@ -7,23 +7,19 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.examples import command
 from ckptkit.cli.options import json_option
 from ckptkit.errors import ExitCode
 
-EXAMPLES = """
-Examples:
-
-  ckpt inspect thinker_best.pt
-
-  ckpt inspect prior_level_2.pth.tar --depth 3
-
-  ckpt inspect spaq_ckpt.npz --filter 'opt/target/Transformer/*' --tensors
-
-  ckpt inspect saved_model_dir --json | jq .signatures
-"""
+EXAMPLES = (
+    "ckpt inspect thinker_best.pt",
+    "ckpt inspect prior_level_2.pth.tar --depth 3",
+    "ckpt inspect spaq_ckpt.npz --filter 'opt/target/Transformer/*' --tensors",
+    "ckpt inspect saved_model_dir --json | jq .signatures",
+)
 
 
-@click.command("inspect", epilog=EXAMPLES)
+@command("inspect", EXAMPLES)
 @click.argument("path", type=click.Path(path_type=Path))
 @json_option
 @click.option("--depth", metavar="N", type=click.IntRange(1, 64), default=2, show_default=True,

@@ -7,19 +7,17 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.examples import command
 from ckptkit.cli.options import json_option, quiet_option
 
-EXAMPLES = """Examples:
-
-  ckpt latest checkpoints/thinker_tiny
-
-  ckpt latest checkpoints/thinker_tiny --prefix thinker --json
-
-  python train.py --resume "$(ckpt latest runs/hf)"
-"""
+EXAMPLES = (
+    "ckpt latest checkpoints/thinker_tiny",
+    "ckpt latest checkpoints/thinker_tiny --prefix thinker --json",
+    'python train.py --resume "$(ckpt latest runs/hf)"',
+)
 
 
-@click.command("latest", epilog=EXAMPLES)
+@command("latest", EXAMPLES)
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--prefix", metavar="P",
               help="Run prefix (thinker for thinker_step_N.pt, checkpoint for HF, ckpt for TF) "

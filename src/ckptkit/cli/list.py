@@ -7,10 +7,11 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.examples import command
 from ckptkit.cli.options import cache_options, json_option
 
 
-@click.command("list", epilog="Examples:\n\n  ckpt list\n\n  ckpt list --json | jq '.[].name'")
+@command("list", ("ckpt list", "ckpt list --json | jq '.[].name'"))
 @cache_options
 @json_option
 def list_command(cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool) -> None:

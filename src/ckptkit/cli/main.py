@@ -9,6 +9,7 @@ import click
 
 from ckptkit import config
 from ckptkit.cli.errors import command_path, error_line
+from ckptkit.cli.examples import ExamplesGroup
 from ckptkit.cli.render import safe
 from ckptkit.errors import CkptkitError, ExitCode
 
@@ -31,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(ExamplesGroup):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 
@@ -52,9 +53,9 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
-             epilog="Examples:\n\n  ckpt fetch musiq-spaq\n\n  ckpt inspect thinker_best.pt\n\n"
-                    "  ckpt convert loftr --to flax\n\n  ckpt cleanup checkpoints/ --keep-last 1\n\n"
-                    "  ckpt cache ls")
+             examples=("ckpt fetch musiq-spaq", "ckpt inspect thinker_best.pt",
+                       "ckpt convert loftr --to flax", "ckpt cleanup checkpoints/ --keep-last 1",
+                       "ckpt cache ls"))
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True,
               callback=_print_version, help="Show the version and exit.")
 def cli() -> None:

@@ -7,20 +7,17 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.examples import command
 from ckptkit.cli.options import json_option, quiet_option
 
-EXAMPLES = """
-Examples:
-
-  ckpt scan downloaded_model.pt
-
-  ckpt scan checkpoints/ --quiet
-
-  ckpt scan models.zip hps.pkl --json | jq '.files[] | select(.verdict == "unsafe")'
-"""
+EXAMPLES = (
+    "ckpt scan downloaded_model.pt",
+    "ckpt scan checkpoints/ --quiet",
+    'ckpt scan models.zip hps.pkl --json | jq \'.files[] | select(.verdict == "unsafe")\'',
+)
 
 
-@click.command("scan", epilog=EXAMPLES)
+@command("scan", EXAMPLES)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @json_option
 @quiet_option

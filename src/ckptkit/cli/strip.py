@@ -7,22 +7,20 @@ from pathlib import Path
 import click
 
 from ckptkit.cli import render
+from ckptkit.cli.examples import command
 from ckptkit.cli.options import (confirm, dry_run_option, json_option, quiet_option,
                                   yes_option)
 from ckptkit.errors import ExitCode
 
-EXAMPLES = """
-Examples:
-
-\b
-  ckpt strip thinker_best.pt
-  ckpt strip epoch_5.pt -o deploy/model.pt
-  ckpt strip last.ckpt --keep ema --in-place --yes
-  ckpt strip thinker_step_200.pt --dry-run --json
-"""
+EXAMPLES = (
+    "ckpt strip thinker_best.pt",
+    "ckpt strip epoch_5.pt -o deploy/model.pt",
+    "ckpt strip last.ckpt --keep ema --in-place --yes",
+    "ckpt strip thinker_step_200.pt --dry-run --json",
+)
 
 
-@click.command("strip", epilog=EXAMPLES)
+@command("strip", EXAMPLES)
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path, dir_okay=False),
               help="Output file [default: <stem>.stripped.pt beside SRC; never an existing "
