@@ -115,7 +115,8 @@ class StripPlan:
 
 
 def plan_strip(src: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-               keep: tuple[str, ...] | list[str] = (), in_place: bool = False) -> StripPlan:
+               keep: tuple[str, ...] | list[str] = (), in_place: bool = False,
+               out_dir: str | os.PathLike[str] | None = None) -> StripPlan:
     """Decide what stripping ``src`` keeps and drops, and where the result goes.
 
     Args:
@@ -124,6 +125,8 @@ def plan_strip(src: str | os.PathLike[str], out: str | os.PathLike[str] | None =
             never replaces an existing file].
         keep: top-level keys to keep even though they are training state.
         in_place: replace ``src`` itself (temporary file + ``os.replace``).
+        out_dir: where the default output goes [default: beside ``src``]; for a ``src`` that
+            must not be written beside, such as a file in the download cache.
 
     Returns:
         A :class:`StripPlan`; nothing is written until :meth:`StripPlan.execute`.
@@ -169,7 +172,8 @@ def plan_strip(src: str | os.PathLike[str], out: str | os.PathLike[str] | None =
     if not dropped:
         note = ("a bare state dict: only weights, nothing to strip" if bare
                 else "no training-only entries: nothing to strip")
-    target = _output(source, out, in_place, write_anyway=bool(dropped))
+    target = _output(source, out, in_place, write_anyway=bool(dropped),
+                     out_dir=None if out_dir is None else Path(out_dir))
     return StripPlan(source, target, raw.format, size, kept, dropped, note, raw)
 
 
@@ -233,21 +237,21 @@ def _has_tensors(node: Any) -> bool:
     return False
 
 
-def default_output(src: Path) -> Path:
+def default_output(src: Path, directory: Path | None = None) -> Path:
     """``<dir>/<stem>.stripped.pt`` beside the source (``thinker_best.pt`` ->
-    ``thinker_best.stripped.pt``)."""
-    return src.with_name(f"{src.stem}.stripped.pt")
+    ``thinker_best.stripped.pt``), or in ``directory``."""
+    return (src.parent if directory is None else directory) / f"{src.stem}.stripped.pt"
 
 
 def _output(src: Path, out: str | os.PathLike[str] | None, in_place: bool,
-            write_anyway: bool) -> Path | None:
+            write_anyway: bool, out_dir: Path | None) -> Path | None:
     if in_place:
         # Follow a symlink: replace the file it names, not the link.
         return src.resolve() if write_anyway else None
     if out is None:
         if not write_anyway:
             return None  # nothing stripped and no output asked for: write nothing
-        chosen = default_output(src)
+        chosen = default_output(src, out_dir)
         if chosen.exists():
             raise UsageError(f"{chosen} already exists",
                              hint=f"Pass -o {chosen.name} to replace it, or -o with another name",

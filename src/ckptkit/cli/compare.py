@@ -8,7 +8,7 @@ import click
 
 from ckptkit.cli import render
 from ckptkit.cli.examples import command
-from ckptkit.cli.options import json_option
+from ckptkit.cli.options import cache_options, json_option, resolve_checkpoints
 from ckptkit.errors import ExitCode
 
 EXAMPLES = (
@@ -24,18 +24,22 @@ EXAMPLES = (
 @click.option("--metric", metavar="NAME[:min|max]",
               help="Metric to judge by [default: the first of val_loss, best_val_loss, "
                    "eval_loss, ... present; max for acc/score/f1/auc/bleu/map names].")
+@cache_options
 @json_option
-def compare_command(paths: tuple[Path, ...], metric: str | None, as_json: bool) -> int:
+def compare_command(paths: tuple[Path, ...], metric: str | None, cache_dir: Path | None,
+                    catalogs: tuple[Path, ...], as_json: bool) -> int:
     """Compare checkpoints (files, or directories of them) and recommend one for deployment.
 
     Shows epoch/step, metrics, file size, tensor count and whether optimizer state is present,
     read from metadata only.  The recommendation is the best value of the metric, ties going
     to the smaller file; checkpoints without the metric are listed, never recommended.
-    Exits 3 if a file could not be read (the others are still compared).
+    Exits 3 if a file could not be read (the others are still compared).  A catalogue name
+    stands for the cached files of that model.
     """
     from ckptkit.compare import compare
 
-    result = compare(list(paths), metric)
+    result = compare([c.path for c in resolve_checkpoints(paths, cache_dir, catalogs,
+                                                          several=True)], metric)
     if as_json:
         render.emit_json(result.to_dict())
     else:

@@ -8,7 +8,7 @@ import click
 
 from ckptkit.cli import render
 from ckptkit.cli.examples import command
-from ckptkit.cli.options import json_option
+from ckptkit.cli.options import cache_options, json_option, resolve_checkpoints
 from ckptkit.errors import ExitCode
 
 EXAMPLES = (
@@ -32,19 +32,22 @@ SHOWN = 40
 @click.option("--weights-only", is_flag=True,
               help="Leave out optimizer, scheduler and scaler tensors.")
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, unchanged ones too.")
+@cache_options
 @json_option
 def diff_command(a: Path, b: Path, atol: float, depth: int, weights_only: bool, show_all: bool,
-                 as_json: bool) -> int:
+                 cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool) -> int:
     """Compare checkpoints A and B tensor by tensor, with bounded memory.
 
     Reports tensors changed, unchanged, only in A, only in B and with changed shapes, with the
     largest absolute and relative change, summarised per module.  Works across formats and
     naming: exact names first, then without wrappers (module., _orig_mod., model.), then a
     Flax-layout side mapped back with the generic conversion rules (kernels transposed back).
-    Exits 0 whenever the comparison ran, whatever it found.
+    Exits 0 whenever the comparison ran, whatever it found.  A or B may be a catalogue name
+    of a cached file.
     """
     from ckptkit.diff import diff
 
+    a, b = (c.path for c in resolve_checkpoints([a, b], cache_dir, catalogs))
     report = diff(a, b, atol=atol, depth=depth, weights_only=weights_only)
     if as_json:
         render.emit_json(report.to_dict())

@@ -8,7 +8,7 @@ import click
 
 from ckptkit.cli import render
 from ckptkit.cli.examples import command
-from ckptkit.cli.options import json_option
+from ckptkit.cli.options import cache_options, json_option, resolve_checkpoints
 from ckptkit.errors import ExitCode
 
 EXAMPLES = (
@@ -27,9 +27,13 @@ EXAMPLES = (
 @click.option("--filter", "pattern", metavar="GLOB",
               help="Only tensors whose name matches GLOB (implies --tensors).")
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor.")
+@cache_options
 def inspect_command(path: Path, as_json: bool, depth: int, pattern: str | None,
-                    show_tensors: bool) -> int:
+                    show_tensors: bool, cache_dir: Path | None, catalogs: tuple[Path, ...]) -> int:
     """Describe a checkpoint of any format without executing code from it.
+
+    PATH is a file or directory, or a catalogue name of a cached model (loftr, or
+    MODEL/FILE for one file of a bundle, e.g. musiq-spaq/spaq_ckpt.npz).
 
     Reads PyTorch (zip and legacy), TorchScript, .npz, safetensors, TensorFlow SavedModel and
     checkpoints, and Flax msgpack.  Tensor bytes are never read.  Exits 5 when the file names
@@ -37,6 +41,8 @@ def inspect_command(path: Path, as_json: bool, depth: int, pattern: str | None,
     """
     from ckptkit.inspection import inspect
 
+    [checkpoint] = resolve_checkpoints([path], cache_dir, catalogs)
+    path = checkpoint.path
     info = inspect(path)
     if as_json:
         data = info.to_dict()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from ckptkit.cli.render import safe
+
+if TYPE_CHECKING:
+    from ckptkit.resolver import Resolved
 
 F = Callable[..., Any]
 
@@ -21,6 +25,19 @@ def cache_options(func: F) -> F:
     return click.option("--cache-dir", metavar="DIR",
                         type=click.Path(path_type=Path, file_okay=False),
                         help="Cache directory [env: CKPTKIT_CACHE].")(func)
+
+
+def resolve_checkpoints(refs: Sequence[str | Path], cache_dir: Path | None,
+                        catalogs: tuple[Path, ...], *, several: bool = False) -> list[Resolved]:
+    """Checkpoint arguments as local paths: a path as given, a catalogue name as its cached
+    file (offline; the rules are in :mod:`ckptkit.resolver`)."""
+    from functools import partial
+
+    from ckptkit.config import settings
+    from ckptkit.resolver import resolve
+
+    return resolve(refs, partial(settings, cache_dir=cache_dir, catalogs=catalogs),
+                   several=several)
 
 
 def network_options(func: F) -> F:

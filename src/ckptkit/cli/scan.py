@@ -8,7 +8,7 @@ import click
 
 from ckptkit.cli import render
 from ckptkit.cli.examples import command
-from ckptkit.cli.options import json_option, quiet_option
+from ckptkit.cli.options import cache_options, json_option, quiet_option, resolve_checkpoints
 
 EXAMPLES = (
     "ckpt scan downloaded_model.pt",
@@ -19,9 +19,11 @@ EXAMPLES = (
 
 @command("scan", EXAMPLES)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@cache_options
 @json_option
 @quiet_option
-def scan_command(paths: tuple[Path, ...], as_json: bool, quiet: bool) -> int:
+def scan_command(paths: tuple[Path, ...], cache_dir: Path | None, catalogs: tuple[Path, ...],
+                 as_json: bool, quiet: bool) -> int:
     """Say for each file whether loading it would run code: safe, unknown-objects or unsafe.
 
     Reads every pickle inside PyTorch zip and legacy files, TorchScript archives, .npz object
@@ -29,10 +31,12 @@ def scan_command(paths: tuple[Path, ...], as_json: bool, quiet: bool) -> int:
     archives, without importing or calling anything they name.  Directories are scanned
     recursively (links to folders are not followed).  Exits 5 when any file is unsafe, else 3
     when one is corrupt, 1 when a file named explicitly is not a format ckptkit reads.
+    A catalogue name scans the cached files of that model.
     """
     from ckptkit.scanning import scan
 
-    report = scan(paths)
+    report = scan([c.path for c in resolve_checkpoints(paths, cache_dir, catalogs,
+                                                       several=True)])
     if as_json:
         render.emit_json(report.to_dict())
         return report.exit_code

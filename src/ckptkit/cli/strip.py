@@ -8,8 +8,8 @@ import click
 
 from ckptkit.cli import render
 from ckptkit.cli.examples import command
-from ckptkit.cli.options import (confirm, dry_run_option, json_option, quiet_option,
-                                  yes_option)
+from ckptkit.cli.options import (cache_options, confirm, dry_run_option, json_option,
+                                  quiet_option, resolve_checkpoints, yes_option)
 from ckptkit.errors import ExitCode
 
 EXAMPLES = (
@@ -31,10 +31,12 @@ EXAMPLES = (
               help="Replace SRC itself (temporary file, then an atomic rename; asks first).")
 @dry_run_option
 @yes_option
+@cache_options
 @json_option
 @quiet_option
 def strip_command(src: Path, out: Path | None, keep: tuple[str, ...], in_place: bool,
-                  dry_run: bool, yes: bool, as_json: bool, quiet: bool) -> int:
+                  dry_run: bool, yes: bool, cache_dir: Path | None, catalogs: tuple[Path, ...],
+                  as_json: bool, quiet: bool) -> int:
     """Drop training-only entries from PyTorch checkpoint SRC and write the rest atomically.
 
     Drops optimizer, scheduler, AMP scaler, Lightning callbacks/loops and RNG state (by name
@@ -42,11 +44,19 @@ def strip_command(src: Path, out: Path | None, keep: tuple[str, ...], in_place: 
     config), nested as they were.  Tensors are copied byte for byte, without torch; the result
     loads with torch.load(weights_only=True).  A file with nothing to strip is not copied
     unless -o is given.  --in-place asks first on a terminal and needs --yes without one.
-    With --quiet only the path written is printed.
+    With --quiet only the path written is printed.  SRC may be a catalogue name of a cached
+    file; the default output then goes to the current directory, never into the cache.
     """
+    from ckptkit.errors import UsageError
     from ckptkit.strip import plan_strip
 
-    plan = plan_strip(src, out, keep=keep, in_place=in_place)
+    [checkpoint] = resolve_checkpoints([src], cache_dir, catalogs)
+    if checkpoint.name is not None and in_place:
+        raise UsageError(f"refusing to change {checkpoint.name} in place: it is the verified "
+                         f"copy in the download cache ({checkpoint.path})",
+                         hint="Write the stripped copy elsewhere with -o FILE")
+    plan = plan_strip(checkpoint.path, out, keep=keep, in_place=in_place,
+                      out_dir=None if checkpoint.name is None else Path("."))
     if dry_run:
         data = {"source": str(plan.source), "output": str(plan.output) if plan.output else None,
                 "size_before": plan.size_before, "size_after": None,

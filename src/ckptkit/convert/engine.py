@@ -119,14 +119,14 @@ def convert(src: str | Path, to: Fmt, out: str | Path | None = None, *,
         out: output file; default ``./<stem>[.<prefix>]<ext>`` (see docs/convert.md).
         settings: :class:`ckptkit.config.Settings` for fetching catalogue names.
         dry_run: plan and report only; nothing is written, and a catalogue name is not
-            fetched (it must be cached already).
+            fetched (it must be cached already, else NotFoundError).
 
     Returns:
         The :class:`ConversionReport`.
 
     Raises:
-        UsageError: bad options, an output that would replace the input, ``dry_run`` with a
-            catalogue name that is not cached.
+        UsageError: bad options, an output that would replace the input, a model of several
+            files named alone.
         CoverageError: unfilled or mismatched target params (unless ``allow_partial``), or
             nothing to convert.
         NotFoundError: ``src`` is neither a file nor a catalogue name; fetching failed.
@@ -173,37 +173,28 @@ def resolve_source(src: str | Path, settings: Settings | None = None, *,
                    progress: Any = None, dry_run: bool = False) -> tuple[Path, str | None]:
     """The local file for ``src`` and the recipe its catalogue entry names (if any).
 
-    A path that exists is used as is; otherwise ``src`` is looked up in the catalogue and
-    fetched (verified, cached) with :func:`ckptkit.fetch.plan_fetch`.  With ``dry_run``
-    nothing is fetched: the cached copy is used, and a model not cached yet is a UsageError.
+    A path that exists is used as is; otherwise ``src`` is a catalogue name
+    (:mod:`ckptkit.resolver`: ``loftr``, ``MODEL/FILE``, a file id), fetched (verified,
+    cached) with :func:`ckptkit.fetch.plan_fetch` unless it is cached already.  With
+    ``dry_run`` nothing is fetched: a name not cached yet is a NotFoundError.
     """
-    path = Path(src).expanduser()
-    if path.exists():
-        return path, None
     from ckptkit import catalogue, config
-    from ckptkit.fetch import plan_fetch
+    from ckptkit.resolver import exists, resolve
 
+    path = Path(src).expanduser()
+    if exists(path):
+        return path, None
     conf = settings or config.settings()
     cat = catalogue.load(conf.all_catalogs())
-    try:
-        model = cat.model(str(src))
-    except NotFoundError as exc:
-        raise NotFoundError(f"{src}: no such file, and no catalogue model of that name",
-                            hint=exc.hint, path=str(src)) from None
-    plan = plan_fetch([model.name], conf, catalogue=cat)
-    if dry_run:
-        missing = [f.spec.id for f in plan.files if f.cached is None]
-        if missing:
-            raise UsageError(f"--dry-run changes nothing, and {model.name} is not cached "
-                             f"({', '.join(missing)})",
-                             hint=f"Run `ckpt fetch {model.name}` first, then repeat the dry run")
-        paths = [f.cached.path for f in plan.files if f.cached is not None]
-    else:
-        paths = [f.path for f in plan.execute(progress=progress, log=log)]
-    if len(paths) != 1:
-        raise UsageError(f"model {model.name} has {len(paths)} files; convert one by path",
-                         hint="Files: " + ", ".join(paths))
-    return Path(paths[0]), model.recipe
+    fetch = None if dry_run else (lambda plan: plan.execute(progress=progress, log=log))
+    [resolved] = resolve([src], conf, catalogue=cat, fetch=fetch)
+    if resolved.model is None:  # neither a file nor a name: say so, with close names
+        try:
+            cat.model(str(src))
+        except NotFoundError as exc:
+            raise NotFoundError(f"{src}: no such file, and no catalogue model of that name",
+                                hint=exc.hint, path=str(src)) from None
+    return resolved.path, resolved.model.recipe if resolved.model else None
 
 
 def default_output(src: Path, to: Fmt, tag: str | None = None,
