@@ -168,6 +168,10 @@ def _plan_kaggle(source: SourceSpec, settings: Settings) -> PlannedSource:
     from ckptkit.probes import KAGGLE_RPC
     from ckptkit.sources import kaggle
 
+    archive = kaggle.mirrored_archive(source.ref, settings.mirrors)
+    if archive is not None:  # a static mirror: fetched as its archive, kagglehub not used
+        return PlannedSource(source, archive,
+                             None if settings.offline else download_probe(archive))
     base = kaggle.api_base(settings.mirrors) or kaggle.KAGGLE_API
     owner, model, framework, variation, version = source.ref.split("/")
     folder = settings.kagglehub_cache_dir / "models" / owner / model / framework / variation
@@ -221,7 +225,9 @@ class _Run:
                           or self.recorded.get(planned.spec.id) == "ok")
             for s in planned.sources:
                 if s.probe is not None and s.probe not in self.probes:
-                    headers = auth.headers() if auth and s.source.type == "kaggle" else None
+                    # Credentials go with Kaggle API calls only, not to a static mirror.
+                    headers = (auth.headers() if auth and s.source.type == "kaggle"
+                               and s.probe.method == "POST" else None)
                     self.probes[s.probe] = self.pool.submit(
                         send, s.probe, timeout=self.plan.timeout, headers=headers)
                 if s.source.type == "local":

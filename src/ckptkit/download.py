@@ -104,7 +104,8 @@ def download(url: str, dest: Path, *, expected_size: int | None = None,
     the file is fetched into ``<dest>.part`` (see the module docstring), verified and moved
     into place.  Another process downloading the same ``dest`` is waited for
     (``on_wait(holder)`` is called once, ``lock_timeout`` seconds at most, None: forever), and
-    its result reused.
+    its result reused.  A ``file:`` URL (a mirror on disk) is copied, verified and renamed
+    into place by :mod:`ckptkit.file_urls` instead.
 
     Args:
         connections: concurrent range requests at most (1 = sequential pieces).
@@ -145,6 +146,11 @@ def download(url: str, dest: Path, *, expected_size: int | None = None,
     reused = _reuse_existing(dest, url, expected_size, want_sha)
     if reused is not None:
         return reused
+    from ckptkit import file_urls
+
+    if file_urls.is_file_url(url):  # a mirror on disk: copied with the same checks
+        return file_urls.copy(url, dest, expected_size=expected_size,
+                              expected_sha256=want_sha, progress=progress)
     lock = FileLock(sibling(dest, ".lock"), timeout=lock_timeout,
                     poll_interval=LOCK_POLL_INTERVAL, stale_after=LOCK_STALE_AFTER,
                     on_wait=on_wait, purpose=f"downloading {url}")

@@ -361,6 +361,13 @@ class _Runner:
             if source.type == "kaggle":
                 from ckptkit.sources import kaggle, local
 
+                archive = kaggle.mirrored_archive(source.ref, s.mirrors)
+                if archive is not None:  # a static mirror: the version's archive, no kagglehub
+                    _remove(staged)
+                    got_a = kaggle.fetch_archive(source.ref, staged, mirrors=s.mirrors,
+                                                 connections=s.connections, timeout=s.timeout,
+                                                 progress=bar)
+                    return archive, got_a.transferred, None
                 got_k = kaggle.fetch(source.ref, mirrors=s.mirrors, quiet=True)
                 _remove(staged)
                 local.place(Path(got_k.path), staged)

@@ -6,7 +6,9 @@
   redirects to the archive.  At most one byte is asked for and the body is never read, so no
   model is downloaded.
 * Kaggle sources: the ``ListModelInstanceVersionFiles`` RPC kagglehub sends first for a pinned
-  version that is not in its cache: a small JSON listing, never the files.
+  version that is not in its cache: a small JSON listing, never the files.  Through a static
+  mirror (a rule for the version's archive URL), the archive probe as for a URL.
+* ``file:`` URLs (a mirror on disk): whether the file is there (200) or not (404), and its size.
 
 :func:`send` never raises for network trouble: a probe that gets no answer says why.  What an
 answer means is decided by the code the fetch itself runs (:mod:`ckptkit.transport` for sizes
@@ -103,10 +105,14 @@ def send(request: ProbeRequest, *, timeout: float,
     """
     import requests
 
+    from ckptkit import file_urls
     from ckptkit.sources.kaggle import rpc_status
     from ckptkit.transport import announced_size, unexpected_html
 
     get = request.method == "GET"
+    if get and file_urls.is_file_url(request.url):  # a mirror on disk: there, or not
+        size = file_urls.size_of(request.url)
+        return ProbeResult(request.url, 404 if size is None else 200, None, 0.0, size=size)
     sent = {"User-Agent": f"ckptkit/{__version__}", "Accept-Encoding": "identity",
             **(headers or {})}
     if get:

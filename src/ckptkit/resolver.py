@@ -140,12 +140,17 @@ def resolve(refs: Sequence[str | os.PathLike[str]], settings: Settings | Callabl
         if len(named.files) > 1 and not several:
             raise UsageError(f"{os.fspath(ref)} is a model of {len(named.files)} files; name "
                              "the one to use", hint="Pass one of: " + ", ".join(choices(named)))
-        resolved += _cached(os.fspath(ref), named, settings, catalogue, fetch)
+        resolved += cached_files(os.fspath(ref), named, settings, catalogue, fetch)
     return resolved
 
 
-def _cached(ref: str, named: Named, settings: Settings, catalogue: Catalogue,
-            fetch: Fetcher | None) -> list[Resolved]:
+def cached_files(ref: str, named: Named, settings: Settings, catalogue: Catalogue,
+                 fetch: Fetcher | None = None) -> list[Resolved]:
+    """The cached copies of the files ``named`` (what ``ref`` was looked up to), in order.
+
+    Raises:
+        NotFoundError: one is not cached, and there is no ``fetch`` to run first.
+    """
     from ckptkit.fetch import plan_fetch
 
     # Planning reads the cache and pins only; online settings so that every file of the plan
@@ -156,7 +161,7 @@ def _cached(ref: str, named: Named, settings: Settings, catalogue: Catalogue,
     missing = [spec.id for spec in named.files if spec.id not in cached]
     if missing and fetch is not None:
         fetch(plan)
-        return _cached(ref, named, settings, catalogue, None)
+        return cached_files(ref, named, settings, catalogue)
     if missing:
         raise NotFoundError(f"{ref}: {', '.join(missing)} of catalogue model {named.model.name} "
                             "is not in the cache (names are read from the cache, offline)",

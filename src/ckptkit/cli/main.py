@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cleanup": ("ckptkit.cli.cleanup", "cleanup_command"),
     "latest": ("ckptkit.cli.latest", "latest_command"),
     "doctor": ("ckptkit.cli.doctor", "doctor_command"),
+    "mirror": ("ckptkit.cli.mirror", "mirror_group"),
     "completion": ("ckptkit.cli.completion", "completion_command"),
 }
 

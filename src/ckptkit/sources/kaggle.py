@@ -13,6 +13,11 @@ that uses it.  This module adds what kagglehub lacks for ckptkit:
   the prefix rewritten, so a plain reverse proxy of api.kaggle.com works.  The patched
   attribute is private; a missing one is reported, never silently bypassed (that would reach
   kaggle.com).
+* **Static mirrors.**  A static tree (``ckpt mirror export``) cannot answer kagglesdk's RPCs, so
+  when a ``--mirror`` rule rewrites a version's archive URL, the Kaggle REST download
+  ``https://www.kaggle.com/api/v1/models/<handle>/download`` (a ``.tar.gz`` of the version, what
+  ``curl -L`` and older kagglehub fetch), that archive is downloaded by ckptkit's own engine
+  and extracted (:func:`fetch_archive`); kagglehub is neither needed nor asked.
 * **Pinned versions only.**  An unversioned handle makes kagglehub ask the API for the latest
   version before it looks at its cache, so it fails offline; the catalogue pins versions.
 * **Errors.**  kagglehub's multi-line ``requests`` errors become one-line ckptkit errors.
@@ -37,13 +42,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptkit.errors import (AuthError, CkptkitError, IntegrityError, MissingDependencyError,
                             NotFoundError, SourceError, UsageError)
 from ckptkit.mirrors import Mirrors
 
+if TYPE_CHECKING:
+    from ckptkit.download import DownloadResult
+
 KAGGLE_API = "https://api.kaggle.com"
+#: Kaggle's REST download of a model version as one .tar.gz: ``<ARCHIVE_API>/<handle>/download``.
+ARCHIVE_API = "https://www.kaggle.com/api/v1/models"
 ENVIRONMENT_VAR = "KAGGLE_API_ENVIRONMENT"
 AUTH_HINT = ("Sign in with `python -c 'import kagglehub; kagglehub.login()'` or set "
              "KAGGLE_API_TOKEN (or KAGGLE_USERNAME and KAGGLE_KEY), and accept the model's "
@@ -97,6 +107,46 @@ def fetch(handle: str, *, mirrors: Mirrors, quiet: bool = True) -> KaggleResult:
         except Exception as exc:  # every kagglehub failure becomes one line; see _translate
             raise _translate(exc, handle, base or KAGGLE_API) from exc
     return KaggleResult(path=Path(path), handle=handle)
+
+
+def archive_url(handle: str) -> str:
+    """Kaggle's own URL of the ``.tar.gz`` of the model version ``handle``."""
+    return f"{ARCHIVE_API}/{handle}/download"
+
+
+def mirrored_archive(handle: str, mirrors: Mirrors) -> str | None:
+    """Where a ``--mirror`` rule sends :func:`archive_url` of ``handle``, or None without one."""
+    url = archive_url(handle)
+    rewritten = mirrors.rewrite(url)
+    return None if rewritten == url else rewritten
+
+
+def fetch_archive(handle: str, dest: Path, *, mirrors: Mirrors, connections: int = 8,
+                  timeout: float = 30.0, progress: Any = None) -> DownloadResult:
+    """Download the version ``handle`` as its archive from the mirror a rule names, and make
+    its tree ``dest`` (see the module docstring); returns the archive's download result.
+
+    Raises:
+        UsageError: not a 5-part versioned handle, or no mirror rule rewrites its archive URL.
+        NotFoundError: the mirror has no such archive.
+        SourceError: unreachable, HTTP errors, an HTML page instead of the archive.
+        IntegrityError: a truncated or corrupt archive, unsafe or no members.
+    """
+    from ckptkit.sources.archive_url import fetch_tree
+
+    check_handle(handle)
+    url = mirrored_archive(handle, mirrors)
+    if url is None:
+        raise UsageError(f"no --mirror rule rewrites {archive_url(handle)}",
+                         hint=f"Add a rule for {ARCHIVE_API} (ckpt mirror export prints one)")
+
+    def check(tree: Path, archive: Path) -> None:
+        if not any(tree.iterdir()):
+            raise IntegrityError(f"the archive from {url} is empty", path=str(archive),
+                                 hint="Export the model to the mirror again")
+
+    return fetch_tree(url, Path(dest), label="kaggle", check=check, connections=connections,
+                      timeout=timeout, progress=progress)
 
 
 def check_handle(handle: str) -> None:

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptkit import archives
 from ckptkit.errors import IntegrityError, UsageError
 from ckptkit.formats import savedmodel
 from ckptkit.mirrors import Mirrors
+from ckptkit.sources.archive_url import fetch_tree, replace_dir
 
 FORMAT_QUERY = ("tf-hub-format", "compressed")
 
@@ -114,36 +114,21 @@ def fetch(handle: str, dest: Path, *, mirrors: Mirrors, tfhub_cache_dir: Path | 
         >>> fetch("https://tfhub.dev/google/musiq/spaq/1", Path("spaq"), mirrors=Mirrors(),
         ...       tfhub_cache_dir=default_tfhub_cache_dir())          # doctest: +SKIP
     """
-    # Imported here: ckpt doctor uses module_key/compressed_url and must not load requests.
-    from ckptkit.download import download
-
     if not handle.startswith(("http://", "https://")):
         raise UsageError(f"TF Hub handle {handle!r} is not an http(s) URL",
                          hint="Example: https://tfhub.dev/google/musiq/spaq/1")
     dest = Path(dest)
     url = compressed_url(mirrors.rewrite(handle))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Fixed per (dest, URL) so an interrupted download resumes, and never mixes two models.
-    tag = hashlib.sha1(url.encode("utf8")).hexdigest()[:12]
-    archive = dest.parent / f".{dest.name}.{tag}.tfhub.tar.gz"
-    result = download(url, archive, connections=connections, timeout=timeout,
-                      progress=progress)
-    try:
-        staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
-        archives.extract(archive, staging)
-        try:
-            if not savedmodel.sniff(staging):
-                raise IntegrityError(f"the archive from {url} is not a SavedModel "
-                                     f"(no {savedmodel.PB_NAME} at its root)",
-                                     hint="The handle may name a TF1 Hub module or another "
-                                          "format; try the next source", path=str(archive))
-            _replace_dir(staging, dest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    finally:
-        # A corrupt archive must not be resumed next time; a good one is no longer needed.
-        archive.unlink(missing_ok=True)
+
+    def check(tree: Path, archive: Path) -> None:
+        if not savedmodel.sniff(tree):
+            raise IntegrityError(f"the archive from {url} is not a SavedModel "
+                                 f"(no {savedmodel.PB_NAME} at its root)",
+                                 hint="The handle may name a TF1 Hub module or another "
+                                      "format; try the next source", path=str(archive))
+
+    result = fetch_tree(url, dest, label="tfhub", check=check, connections=connections,
+                        timeout=timeout, progress=progress)
     module_dir = (publish(handle, dest, Path(tfhub_cache_dir))
                   if tfhub_cache_dir is not None else None)
     return TFHubResult(path=dest, url=url, final_url=result.url,
@@ -174,7 +159,7 @@ def publish(handle: str, model_dir: Path, cache_dir: Path) -> Path:
         shutil.copytree(model_dir, tmp, symlinks=True, copy_function=_link_or_copy)
         # tensorflow_hub writes the descriptor before the rename too.
         _write_descriptor(handle, module_dir)
-        _replace_dir(tmp, module_dir)
+        replace_dir(tmp, module_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -193,27 +178,6 @@ def _write_descriptor(handle: str, module_dir: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first, then removed."""
-    try:
-        os.rename(new, target)
-        return
-    except OSError:
-        if not target.exists() and not target.is_symlink():
-            raise
-    old = target.with_name(f"{target.name}.{uuid.uuid4().hex}.old")
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
 
 
 def _same_tree(a: Path, b: Path) -> bool:

@@ -27,6 +27,10 @@ def probe_size(url: str, *, mirrors: Mirrors, timeout: float = 10.0) -> int | No
     """
     import requests
 
+    from ckptkit import file_urls
+
+    if file_urls.is_file_url(mirrors.rewrite(url)):
+        return file_urls.size_of(mirrors.rewrite(url))
     try:
         with requests.get(mirrors.rewrite(url), headers={"Range": "bytes=0-0",
                                                          "Accept-Encoding": "identity"},
