@@ -4,8 +4,9 @@ Training scripts name the pieces of their checkpoints differently (μOmni alone 
 ``thinker``, ``vit``, ``enc``, ``talker`` and ``generator`` for the weights, and ``opt_g``/
 ``opt_d`` for a GAN's optimizers), and older runs saved only a bare state dict.  ``resume``
 accepts all of these, restores every piece that is present, and reports the ones that are
-not, so that a run never continues silently from random weights (the μOmni ``sft_omni.py``
-load bug in ``reference/origins-and-style.md``).
+not, so that a run never continues silently from random weights (μOmni's fine-tuning script
+loaded its checkpoint only when the file existed, and started from scratch without a word
+when it did not).
 """
 
 from __future__ import annotations

@@ -90,3 +90,17 @@ def test_readme_shows_every_command_and_the_two_quick_start_commands() -> None:
     commands = [line.split()[0] for line in quick.split("```bash", 1)[1].split("```", 1)[0]
                 .strip().splitlines()]
     assert commands == ["scripts/demo", "scripts/test"]
+
+
+def test_files_the_docs_cite_are_in_the_repository() -> None:
+    """Backticked repository paths (``src/ckptkit/x.py``) and relative links exist."""
+    missing = []
+    for page in [ROOT / "README.md", *DOCS.glob("*.md")]:
+        text = page.read_text(encoding="utf-8")
+        cited = re.findall(r"`([\w.-]+(?:/[\w.-]+)+\.(?:md|py|toml|sh|txt|json))`", text)
+        linked = re.findall(r"\]\(([\w./-]+\.md)(?:#[\w-]*)?\)", text)
+        for rel in cited:
+            if not any((base / rel).exists() for base in (ROOT, ROOT / "src", page.parent)):
+                missing.append(f"{page.name}: `{rel}`")
+        missing += [f"{page.name}: ({rel})" for rel in linked if not (page.parent / rel).exists()]
+    assert not missing, f"cited but not in the repository: {missing}"
