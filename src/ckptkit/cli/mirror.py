@@ -14,13 +14,15 @@ from ckptkit.cli.options import cache_options, log_to_stderr, output_options
 
 
 @group("mirror", ("ckpt mirror export /srv/ckpt-mirror musiq-spaq jukebox-5b loftr",
-                  "ckpt mirror serve /srv/ckpt-mirror --port 8000"))
+                  "ckpt mirror serve /srv/ckpt-mirror --port 8000",
+                  "ckpt mirror rules /srv/ckpt-mirror --base-url http://mirror.lan/ckpt"))
 def mirror_group() -> None:
     """Make a static mirror of cached models for machines without internet, and try it.
 
     On a machine with internet: fetch the models, then export them into a tree any web
     server (or a shared disk, through file:// URLs) can serve.  Elsewhere: fetch with the
-    --mirror rules it prints.  docs/mirror.md shows both ends.
+    --mirror rules it prints (`ckpt mirror rules` prints them again).  docs/mirror.md shows
+    both ends.
     """
 
 
@@ -70,10 +72,29 @@ def export_command(directory: Path, names: tuple[str, ...], base_url: str | None
     click.echo(f"Fetch from it (served at {render.safe(base)}) with:\n  --mirror {value}")
 
 
+@mirror_group.command("rules", examples=(
+    "ckpt mirror rules /media/usb/ckpt-mirror",
+    "ckpt mirror rules /srv/ckpt-mirror --base-url http://mirror.lan/ckpt",
+    'ckpt fetch loftr --mirror "$(ckpt mirror rules /media/usb/ckpt-mirror)"'))
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--base-url", metavar="URL",
+              help="Where DIRECTORY is served from [default: its file:// URL].")
+def rules_command(directory: Path, base_url: str | None) -> None:
+    """Print the --mirror value for the mirror tree DIRECTORY, as served from --base-url.
+
+    Reads the tree's ckpt-mirror.json only: no cache needed, so any machine that sees the tree
+    can run it.  Exits 4 when DIRECTORY is not a tree `ckpt mirror export` wrote.
+    """
+    from ckptkit.mirror_tree import base_url as file_base
+    from ckptkit.mirror_tree import mirror_value, read_rules
+
+    click.echo(mirror_value(read_rules(directory), base_url or file_base(directory)))
+
+
 @mirror_group.command("serve", examples=(
     "ckpt mirror serve /srv/ckpt-mirror",
     "ckpt mirror serve mirror/ --port 0 --verbose"))
-@click.argument("directory", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               metavar="N", help="Port on 127.0.0.1 to listen on (0: any free port).")
 @click.option("--verbose", is_flag=True, help="Log each request to stderr.")
