@@ -12,9 +12,11 @@ so it can be imported by any test suite and run on a machine without network acc
   downloads from; ``python -m ckptkit.testing.hf_hub ROOT`` serves a folder of repos.
 * :mod:`ckptkit.testing.faults` — the faults (429, drop, reset, corrupt, ignore-range) the
   stand-ins inject.
+* :mod:`ckptkit.testing.static` — :class:`~ckptkit.testing.static.StaticServer`, a static file
+  server (byte ranges, query ignored), what ``ckpt mirror serve`` runs to try a mirror tree.
 * :mod:`ckptkit.testing.loftr` — a LoFTR-shaped Lightning checkpoint written without torch
   (the layout of the released weights as data; needs numpy, a core dependency), which the
-  demo's mirror serves as LoFTR; ``python -m ckptkit.testing.loftr OUT`` writes one.
+  demo exports to its mirror as LoFTR; ``python -m ckptkit.testing.loftr OUT`` writes one.
 
 The other modules of this package are the parts of ``hubs`` and ``hf_hub``.
 """

@@ -1,4 +1,6 @@
-"""Local stand-ins for model hubs, for tests and air-gapped demos (standard library only).
+"""Local stand-ins for model hubs, for tests (standard library only).  A mirror for machines
+without internet is ``ckpt mirror export|serve`` (docs/mirror.md): a static tree any web server
+can serve.
 
 * :class:`TFHubStub`, :class:`KaggleStub` — in-memory tfhub.dev (compressed protocol) and
   Kaggle Models API, for tests that publish bytes and assert on the requests

@@ -37,7 +37,6 @@ import contextlib
 import hashlib
 import os
 import socket
-import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -45,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ckptkit.testing.server import Logged, StubServer, blob_etag
+from ckptkit.testing.server import StubServer, blob_etag
 from ckptkit.testing.stubs import (RPC_PATH, TFHUB_NOT_FOUND, KaggleRpcHandler, _tar_gz,
                                    md5_b64, tfhub_archive, tfhub_page)
 
@@ -64,10 +63,6 @@ class _Packed:
 
 class _MirrorHandler(KaggleRpcHandler):
     stub: MirrorServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
-        if self.stub.verbose:
-            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
 
     def do_HEAD(self) -> None:
         self.do_GET()
@@ -124,15 +119,7 @@ class _MirrorHandler(KaggleRpcHandler):
         return f"http://{host}" if host else self.stub.base
 
     def _get_file(self, rel: str) -> None:
-        parts = safe_parts(rel)
-        target = self.stub.root.joinpath("files", *parts) if parts else None
-        if target is None or not target.is_file():
-            self._send(404, b"not found\n")
-            return
-        try:
-            self._send_file(target)
-        except PermissionError:
-            self._send(403, b"not readable\n")
+        self._send_under(self.stub.root / "files", safe_parts(rel))
 
     def _get_tfhub(self, rel: str, query: dict[str, list[str]]) -> None:
         if rel.startswith(ARCHIVES + "/") and rel.endswith(".tar.gz"):
@@ -269,11 +256,6 @@ class MirrorServer(StubServer):
         self._md5: dict[tuple[str, int, int], str] = {}
         self._pack_lock = threading.Lock()
         super().__init__(port)
-
-    def log(self, entry: Logged) -> None:
-        """Record one request, unless ``record`` is off."""
-        if self.record:
-            super().log(entry)
 
     def down_prefix(self, path: str) -> str | None:
         """The prefix in ``down`` that ``path`` falls under (whole segments), or None."""

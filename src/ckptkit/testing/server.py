@@ -110,6 +110,8 @@ class StubServer:
 
     handler_class: type[BaseHTTPRequestHandler] = BaseHTTPRequestHandler
     record = True
+    #: Write an access log line per request to stderr.
+    verbose: bool = False
 
     def __init__(self, port: int = 0, *, rate: float | None = None) -> None:
         self.requests: list[Logged] = []
@@ -181,7 +183,9 @@ class StubHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
-        pass  # keep test output clean; requests are in stub.requests
+        # Quiet unless asked: test output stays clean, requests are in stub.requests.
+        if getattr(self.stub, "verbose", False):
+            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
 
     _entry: Logged | None = None
 
@@ -230,6 +234,18 @@ class StubHandler(BaseHTTPRequestHandler):
         etag = etag or blob_etag(data)
         headers = {"Accept-Ranges": "bytes", "ETag": etag, **(extra or {})}
         self._send_span(len(data), lambda start, stop: iter((data[start:stop],)), headers)
+
+    def _send_under(self, root: Path, parts: list[str] | None) -> None:
+        """Serve the file ``root/<parts>`` as a static web server would: 404 when ``parts``
+        is None (a path that could leave ``root``) or names no file, 403 when unreadable."""
+        target = root.joinpath(*parts) if parts else None
+        if target is None or not target.is_file():
+            self._send(404, b"not found\n")
+            return
+        try:
+            self._send_file(target)
+        except PermissionError:
+            self._send(403, b"not readable\n")
 
     def _send_file(self, path: Path, extra: dict[str, str] | None = None) -> None:
         """Serve the file at ``path`` like :meth:`_send_blob`, streamed, with Last-Modified."""

@@ -11,10 +11,8 @@ no uploads, no other methods.
 from __future__ import annotations
 
 import os
-import sys
 import urllib.parse
 from pathlib import Path
-from typing import Any
 
 from ckptkit.testing.mirror import safe_parts
 from ckptkit.testing.server import StubHandler, StubServer
@@ -23,24 +21,13 @@ from ckptkit.testing.server import StubHandler, StubServer
 class _StaticHandler(StubHandler):
     stub: StaticServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
-        if self.stub.verbose:
-            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
-
     def do_HEAD(self) -> None:
         self.do_GET()
 
     def do_GET(self) -> None:
         self._record()
-        parts = safe_parts(urllib.parse.unquote(urllib.parse.urlsplit(self.path).path))
-        target = self.stub.root.joinpath(*parts) if parts else None
-        if target is None or not target.is_file():
-            self._send(404, b"not found\n")
-            return
-        try:
-            self._send_file(target)
-        except PermissionError:
-            self._send(403, b"not readable\n")
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        self._send_under(self.stub.root, safe_parts(path))
 
 
 class StaticServer(StubServer):
@@ -62,7 +49,3 @@ class StaticServer(StubServer):
         self.verbose = verbose
         self.record = record
         super().__init__(port)
-
-    def log(self, entry: Any) -> None:
-        if self.record:
-            super().log(entry)
