@@ -116,6 +116,13 @@ def test_export_again_keeps_what_is_there(site: Path, tree: Path) -> None:
     assert (report["written"], report["already_there"]) == (0, 6)
     assert {p: p.stat().st_mtime_ns for p in tree.rglob("*") if p.is_file()
             and p.name != MANIFEST} == {p: t for p, t in before.items() if p.name != MANIFEST}
+    npz = tree / "storage.googleapis.com" / "gresearch" / "musiq" / "spaq_ckpt.npz"
+    npz.unlink()
+    npz.write_bytes(b"cut short")  # a damaged copy is written again, the rest left alone
+    repaired = json.loads(run_ckpt("mirror", "export", str(tree), *MODELS, "--cache-dir",
+                                   str(site), "--json").stdout)
+    assert (repaired["written"], repaired["already_there"]) == (1, 5)
+    assert npz.read_bytes() == (SAMPLES / "spaq_ckpt.npz").read_bytes()
 
 
 def test_served_tree_fills_an_empty_cache(site: Path, serving: tuple[subprocess.Popen[str], str],

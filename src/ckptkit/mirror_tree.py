@@ -71,9 +71,9 @@ class ExportPlan:
         entries = dict(self.previous)
         for exported in self.files:
             old = self.previous.get(exported.id, {})
-            if old.get("sha256") == exported.sha256 and all(
-                    (self.root / rel).is_file() for rel in exported.paths) and set(
-                    exported.paths) <= set(old.get("paths", ())):
+            if old.get("sha256") == exported.sha256 and set(exported.paths) <= set(
+                    old.get("paths", ())) and all(_holds(self.root / rel, old.get("served_bytes"))
+                                                   for rel in exported.paths):
                 kept += 1
                 entries[exported.id] = old
                 continue
@@ -292,6 +292,14 @@ def _manifest(root: Path) -> dict[str, Any] | None:
         raise FormatError(f"{path}: not a ckptkit mirror manifest ({exc})",
                           hint="Export into a new directory", path=str(path)) from exc
     return data
+
+
+def _holds(path: Path, size: object) -> bool:
+    """``path`` is a file of ``size`` bytes (what the manifest says it was written with)."""
+    try:
+        return path.is_file() and path.stat().st_size == size
+    except OSError:
+        return False
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

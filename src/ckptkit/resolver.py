@@ -133,14 +133,16 @@ def resolve(refs: Sequence[str | os.PathLike[str]], settings: Settings | Callabl
             from ckptkit import catalogue as catalogue_mod
 
             catalogue = catalogue_mod.load(settings.all_catalogs())
-        named = lookup(os.fspath(ref), catalogue)
+        # Names use "/" whatever the platform (a Path of "jukebox-5b/vqvae.pth.tar" would not).
+        name = ref if isinstance(ref, str) else Path(ref).as_posix()
+        named = lookup(name, catalogue)
         if named is None:
             resolved.append(Resolved(path))
             continue
         if len(named.files) > 1 and not several:
-            raise UsageError(f"{os.fspath(ref)} is a model of {len(named.files)} files; name "
-                             "the one to use", hint="Pass one of: " + ", ".join(choices(named)))
-        resolved += cached_files(os.fspath(ref), named, settings, catalogue, fetch)
+            raise UsageError(f"{name} is a model of {len(named.files)} files; name the one to "
+                             "use", hint="Pass one of: " + ", ".join(choices(named)))
+        resolved += cached_files(name, named, settings, catalogue, fetch)
     return resolved
 
 
