@@ -114,6 +114,8 @@ class ExportPlan:
 
 @dataclass(frozen=True)
 class ExportResult:
+    """What an export did: files in the tree, written now or left as they were."""
+
     root: Path
     files: tuple[ExportedFile, ...]
     rules: dict[str, str]
@@ -166,7 +168,12 @@ def plan_export(root: Path, names: list[str] | tuple[str, ...], settings: Settin
             raise NotFoundError(f"nothing is cached in {settings.cache_dir} to export",
                                 hint="Fetch the models first: ckpt fetch NAME...")
     cache = _entries(settings)
-    files, rules, skipped, owners = [], {}, [], {}
+    files: list[ExportedFile] = []
+    rules: dict[str, str] = {}
+    skipped: list[tuple[str, str]] = []
+    # Paths other files of the tree already serve, from its manifest.
+    owners = {rel: file_id for file_id, entry in previous.get("files", {}).items()
+              if file_id not in chosen for rel in entry.get("paths", ())}
     for file_id, (spec, cached) in chosen.items():
         paths, why_not = [], []
         for source in spec.sources:

@@ -54,7 +54,7 @@ def export_command(directory: Path, names: tuple[str, ...], base_url: str | None
 
     conf = settings(cache_dir=cache_dir, catalogs=catalogs)
     plan = plan_export(directory, names, conf)
-    log = log_to_stderr(quiet or as_json)
+    log = log_to_stderr(quiet)
     for name, why in plan.skipped:
         log(f"{name}: not exported, {why}")
     result = plan.execute()
