@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,11 +90,9 @@ def test_cached_and_reachable_everywhere_is_ok_without_downloading(
 def test_a_server_that_is_down_is_unreachable_at_once(mirror: MirrorServer) -> None:
     base = mirror.base
     mirror.stop()  # connections are refused
-    start = time.monotonic()
-    report = doctor(["musiq-spaq"], mirror=rules(base), timeout=10)
-    assert time.monotonic() - start < 4  # refused at once: no waiting for the timeout
+    report = doctor(["musiq-spaq"], mirror=rules(base), timeout=600)
     saved = the_file(report, "musiq/spaq/saved_model")
-    for row in saved.sources:
+    for row in saved.sources:  # refused at once: a wait would end "timed out after 600 s"
         assert row.reachable.status == "fail" and row.reachable.detail == "connection refused"
         assert row.authenticated.status == "not_checked"
     assert report.verdict == "unavailable" and report.exit_code == ExitCode.NOT_FOUND
@@ -276,11 +273,14 @@ def test_probes_run_in_parallel_and_time_out(http_server: HTTPTestServer,
                                              tmp_path: Path) -> None:
     entries = []
     for i in range(4):
+        # Each answers only once all five probes are in flight: sent one after the other,
+        # they would wait the 60 s out and fail the 3 s timeout.
         http_server.add(f"/slow{i}.bin", b"s" * 10,
-                        faults=[Fault("delay", seconds=0.8, times=None)])
+                        faults=[Fault("delay", seconds=60, concurrent=5, times=None)])
         entries.append(f'[files."x/slow{i}.bin"]\nsources = [{{ type = "url", '
                        f'url = "{http_server.url(f"/slow{i}.bin")}" }}]\n')
-    http_server.add("/stuck.bin", b"s", faults=[Fault("delay", seconds=4, times=None)])
+    # Never answers (until the test ends): only the timeout ends its probe.
+    http_server.add("/stuck.bin", b"s", faults=[Fault("delay", seconds=None, times=None)])
     entries.append(f'[files."x/stuck.bin"]\nsources = [{{ type = "url", '
                    f'url = "{http_server.url("/stuck.bin")}" }}]\n')
     cat = tmp_path / "slow.toml"
@@ -288,14 +288,12 @@ def test_probes_run_in_parallel_and_time_out(http_server: HTTPTestServer,
     cat.write_text("schema = 1\n" + "".join(entries)
                    + f'[models.slow]\nfiles = [{ids}]\n[models.stuck]\nfiles = ["x/stuck.bin"]\n')
 
-    start = time.monotonic()
-    report = doctor(["slow", "stuck"], catalogs=(cat,), timeout=1.5)
-    took = time.monotonic() - start
+    report = doctor(["slow", "stuck"], catalogs=(cat,), timeout=3)
 
-    assert took < 3.0  # 4 × 0.8 s in sequence, plus the stuck one's 1.5 s timeout
+    assert http_server.peak_in_flight == 5
     assert report.models[0].verdict == "ok"
     stuck = the_file(report, "x/stuck.bin").sources[0]
-    assert stuck.reachable == Check("fail", "no answer within 1.5 s")
+    assert stuck.reachable == Check("fail", "timed out after 3 s")
 
 
 def test_kaggle_cache_filled_by_a_fetch_counts(mirror: MirrorServer, kaggle_env: Path) -> None:

@@ -10,7 +10,8 @@ import pytest
 
 from ckptkit.probes import KAGGLE_RPC, ProbeRequest, download_probe, kaggle_probe, send
 from ckptkit.testing.hubs import KaggleStub, StubHandler, StubServer
-from tests.servers.http import Fault, HTTPTestServer, http_server  # noqa: F401 (fixture)
+from tests.servers.http import (UNRESOLVABLE, Fault, HTTPTestServer,  # noqa: F401 (fixture)
+                                http_server)
 
 PAYLOAD = bytes(range(256)) * 40
 
@@ -70,9 +71,26 @@ def test_a_refused_connection_is_words() -> None:
 
 
 def test_a_slow_server_times_out(http_server: HTTPTestServer) -> None:
-    http_server.add("/w.bin", PAYLOAD, faults=[Fault("delay", seconds=3, times=None)])
+    http_server.add("/w.bin", PAYLOAD, faults=[Fault("delay", seconds=None, times=None)])
     result = send(download_probe(http_server.url("/w.bin")), timeout=0.3)
-    assert result.error == "no answer within 0.3 s" and result.seconds < 2
+    assert result.error == "timed out after 0.3 s"  # the server holds until released
+
+
+def test_headers_trickled_byte_by_byte_time_out_too(http_server: HTTPTestServer) -> None:
+    # A byte every 20 ms resets a read timeout forever; the probe's time still runs out.
+    http_server.add("/w.bin", PAYLOAD, faults=[Fault("drip-headers", after=4000, seconds=0.02,
+                                                     times=None)])
+    result = send(download_probe(http_server.url("/w.bin")), timeout=0.3)
+    assert result.status is None and result.error == "timed out after 0.3 s"
+    assert 0 < http_server.hits()[0].sent < 4000  # cut off mid-headers
+
+
+def test_an_unresolvable_host_is_host_not_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Longer than DNS allows: the resolver refuses it without sending a query anywhere.
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "*")
+    result = send(download_probe(f"http://{UNRESOLVABLE}/w.bin"), timeout=2)
+    assert result.status is None and result.error == "host not found"
 
 
 def test_kaggle_probe_is_the_listing_kagglehub_sends_first() -> None:

@@ -168,7 +168,7 @@ class _TreeWriter:
     def refuse(self, name: str, why: str) -> IntegrityError:
         return IntegrityError(f"unsafe member {name!r} in {self.archive}: {why}",
                               hint="Nothing was extracted; the archive is not trusted",
-                              path=str(self.archive))
+                              path=str(self.archive), reason=f"unsafe member {name!r}: {why}")
 
     def relative(self, name: str) -> str | None:
         """The member's normalised relative path; None for the archive root itself."""

@@ -12,6 +12,11 @@ Precedence for every setting: 1. the command-line flag (or keyword argument), 2.
 | ``CKPTKIT_LOCAL_PATH`` | folders searched for files (``os.pathsep``-separated) | none |
 | ``CKPTKIT_CONNECTIONS`` | parallel connections per file | 8 |
 | ``CKPTKIT_TIMEOUT`` | seconds to connect, and of silence mid-download, before a retry | 30 |
+| ``CKPTKIT_MAX_DOWNLOAD`` | largest download of a file whose size is not known (bytes; K/M/G/T suffixes) | 32G |
+| ``CKPTKIT_LOW_SPEED_LIMIT`` | bytes per second a download must average over the low-speed time (0: off) | 1024 |
+| ``CKPTKIT_LOW_SPEED_TIME`` | seconds of the low-speed window | 60 |
+| ``CKPTKIT_HEADER_TIMEOUT`` | seconds an answer may take to send all its headers | 60 |
+| ``CKPTKIT_PIN_UNSIZED`` | ``1``: pin a first download even when no size or hash vouched for it | off |
 | ``CKPTKIT_DEBUG`` | ``1``: tracebacks instead of one-line errors | off |
 | ``TFHUB_CACHE_DIR`` | where TF Hub models are made visible to ``tensorflow_hub`` | tensorflow_hub's default |
 | ``KAGGLEHUB_CACHE`` | kagglehub's own cache, read and filled by the Kaggle source | ``~/.cache/kagglehub`` |
@@ -21,12 +26,14 @@ Precedence for every setting: 1. the command-line flag (or keyword argument), 2.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckptkit.errors import UsageError
 from ckptkit.mirrors import Mirrors
+from ckptkit.transfer_plan import TransferLimits
 
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 DEFAULT_CONNECTIONS = 8
@@ -66,6 +73,11 @@ class Settings:
     kagglehub_cache_dir: Path = Path("~/.cache/kagglehub").expanduser()
     connections: int = DEFAULT_CONNECTIONS
     timeout: float = DEFAULT_TIMEOUT
+    limits: TransferLimits = TransferLimits()
+    #: pin a first download whose size no server or catalogue stated and that has no
+    #: catalogue hash (``--pin-unsized``, ``CKPTKIT_PIN_UNSIZED``); off: such bytes are cached
+    #: but not trusted for later fetches
+    pin_unsized: bool = False
 
     @property
     def user_catalogue(self) -> Path:
@@ -83,7 +95,8 @@ class Settings:
 
 def settings(*, cache_dir: Path | None = None, offline: bool | None = None,
              mirror: str | None = None, local_dirs: tuple[Path, ...] = (),
-             catalogs: tuple[Path, ...] = (), connections: int | None = None) -> Settings:
+             catalogs: tuple[Path, ...] = (), connections: int | None = None,
+             pin_unsized: bool | None = None) -> Settings:
     """Resolve settings: explicit arguments, then ``CKPTKIT_*`` variables, then defaults."""
     import platformdirs
 
@@ -106,18 +119,62 @@ def settings(*, cache_dir: Path | None = None, offline: bool | None = None,
         local_dirs=tuple(p.expanduser() for p in (*local_dirs, *env_local)),
         catalogs=tuple(catalogs), tfhub_cache_dir=Path(tfhub).expanduser(),
         kagglehub_cache_dir=Path(env.get("KAGGLEHUB_CACHE") or "~/.cache/kagglehub").expanduser(),
-        connections=connections, timeout=timeout)
+        connections=connections, timeout=timeout, limits=transfer_limits(),
+        pin_unsized=env_flag("CKPTKIT_PIN_UNSIZED") if pin_unsized is None else pin_unsized)
 
 
-def _timeout(raw: str | None) -> float:
-    """``CKPTKIT_TIMEOUT``: seconds, above 0 (a stalled server is retried after that long)."""
+def transfer_limits() -> TransferLimits:
+    """What one download may cost: ``CKPTKIT_MAX_DOWNLOAD``, ``CKPTKIT_LOW_SPEED_LIMIT``,
+    ``CKPTKIT_LOW_SPEED_TIME`` and ``CKPTKIT_HEADER_TIMEOUT``, else the defaults."""
+    env, default = os.environ, TransferLimits()
+    max_bytes = _byte_count("CKPTKIT_MAX_DOWNLOAD", env.get("CKPTKIT_MAX_DOWNLOAD"),
+                            default.max_bytes)
+    raw_speed = (env.get("CKPTKIT_LOW_SPEED_LIMIT") or "").strip()
+    if raw_speed and not (raw_speed.isascii() and raw_speed.isdigit()):
+        raise UsageError(f"CKPTKIT_LOW_SPEED_LIMIT={raw_speed!r} is not a whole number of bytes "
+                         "per second", hint="Example: CKPTKIT_LOW_SPEED_LIMIT=1024 (0 turns the "
+                                            "low-speed limit off)")
+    return TransferLimits(
+        max_bytes=max_bytes,
+        min_speed=int(raw_speed) if raw_speed else default.min_speed,
+        speed_window=_seconds("CKPTKIT_LOW_SPEED_TIME", env.get("CKPTKIT_LOW_SPEED_TIME"),
+                              default.speed_window),
+        header_timeout=_seconds("CKPTKIT_HEADER_TIMEOUT", env.get("CKPTKIT_HEADER_TIMEOUT"),
+                                default.header_timeout))
+
+
+_BYTE_COUNT = re.compile(r"(\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+
+
+def _byte_count(name: str, raw: str | None, default: int | None) -> int | None:
+    """A size such as ``1048576``, ``512M`` or ``32GiB`` (binary units), at least 1."""
     if raw is None or not raw.strip():
-        return DEFAULT_TIMEOUT
+        return default
+    match = _BYTE_COUNT.fullmatch(raw.strip())
+    value = (int(match.group(1)) << (10 * "_KMGT".index(match.group(2).upper() or "_"))
+             if match else 0)
+    if value < 1:
+        raise UsageError(f"{name}={raw!r} is not a size in bytes",
+                         hint=f"Example: {name}=64G (K, M, G and T are powers of 1024)")
+    return value
+
+
+def _seconds(name: str, raw: str | None, default: float | None) -> float | None:
+    """A number of seconds above 0 and below infinity."""
+    if raw is None or not raw.strip():
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = 0.0
     if not 0 < value < float("inf"):
-        raise UsageError(f"CKPTKIT_TIMEOUT={raw!r} is not a number of seconds above 0",
-                         hint="Example: CKPTKIT_TIMEOUT=60")
+        raise UsageError(f"{name}={raw!r} is not a number of seconds above 0",
+                         hint=f"Example: {name}=60")
+    return value
+
+
+def _timeout(raw: str | None) -> float:
+    """``CKPTKIT_TIMEOUT``: seconds, above 0 (a stalled server is retried after that long)."""
+    value = _seconds("CKPTKIT_TIMEOUT", raw, DEFAULT_TIMEOUT)
+    assert value is not None
     return value

@@ -3,8 +3,10 @@
 :func:`download` fetches one URL into one file.  While it runs, three files sit beside ``dest``:
 
 * ``<dest>.part``: the data, pre-sized and written at each piece's offset;
-* ``<dest>.part.json``: the sidecar: URL, size, the server's validators (ETag / Last-Modified)
-  and the pieces already on disk, so a rerun after ``kill -9`` fetches only what is missing;
+* ``<dest>.part.json``: the sidecar: URL, size, the server's validators (ETag / Last-Modified),
+  the pieces already on disk and how far each piece in flight has got (recorded every
+  :func:`~ckptkit.transfer_plan.checkpoint_interval` bytes, after ``fdatasync``), so a rerun
+  after ``kill -9`` fetches only what is missing;
 * ``<dest>.lock``: a :class:`~ckptkit.locks.FileLock`, so two processes never write one ``.part``.
 
 ``dest`` itself only ever appears through the final ``os.replace``, after size and sha256 are
@@ -15,6 +17,12 @@ learns the size, range support and validators.  A server that honours ranges get
 ``connections`` concurrent range requests, one piece each, every one sent with ``If-Range`` so a
 file that changes mid-way is noticed.  A server that ignores ranges streams the probe's own
 answer.  sha256 is computed during the transfer, over the contiguous prefix of finished pieces.
+
+What a transfer may cost is bounded (:class:`~ckptkit.transfer_plan.TransferLimits`): a body of
+unexpected size may not pass ``max_bytes`` (refused before the body when the server announces
+more, cut off when it streams more), its headers must come within ``header_timeout`` and its
+body must keep above the low-speed limit (:mod:`ckptkit.stalls`).  Tripping any of them fails
+the download at once (no retry: a source that did it once would do it again).
 
 This module drives a transfer; the decisions are pure functions in
 :mod:`ckptkit.transfer_plan`, the HTTP requests and retries are :mod:`ckptkit.transport`, and
@@ -45,9 +53,11 @@ from ckptkit.hashing import sha256_file
 from ckptkit.locks import FileLock, LockHolder
 from ckptkit.partial import (PartFile, PrefixHasher, fsync_dir, load_sidecar, save_sidecar,
                              sibling)
-from ckptkit import transfer_plan
-from ckptkit.transfer_plan import (Piece, PiecePlan, PieceSizing, Probe, Sidecar, backoff_delay,
-                                   can_resume, looks_like_html, plan_pieces)
+from ckptkit import reasons, transfer_plan
+from ckptkit.stalls import SpeedWatch
+from ckptkit.transfer_plan import (Piece, PiecePlan, PieceSizing, Probe, Sidecar, TransferLimits,
+                                   backoff_delay, can_resume, checkpoint_interval,
+                                   looks_like_html, plan_pieces)
 from ckptkit.transport import Restart, Transient, Transport, content_length, new_session
 
 CHUNK_SIZE = 1 << 20              # most bytes taken from a socket at once: bounds memory
@@ -55,6 +65,8 @@ MIN_PIECE_SIZE = 8 << 20
 MAX_PIECE_SIZE = 16 << 20
 PARALLEL_THRESHOLD = 8 << 20      # smaller files are one piece (still resumable)
 PIECE_ALIGN = 1 << 16
+CHECKPOINT_FLOOR = 256 << 10      # a piece's progress is made durable every 1/16 of it,
+CHECKPOINT_CAP = 4 << 20          # but not more often than this, nor more rarely than that
 MAX_REDIRECTS = 10
 BACKOFF_BASE = 0.5                # seconds; doubled per failed attempt, with jitter
 BACKOFF_CAP = 20.0
@@ -75,6 +87,8 @@ class DownloadResult:
     url: str              # final URL after redirects
     transferred: int      # payload bytes received in this call (a resume: only the missing part)
     resumed_from: int     # bytes already present from an earlier interrupted run (0 if none)
+    announced: bool = True  # the server stated the size before the body (Content-Length or
+    #                         Content-Range); False for a body that just streamed until it ended
 
 
 class Progress(Protocol):
@@ -95,7 +109,8 @@ def download(url: str, dest: Path, *, expected_size: int | None = None,
              timeout: float = 30.0, retries: int = 4, headers: dict[str, str] | None = None,
              session: requests.Session | None = None, progress: Progress | None = None,
              check_free_space: bool = True, lock_timeout: float | None = None,
-             on_wait: Callable[[LockHolder | None], None] | None = None) -> DownloadResult:
+             on_wait: Callable[[LockHolder | None], None] | None = None,
+             limits: TransferLimits | None = None) -> DownloadResult:
     """Download ``url`` to ``dest``: parallel, resumable, verified, atomic.
 
     If ``dest`` exists and matches ``expected_size`` / ``expected_sha256`` (when given) it is
@@ -113,9 +128,12 @@ def download(url: str, dest: Path, *, expected_size: int | None = None,
         retries: further attempts per request after a failure, with backoff and Retry-After.
         headers: sent with every request (e.g. ``Authorization``; requests drops that one when
             a redirect leaves the host).
-        session: reused for the connections; by default one is made and closed.
+        session: reused for the connections; by default one is made and closed (only a
+            session from :func:`ckptkit.transport.new_session` keeps the header deadline).
         progress: receives ``set_total`` and ``update`` calls; the engine never prints.
         check_free_space: refuse to start when the disk lacks room for the missing bytes.
+        limits: size ceiling (when ``expected_size`` is None), header deadline and low-speed
+            limit [default: :class:`~ckptkit.transfer_plan.TransferLimits`'s defaults].
 
     Returns:
         :class:`DownloadResult` (final URL, bytes transferred in this call, bytes resumed).
@@ -123,8 +141,9 @@ def download(url: str, dest: Path, *, expected_size: int | None = None,
     Raises:
         NotFoundError: HTTP 404/410.
         AuthError: HTTP 401/403.
-        SourceError: unreachable after retries, another HTTP error, a redirect loop, or an
-            HTML page instead of the file.
+        SourceError: unreachable after retries, another HTTP error, a redirect loop, an HTML
+            page instead of the file, a body over ``limits.max_bytes`` (nothing is kept), headers
+            past ``limits.header_timeout``, or a body below the low-speed limit.
         IntegrityError: size or sha256 mismatch (a bad ``.part`` is deleted), or a body that
             stays short after retries.
         DiskFullError: not enough free space before starting, or the disk filled up while
@@ -158,12 +177,14 @@ def download(url: str, dest: Path, *, expected_size: int | None = None,
         reused = _reuse_existing(dest, url, expected_size, want_sha)
         if reused is not None:
             return reused  # another process finished it while we waited
-        http = session if session is not None else new_session(connections, MAX_REDIRECTS)
+        limits = limits or TransferLimits()
+        http = session if session is not None else new_session(connections, MAX_REDIRECTS,
+                                                                limits.header_timeout)
         try:
             return _Transfer(url, dest, http=http, lock=lock, expected_size=expected_size,
                              expected_sha256=want_sha, connections=connections, timeout=timeout,
                              retries=retries, headers=headers or {}, progress=progress,
-                             check_free_space=check_free_space).run()
+                             check_free_space=check_free_space, limits=limits).run()
         finally:
             if session is None:
                 http.close()
@@ -189,7 +210,7 @@ def _reuse_existing(dest: Path, url: str, expected_size: int | None,
     if expected_sha256 is not None and digest != expected_sha256:
         return None
     return DownloadResult(path=dest, size=size, sha256=digest, url=url, transferred=0,
-                          resumed_from=0)
+                          resumed_from=0, announced=expected_size is not None)
 
 
 def _piece_sizing() -> PieceSizing:
@@ -206,10 +227,22 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
 
 @dataclass
 class _Cursor:
-    """Where the next byte of a request goes; survives the request so a retry resumes."""
+    """Where the next byte of a request goes; survives the request so a retry resumes.
+
+    For a piece, ``on_progress(pos)`` is called every ``interval`` bytes (from ``synced``, the
+    last position made durable), to record the piece's progress.
+    """
 
     pos: int
     sniff_pending: bool = False
+    interval: int = 0
+    synced: int = 0
+    on_progress: Callable[[int], None] | None = None
+
+    def advanced(self) -> None:
+        if self.on_progress is not None and self.pos - self.synced >= self.interval:
+            self.on_progress(self.pos)
+            self.synced = self.pos
 
 
 class _Meter:
@@ -249,11 +282,13 @@ class _Transfer:
     def __init__(self, url: str, dest: Path, *, http: requests.Session, lock: FileLock,
                  expected_size: int | None, expected_sha256: str | None, connections: int,
                  timeout: float, retries: int, headers: dict[str, str],
-                 progress: Progress | None, check_free_space: bool) -> None:
+                 progress: Progress | None, check_free_space: bool,
+                 limits: TransferLimits) -> None:
         self.url = url
         self.dest = dest
         self.part = sibling(dest, ".part")
         self.sidecar = sibling(dest, ".part.json")
+        self.limits = limits
         self.net = Transport(url, dest, http=http, headers=headers, timeout=timeout,
                              retries=retries, backoff=_backoff)
         self.lock = lock
@@ -264,7 +299,10 @@ class _Transfer:
         self.check_free_space = check_free_space
         self.final_url = url
         self.size: int | None = None
+        self.announced = False
         self._poisoned = False  # the .part holds bytes that must not be resumed
+        self._state: Sidecar | None = None  # what the sidecar says, under _state_lock
+        self._state_lock = threading.Lock()
 
     def run(self) -> DownloadResult:
         try:
@@ -285,11 +323,15 @@ class _Transfer:
             self.net.stop.clear()
             probe, response = self.net.probe()
             self.final_url, self.size = probe.final_url, probe.size
-            if probe.size is not None and self.expected_size is not None \
-                    and probe.size != self.expected_size:
+            wrong = probe.size is not None and (
+                probe.size != self.expected_size if self.expected_size is not None
+                else self._over_ceiling(probe.size))
+            if wrong:
                 if response is not None:
                     self.net.close(response)
-                raise self._size_error(probe.size)
+                assert probe.size is not None
+                raise (self._size_error(probe.size) if self.expected_size is not None
+                       else self._too_large())
             try:
                 if probe.ranges and probe.size is not None and not force_stream:
                     size, digest, resumed = self._run_pieces(probe)
@@ -313,35 +355,40 @@ class _Transfer:
         resume = can_resume(saved, probe, self.url, part_size)
         if saved is not None and resume:
             plan = plan_pieces(size, saved.done, saved.piece_size, self.connections,
-                               _piece_sizing())
+                               _piece_sizing(), saved.partial)
         else:
             # The old sidecar goes first: a crash right after truncating must not leave a
             # sidecar that vouches for zeroed pieces.
             self._discard_partial()
             plan = plan_pieces(size, frozenset(), None, self.connections, _piece_sizing())
         self._check_space(size - plan.have_bytes)
-        state = Sidecar(url=self.url, final_url=probe.final_url, size=size, etag=probe.etag,
-                        last_modified=probe.last_modified, piece_size=plan.piece_size,
-                        done=plan.have)
+        layout = {piece.index: piece for piece in plan.pieces}
+        partial = tuple((p.index, p.start - layout[p.index].start) for p in plan.missing
+                        if p.start > layout[p.index].start)
+        self._state = Sidecar(url=self.url, final_url=probe.final_url, size=size,
+                              etag=probe.etag, last_modified=probe.last_modified,
+                              piece_size=plan.piece_size, done=plan.have, partial=partial)
+        self.announced = True
         part = PartFile(self.part, truncate_to=None if resume else size)
         try:
-            save_sidecar(self.sidecar, state)
+            save_sidecar(self.sidecar, self._state)
             self.meter.start(size, plan.have_bytes)
             hasher = PrefixHasher(part, plan.pieces, CHUNK_SIZE)
-            self._fetch_pieces(part, plan, probe.validator, state, hasher)
+            self._fetch_pieces(part, plan, probe.validator, hasher)
             return size, hasher.hexdigest(), plan.have_bytes
         finally:
             part.close()
 
     def _fetch_pieces(self, part: PartFile, plan: PiecePlan, validator: str | None,
-                      state: Sidecar, hasher: PrefixHasher) -> None:
-        done = set(state.done)
+                      hasher: PrefixHasher) -> None:
+        done = set(plan.have)
         if not plan.missing:
             hasher.advance(done)
             return
         with ThreadPoolExecutor(max_workers=plan.workers,
                                 thread_name_prefix="ckpt-download") as pool:
-            futures = [pool.submit(self._fetch_piece, part, piece, validator)
+            futures = [pool.submit(self._fetch_piece, part, piece,
+                                   plan.pieces[piece.index], validator)
                        for piece in plan.missing]
             try:
                 hasher.advance(done)  # a resumed prefix is hashed while new pieces arrive
@@ -349,9 +396,9 @@ class _Transfer:
                     piece = future.result()
                     done.add(piece.index)
                     self._check_lock()
-                    # Recorded only after the piece's data is synced: kill -9 loses in-flight
-                    # pieces, never a piece the sidecar claims.
-                    save_sidecar(self.sidecar, replace(state, done=frozenset(done)))
+                    # Recorded only after the piece's data is synced: kill -9 loses what
+                    # arrived since the piece's last checkpoint, never bytes the sidecar claims.
+                    self._record(piece.index, None)
                     if piece.index == 0:
                         self._sniff(part)
                     hasher.advance(done)
@@ -362,8 +409,16 @@ class _Transfer:
                 self.net.abort_active()
                 raise
 
-    def _fetch_piece(self, part: PartFile, piece: Piece, validator: str | None) -> Piece:
-        cursor = _Cursor(piece.start)
+    def _fetch_piece(self, part: PartFile, piece: Piece, whole: Piece,
+                     validator: str | None) -> Piece:
+        """Fetch ``piece`` (what is missing of the layout's piece ``whole``); its progress is
+        made durable every :func:`checkpoint_interval` bytes."""
+        def checkpoint(pos: int) -> None:
+            part.datasync()
+            self._record(whole.index, pos - whole.start)
+
+        cursor = _Cursor(piece.start, synced=piece.start, on_progress=checkpoint,
+                         interval=checkpoint_interval(whole, CHECKPOINT_FLOOR, CHECKPOINT_CAP))
         retrier = self.net.retrier()
         while cursor.pos < piece.end:
             before = cursor.pos
@@ -375,6 +430,21 @@ class _Transfer:
                 retrier.failed(err)
         part.datasync()
         return piece
+
+    def _record(self, index: int, prefix: int | None) -> None:
+        """Save the sidecar with piece ``index`` done (``prefix`` None) or with its first
+        ``prefix`` bytes on disk; the caller has synced them."""
+        with self._state_lock:
+            state = self._state
+            assert state is not None
+            partial = dict(state.partial)
+            if prefix is None:
+                partial.pop(index, None)
+                state = replace(state, done=state.done | {index})
+            else:
+                partial[index] = prefix
+            self._state = replace(state, partial=tuple(sorted(partial.items())))
+            save_sidecar(self.sidecar, self._state)
 
     def _fetch_range(self, part: PartFile, cursor: _Cursor, end: int,
                      validator: str | None) -> None:
@@ -389,6 +459,8 @@ class _Transfer:
 
     def _run_stream(self, response: requests.Response | None) -> tuple[int, str]:
         self._discard_partial()  # earlier pieces cannot be reused without ranges
+        # Nor can this stream's bytes be resumed: whatever ends it, they are deleted.
+        self._poisoned = True
         retrier = self.net.retrier()
         while True:
             try:
@@ -404,9 +476,12 @@ class _Transfer:
                 raise self.net.status_error(resp)
             self.net.check_content_type(resp)
             total = content_length(resp)
+            self.announced = total is not None
             if total is not None and self.expected_size is not None \
                     and total != self.expected_size:
                 raise self._size_error(total)
+            if total is not None and self.expected_size is None and self._over_ceiling(total):
+                raise self._too_large()
             limit = total if total is not None else self.expected_size
             self._check_space(limit or 0)
             self.meter.start(limit, 0)
@@ -427,15 +502,23 @@ class _Transfer:
 
     def _pump(self, resp: requests.Response, part: PartFile, cursor: _Cursor,
               end: int | None, sha: hashlib._Hash | None = None) -> None:
-        """Copy the body of ``resp`` to the part file from ``cursor.pos``, at most to ``end``."""
+        """Copy the body of ``resp`` to the part file from ``cursor.pos``, at most to ``end``
+        (None: as long as it lasts, up to the ceiling), above the low-speed limit."""
+        watch = SpeedWatch(self.limits.min_speed, self.limits.speed_window)
+        ceiling = self.limits.max_bytes
         for chunk in self.net.chunks(resp, CHUNK_SIZE):
             if end is not None and cursor.pos + len(chunk) > end:
                 raise Transient("body", f"the server sent more than the {end:,} bytes expected")
+            if end is None and ceiling is not None and cursor.pos + len(chunk) > ceiling:
+                raise self._too_large()
             part.write_at(chunk, cursor.pos)
             if sha is not None:
                 sha.update(chunk)
             cursor.pos += len(chunk)
             self.meter.add(len(chunk))
+            cursor.advanced()
+            if watch.add(len(chunk)):
+                raise self._stalled()
             if cursor.sniff_pending and cursor.pos >= transfer_plan.SNIFF_BYTES:
                 cursor.sniff_pending = False
                 self._sniff(part)
@@ -450,7 +533,26 @@ class _Transfer:
     def _size_error(self, size: int) -> IntegrityError:
         return IntegrityError(f"{self.url} serves {size:,} bytes but {self.expected_size:,} "
                               f"were expected", hint="This source has a different file; try "
-                                                     "another source", path=str(self.dest))
+                                                     "another source", path=str(self.dest),
+                              reason=f"{size:,} bytes instead of {self.expected_size:,}")
+
+    def _over_ceiling(self, size: int) -> bool:
+        return self.limits.max_bytes is not None and size > self.limits.max_bytes
+
+    def _too_large(self) -> SourceError:
+        assert self.limits.max_bytes is not None
+        reason = reasons.too_large(self.limits.max_bytes)
+        return SourceError(f"{self.url}: {reason}, the ceiling for a file of unknown size",
+                           hint="If the file is genuine, raise CKPTKIT_MAX_DOWNLOAD or give its "
+                                "size in the catalogue; otherwise try another source",
+                           url=self.url, path=str(self.dest), reason=reason)
+
+    def _stalled(self) -> SourceError:
+        reason = reasons.stalled(self.limits.min_speed, self.limits.speed_window)
+        return SourceError(f"{self.url}: {reason}",
+                           hint="The server is too slow; try another source, or lower "
+                                "CKPTKIT_LOW_SPEED_LIMIT", url=self.url, path=str(self.dest),
+                           reason=reason)
 
     def _check_space(self, needed: int) -> None:
         if not self.check_free_space or needed <= 0:
@@ -479,17 +581,20 @@ class _Transfer:
         if actual != size or actual != wanted:
             self._poisoned = True
             raise IntegrityError(f"{self.url}: downloaded {actual:,} bytes, expected {wanted:,}",
-                                 hint="Try again or use another source", path=str(self.dest))
+                                 hint="Try again or use another source", path=str(self.dest),
+                                 reason=f"{actual:,} bytes instead of {wanted:,}")
         if self.expected_sha256 is not None and digest != self.expected_sha256:
             self._poisoned = True
             raise IntegrityError(f"{self.url}: sha256 is {digest}, expected "
                                  f"{self.expected_sha256}",
                                  hint="The download was deleted; this source serves other "
-                                      "bytes, try another source", path=str(self.dest))
+                                      "bytes, try another source", path=str(self.dest),
+                                 reason=reasons.sha256_mismatch(digest, self.expected_sha256))
         self._check_lock()
         os.replace(self.part, self.dest)
         fsync_dir(self.dest.parent)
         self.sidecar.unlink(missing_ok=True)
         return DownloadResult(path=self.dest, size=size, sha256=digest, url=self.final_url,
-                              transferred=self.meter.transferred, resumed_from=resumed)
+                              transferred=self.meter.transferred, resumed_from=resumed,
+                              announced=self.announced)
 

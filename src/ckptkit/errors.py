@@ -32,11 +32,15 @@ class CkptkitError(Exception):
 
     exit_code: ExitCode = ExitCode.ERROR
 
-    def __init__(self, message: str, *, hint: str | None = None, path: str | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, path: str | None = None,
+                 reason: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.path = path
+        #: A few words for a person, without the names the context already shows (e.g.
+        #: "host not found", "HTTP 404"): what ``ckpt fetch`` prints per failed source.
+        self.reason = reason
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}. {self.hint}"
@@ -71,6 +75,13 @@ class UsageError(CkptkitError, ValueError):
 
 class FormatError(CkptkitError, ValueError):
     """The input is not in any format ckptkit reads (or not the one asked for)."""
+
+
+class CatalogueError(FormatError):
+    """A catalogue file is not valid TOML or breaks the schema: a bad input the user wrote,
+    so it exits 2 like a bad flag.  The message names the file, the entry and the field."""
+
+    exit_code = ExitCode.USAGE
 
 
 class IntegrityError(CkptkitError, ValueError):
@@ -130,8 +141,8 @@ class SourceError(CkptkitError):
     exit_code = ExitCode.NOT_FOUND
 
     def __init__(self, message: str, *, url: str | None = None, status: int | None = None,
-                 hint: str | None = None, path: str | None = None):
-        super().__init__(message, hint=hint, path=path)
+                 hint: str | None = None, path: str | None = None, reason: str | None = None):
+        super().__init__(message, hint=hint, path=path, reason=reason)
         self.url = url
         self.status = status
 

@@ -4,6 +4,12 @@
 move) without I/O beyond reading the cache; :meth:`FetchPlan.execute` does the work: per file,
 under a cross-process lock, it tries each source in order, verifies size, sha256 (or the TOFU
 pin) and format, commits into the cache, and records every failed attempt for the final error.
+
+Each failed attempt is logged as it happens, one line with a short reason (``host not found``,
+``HTTP 404``, ``stalled (…)``); the final :class:`FetchError` is one short line that refers to
+them.  A first download is pinned only when its size was stated before the bytes came (by the
+server or the catalogue), unless ``Settings.pin_unsized``: an endless or oversized stream must
+not become the reference every later fetch is held to.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from ckptkit.config import Settings
 from ckptkit.errors import (CkptkitError, DiskFullError, ExitCode, FormatError, IntegrityError,
                             NotFoundError, UsageError, disk_full)
 from ckptkit.pins import Pins
+from ckptkit.reasons import sha256_mismatch, shorten
 
 MAX_PARALLEL_FILES = 4
 SOURCE_NAMES = ("tfhub", "kaggle", "url", "local")
@@ -38,28 +45,45 @@ ProgressFactory = Callable[[str, int | None], Progress | None]
 
 @dataclass(frozen=True)
 class Attempt:
-    """One source tried for one file, and why it did not deliver."""
+    """One source tried for one file, and why it did not deliver (a few words)."""
 
     source: str
     error: str
     integrity: bool = False
 
+    def line(self, file_id: str) -> str:
+        """How the attempt is logged: ``<file id>: <source> failed: <reason>``."""
+        return f"{file_id}: {self.source} failed: {self.error}"
+
 
 class FetchError(NotFoundError):
-    """Every source of one or more files failed; lists each attempt."""
+    """Every source of one or more files failed.
+
+    The message is one short line (which files, how many attempts) and the hint the next step;
+    each attempt is in ``failures`` (:meth:`attempt_lines`), logged by :meth:`FetchPlan.execute`
+    as it happened.
+    """
 
     def __init__(self, failures: dict[str, list[Attempt]], offline: bool = False):
-        lines = []
-        for file_id, attempts in failures.items():
-            tried = "; ".join(f"{a.source}: {a.error}" for a in attempts) or "no source to try"
-            lines.append(f"{file_id} ({tried})")
+        ids = list(failures)
+        # One line whatever the bundle: the first file by name, the others counted.
+        named = ids[0] + (f" and {len(ids) - 1} more file{'s' if len(ids) > 2 else ''}"
+                          if len(ids) > 1 else "")
+        tried = sum(len(attempts) for attempts in failures.values())
+        why = (f"every source failed ({tried} attempt{'' if tried == 1 else 's'})" if tried
+               else "no source to try")
         hint = ("Offline: pass --local-dir with the files, or fetch once online" if offline else
-                "Check the network or a --mirror, or pass --local-dir with the files; "
-                "`ckpt fetch --dry-run` shows the plan")
-        super().__init__("could not fetch " + " | ".join(lines), hint=hint)
+                "Check the network or --mirror, or pass --local-dir "
+                "(`ckpt fetch --dry-run` lists the sources)")
+        super().__init__(f"could not fetch {named}: {why}", hint=hint)
         self.failures = failures
         if any(a.integrity for attempts in failures.values() for a in attempts):
             self.exit_code = ExitCode.INTEGRITY
+
+    def attempt_lines(self) -> list[str]:
+        """One line per failed attempt, as :meth:`FetchPlan.execute` logs them."""
+        return [a.line(file_id) for file_id, attempts in self.failures.items()
+                for a in attempts]
 
 
 @dataclass(frozen=True)
@@ -300,9 +324,10 @@ class _Runner:
                 except DiskFullError:
                     raise  # every other source needs the same room: stop, do not fall back
                 except CkptkitError as exc:
-                    attempts.append(Attempt(label, _one_line(exc),
-                                            isinstance(exc, IntegrityError)))
-                    self.log(f"{spec.id}: {label} failed: {_one_line(exc)}")
+                    attempt = Attempt(label, _reason(exc, source.ref),
+                                      isinstance(exc, IntegrityError))
+                    attempts.append(attempt)
+                    self.log(attempt.line(spec.id))
             raise _Failed(attempts)
 
     def _matches(self, planned: PlannedFile, size: int, sha256: str) -> bool:
@@ -317,23 +342,25 @@ class _Runner:
         spec = planned.spec
         staged = self._staging(spec)
         staged.parent.mkdir(parents=True, exist_ok=True)
-        url, transferred, measured = self._deliver(planned, source, staged)
+        got = self._deliver(planned, source, staged)
         try:
-            size, sha256 = self._verify(planned, staged, label, measured)
+            size, sha256 = self._verify(planned, staged, label, got.measured)
         except CkptkitError:
             _remove(staged)
             raise
-        entry = self.cache.commit(spec.id, spec.kind, staged, sha256=sha256, source=source.type,
-                                  url=url)
+        entry = self.cache.commit(spec.id, spec.kind, staged, sha256=sha256,
+                                  source=source.type, url=got.url)
         if spec.sha256 is None:
-            self.pins.record(spec.id, sha256, size, label)
+            if got.announced or spec.size is not None or self.settings.pin_unsized:
+                self.pins.record(spec.id, sha256, size, label)
+            else:
+                self.log(f"{spec.id}: not pinned: {label} sent it without stating its size and "
+                         "the catalogue has no size or hash for it (--pin-unsized pins it)")
         self.log(f"{spec.id}: verified from {label}")
-        return FetchedFile(spec.id, entry.path, source.type, size, sha256, transferred)
+        return FetchedFile(spec.id, entry.path, source.type, size, sha256, got.transferred)
 
-    def _deliver(self, planned: PlannedFile, source: SourceSpec,
-                 staged: Path) -> tuple[str, int, tuple[int, str] | None]:
-        """Bring the file to ``staged``: (url used, bytes transferred, (size, sha256) when the
-        source already hashed it while streaming)."""
+    def _deliver(self, planned: PlannedFile, source: SourceSpec, staged: Path) -> _Delivery:
+        """Bring the file to ``staged``."""
         spec, s = planned.spec, self.settings
         bar = self.progress(spec.id, planned.expected_size) if self.progress else None
         try:
@@ -348,16 +375,17 @@ class _Runner:
                                           expected_size=planned.expected_size,
                                           expected_sha256=planned.expected_sha256,
                                           connections=s.connections, timeout=s.timeout,
-                                          progress=bar)
-                return result.url, result.transferred, (result.size, result.sha256)
+                                          progress=bar, limits=s.limits)
+                return _Delivery(result.url, result.transferred, (result.size, result.sha256),
+                                 result.announced)
             if source.type == "tfhub":
                 from ckptkit.sources import tfhub
 
                 _remove(staged)
                 got = tfhub.fetch(source.ref, staged, mirrors=s.mirrors,
                                   tfhub_cache_dir=s.tfhub_cache_dir, connections=s.connections,
-                                  timeout=s.timeout, progress=bar)
-                return got.url, got.transferred, None
+                                  timeout=s.timeout, progress=bar, limits=s.limits)
+                return _Delivery(got.url, got.transferred, None, got.announced)
             if source.type == "kaggle":
                 from ckptkit.sources import kaggle, local
 
@@ -366,25 +394,26 @@ class _Runner:
                     _remove(staged)
                     got_a = kaggle.fetch_archive(source.ref, staged, mirrors=s.mirrors,
                                                  connections=s.connections, timeout=s.timeout,
-                                                 progress=bar)
-                    return archive, got_a.transferred, None
-                got_k = kaggle.fetch(source.ref, mirrors=s.mirrors, quiet=True)
+                                                 progress=bar, limits=s.limits)
+                    return _Delivery(archive, got_a.transferred, None, got_a.announced)
+                got_k = kaggle.fetch(source.ref, mirrors=s.mirrors, quiet=True, limits=s.limits,
+                                     timeout=s.timeout)
                 _remove(staged)
                 local.place(Path(got_k.path), staged)
-                return f"kaggle:{source.ref}", 0, None
+                return _Delivery(f"kaggle:{source.ref}", 0, None, got_k.announced)
             return self._from_local(planned, source, staged)
         finally:
             if bar is not None:
                 bar.close()
 
     def _from_local(self, planned: PlannedFile, source: SourceSpec,
-                    staged: Path) -> tuple[str, int, tuple[int, str]]:
+                    staged: Path) -> _Delivery:
         from ckptkit.sources import local
 
         found = local.candidates(planned.spec, source.ref or None, self.settings.local_dirs)
         if not found:
             where = source.ref or ", ".join(str(d) for d in self.settings.local_dirs)
-            raise NotFoundError(f"not found locally ({where})")
+            raise NotFoundError(f"not found locally ({where})", reason="not on disk")
         problems = []
         for candidate in found:
             try:
@@ -395,7 +424,7 @@ class _Runner:
                 continue
             _remove(staged)
             local.place(candidate, staged)
-            return candidate.resolve().as_uri(), 0, (size, sha256)
+            return _Delivery(candidate.resolve().as_uri(), 0, (size, sha256), announced=True)
         raise problems[0]
 
     def _measure(self, path: Path) -> tuple[int, str]:
@@ -406,11 +435,15 @@ class _Runner:
 
     def _check(self, planned: PlannedFile, size: int, sha256: str, where: str) -> None:
         if planned.expected_size is not None and size != planned.expected_size:
-            raise IntegrityError(f"{where} has {size} bytes, expected {planned.expected_size}")
+            raise IntegrityError(f"{where} has {size} bytes, expected {planned.expected_size}",
+                                 reason=f"{size:,} bytes instead of {planned.expected_size:,}")
         if planned.expected_sha256 is not None and sha256 != planned.expected_sha256:
             origin = "catalogue" if planned.spec.sha256 else "pinned first download"
             raise IntegrityError(f"{where} has sha256 {sha256}, the {origin} says "
-                                 f"{planned.expected_sha256}")
+                                 f"{planned.expected_sha256}",
+                                 reason=sha256_mismatch(sha256, planned.expected_sha256,
+                                                        "catalogue" if planned.spec.sha256
+                                                        else "pin"))
 
     def _verify(self, planned: PlannedFile, staged: Path, label: str,
                 measured: tuple[int, str] | None) -> tuple[int, str]:
@@ -432,14 +465,17 @@ def _check_format(spec: FileSpec, path: Path, label: str) -> None:
         from ckptkit.formats import savedmodel
 
         if not (path.is_dir() and savedmodel.sniff(path)):
-            raise IntegrityError(f"{label} did not deliver a SavedModel directory")
+            raise IntegrityError(f"{label} did not deliver a SavedModel directory",
+                                 reason="not a SavedModel directory")
     try:
         inspect(path)
     except FormatError:
         if spec.kind == "savedmodel":
             raise
     except IntegrityError as exc:
-        raise IntegrityError(f"{label} delivered a damaged file: {_one_line(exc)}") from exc
+        raise IntegrityError(f"{label} delivered a damaged file: {_one_line(exc)}",
+                             reason=f"a damaged file ({shorten(exc.reason or exc.message, 60)})"
+                             ) from exc
 
 
 def _place(fetched: FetchedFile, spec: FileSpec, dest: Path) -> FetchedFile:
@@ -474,3 +510,25 @@ def _remove(path: Path) -> None:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def _reason(exc: CkptkitError, ref: str) -> str:
+    """The few words an attempt line gives for ``exc``: its ``reason``, else its message
+    without the source the line already names, shortened."""
+    if exc.reason:
+        return exc.reason
+    text = " ".join(exc.message.split())
+    for prefix in (ref, ref.rstrip("/")):
+        if prefix and text.startswith(prefix + ": "):
+            text = text[len(prefix) + 2:]
+    return shorten(text)
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    """What a source brought to the staging path."""
+
+    url: str                              # where it came from (after mirrors and redirects)
+    transferred: int                      # bytes moved over the network
+    measured: tuple[int, str] | None      # (size, sha256) when hashed while streaming
+    announced: bool                       # the size was stated before the bytes arrived

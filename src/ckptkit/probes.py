@@ -10,9 +10,11 @@
   mirror (a rule for the version's archive URL), the archive probe as for a URL.
 * ``file:`` URLs (a mirror on disk): whether the file is there (200) or not (404), and its size.
 
-:func:`send` never raises for network trouble: a probe that gets no answer says why.  What an
-answer means is decided by the code the fetch itself runs (:mod:`ckptkit.transport` for sizes
-and HTML pages, :mod:`ckptkit.sources.kaggle` for Kaggle statuses), so doctor and fetch agree.
+:func:`send` never raises for network trouble: a probe that gets no answer says why, in the
+words ``ckpt fetch`` uses (:func:`ckptkit.reasons.network_reason`).  What an answer means is
+decided by the code the fetch itself runs (:mod:`ckptkit.transport` for sizes and HTML pages,
+:mod:`ckptkit.sources.kaggle` for Kaggle statuses), so doctor and fetch agree.  A server that
+trickles its headers is cut off after ``timeout`` too (:mod:`ckptkit.stalls`).
 ``requests`` is imported only when a request is sent: planning, and ``ckpt doctor --offline``,
 never pay for it.
 """
@@ -53,7 +55,8 @@ class ProbeResult:
         url: the URL asked.
         status: the HTTP status of the final answer (for Kaggle, the ``code`` of a JSON error
             body when there is one); None when no answer came.
-        error: why no answer came (refused, timed out, host not found, …), else None.
+        error: why no answer came ("connection refused", "timed out after 5 s", "host not
+            found", …), else None.
         seconds: how long it took.
         size: the size the server announced for the file, when it did (GET only).
         html: the answer was an HTML page (a login or error page) where a file was expected:
@@ -106,7 +109,9 @@ def send(request: ProbeRequest, *, timeout: float,
     import requests
 
     from ckptkit import file_urls
+    from ckptkit.reasons import network_reason
     from ckptkit.sources.kaggle import rpc_status
+    from ckptkit.stalls import deadline_session
     from ckptkit.transport import announced_size, unexpected_html
 
     get = request.method == "GET"
@@ -120,42 +125,18 @@ def send(request: ProbeRequest, *, timeout: float,
     else:
         sent["Content-Type"] = "application/json"
     start = time.monotonic()
-    with requests.Session() as session:
-        session.max_redirects = MAX_REDIRECTS
+    with deadline_session(1, MAX_REDIRECTS, header_timeout=timeout) as session:
         try:
             resp = session.request(request.method, request.url, headers=sent, data=request.body,
                                    stream=get, timeout=(timeout, timeout))
         except requests.RequestException as exc:
-            return ProbeResult(request.url, None, _reason(exc, timeout),
-                               time.monotonic() - start)
+            # Silence and trickled headers both used up the probe's time: the same words.
+            error = (f"timed out after {timeout:g} s" if isinstance(exc, requests.Timeout)
+                     else network_reason(exc, timeout))
+            return ProbeResult(request.url, None, error, time.monotonic() - start)
         with resp:
             return ProbeResult(request.url, resp.status_code if get else rpc_status(resp), None,
                                time.monotonic() - start,
                                size=announced_size(resp) if get else None,
                                html=unexpected_html(resp, request.url) is not None)
 
-
-def _reason(exc: requests.RequestException, timeout: float) -> str:
-    """A few words on why no answer came."""
-    import requests
-
-    if isinstance(exc, requests.Timeout):
-        return f"no answer within {timeout:g} s"
-    if isinstance(exc, requests.TooManyRedirects):
-        return f"more than {MAX_REDIRECTS} redirects"
-    if isinstance(exc, requests.exceptions.ProxyError):
-        return "the proxy refused or is down"
-    if isinstance(exc, requests.exceptions.SSLError):
-        return "TLS error (certificate?)"
-    text = str(exc)
-    for needle, words in (("Connection refused", "connection refused"),
-                          ("Name or service not known", "host not found"),
-                          ("nodename nor servname", "host not found"),
-                          ("Temporary failure in name resolution", "host not found (DNS)"),
-                          ("Network is unreachable", "network unreachable"),
-                          ("RemoteDisconnected", "connection closed without an answer"),
-                          ("Connection reset", "connection reset"),
-                          ("Connection aborted", "connection closed without an answer")):
-        if needle in text:
-            return words
-    return type(exc).__name__

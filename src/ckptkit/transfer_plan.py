@@ -2,7 +2,8 @@
 
 :mod:`ckptkit.download` does the transfer; this module only answers its questions.  How is the
 file cut into pieces (:func:`plan_pieces`)?  May the pieces of an earlier run be kept
-(:func:`can_resume`)?  What do ``Content-Range`` and ``Retry-After`` say?  How long to back off
+(:func:`can_resume`)?  How often is a piece's progress made durable
+(:func:`checkpoint_interval`)?  What limits bound a transfer (:class:`TransferLimits`)?  What do ``Content-Range`` and ``Retry-After`` say?  How long to back off
 before a retry (:func:`backoff_delay`)?  Is this body an HTML page instead of the file
 (:func:`looks_like_html`)?
 
@@ -63,6 +64,25 @@ class PiecePlan:
 
 
 @dataclass(frozen=True)
+class TransferLimits:
+    """What a download may cost before it is abandoned (see :mod:`ckptkit.stalls`).
+
+    Attributes:
+        max_bytes: the largest body accepted when the caller expects no particular size (a file
+            the catalogue has no size for); an announced or streamed body beyond it is refused
+            as "too large".  None: no ceiling.
+        min_speed: bytes per second a body must average over ``speed_window`` seconds (0: off).
+        speed_window: seconds of the low-speed window.
+        header_timeout: seconds an answer may take to send its status line and headers.
+    """
+
+    max_bytes: int | None = 32 << 30
+    min_speed: int = 1024
+    speed_window: float = 60.0
+    header_timeout: float | None = 60.0
+
+
+@dataclass(frozen=True)
 class PieceSizing:
     """The limits :func:`choose_piece_size` works within (bytes)."""
 
@@ -110,12 +130,15 @@ class Sidecar:
     last_modified: str | None
     piece_size: int
     done: frozenset[int]
+    #: piece index -> bytes already on disk from the piece's start (pieces not yet done)
+    partial: tuple[tuple[int, int], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps({"version": SIDECAR_VERSION, "url": self.url,
                            "final_url": self.final_url, "size": self.size, "etag": self.etag,
                            "last_modified": self.last_modified, "piece_size": self.piece_size,
-                           "done": sorted(self.done)})
+                           "done": sorted(self.done),
+                           "partial": {str(i): n for i, n in sorted(self.partial)}})
 
     @classmethod
     def from_json(cls, text: str) -> Sidecar | None:
@@ -124,10 +147,14 @@ class Sidecar:
             data = json.loads(text)
             if data.get("version") != SIDECAR_VERSION:
                 return None
+            done = frozenset(int(i) for i in data["done"])
+            partial = tuple(sorted((int(i), int(n)) for i, n in
+                                   (data.get("partial") or {}).items()
+                                   if int(n) > 0 and int(i) not in done))
             return cls(url=str(data["url"]), final_url=str(data["final_url"]),
                        size=int(data["size"]), etag=data["etag"],
                        last_modified=data["last_modified"], piece_size=int(data["piece_size"]),
-                       done=frozenset(int(i) for i in data["done"]))
+                       done=done, partial=partial)
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -143,12 +170,13 @@ def choose_piece_size(size: int, connections: int, sizing: PieceSizing) -> int:
 
 
 def plan_pieces(size: int, have: frozenset[int], piece_size: int | None, connections: int,
-                sizing: PieceSizing) -> PiecePlan:
+                sizing: PieceSizing, partial: tuple[tuple[int, int], ...] = ()) -> PiecePlan:
     """Cut ``size`` bytes into pieces and list those not in ``have`` (indices already on disk).
 
     ``piece_size=None`` chooses one within ``sizing`` (:func:`choose_piece_size`); a resumed
     download passes the size its sidecar recorded, because piece indices only mean something
-    for one layout.
+    for one layout.  ``partial`` (index, bytes) gives pieces whose first bytes are on disk: the
+    missing piece then starts after them (a prefix that covers the piece makes it done).
 
     Example::
 
@@ -159,9 +187,22 @@ def plan_pieces(size: int, have: frozenset[int], piece_size: int | None, connect
     step = piece_size if piece_size is not None else choose_piece_size(size, connections, sizing)
     pieces = tuple(Piece(i, start, min(start + step, size))
                    for i, start in enumerate(range(0, size, step)))
-    missing = tuple(piece for piece in pieces if piece.index not in have)
+    started = dict(partial)
+    missing = tuple(Piece(p.index, p.start + max(0, started.get(p.index, 0)), p.end)
+                    for p in pieces if p.index not in have)
+    missing = tuple(p for p in missing if p.start < p.end)
     return PiecePlan(size=size, piece_size=step, pieces=pieces, missing=missing,
                      workers=min(connections, len(missing)))
+
+
+def checkpoint_interval(piece: Piece, floor: int, cap: int) -> int:
+    """Bytes of a piece received between two durable records of its progress.
+
+    A sixteenth of the piece, within ``[floor, cap]``: a ``kill -9`` loses at most that much per
+    piece in flight, which is at most a sixteenth of what is in flight (plus ``floor`` per
+    small piece), while a large piece is not fsynced more than 16 times.
+    """
+    return min(cap, max(floor, piece.size // 16))
 
 
 def can_resume(saved: Sidecar | None, probe: Probe, url: str, part_size: int | None) -> bool:

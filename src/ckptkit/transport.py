@@ -6,7 +6,9 @@ can wake the threads blocked on stalled sockets (:meth:`Transport.abort_active`)
 every failure into one of two kinds: :class:`Transient` (a dropped connection, a timeout,
 HTTP 429/5xx, a short body), which a :class:`Retrier` retries with backoff, and a final
 :class:`~ckptkit.errors.CkptkitError` (404, 401/403, a redirect loop, an HTML page instead of
-the file), raised at once.  :meth:`Transport.probe` is the first request of a transfer.
+the file, headers past the deadline of :mod:`ckptkit.stalls`), raised at once.  Every final
+error carries a short ``reason`` (:mod:`ckptkit.reasons`).  :meth:`Transport.probe` is the
+first request of a transfer.
 
 Backoff is a function the transfer passes in, so its knobs stay in :mod:`ckptkit.download`.
 """
@@ -23,10 +25,11 @@ from typing import Callable, Literal
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
 
 from ckptkit import __version__
 from ckptkit.errors import AuthError, CkptkitError, IntegrityError, NotFoundError, SourceError
+from ckptkit.reasons import http_reason, network_reason
+from ckptkit.stalls import HeaderTimeout, deadline_session
 from ckptkit.transfer_plan import Probe, html_expected, parse_content_range, parse_retry_after
 
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -40,12 +43,14 @@ class Transient(Exception):
     """A failure worth retrying; ``kind`` decides the error raised once retries run out."""
 
     def __init__(self, kind: Literal["connect", "timeout", "status", "body"], detail: str, *,
-                 status: int | None = None, retry_after: float | None = None) -> None:
+                 status: int | None = None, retry_after: float | None = None,
+                 reason: str | None = None) -> None:
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
         self.status = status
         self.retry_after = retry_after
+        self.reason = reason or detail  # the words for a person, once retries run out
 
 
 class Aborted(Exception):
@@ -60,14 +65,11 @@ class Restart(Exception):
         self.changed = changed
 
 
-def new_session(connections: int, max_redirects: int) -> requests.Session:
-    """A session pooling enough connections for ``connections`` concurrent pieces."""
-    session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(10, connections))
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.max_redirects = max_redirects
-    return session
+def new_session(connections: int, max_redirects: int,
+                header_timeout: float | None = None) -> requests.Session:
+    """A session pooling enough connections for ``connections`` concurrent pieces, whose
+    answers must have their headers within ``header_timeout`` seconds (None: no deadline)."""
+    return deadline_session(connections, max_redirects, header_timeout)
 
 
 class Transport:
@@ -80,6 +82,9 @@ class Transport:
         timeout: seconds to connect, and seconds without data before a read fails.
         retries: further attempts per request after a :class:`Transient` failure.
         backoff: ``backoff(attempt, retry_after)`` -> seconds to wait before retrying.
+
+    A session from :func:`new_session` also bounds the wait for headers: a
+    :class:`~ckptkit.stalls.HeaderTimeout` fails the download at once.
     """
 
     def __init__(self, url: str, dest: Path, *, http: requests.Session, headers: dict[str, str],
@@ -142,23 +147,32 @@ class Transport:
         try:
             resp = self.http.get(url, headers={**self.headers, **extra}, stream=True,
                                  timeout=(self.timeout, self.timeout), allow_redirects=True)
+        except HeaderTimeout as exc:
+            # Not retried: a server that trickles its headers would do it again.
+            raise SourceError(f"{self.url}: {exc}", hint="The server is too slow; try another "
+                              "source or raise CKPTKIT_HEADER_TIMEOUT", url=self.url,
+                              reason=str(exc), path=str(self.dest)) from exc
         except requests.TooManyRedirects as exc:
             raise SourceError(f"{self.url} redirects in a loop (more than "
                               f"{self.http.max_redirects} redirects)",
                               hint="The server is misconfigured; try another source",
-                              url=self.url) from exc
+                              url=self.url, reason=f"redirect loop (over "
+                                                   f"{self.http.max_redirects} redirects)"
+                              ) from exc
         except requests.exceptions.SSLError as exc:
-            raise SourceError(f"{self.url}: TLS failed ({_describe(exc)})",
+            reason = network_reason(exc)
+            raise SourceError(f"{self.url}: {reason}",
                               hint="Check the system clock and CA certificates "
-                                   "(REQUESTS_CA_BUNDLE)", url=self.url) from exc
+                                   "(REQUESTS_CA_BUNDLE)", url=self.url, reason=reason) from exc
         except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
                 requests.exceptions.InvalidSchema) as exc:
-            raise SourceError(f"{url} is not a valid http(s) URL ({_describe(exc)})",
+            raise SourceError(f"{url} is not a valid http(s) URL ({network_reason(exc)})",
                               hint="Fix the URL in the catalogue or the command line",
-                              url=url) from exc
+                              url=url, reason="not a valid http(s) URL") from exc
         except _NETWORK_ERRORS as exc:
             kind = "timeout" if _is_timeout(exc) else "connect"
-            raise Transient(kind, _describe(exc)) from exc
+            reason = network_reason(exc, self.timeout)
+            raise Transient(kind, reason, reason=reason) from exc
         with self._active_lock:
             self._active.add(resp)
         return resp
@@ -192,11 +206,14 @@ class Transport:
             if span is None or (span.start, span.end) != (start, end - 1) \
                     or span.total not in (None, size):
                 raise Transient("body", f"asked for {asked} of {size:,}, got Content-Range "
-                                        f"{resp.headers.get('Content-Range')!r}")
+                                        f"{resp.headers.get('Content-Range')!r}",
+                                reason="wrong Content-Range")
             length = content_length(resp)
             if length is not None and length != end - start:
                 raise Transient("body", f"Content-Length {length:,} for {asked} "
-                                        f"({end - start:,} bytes)")
+                                        f"({end - start:,} bytes)",
+                                reason=f"wrong Content-Length ({length:,} for {end - start:,} "
+                                       "bytes)")
             yield resp
 
     def close(self, resp: requests.Response, drain: bool = False) -> None:
@@ -226,8 +243,13 @@ class Transport:
                 if self.stop.is_set():
                     raise Aborted() from exc
                 kind = "timeout" if _is_timeout(exc) else "body"
-                raise Transient(kind, f"the connection broke mid-body ({_describe(exc)})") \
-                    from exc
+                reason = network_reason(exc, self.timeout)
+                detail = "the connection broke mid-body"
+                if kind == "body" or reason == "connection broke mid-body":
+                    reason = "connection broke mid-body"
+                else:
+                    detail += f" ({reason})"
+                raise Transient(kind, detail, reason=reason) from exc
             if not data:
                 return
             yield data
@@ -254,28 +276,33 @@ class Transport:
         status = resp.status_code
         if status in (404, 410):
             return NotFoundError(f"{self.url} does not exist (HTTP {status})",
-                                 hint="Check the URL, or use another source", path=str(self.dest))
+                                 hint="Check the URL, or use another source", path=str(self.dest),
+                                 reason=f"{http_reason(status)} (not found)")
         if status in (401, 403):
             return AuthError(f"{self.url} refused access (HTTP {status})",
                              hint="Provide credentials (a token or login for this source) or "
                                   "accept its terms, or use another source",
-                             url=self.url, status=status, path=str(self.dest))
+                             url=self.url, status=status, path=str(self.dest),
+                             reason=f"{http_reason(status)} (access refused)")
         if status in RETRY_STATUSES:
-            return Transient("status", f"HTTP {status}", status=status,
+            return Transient("status", http_reason(status), status=status,
                              retry_after=parse_retry_after(resp.headers.get("Retry-After")))
         return SourceError(f"{self.url} answered HTTP {status} {resp.reason or ''}".rstrip(),
                            hint="Try another source", url=self.url, status=status,
-                           path=str(self.dest))
+                           path=str(self.dest), reason=http_reason(status))
 
     def final_error(self, err: Transient, attempts: int) -> CkptkitError:
         """The error for ``err`` once every retry failed."""
+        tries = f"after {attempts} attempts"
         if err.kind == "body":
-            return IntegrityError(f"{self.url}: {err.detail} (after {attempts} attempts)",
+            return IntegrityError(f"{self.url}: {err.detail} ({tries})",
                                   hint="The server keeps sending incomplete data; try again "
-                                       "later or use another source", path=str(self.dest))
-        return SourceError(f"{self.url} is unreachable: {err.detail} (after {attempts} attempts)",
+                                       "later or use another source", path=str(self.dest),
+                                  reason=f"{err.reason} ({tries})")
+        return SourceError(f"{self.url} is unreachable: {err.detail} ({tries})",
                            hint="Check the network, try again later, or use another source",
-                           url=self.url, status=err.status, path=str(self.dest))
+                           url=self.url, status=err.status, path=str(self.dest),
+                           reason=f"{err.reason} ({tries})")
 
     def check_content_type(self, resp: requests.Response) -> None:
         ctype = unexpected_html(resp, self.url)
@@ -287,7 +314,8 @@ class Transport:
         self.html_seen = True
         return SourceError(f"{self.url} returned an HTML page instead of the file ({why})",
                            hint="The link may need a login or a confirmation page, or has "
-                                "moved; try another source", url=self.url, path=str(self.dest))
+                                "moved; try another source", url=self.url, path=str(self.dest),
+                           reason="an HTML page instead of the file")
 
 
 class Retrier:
@@ -338,11 +366,3 @@ def unexpected_html(resp: requests.Response, url: str) -> str | None:
 def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError))
 
-
-def _describe(exc: BaseException) -> str:
-    """A short one-line reason from a requests/urllib3 exception chain."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    # requests nests the cause as "(Caused by X('...'))": the innermost reason is the useful one.
-    if "Caused by " in text:
-        text = text.split("Caused by ", 1)[1].rstrip(")")
-    return text if len(text) <= 160 else text[:157] + "..."

@@ -37,8 +37,13 @@ from ckptkit.testing.faults import consume
 HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>"
              b"<body><p>Please sign in to continue.</p></body></html>\n")
 _BLOCK = 64 << 10
+#: A host name no resolver can look up and none sends a query for: 5 labels of 60 letters,
+#: past DNS's 253-character limit, so glibc fails it locally ("Name or service not known").
+#: Tests reach it with NO_PROXY=no_proxy=* (the suite's proxies are a dead loopback port).
+UNRESOLVABLE = ".".join(["unresolvable" + "x" * 48] * 5)
 
-FaultKind = Literal["status", "drop", "stall", "delay", "flip", "length", "html"]
+FaultKind = Literal["status", "drop", "stall", "delay", "flip", "length", "html", "drip",
+                    "drip-headers", "chunked"]
 
 
 @dataclass
@@ -46,10 +51,15 @@ class Fault:
     """One misbehaviour for the next ``times`` requests it applies to (None: all of them).
 
     kinds: ``status`` (answer ``status``, with ``retry_after``), ``drop`` (close the connection
-    after ``after`` body bytes), ``stall`` (send ``after`` bytes, then nothing for ``seconds``),
-    ``delay`` (wait ``seconds`` before the headers), ``flip`` (invert the byte at absolute
-    ``offset`` in transit), ``length`` (declare ``Content-Length`` off by ``delta``), ``html``
-    (answer 200 with an HTML page; ``content_type`` can lie about it).
+    after ``after`` body bytes), ``stall`` (send ``after`` bytes, then nothing for ``seconds``;
+    None: until :attr:`HTTPTestServer.release` is set), ``delay`` (wait ``seconds`` before the
+    headers, or less: until :attr:`HTTPTestServer.stalled` is set when ``until_stalled``, until
+    ``concurrent`` requests have been in flight at once when that is given), ``flip`` (invert the byte at
+    absolute ``offset`` in transit), ``length`` (declare ``Content-Length`` off by ``delta``),
+    ``html`` (answer 200 with an HTML page; ``content_type`` can lie about it), ``drip`` (send
+    ``after`` bytes, then one byte every ``seconds``), ``drip-headers`` (send the status line and
+    headers, padded to ``after`` bytes, one byte every ``seconds``), ``chunked`` (no
+    ``Content-Length``: the body is chunked, endless when ``after`` is 0, else the payload).
 
     ``only`` restricts it to the probe (``Range: bytes=0-0``) or to data requests; ``start``
     to requests whose range starts at that offset; ``skip`` lets that many matching requests
@@ -68,6 +78,8 @@ class Fault:
     content_type: str = "text/html; charset=utf-8"
     only: Literal["probe", "data"] | None = None
     start: int | None = None
+    until_stalled: bool = False
+    concurrent: int | None = None
 
 
 @dataclass
@@ -124,6 +136,7 @@ class Hit:
     status: int = 0
     sent: int = 0
     faults: list[str] = field(default_factory=list)
+    stalling: bool = False  # inside a stall fault right now
 
 
 class HTTPTestServer:
@@ -133,6 +146,12 @@ class HTTPTestServer:
         self.routes: dict[str, Route] = {}
         self.redirects: dict[str, tuple[int, str]] = {}
         self.stopping = threading.Event()
+        #: set by a test to end every open-ended stall (``Fault("stall", seconds=None)``)
+        self.release = threading.Event()
+        #: set by the server when a stall begins: the transfer is surely under way
+        self.stalled = threading.Event()
+        self.in_flight = 0
+        self.peak_in_flight = 0  # most requests being answered at once
         self._lock = threading.Lock()
         self._hits: list[Hit] = []
         self._connections = 0
@@ -191,6 +210,7 @@ class HTTPTestServer:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.release.set()
         self._httpd.shutdown()
         with self._lock:
             sockets = list(self._sockets)
@@ -301,10 +321,16 @@ class _Handler(BaseHTTPRequestHandler):
                   if_range=self.headers.get("If-Range"), connection=self.conn_id,
                   headers=dict(self.headers.items()))
         self.owner._record(hit)
+        with self.owner._lock:
+            self.owner.in_flight += 1
+            self.owner.peak_in_flight = max(self.owner.peak_in_flight, self.owner.in_flight)
         try:
             self._respond(hit, path, body)
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
+        finally:
+            with self.owner._lock:
+                self.owner.in_flight -= 1
 
     def _respond(self, hit: Hit, path: str, body: bool) -> None:
         if path in self.owner.redirects:
@@ -330,7 +356,7 @@ class _Handler(BaseHTTPRequestHandler):
         for fault in early:
             hit.faults.append(fault.kind)
             if fault.kind == "delay":
-                self.owner.stopping.wait(fault.seconds)
+                self._delay(fault)
             elif fault.kind == "status":
                 extra = {"Retry-After": fault.retry_after} if fault.retry_after else {}
                 self._simple(hit, fault.status, b"error\n", extra=extra)
@@ -338,10 +364,15 @@ class _Handler(BaseHTTPRequestHandler):
             elif fault.kind == "html":
                 self._simple(hit, 200, HTML_PAGE, ctype=fault.content_type)
                 return
-        faults = self.owner._take_faults(route, {"drop", "stall", "flip", "length"}, info)
+        faults = self.owner._take_faults(route, {"drop", "stall", "flip", "length", "drip",
+                                                 "drip-headers", "chunked"}, info)
         hit.faults.extend(fault.kind for fault in faults)
         declared = end - start + sum(f.delta for f in faults if f.kind == "length")
+        chunked = next((f for f in faults if f.kind == "chunked"), None)
         headers = {"Content-Type": route.content_type, "Content-Length": str(declared)}
+        if chunked is not None:
+            del headers["Content-Length"]
+            headers["Transfer-Encoding"] = "chunked"
         if route.ranges:
             headers["Accept-Ranges"] = "bytes"
         if status == 206:
@@ -354,17 +385,65 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
+        slow = next((f for f in faults if f.kind == "drip-headers"), None)
+        if slow is not None:
+            self._drip_headers(hit, slow)
+            return
         self.end_headers()
-        if body:
+        if body and chunked is not None:
+            self._send_chunked(hit, route, chunked)
+            self.close_connection = True
+        elif body:
             # Never send more than declared: extra bytes would corrupt the next keep-alive reply.
             self._send_body(hit, route, start, min(end, start + declared), faults)
             if declared > end - start:
                 self.close_connection = True  # the client waits for bytes that never come
 
+    def _delay(self, fault: Fault) -> None:
+        """Wait before the headers: ``seconds`` at most, less when the fault names an event."""
+        deadline = time.monotonic() + (fault.seconds if fault.seconds is not None else 3600)
+        while not self.owner.stopping.is_set() and time.monotonic() < deadline:
+            if fault.until_stalled and self.owner.stalled.is_set():
+                return
+            if fault.concurrent is not None and self.owner.peak_in_flight >= fault.concurrent:
+                return
+            if fault.seconds is None and self.owner.release.is_set():
+                return
+            self.owner.stopping.wait(0.005)
+
+    def _drip_headers(self, hit: Hit, fault: Fault) -> None:
+        """Send the buffered status line and headers, padded, one byte per ``seconds``."""
+        pad = max(0, fault.after - len(b"".join(self._headers_buffer)))
+        self.send_header("X-Padding", "p" * pad)
+        self._headers_buffer.append(b"\r\n")
+        raw = b"".join(self._headers_buffer)
+        self._headers_buffer = []
+        self.close_connection = True
+        for byte in raw:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            hit.sent += 1
+            if self.owner.stopping.wait(fault.seconds):
+                return
+
+    def _send_chunked(self, hit: Hit, route: Route, fault: Fault) -> None:
+        """A chunked body: the payload (``after`` > 0), or zeros until the client hangs up."""
+        block = bytes(_BLOCK)
+        pos = 0
+        while not self.owner.stopping.is_set():
+            data = route.read(pos, pos + _BLOCK) if fault.after else block
+            if not data:
+                break
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            pos += len(data)
+            hit.sent += len(data)
+        self.wfile.write(b"0\r\n\r\n")
+
     def _send_body(self, hit: Hit, route: Route, start: int, end: int,
                    faults: list[Fault]) -> None:
         drop = next((f.after for f in faults if f.kind == "drop"), None)
         stall = next((f for f in faults if f.kind == "stall"), None)
+        drip = next((f for f in faults if f.kind == "drip"), None)
         flips = [f.offset for f in faults if f.kind == "flip"]
         block = _BLOCK if route.rate is None else max(1024, min(_BLOCK, int(route.rate / 20)))
         began = time.monotonic()
@@ -377,24 +456,42 @@ class _Handler(BaseHTTPRequestHandler):
                 limit = min(limit, start + stall.after)
             if pos >= limit:
                 if stall is not None:
-                    self.owner.stopping.wait(stall.seconds)
+                    self._stall(hit, stall)
                     stall = None
                     continue
                 self.close_connection = True
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            data = bytearray(route.read(pos, min(pos + block, limit)))
+            step = 1 if drip is not None and pos - start >= drip.after else block
+            data = bytearray(route.read(pos, min(pos + step, limit)))
             for offset in flips:
                 if pos <= offset < pos + len(data):
                     data[offset - pos] ^= 0xFF
             self.wfile.write(data)
             pos += len(data)
             hit.sent += len(data)
+            if step == 1 and drip is not None:
+                self.wfile.flush()
+                if self.owner.stopping.wait(drip.seconds):
+                    return
             if route.rate is not None:
                 ahead = (pos - start) / route.rate - (time.monotonic() - began)
                 if ahead > 0 and self.owner.stopping.wait(ahead):
                     return
+
+    def _stall(self, hit: Hit, fault: Fault) -> None:
+        """Send nothing for ``fault.seconds`` (None: until released or stopped)."""
+        self.wfile.flush()
+        hit.stalling = True
+        self.owner.stalled.set()
+        try:
+            if fault.seconds is None:
+                self.owner.release.wait()
+            else:
+                self.owner.stopping.wait(fault.seconds)
+        finally:
+            hit.stalling = False
 
     def _simple(self, hit: Hit, status: int, payload: bytes, *,
                 ctype: str = "text/plain", extra: dict[str, str] | None = None) -> None:

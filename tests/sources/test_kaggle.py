@@ -4,9 +4,12 @@ and a guard on the private kagglesdk attribute the mirror support relies on."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import logging
 import os
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +17,13 @@ import pytest
 
 pytest.importorskip("kagglehub")
 
-from ckptkit.errors import (AuthError, MissingDependencyError, NotFoundError,  # noqa: E402
-                            SourceError, UsageError)
+from ckptkit import archives  # noqa: E402
+from ckptkit.errors import (AuthError, IntegrityError, MissingDependencyError,  # noqa: E402
+                            NotFoundError, SourceError, UsageError)
 from ckptkit.formats import savedmodel  # noqa: E402
 from ckptkit.mirrors import Mirrors  # noqa: E402
 from ckptkit.sources import kaggle  # noqa: E402
+from ckptkit.transfer_plan import TransferLimits  # noqa: E402
 from tests.sources.hubs import KAGGLE_HANDLE, KaggleStub, saved_model, tree_files  # noqa: E402
 
 __all__ = ["saved_model"]  # the session fixture, re-exported for pytest
@@ -187,3 +192,105 @@ def test_missing_private_attribute_is_a_clear_error(api: KaggleStub,
         kaggle.fetch(KAGGLE_HANDLE, mirrors=mirror(api))
     assert "kagglesdk" in str(err.value)
     assert api.requests == []  # never falls back to the real api.kaggle.com
+
+
+# --- limits ckptkit puts on kagglehub's own downloading ---------------------------------------
+
+def hostile_tar_gz(good: dict[str, bytes], member: tarfile.TarInfo) -> bytes:
+    """A version archive: the good files, then ``member`` (a header only when it claims more
+    than the default extraction cap: the bytes of a real bomb never need to exist)."""
+    if member.size > archives.BOMB_FLOOR:
+        return gzip.compress(member.tobuf(tarfile.GNU_FORMAT) + b"\0" * 4096)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in good.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        tar.addfile(member, io.BytesIO(b"x" * member.size))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name, kind, link, size", [
+    pytest.param("variables/huge.data", tarfile.REGTYPE, "", archives.BOMB_FLOOR + 1, id="bomb"),
+    pytest.param("../../escape.txt", tarfile.REGTYPE, "", 6, id="traversal"),
+    pytest.param("variables/escape", tarfile.SYMTYPE, "../../../../../../outside", 0,
+                 id="symlink-out"),
+    pytest.param("dev/sda", tarfile.BLKTYPE, "", 0, id="device"),
+])
+def test_kaggle_archives_pass_the_tf_hub_extraction_caps(
+        name: str, kind: bytes, link: str, size: int, saved_model: Path,
+        kaggle_env: Path, tmp_path: Path) -> None:
+    member = tarfile.TarInfo(name)
+    member.type, member.linkname, member.size = kind, link, size
+    stub = KaggleStub()
+    stub.add_model(KAGGLE_HANDLE, tree_files(saved_model),
+                   archive=hostile_tar_gz(tree_files(saved_model), member))
+    stub.next_page_token = "more"  # the whole version as one archive
+    with stub, pytest.raises(IntegrityError) as refused:
+        kaggle.fetch(KAGGLE_HANDLE, mirrors=mirror(stub))
+    assert f"unsafe member {name!r}" in str(refused.value)
+    assert refused.value.reason.startswith(f"unsafe member {name!r}")
+    # Nothing ckpt caused to be written stays in kagglehub's cache: no tree, no archive, no
+    # completion marker, no empty folders.
+    assert not kaggle_env.exists() or list(kaggle_env.rglob("*")) == []
+    assert [p for p in tmp_path.rglob("*") if p.name in ("escape.txt", "outside")] == []
+
+
+def test_a_failed_call_keeps_what_was_in_kagglehubs_cache(saved_model: Path,
+                                                          kaggle_env: Path) -> None:
+    other = kaggle_env / "models" / "google" / "musiq" / "tensorFlow2" / "ava" / "1"
+    other.mkdir(parents=True)
+    (other / "saved_model.pb").write_bytes(b"another model")
+    member = tarfile.TarInfo("variables/huge.data")
+    member.size = archives.BOMB_FLOOR + 1
+    stub = KaggleStub()
+    stub.add_model(KAGGLE_HANDLE, {}, archive=hostile_tar_gz({}, member))
+    stub.next_page_token = "more"
+    with stub, pytest.raises(IntegrityError):
+        kaggle.fetch(KAGGLE_HANDLE, mirrors=mirror(stub))
+    assert sorted(p.relative_to(kaggle_env).as_posix() for p in kaggle_env.rglob("*")) == [
+        "models", "models/google", "models/google/musiq", "models/google/musiq/tensorFlow2",
+        "models/google/musiq/tensorFlow2/ava", "models/google/musiq/tensorFlow2/ava/1",
+        "models/google/musiq/tensorFlow2/ava/1/saved_model.pb"]
+
+
+def test_a_kaggle_file_over_the_ceiling_is_refused_and_removed(saved_model: Path,
+                                                               kaggle_env: Path) -> None:
+    files = tree_files(saved_model)
+    stub = KaggleStub()
+    stub.add_model(KAGGLE_HANDLE, files)
+    biggest = max(len(data) for data in files.values())
+    limits = TransferLimits(max_bytes=biggest - 1)
+    with stub:
+        with pytest.raises(SourceError) as refused:
+            kaggle.fetch(KAGGLE_HANDLE, mirrors=mirror(stub), limits=limits)
+        assert refused.value.reason == f"too large (over {biggest - 1:,} bytes)"
+        assert not kaggle_env.exists() or list(kaggle_env.rglob("*")) == []
+        # the same files within the ceiling
+        assert kaggle.fetch(KAGGLE_HANDLE, mirrors=mirror(stub),
+                            limits=TransferLimits(max_bytes=biggest)).announced
+
+
+def test_kagglehub_internals_the_limits_replace_still_exist() -> None:
+    """The limits replace these kagglehub functions (kagglehub 1.0); a rename is refused."""
+    import inspect
+
+    from kagglehub import clients, http_resolver
+    from kagglesdk.kaggle_http_client import KaggleHttpClient
+
+    assert list(inspect.signature(http_resolver._extract_archive).parameters) == [
+        "archive_path", "out_path"]
+    assert list(inspect.signature(clients._download_file).parameters) == [
+        "response", "out_file", "size_read", "total_size", "hash_object"]
+    assert callable(KaggleHttpClient._init_session)
+
+
+def test_kagglehub_without_the_replaced_function_is_refused(
+        api: KaggleStub, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kagglehub import http_resolver
+
+    monkeypatch.delattr(http_resolver, "_extract_archive")
+    with pytest.raises(SourceError, match="_extract_archive") as err:
+        kaggle.fetch(KAGGLE_HANDLE, mirrors=mirror(api))
+    assert err.value.reason == "unsupported kagglehub version" and api.requests == []

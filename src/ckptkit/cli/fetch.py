@@ -28,25 +28,30 @@ EXAMPLES = (
               help="Also place the files here, in the layout the origin tool expects.")
 @click.option("--connections", metavar="N", type=click.IntRange(1, 64),
               help="Parallel connections per file [env: CKPTKIT_CONNECTIONS, default 8].")
+@click.option("--pin-unsized", is_flag=True, default=None,
+              help="Pin a first download even when neither its server nor the catalogue stated "
+                   "its size [env: CKPTKIT_PIN_UNSIZED=1].")
 @dry_run_option
 @network_options
 @cache_options
 @output_options
 def fetch_command(names: tuple[str, ...], source: str | None, dest: Path | None,
-                  connections: int | None, dry_run: bool, offline: bool | None,
+                  connections: int | None, pin_unsized: bool | None, dry_run: bool,
+                  offline: bool | None,
                   mirror: str | None, local_dirs: tuple[Path, ...], cache_dir: Path | None,
                   catalogs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
     """Fetch models by catalogue name; prints the local path of every file.
 
     Sources are tried in catalogue order (TF Hub, Kaggle Hub, direct URL, local folders); each
     download is verified (size, sha256 or the first-use pin, format) before it is used.
-    Exits 4 when every source failed, 3 on a hash or size mismatch.
+    A failed source is reported on its own line as it happens. Exits 4 when every source
+    failed, 3 on a hash or size mismatch.
     """
     from ckptkit.config import settings
-    from ckptkit.fetch import plan_fetch
+    from ckptkit.fetch import FetchError, plan_fetch
 
     conf = settings(cache_dir=cache_dir, offline=offline, mirror=mirror, local_dirs=local_dirs,
-                    catalogs=catalogs, connections=connections)
+                    catalogs=catalogs, connections=connections, pin_unsized=pin_unsized)
     plan = plan_fetch(list(names), conf, source=source, dest=dest)
     if dry_run:
         plan = plan.with_probed_sizes()
@@ -55,7 +60,13 @@ def fetch_command(names: tuple[str, ...], source: str | None, dest: Path | None,
         else:
             click.echo(_plan_text(plan))
         return
-    fetched = plan.execute(progress=progress_bars(quiet), log=log_to_stderr(quiet))
+    try:
+        fetched = plan.execute(progress=progress_bars(quiet), log=log_to_stderr(quiet))
+    except FetchError as exc:
+        if quiet:  # the attempts were not logged as they happened; they are the error's detail
+            for line in exc.attempt_lines():
+                click.echo(f"ckpt: {line}", err=True)
+        raise
     if as_json:
         render.emit_json([f.to_dict() for f in fetched])
     else:

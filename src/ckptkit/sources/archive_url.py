@@ -21,11 +21,12 @@ from ckptkit import archives
 
 if TYPE_CHECKING:
     from ckptkit.download import DownloadResult
+    from ckptkit.transfer_plan import TransferLimits
 
 
 def fetch_tree(url: str, dest: Path, *, label: str, check: Callable[[Path, Path], None],
-               connections: int = 8, timeout: float = 30.0,
-               progress: Any = None) -> DownloadResult:
+               connections: int = 8, timeout: float = 30.0, progress: Any = None,
+               limits: TransferLimits | None = None) -> DownloadResult:
     """Download the archive at ``url`` and make its tree ``dest``.
 
     Args:
@@ -34,7 +35,8 @@ def fetch_tree(url: str, dest: Path, *, label: str, check: Callable[[Path, Path]
         label: names the archive file beside ``dest`` (``.<dest>.<tag>.<label>.tar.gz``).
         check: ``check(tree, archive)`` raises (an IntegrityError, say) when the extracted
             ``tree`` is not what the source promised.
-        connections, timeout, progress: passed to :func:`ckptkit.download.download`.
+        connections, timeout, progress, limits: passed to :func:`ckptkit.download.download`
+            (an archive's size is never known beforehand: ``limits.max_bytes`` bounds it).
 
     Returns:
         The download's result (the archive's size and sha256, the final URL).
@@ -51,7 +53,7 @@ def fetch_tree(url: str, dest: Path, *, label: str, check: Callable[[Path, Path]
     tag = hashlib.sha1(url.encode("utf8")).hexdigest()[:12]
     archive = dest.parent / f".{dest.name}.{tag}.{label}.tar.gz"
     result = download(url, archive, connections=connections, timeout=timeout,
-                      progress=progress)
+                      progress=progress, limits=limits)
     try:
         staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
         archives.extract(archive, staging)

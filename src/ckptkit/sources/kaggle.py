@@ -20,7 +20,11 @@ that uses it.  This module adds what kagglehub lacks for ckptkit:
   and extracted (:func:`fetch_archive`); kagglehub is neither needed nor asked.
 * **Pinned versions only.**  An unversioned handle makes kagglehub ask the API for the latest
   version before it looks at its cache, so it fails offline; the catalogue pins versions.
-* **Errors.**  kagglehub's multi-line ``requests`` errors become one-line ckptkit errors.
+* **Limits.**  Archives are unpacked with the caps of TF Hub archives, bodies are held to the
+  size ceiling and the low-speed limit, requests to the header deadline and a timeout, and a
+  failed call leaves nothing new in kagglehub's cache (:mod:`ckptkit.sources.kaggle_limits`).
+* **Errors.**  kagglehub's multi-line ``requests`` errors become one-line ckptkit errors with
+  a short reason (:func:`ckptkit.reasons.network_reason`).
 * **Quiet.**  kagglehub logs to *stdout* and draws tqdm bars; both are silenced (or its log is
   sent to stderr) so that ckpt's stdout stays for results.
 
@@ -35,7 +39,6 @@ import functools
 import importlib.metadata
 import logging
 import os
-import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -47,6 +50,8 @@ from typing import TYPE_CHECKING, Any
 from ckptkit.errors import (AuthError, CkptkitError, IntegrityError, MissingDependencyError,
                             NotFoundError, SourceError, UsageError)
 from ckptkit.mirrors import Mirrors
+from ckptkit.reasons import http_reason, network_reason
+from ckptkit.transfer_plan import TransferLimits
 
 if TYPE_CHECKING:
     from ckptkit.download import DownloadResult
@@ -60,18 +65,20 @@ AUTH_HINT = ("Sign in with `python -c 'import kagglehub; kagglehub.login()'` or 
              "terms on its Kaggle page")
 _VERSIONED_PARTS = 5
 _LOCK = threading.Lock()
-_ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")]+")
 
 
 @dataclass(frozen=True)
 class KaggleResult:
-    """A model version in kagglehub's cache: ``path`` as returned by ``model_download``."""
+    """A model version in kagglehub's cache: ``path`` as returned by ``model_download``;
+    ``announced`` is False when a file of it came without a ``Content-Length``."""
 
     path: Path
     handle: str
+    announced: bool = True
 
 
-def fetch(handle: str, *, mirrors: Mirrors, quiet: bool = True) -> KaggleResult:
+def fetch(handle: str, *, mirrors: Mirrors, quiet: bool = True,
+          limits: TransferLimits | None = None, timeout: float = 30.0) -> KaggleResult:
     """Download (or find in kagglehub's cache) the Kaggle model ``handle``.
 
     Args:
@@ -80,6 +87,9 @@ def fetch(handle: str, *, mirrors: Mirrors, quiet: bool = True) -> KaggleResult:
         mirrors: when a rule rewrites ``https://api.kaggle.com``, kagglehub talks to the
             rewritten base instead (see the module docstring).
         quiet: silence kagglehub's log and progress bars; otherwise its log goes to stderr.
+        limits: the size ceiling (per file), low-speed limit and header deadline
+            [default: :class:`~ckptkit.transfer_plan.TransferLimits`'s defaults].
+        timeout: seconds to connect, and of silence, for kagglesdk's requests.
 
     Returns:
         A :class:`KaggleResult`; ``path`` is kagglehub's cache directory for the version.
@@ -89,24 +99,31 @@ def fetch(handle: str, *, mirrors: Mirrors, quiet: bool = True) -> KaggleResult:
         MissingDependencyError: kagglehub is not installed.
         NotFoundError: Kaggle has no such model or version (HTTP 404).
         AuthError: HTTP 401/403 (not signed in, or the model's terms not accepted).
-        IntegrityError: kagglehub found an md5 mismatch.
-        SourceError: unreachable API, other HTTP errors, anything else kagglehub raised, or
-            a mirror rule this kagglesdk cannot honour.
+        IntegrityError: kagglehub found an md5 mismatch, or the version's archive is unsafe
+            or over the extraction caps (nothing of it is left in kagglehub's cache).
+        SourceError: unreachable API, other HTTP errors, a file over the size ceiling or
+            below the low-speed limit, anything else kagglehub raised, or a mirror rule
+            or limit this kagglehub cannot honour.
 
     Example:
         >>> fetch("google/musiq/tensorFlow2/spaq/1", mirrors=Mirrors()).path  # doctest: +SKIP
         PosixPath('/home/me/.cache/kagglehub/models/google/musiq/tensorFlow2/spaq/1')
     """
+    from ckptkit.sources.kaggle_limits import Guard, footprint, guarded
+
     check_handle(handle)
     kagglehub = _import_kagglehub()
     check_framework(handle)
     base = api_base(mirrors)
-    with _LOCK, _endpoint(base), _output(quiet):
+    guard = Guard(handle, limits or TransferLimits(), timeout)
+    with _LOCK, _endpoint(base), _output(quiet), guarded(guard), footprint(handle):
         try:
             path = kagglehub.model_download(handle)
+        except CkptkitError:
+            raise  # a limit ckptkit put on kagglehub (kaggle_limits): already one line
         except Exception as exc:  # every kagglehub failure becomes one line; see _translate
-            raise _translate(exc, handle, base or KAGGLE_API) from exc
-    return KaggleResult(path=Path(path), handle=handle)
+            raise _translate(exc, handle, base or KAGGLE_API, timeout) from exc
+    return KaggleResult(path=Path(path), handle=handle, announced=not guard.unannounced)
 
 
 def archive_url(handle: str) -> str:
@@ -122,7 +139,8 @@ def mirrored_archive(handle: str, mirrors: Mirrors) -> str | None:
 
 
 def fetch_archive(handle: str, dest: Path, *, mirrors: Mirrors, connections: int = 8,
-                  timeout: float = 30.0, progress: Any = None) -> DownloadResult:
+                  timeout: float = 30.0, progress: Any = None,
+                  limits: TransferLimits | None = None) -> DownloadResult:
     """Download the version ``handle`` as its archive from the mirror a rule names, and make
     its tree ``dest`` (see the module docstring); returns the archive's download result.
 
@@ -146,7 +164,7 @@ def fetch_archive(handle: str, dest: Path, *, mirrors: Mirrors, connections: int
                                  hint="Export the model to the mirror again")
 
     return fetch_tree(url, Path(dest), label="kaggle", check=check, connections=connections,
-                      timeout=timeout, progress=progress)
+                      timeout=timeout, progress=progress, limits=limits)
 
 
 def check_handle(handle: str) -> None:
@@ -285,7 +303,8 @@ def check_framework(handle: str) -> None:
                          hint="Frameworks are e.g. tensorFlow2, pyTorch, jax, keras") from exc
 
 
-def _translate(exc: Exception, handle: str, base: str) -> CkptkitError:
+def _translate(exc: Exception, handle: str, base: str, timeout: float | None = None
+               ) -> CkptkitError:
     """The ckptkit error for whatever kagglehub (or requests under it) raised."""
     import requests
     from kagglehub import exceptions as kex
@@ -296,26 +315,32 @@ def _translate(exc: Exception, handle: str, base: str) -> CkptkitError:
         if status == 404:
             return NotFoundError(f"Kaggle has no model {handle} (HTTP 404 from {url})",
                                  hint="Check the handle's owner/model/framework/variation/"
-                                      "version on kaggle.com/models")
+                                      "version on kaggle.com/models",
+                                 reason=f"{http_reason(404)} (no such model)")
         if status in (401, 403):
             return AuthError(f"Kaggle refused {handle} (HTTP {status}): not signed in, or the "
                              "model's terms were not accepted", url=url, status=status,
-                             hint=AUTH_HINT)
+                             hint=AUTH_HINT, reason=f"{http_reason(status)} (sign-in or the "
+                                                    "model's terms needed)")
         return SourceError(f"Kaggle answered HTTP {status} for {handle} ({url})", url=url,
-                           status=status, hint="Try again later or use another source")
+                           status=status, hint="Try again later or use another source",
+                           reason=http_reason(status))
     if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-        match = _ERRNO.search(str(exc))
-        reason = match.group(0).strip() if match else type(exc).__name__
+        reason = network_reason(exc, timeout)
         return SourceError(f"cannot reach the Kaggle API at {base} ({reason})", url=base,
-                           hint="Check the network or the mirror, or use another source")
+                           hint="Check the network or the mirror, or use another source",
+                           reason=reason)
     if isinstance(exc, kex.NotFoundError):
-        return NotFoundError(f"Kaggle has no model {handle}", hint="Check the handle")
+        return NotFoundError(f"Kaggle has no model {handle}", hint="Check the handle",
+                             reason="no such model")
     if isinstance(exc, kex.DataCorruptionError):
         return IntegrityError(f"kagglehub found a corrupt download of {handle} (md5 mismatch)",
-                              hint="Run the fetch again; the corrupt file was deleted")
+                              hint="Run the fetch again; the corrupt file was deleted",
+                              reason="md5 mismatch (corrupt download)")
     if isinstance(exc, (kex.UnauthenticatedError, kex.CredentialError)):
         return AuthError(f"Kaggle credentials are missing or invalid for {handle}: "
-                         f"{_one_line(exc)}", url=base, status=401, hint=AUTH_HINT)
+                         f"{_one_line(exc)}", url=base, status=401, hint=AUTH_HINT,
+                         reason="credentials missing or invalid")
     return SourceError(f"kagglehub failed for {handle}: {type(exc).__name__}: "
                        f"{_one_line(exc)}", url=base, hint="Set CKPTKIT_DEBUG=1 for the traceback")
 

@@ -32,6 +32,7 @@ from ckptkit.errors import IntegrityError, UsageError
 from ckptkit.formats import savedmodel
 from ckptkit.mirrors import Mirrors
 from ckptkit.sources.archive_url import fetch_tree, replace_dir
+from ckptkit.transfer_plan import TransferLimits
 
 FORMAT_QUERY = ("tf-hub-format", "compressed")
 
@@ -48,6 +49,7 @@ class TFHubResult:
         archive_size: its size in bytes.
         transferred: bytes received over the network in this call (less after a resume).
         tfhub_module_dir: ``<tfhub cache>/<sha1(handle)>``, or None when not published.
+        announced: the server stated the archive's size before sending it.
     """
 
     path: Path
@@ -57,6 +59,7 @@ class TFHubResult:
     archive_size: int
     transferred: int
     tfhub_module_dir: Path | None
+    announced: bool = True
 
 
 def default_tfhub_cache_dir() -> Path:
@@ -82,7 +85,8 @@ def compressed_url(url: str) -> str:
 
 
 def fetch(handle: str, dest: Path, *, mirrors: Mirrors, tfhub_cache_dir: Path | None,
-          connections: int = 8, timeout: float = 30.0, progress: Any = None) -> TFHubResult:
+          connections: int = 8, timeout: float = 30.0, progress: Any = None,
+          limits: TransferLimits | None = None) -> TFHubResult:
     """Download the SavedModel behind a TF Hub ``handle`` into ``dest``.
 
     Steps: rewrite the handle with ``mirrors``; download ``?tf-hub-format=compressed`` to
@@ -98,7 +102,8 @@ def fetch(handle: str, dest: Path, *, mirrors: Mirrors, tfhub_cache_dir: Path | 
         mirrors: URL prefix rewrites (``--mirror``); the handle URL is rewritten.
         tfhub_cache_dir: ``$TFHUB_CACHE_DIR`` or :func:`default_tfhub_cache_dir`; None skips
             publishing.
-        connections, timeout, progress: passed to :func:`ckptkit.download.download`.
+        connections, timeout, progress, limits: passed to :func:`ckptkit.download.download`
+            (the archive's size is never known beforehand: ``limits.max_bytes`` bounds it).
 
     Returns:
         A :class:`TFHubResult`.
@@ -128,12 +133,13 @@ def fetch(handle: str, dest: Path, *, mirrors: Mirrors, tfhub_cache_dir: Path | 
                                       "format; try the next source", path=str(archive))
 
     result = fetch_tree(url, dest, label="tfhub", check=check, connections=connections,
-                        timeout=timeout, progress=progress)
+                        timeout=timeout, progress=progress, limits=limits)
     module_dir = (publish(handle, dest, Path(tfhub_cache_dir))
                   if tfhub_cache_dir is not None else None)
     return TFHubResult(path=dest, url=url, final_url=result.url,
                        archive_sha256=result.sha256, archive_size=result.size,
-                       transferred=result.transferred, tfhub_module_dir=module_dir)
+                       transferred=result.transferred, tfhub_module_dir=module_dir,
+                       announced=result.announced)
 
 
 def publish(handle: str, model_dir: Path, cache_dir: Path) -> Path:

@@ -7,16 +7,18 @@ from typing import Any
 
 from ckptkit.download import DownloadResult, download
 from ckptkit.mirrors import Mirrors
+from ckptkit.transfer_plan import TransferLimits
 from ckptkit.transport import announced_size
 
 
 def fetch(url: str, dest: Path, *, mirrors: Mirrors, expected_size: int | None,
           expected_sha256: str | None, connections: int, timeout: float = 30.0,
-          progress: Any = None) -> DownloadResult:
-    """Download ``url`` (after mirror rewriting) to ``dest``; verified and atomic."""
+          progress: Any = None, limits: TransferLimits | None = None) -> DownloadResult:
+    """Download ``url`` (after mirror rewriting) to ``dest``; verified and atomic, within
+    ``limits`` (size ceiling when ``expected_size`` is None, header deadline, low speed)."""
     return download(mirrors.rewrite(url), dest, expected_size=expected_size,
                     expected_sha256=expected_sha256, connections=connections,
-                    timeout=timeout, progress=progress)
+                    timeout=timeout, progress=progress, limits=limits)
 
 
 def probe_size(url: str, *, mirrors: Mirrors, timeout: float = 10.0) -> int | None:

@@ -149,6 +149,7 @@ class KaggleModel:
     instance: str
     version: int
     files: dict[str, bytes] = field(default_factory=dict)
+    archive: bytes | None = None  # served as the whole-version archive instead of ``files``
 
 
 class KaggleRpcHandler(StubHandler):
@@ -233,7 +234,7 @@ class _KaggleHandler(KaggleRpcHandler):
             return
         data: bytes | None
         if parts[6] == "archive.tar.gz":
-            data = _tar_gz(model.files)
+            data = model.archive if model.archive is not None else _tar_gz(model.files)
         else:
             data = model.files.get("/".join(parts[7:]))
             if data is None:
@@ -256,11 +257,16 @@ class KaggleStub(StubServer):
         self.next_page_token = ""
         super().__init__()
 
-    def add_model(self, handle: str, files: dict[str, bytes]) -> None:
-        """Publish ``files`` (relative path → bytes) as ``owner/model/framework/instance/ver``."""
+    def add_model(self, handle: str, files: dict[str, bytes],
+                  archive: bytes | None = None) -> None:
+        """Publish ``files`` (relative path → bytes) as ``owner/model/framework/instance/ver``.
+
+        ``archive`` (tar.gz or zip bytes) is served when the whole version is asked for
+        instead of one built from ``files``: a test's damaged or hostile archive.
+        """
         owner, model, framework, instance, version = handle.split("/")
         self.models.append(KaggleModel(owner, model, FRAMEWORKS[framework.lower()], instance,
-                                       int(version), dict(files)))
+                                       int(version), dict(files), archive))
 
     def find(self, body: dict[str, Any], version: int | None) -> list[KaggleModel]:
         """The added models an RPC ``body`` names (any version when ``version`` is None)."""
