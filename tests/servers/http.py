@@ -463,7 +463,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            step = 1 if drip is not None and pos - start >= drip.after else block
+            step = block
+            if drip is not None:  # ``after`` bytes as usual, then one at a time
+                step = max(1, min(block, start + drip.after - pos))
             data = bytearray(route.read(pos, min(pos + step, limit)))
             for offset in flips:
                 if pos <= offset < pos + len(data):
@@ -471,7 +473,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
             pos += len(data)
             hit.sent += len(data)
-            if step == 1 and drip is not None:
+            if drip is not None and pos - start > drip.after:
                 self.wfile.flush()
                 if self.owner.stopping.wait(drip.seconds):
                     return
