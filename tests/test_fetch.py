@@ -259,8 +259,8 @@ FAULTY = "faults/model.bin"
 SIZE = 96 << 10
 
 
-def blob(seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(SIZE)
+def blob(seed: int = 0, size: int = SIZE) -> bytes:
+    return random.Random(seed).randbytes(size)
 
 
 def flipped(data: bytes, offset: int) -> bytes:
@@ -293,6 +293,7 @@ class Bad:
     faults: tuple[Fault, ...] = ()
     route: tuple[tuple[str, object], ...] = ()
     seed: int = 0          # which bytes it serves: 0 is the right file
+    size: int = SIZE       # how many of them
     loop: bool = False     # it redirects in a loop
     dead: bool = False     # nothing listens
 
@@ -304,7 +305,7 @@ class Bad:
             server.redirect("/a/loop1", "/a/loop2")
             server.redirect("/a/loop2", "/a/loop1")
             return server.url("/a/loop1")
-        server.add("/a/model.bin", blob(self.seed), **dict(self.route),
+        server.add("/a/model.bin", blob(self.seed, self.size), **dict(self.route),
                    faults=copy.deepcopy(list(self.faults)))
         return server.url("/a/model.bin")
 
@@ -479,3 +480,160 @@ def test_a_source_serving_another_file_of_the_pinned_size_is_refused(
     staged = Cache(settings.cache_dir).root / "staging" / FAULTY
     assert not staged.exists() and not Path(f"{staged}.part").exists()  # refused bytes are gone
     figures.count("network-faults")
+
+
+# --- limits: a source that would hang, fill the disk or pin garbage is left for the next -------
+
+@pytest.fixture
+def tight_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 MiB ceiling, 1000 B/s over 0.3 s, headers within 0.5 s (CKPTKIT_* settings)."""
+    for name, value in {"CKPTKIT_MAX_DOWNLOAD": "1M", "CKPTKIT_LOW_SPEED_LIMIT": "1000",
+                        "CKPTKIT_LOW_SPEED_TIME": "0.3", "CKPTKIT_HEADER_TIMEOUT": "0.5"}.items():
+        monkeypatch.setenv(name, value)
+
+
+LIMITED = [
+    pytest.param(Bad("too large (over 1,048,576 bytes)", ExitCode.NOT_FOUND,
+                     (Fault("chunked", after=0, times=None),), (("ranges", False),)),
+                 id="endless-chunked-body"),
+    pytest.param(Bad("too large (over 1,048,576 bytes)", ExitCode.NOT_FOUND, size=2 << 20),
+                 id="announced-over-the-ceiling"),
+    pytest.param(Bad("stalled (below 1,000 B/s for 0.3 s)", ExitCode.NOT_FOUND,
+                     (Fault("drip", after=1000, seconds=0.02, times=None, only="data"),)),
+                 id="body-a-byte-every-20-ms"),
+    pytest.param(Bad("no complete headers within 0.5 s", ExitCode.NOT_FOUND,
+                     (Fault("drip-headers", after=4000, seconds=0.02, times=None),)),
+                 id="headers-a-byte-every-20-ms"),
+]
+
+
+@pytest.mark.parametrize("bad", LIMITED)
+def test_a_source_past_a_limit_is_left_for_the_next_and_leaves_nothing(
+        bad: Bad, http_server: HTTPTestServer, tight_limits: None, tmp_path: Path) -> None:
+    good = blob()
+    http_server.add("/b/model.bin", good)
+    first = bad.serve(http_server)
+    catalogue = fault_catalogue(tmp_path / "faults.toml", [first, http_server.url("/b/model.bin")],
+                                hashlib.sha256(good).hexdigest())
+    settings = config.settings(catalogs=(catalogue,))
+    staged = Cache(settings.cache_dir).root / "staging" / FAULTY
+    seen: list[str] = []
+
+    def log(message: str) -> None:
+        seen.append(message)
+        if "failed" in message:  # right after the first source
+            left = sorted(p.name for p in staged.parent.glob("model.bin*"))
+            # Bytes past the ceiling are deleted; a stalled download may be resumed.
+            assert left == (["model.bin.part", "model.bin.part.json"] if "stalled" in message
+                            else []), left
+
+    [fetched] = plan_fetch(["faulty"], settings).execute(log=log)
+    assert Path(fetched.path).read_bytes() == good
+    assert seen == [f"{FAULTY}: url:{first} failed: {bad.says}",
+                    f"{FAULTY}: verified from url:{http_server.url('/b/model.bin')}"]
+    assert len(http_server.hits("/a/model.bin")) <= 2  # given up at once: no retries
+    figures.count("network-faults")
+
+
+def unsized_catalogue(tmp_path: Path, url: str) -> Path:
+    """A catalogue giving neither size nor hash for FAULTY: the first download is a pin."""
+    return fault_catalogue(tmp_path / "unsized.toml", [url], None)
+
+
+def test_a_first_download_without_a_stated_size_is_not_pinned(
+        http_server: HTTPTestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = blob()
+    http_server.add("/a/model.bin", good, ranges=False, faults=[Fault("chunked", after=1)])
+    catalogue = unsized_catalogue(tmp_path, http_server.url("/a/model.bin"))
+    code, out, err = run_main(capsys, "fetch", "faulty", "--catalog", str(catalogue))
+    assert code == 0 and Path(out.strip()).read_bytes() == good  # fetched and cached
+    assert f"ckpt: {FAULTY}: not pinned: " in err and "--pin-unsized" in err
+    pins = Pins(config.settings().pins_path)
+    assert pins.get(FAULTY) is None  # a later fetch is not held to these bytes
+
+    assert run_ckpt("cache", "rm", FAULTY, "--yes", "--catalog", str(catalogue)).returncode == 0
+    http_server.add("/a/model.bin", good, ranges=False, faults=[Fault("chunked", after=1)])
+    code, _out, err = run_main(capsys, "fetch", "faulty", "--catalog", str(catalogue),
+                               "--pin-unsized")
+    pin = pins.get(FAULTY)
+    assert code == 0 and "not pinned" not in err
+    assert pin is not None and pin.sha256 == hashlib.sha256(good).hexdigest()
+
+
+def test_a_first_download_with_a_content_length_is_pinned(http_server: HTTPTestServer,
+                                                          tmp_path: Path) -> None:
+    good = blob()
+    http_server.add("/a/model.bin", good, ranges=False)
+    settings = config.settings(catalogs=(unsized_catalogue(tmp_path,
+                                                           http_server.url("/a/model.bin")),))
+    logged: list[str] = []
+    plan_fetch(["faulty"], settings).execute(log=logged.append)
+    assert not any("not pinned" in m for m in logged)
+    assert Pins(settings.pins_path).get(FAULTY).size == len(good)
+
+
+@pytest.mark.parametrize("env, flag, pinned", [({}, (), False),
+                                               ({"CKPTKIT_PIN_UNSIZED": "1"}, (), True),
+                                               ({}, ("--pin-unsized",), True)])
+def test_pin_unsized_comes_from_the_flag_or_the_environment(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], flag: tuple[str, ...],
+        pinned: bool) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert config.settings(pin_unsized=True if flag else None).pin_unsized is pinned
+
+
+# --- what a failed source says ------------------------------------------------------------------
+
+WORDS = [
+    pytest.param("refused", "connection refused (after 5 attempts)", id="closed-port"),
+    pytest.param("unresolvable", "host not found (after 5 attempts)", id="unresolvable-host"),
+    pytest.param("silent", "timed out after 0.25 s (after 5 attempts)", id="no-answer"),
+    pytest.param("404", "HTTP 404 (not found)", id="404"),
+    pytest.param("drip", "stalled (below 1,000 B/s for 0.3 s)", id="stalled"),
+    pytest.param("huge", "too large (over 1,048,576 bytes)", id="too-large"),
+]
+
+
+@pytest.mark.parametrize("case, words", WORDS)
+def test_each_failure_reads_as_words_on_its_own_line(
+        case: str, words: str, http_server: HTTPTestServer, quick_network: None,
+        tight_limits: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.servers.http import UNRESOLVABLE
+
+    for name in ("NO_PROXY", "no_proxy"):  # reach UNRESOLVABLE's resolver, not the dead proxy
+        monkeypatch.setenv(name, "*")
+    urls = {"refused": dead_url(), "unresolvable": f"http://{UNRESOLVABLE}/model.bin"}
+    faults = {"silent": [Fault("delay", seconds=None, times=None)],
+              "404": [Fault("status", status=404, times=None)],
+              "drip": [Fault("drip", after=100, seconds=0.02, times=None, only="data")],
+              "huge": [Fault("chunked", after=0, times=None)]}
+    http_server.add("/w/model.bin", blob(), ranges=case != "huge",
+                    faults=faults.get(case, []))
+    url = urls.get(case, http_server.url("/w/model.bin"))
+    catalogue = fault_catalogue(tmp_path / "one.toml", [url], None)
+    result = run_ckpt("fetch", "faulty", "--catalog", str(catalogue),
+                      env={"CKPTKIT_TIMEOUT": "0.25"})
+    attempt, final = result.stderr.splitlines()
+    assert attempt == f"ckpt: {FAULTY}: url:{url} failed: {words}"
+    assert final == (f"ckpt: error: could not fetch {FAULTY}: every source failed (1 attempt). "
+                     "Check the network or --mirror, or pass --local-dir "
+                     "(`ckpt fetch --dry-run` lists the sources)")
+    assert result.returncode == ExitCode.NOT_FOUND
+
+
+def test_the_final_line_of_a_failed_bundle_is_short(http_server: HTTPTestServer) -> None:
+    """Five files, three sources each, all failing: one line per attempt, then one short line."""
+    from tests.servers.http import UNRESOLVABLE
+
+    mirror = f"{AZURE}=http://{UNRESOLVABLE},{BLOB}={http_server.url('/none')}"
+    result = run_ckpt("fetch", "jukebox-1b_lyrics", "jukebox-5b", "--mirror", mirror,
+                      env={"NO_PROXY": "*", "no_proxy": "*", "HOME": os.environ["CKPTKIT_CACHE"]})
+    *attempts, final = result.stderr.splitlines()
+    assert result.returncode == ExitCode.NOT_FOUND and len(attempts) == 15
+    assert sum(a.endswith("failed: host not found (after 5 attempts)") for a in attempts) == 5
+    assert sum(a.endswith("failed: HTTP 404 (not found)") for a in attempts) == 5
+    assert sum(a.endswith("failed: not on disk") for a in attempts) == 5
+    assert all(len(a) < 300 and "Error(" not in a for a in attempts)  # no raw reprs
+    assert final.startswith("ckpt: error: could not fetch jukebox/") and len(final) <= 200
+    assert "and 4 more files: every source failed (15 attempts)" in final
