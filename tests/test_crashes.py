@@ -713,6 +713,44 @@ def test_kill_9_during_fetch(http_server: HTTPTestServer, jukebox_5b: dict[str, 
     assert partial > 0, "no kill landed while the bundle was downloading"
 
 
+#: The bundle of the kill-at-40 % test, MiB per file (71 MiB, as Jukebox 5B's share of it).
+BUNDLE_71 = {"jukebox/5b/vqvae.pth.tar": 48, "jukebox/5b/prior_level_0.pth.tar": 8,
+             "jukebox/5b/prior_level_1.pth.tar": 8, "jukebox/5b/prior_level_2.pth.tar": 7}
+
+
+@pytest.mark.parametrize("fraction", [0.4, 0.75])
+def test_kill_9_mid_bundle_costs_at_most_a_tenth_more(
+        http_server: HTTPTestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], fraction: float) -> None:
+    """Killed once the server has sent ``fraction`` of the bundle, the rerun moves only what
+    was not on disk at the pieces' last checkpoints: both runs together send ≤ 1.1 × it."""
+    files = {file_id: jukebox_file(tmp_path / file_id.replace("/", "_"), seed, mib)
+             for seed, (file_id, mib) in enumerate(BUNDLE_71.items())}
+    total = sum(path.stat().st_size for path in files.values())
+    # 4 MiB/s per connection, 9 connections: the bundle takes seconds, so the kill lands mid-way.
+    mirror = serve_jukebox(http_server, files, 4 * MiB)
+    cache, config = tmp_path / "cache", tmp_path / "config"
+    for name, value in {"CKPTKIT_CACHE": cache, "CKPTKIT_CONFIG": config,
+                        "CKPTKIT_MIRROR": mirror, "HOME": tmp_path / "home"}.items():
+        monkeypatch.setenv(name, str(value))
+    proc = start(ckpt("fetch", "jukebox-5b", "--source", "url"), tmp_path / "stderr.txt",
+                 env=child_env())
+    killed = kill_at(proc, KillPoint("progress", fraction),
+                     lambda: http_server.bytes_sent() / total)
+    assert killed, (tmp_path / "stderr.txt").read_text()
+    http_server.wait_idle()
+    at_kill = http_server.bytes_sent()
+    assert at_kill < total  # the rate cap kept the bundle from finishing first
+    for route in http_server.routes.values():
+        route.rate = None
+    out = rerun(capsys, "fetch", "jukebox-5b", "--source", "url", "--json")
+    assert {item["name"]: sha256_file(Path(item["path"])) for item in json.loads(out)} \
+        == {file_id: sha256_file(path) for file_id, path in files.items()}
+    sent = http_server.bytes_sent()
+    assert sent <= 1.1 * total, f"{sent / total:.3f} x the bundle (killed at {at_kill / total:.2f})"
+    figures.count("kills")
+
+
 # --------------------------------------------------------------------------- disk full
 
 

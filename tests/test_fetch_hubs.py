@@ -21,7 +21,7 @@ from ckptkit.fetch import FetchPlan, plan_fetch
 from ckptkit.sources.tfhub import module_key
 from tests import figures
 from tests.conftest import SRC, run_ckpt
-from tests.servers.http import HTTPTestServer, http_server  # noqa: F401 (fixture)
+from tests.servers.http import Fault, HTTPTestServer, http_server  # noqa: F401 (fixture)
 from tests.sources.hubs import (HANDLE, KAGGLE_HANDLE, SAMPLE_INPUT, SAMPLE_SCORE, KaggleStub,
                                 TFHubStub, saved_model, tfhub_archive,
                                 tree_files)  # noqa: F401 (fixture)
@@ -190,23 +190,26 @@ def test_ctrl_c_stops_a_fetch_at_once_and_the_rerun_resumes(http_server: HTTPTes
     big = tmp_path / "big.pth.tar"
     torch.save({"w": torch.zeros(4 << 20)}, big, _use_new_zipfile_serialization=False)
     path = "/blob/jukebox/models/5b/vqvae.pth.tar"
-    route = http_server.add(path, big, rate=1 << 20)  # 16 MiB at 1 MiB/s: far from done
+    # The first piece sends 1 MiB, then nothing until the test releases it: the transfer has
+    # surely started when the signal is sent, and cannot finish before it.
+    http_server.add(path, big, faults=[Fault("stall", after=1 << 20, seconds=None,
+                                             only="data")])
     env = env_for(**{"https://openaipublic.azureedge.net": http_server.url("/blob"),
                      "https://openaipublic.blob.core.windows.net": http_server.url("/blob")})
     child = subprocess.Popen(
         [sys.executable, "-m", "ckptkit", "fetch", "jukebox-5b", "--source", "url"],
-        env={**os.environ, "PYTHONPATH": str(SRC), **env}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while http_server.bytes_sent(path) < (1 << 20):
-        assert time.monotonic() < deadline and child.poll() is None
-        time.sleep(0.05)
+        env={**os.environ, "PYTHONPATH": str(SRC), **env,
+             "CKPTKIT_TIMEOUT": "600"},  # waiting for the stalled socket would take 10 min
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not http_server.stalled.wait(0.05):
+        assert child.poll() is None, child.communicate()[1]
     child.send_signal(signal.SIGINT)
-    started = time.monotonic()
-    _out, err = child.communicate(timeout=20)
-    assert child.returncode == 130 and time.monotonic() - started < 5, err
+    _out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    route.rate = None
+    stalled, = [hit for hit in http_server.hits(path) if "stall" in hit.faults]
+    assert stalled.stalling  # it left while the transfer was held: it did not wait for it
+    http_server.release.set()
     settings = config.settings(mirror=env["CKPTKIT_MIRROR"])
     planned = plan_fetch(["jukebox-5b"], settings, source="url")
     vqvae = next(f for f in planned.files if f.spec.id == "jukebox/5b/vqvae.pth.tar")
