@@ -23,6 +23,8 @@ LABELS: dict[str, str] = {
     "dos-inputs": "Denial-of-service pickles ended quickly with a clean error",
     "archive-attacks": "Hostile archive entries refused (traversal, links, devices, bombs)",
     "fuzz-inputs": "Fuzzed inputs (truncated, bit-flipped, spliced) with a clean outcome",
+    "catalogue-inputs": "Fuzzed user catalogues (any value in any field, damaged TOML) loaded "
+                        "or refused in one line",
     "network-faults": "Network faults survived (right file or clean error, nothing partial)",
     "kills": "kill -9 at random points survived (rerun succeeded, no truncated final file)",
     "disk-full": "Disk-full runs ending in a clean error with no partial output",

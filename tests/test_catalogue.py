@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from ckptkit import catalogue
-from ckptkit.errors import FormatError, NotFoundError
+from ckptkit.errors import ExitCode, FormatError, NotFoundError
+from tests.conftest import run_main
 
 MUSIQ = {"musiq-spaq": "spaq", "musiq-ava": "ava", "musiq-koniq": "koniq-10k",
          "musiq-paq2piq": "paq2piq"}
@@ -127,3 +128,60 @@ def test_file_ids_cannot_leave_the_cache(tmp_path: Path, file_id: str) -> None:
                     .replace("\\", "\\\\"))
     with pytest.raises(FormatError, match="cache path"):
         catalogue.load([path])
+
+
+LONG_ID = "x" * 300
+GOOD_FILE = '[files."a"]\nsources = [{ type = "url", url = "http://h/a" }]\n'
+MALFORMED = [
+    pytest.param("files = [1, 2]", "files", "must be a table of entries", id="files-list"),
+    pytest.param('[files."a"]\nsources = 5', "files.'a': sources", "needs at least one source",
+                 id="sources-5"),
+    pytest.param('[files."a"]\nsources = [5]', "files.'a': sources[0]", "5 needs type = one of",
+                 id="source-5"),
+    pytest.param(GOOD_FILE + '[models.m]\nfiles = ["a"]\naliases = 7', "models.'m': aliases",
+                 "must be a list of strings, not 7", id="aliases-7"),
+    pytest.param('[files."a\\u0000b"]\nsources = [{ type = "url", url = "http://h/a" }]',
+                 "files.'a\\x00b'", "contains control characters", id="nul-in-id"),
+    pytest.param('[files."a"]\nsources = [{ type = "url", url = "http://[::1/x" }]',
+                 "files.'a': sources[0]: url", "is not a valid URL (Invalid IPv6 URL)",
+                 id="bad-ipv6-url"),
+    pytest.param('[files."a"]\nsources = [{ type = "url", url = "http://h:99999/x" }]',
+                 "files.'a': sources[0]: url", "is not a valid URL", id="port-out-of-range"),
+    pytest.param(f'[files."{LONG_ID}"]\nsources = [{{ type = "url", url = "http://h/a" }}]',
+                 "files.'xxxxxxxx", "is 300 characters long (at most 200)", id="300-char-id"),
+    pytest.param('[files."a"]\nsize = true\nsources = [{ type = "url", url = "http://h/a" }]',
+                 "files.'a': size", "True is not a byte count", id="size-true"),
+    pytest.param('[files."a"]\ndest = 5\nsources = [{ type = "url", url = "http://h/a" }]',
+                 "files.'a': dest", "must be a non-empty string", id="dest-5"),
+    pytest.param('[files."a"]\naliases = ["../../etc"]\nsources = [{ type = "url", '
+                 'url = "http://h/a" }]', "files.'a': aliases", "must be a relative path",
+                 id="alias-traversal"),
+    pytest.param('[files."a"]\nsources = [{ type = "kaggle", handle = "o/m/f/v/\\u0661" }]',
+                 "files.'a': sources[0]: handle", "versions are pinned", id="unicode-version"),
+    pytest.param(GOOD_FILE + '[files."a/b"]\nsources = [{ type = "url", url = "http://h/b" }]',
+                 "files.'a/b'", "inside the id 'a', which is a file", id="id-inside-an-id"),
+    pytest.param("models = 5", "models", "must be a table of entries", id="models-5"),
+    pytest.param(GOOD_FILE + '[models.m]\nfiles = "a"', "models.'m': files",
+                 "must be a list of strings", id="files-a-string"),
+    pytest.param(GOOD_FILE + '[models.m]\nfiles = ["a"]\nrecipe = 5', "models.'m': recipe",
+                 "must be a recipe name", id="recipe-5"),
+    pytest.param(GOOD_FILE + '[models.m]\nfiles = ["a"]\ndescription = {x = 1}',
+                 "models.'m': description", "must be a string", id="description-table"),
+    pytest.param(GOOD_FILE + '[models."\\u001b[2J"]\nfiles = ["a"]', "models.'\\x1b[2J'",
+                 "contains control characters", id="escape-in-name"),
+    pytest.param('schema = true', "schema", "True is not supported", id="schema-true"),
+    pytest.param("x = " + "[" * 5000 + "]" * 5000, "not valid TOML",
+                 "nested too deeply", id="deep-nesting"),
+]
+
+
+@pytest.mark.parametrize("body, where, problem", MALFORMED)
+def test_a_malformed_catalogue_is_one_line_naming_file_entry_and_field(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, where: str,
+        problem: str) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text(body)
+    code, out, err = run_main(capsys, "fetch", "m", "--catalog", str(path), "--dry-run")
+    assert code == ExitCode.USAGE and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"ckpt: error: {path}: {where}") and problem in err, err
+    assert len(err) < 400 and "internal error" not in err

@@ -109,7 +109,7 @@ def plan_doctor(names: list[str] | tuple[str, ...], settings: Settings, *,
     Raises:
         UsageError: an unknown model name (the message suggests close ones), or a timeout
             that is not positive.
-        FormatError: a catalogue file is broken.
+        CatalogueError: a catalogue file is broken (exit 2).
     """
     if not timeout > 0:
         raise UsageError(f"timeout {timeout!r} is not a positive number of seconds")
