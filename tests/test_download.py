@@ -15,10 +15,11 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckptkit import download as dl
+from ckptkit import transfer
 from ckptkit.download import DownloadResult, download
 from ckptkit.errors import (AuthError, CkptkitError, ExitCode, IntegrityError, NotFoundError,
                             SourceError)
@@ -41,6 +42,7 @@ CLIENT = """
 import json, sys
 from pathlib import Path
 from ckptkit import download as dl
+from ckptkit import transfer
 url, dest, connections, piece = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 dl.MIN_PIECE_SIZE = dl.MAX_PIECE_SIZE = dl.PARALLEL_THRESHOLD = piece
 dl.LOCK_POLL_INTERVAL = 0.02
@@ -114,6 +116,7 @@ def interrupt(server: HTTPTestServer, path: str, dest: Path, start: int) -> Side
 
 # --- deciding ---------------------------------------------------------------------------------
 
+@settings(deadline=None)  # a 4 GiB file is 16,384 tiny pieces: the work, not the clock, bounds it
 @given(size=st.integers(0, 1 << 32), connections=st.integers(1, 16), seed=st.integers(0, 99))
 def test_plan_pieces_tiles_the_file(size: int, connections: int, seed: int) -> None:
     plan = plan_pieces(size, frozenset(), None, connections, TINY)
@@ -561,7 +564,7 @@ def test_not_enough_free_space(http_server: HTTPTestServer, tmp_path: Path,
     data = payload(300 * KiB)
     http_server.add("/big.bin", data)
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(dl.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    monkeypatch.setattr(transfer.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
     with pytest.raises(CkptkitError, match=rf"needs [\d,]+ bytes in {tmp_path}, 1,000 free") \
             as info:
         download(http_server.url("/big.bin"), tmp_path / "big.bin")

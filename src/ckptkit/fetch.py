@@ -25,8 +25,9 @@ from ckptkit import catalogue as catalogue_mod
 from ckptkit.cache import Cache, CacheEntry
 from ckptkit.catalogue import Catalogue, FileSpec, SourceSpec
 from ckptkit.config import Settings
-from ckptkit.errors import (CkptkitError, DiskFullError, ExitCode, FormatError, IntegrityError,
+from ckptkit.errors import (CkptkitError, DiskFullError, FormatError, IntegrityError,
                             NotFoundError, UsageError, disk_full)
+from ckptkit.attempts import Attempt, FetchError, attempt_reason
 from ckptkit.pins import Pins
 from ckptkit.reasons import sha256_mismatch, shorten
 
@@ -41,49 +42,6 @@ class Progress(Protocol):
 
 
 ProgressFactory = Callable[[str, int | None], Progress | None]
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One source tried for one file, and why it did not deliver (a few words)."""
-
-    source: str
-    error: str
-    integrity: bool = False
-
-    def line(self, file_id: str) -> str:
-        """How the attempt is logged: ``<file id>: <source> failed: <reason>``."""
-        return f"{file_id}: {self.source} failed: {self.error}"
-
-
-class FetchError(NotFoundError):
-    """Every source of one or more files failed.
-
-    The message is one short line (which files, how many attempts) and the hint the next step;
-    each attempt is in ``failures`` (:meth:`attempt_lines`), logged by :meth:`FetchPlan.execute`
-    as it happened.
-    """
-
-    def __init__(self, failures: dict[str, list[Attempt]], offline: bool = False):
-        ids = list(failures)
-        # One line whatever the bundle: the first file by name, the others counted.
-        named = ids[0] + (f" and {len(ids) - 1} more file{'s' if len(ids) > 2 else ''}"
-                          if len(ids) > 1 else "")
-        tried = sum(len(attempts) for attempts in failures.values())
-        why = (f"every source failed ({tried} attempt{'' if tried == 1 else 's'})" if tried
-               else "no source to try")
-        hint = ("Offline: pass --local-dir with the files, or fetch once online" if offline else
-                "Check the network or --mirror, or pass --local-dir "
-                "(`ckpt fetch --dry-run` lists the sources)")
-        super().__init__(f"could not fetch {named}: {why}", hint=hint)
-        self.failures = failures
-        if any(a.integrity for attempts in failures.values() for a in attempts):
-            self.exit_code = ExitCode.INTEGRITY
-
-    def attempt_lines(self) -> list[str]:
-        """One line per failed attempt, as :meth:`FetchPlan.execute` logs them."""
-        return [a.line(file_id) for file_id, attempts in self.failures.items()
-                for a in attempts]
 
 
 @dataclass(frozen=True)
@@ -324,7 +282,7 @@ class _Runner:
                 except DiskFullError:
                     raise  # every other source needs the same room: stop, do not fall back
                 except CkptkitError as exc:
-                    attempt = Attempt(label, _reason(exc, source.ref),
+                    attempt = Attempt(label, attempt_reason(exc, source.ref),
                                       isinstance(exc, IntegrityError))
                     attempts.append(attempt)
                     self.log(attempt.line(spec.id))
@@ -510,18 +468,6 @@ def _remove(path: Path) -> None:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
-
-
-def _reason(exc: CkptkitError, ref: str) -> str:
-    """The few words an attempt line gives for ``exc``: its ``reason``, else its message
-    without the source the line already names, shortened."""
-    if exc.reason:
-        return exc.reason
-    text = " ".join(exc.message.split())
-    for prefix in (ref, ref.rstrip("/")):
-        if prefix and text.startswith(prefix + ": "):
-            text = text[len(prefix) + 2:]
-    return shorten(text)
 
 
 @dataclass(frozen=True)
