@@ -10,6 +10,8 @@ import random
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,13 +210,30 @@ def test_concurrent_fetches_download_each_file_once(mirror: str, jukebox_files, 
     """Four `ckpt fetch` processes, one bundle, started together: every file crosses the wire
     once (one CDN miss, one probe, one body), all four processes succeed with the same files."""
     bundle = JUKEBOX[:4]
-    for rel in bundle:  # over a second per file, so the four processes surely overlap
-        http_server.routes[f"/blob/jukebox/models/{rel}"].rate = 12 << 10
+    # The VQ-VAE's body holds after 1000 bytes until the three other processes wait for it:
+    # they surely overlap, however the machine schedules them.
+    http_server.routes["/blob/jukebox/models/5b/vqvae.pth.tar"].faults.append(
+        Fault("stall", after=1000, seconds=None, only="data"))
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     procs = [subprocess.Popen([sys.executable, "-m", "ckptkit", "fetch", "jukebox-1b_lyrics",
                                "--mirror", mirror, "--json"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    outputs = [proc.communicate(timeout=120) for proc in procs]
+    errors: list[list[str]] = [[] for _ in procs]
+    readers = [threading.Thread(target=lambda proc=proc, lines=lines: lines.extend(proc.stderr),
+                                daemon=True) for proc, lines in zip(procs, errors, strict=True)]
+    for reader in readers:
+        reader.start()
+    while sum(any("waiting for pid" in line and "vqvae" in line for line in lines)
+              for lines in errors) < 3:
+        assert all(proc.poll() is None for proc in procs), errors
+        time.sleep(0.01)
+    http_server.release.set()
+    outputs = []
+    for proc, reader, lines in zip(procs, readers, errors, strict=True):
+        out = proc.stdout.read()
+        proc.wait(timeout=120)
+        reader.join()
+        outputs.append((out, "".join(lines)))
     assert [proc.returncode for proc in procs] == [0] * 4, [err for _out, err in outputs]
     reports = [json.loads(out) for out, _err in outputs]
     files = {tuple((f["name"], f["path"], f["bytes"], f["sha256"]) for f in r) for r in reports}

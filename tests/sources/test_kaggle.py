@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import tarfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ckptkit.formats import savedmodel  # noqa: E402
 from ckptkit.mirrors import Mirrors  # noqa: E402
 from ckptkit.sources import kaggle  # noqa: E402
 from ckptkit.transfer_plan import TransferLimits  # noqa: E402
+from ckptkit.testing.server import StubHandler, StubServer  # noqa: E402
 from tests.sources.hubs import KAGGLE_HANDLE, KaggleStub, saved_model, tree_files  # noqa: E402
 
 __all__ = ["saved_model"]  # the session fixture, re-exported for pytest
@@ -44,7 +46,7 @@ def api(saved_model: Path) -> Iterator[KaggleStub]:
         yield stub
 
 
-def mirror(stub: KaggleStub) -> Mirrors:
+def mirror(stub: StubServer) -> Mirrors:
     return Mirrors.parse(f"https://api.kaggle.com={stub.base}")
 
 
@@ -294,3 +296,41 @@ def test_kagglehub_without_the_replaced_function_is_refused(
     with pytest.raises(SourceError, match="_extract_archive") as err:
         kaggle.fetch(KAGGLE_HANDLE, mirrors=mirror(api))
     assert err.value.reason == "unsupported kagglehub version" and api.requests == []
+
+
+class _TricklingApi(StubHandler):
+    """A Kaggle API that answers every RPC one header byte every 20 ms (80 s in all)."""
+
+    def do_POST(self) -> None:
+        self._record()
+        head = b"HTTP/1.1 200 OK\r\nX-Padding: " + b"p" * 4000 + b"\r\n\r\n"
+        for byte in head:
+            if self.stub.done.wait(0.02):
+                return
+            try:
+                self.wfile.write(bytes([byte]))
+            except OSError:
+                return
+
+
+class TricklingApi(StubServer):
+    handler_class = _TricklingApi
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        super().__init__()
+
+    def stop(self) -> None:
+        self.done.set()
+        super().stop()
+
+
+def test_kaggle_api_headers_are_held_to_the_deadline(kaggle_env: Path) -> None:
+    """kagglesdk sends its requests without a timeout; the header deadline still ends them."""
+    with TricklingApi() as api:
+        with pytest.raises(SourceError) as err:
+            kaggle.fetch(KAGGLE_HANDLE, mirrors=mirror(api),
+                         limits=TransferLimits(header_timeout=0.5))
+        assert err.value.reason == "no complete headers within 0.5 s"
+        assert len(api.requests) == 1 and api.requests[0].method == "POST"
+    assert not kaggle_env.exists() or list(kaggle_env.rglob("*")) == []
