@@ -65,7 +65,7 @@ def fetch_command(names: tuple[str, ...], source: str | None, dest: Path | None,
     except FetchError as exc:
         if quiet:  # the attempts were not logged as they happened; they are the error's detail
             for line in exc.attempt_lines():
-                click.echo(f"ckpt: {line}", err=True)
+                click.echo(f"ckpt: {render.safe(line)}", err=True)
         raise
     if as_json:
         render.emit_json([f.to_dict() for f in fetched])
