@@ -343,10 +343,12 @@ PERSISTENT = [
     pytest.param(Bad("HTTP 503 (after 5 attempts)", ExitCode.NOT_FOUND,
                      (Fault("status", status=503, retry_after="1", times=None),)),
                  id="503-retry-after"),
-    pytest.param(Bad(f"wrong Content-Length ({SIZE + 100:,} for {SIZE:,} bytes) (after 5 attempts)", ExitCode.INTEGRITY,
+    pytest.param(Bad(f"wrong Content-Length ({SIZE + 100:,} for {SIZE:,} bytes) "
+                     "(after 5 attempts)", ExitCode.INTEGRITY,
                      (Fault("length", delta=100, times=None, only="data"),)),
                  id="content-length-too-long"),
-    pytest.param(Bad(f"wrong Content-Length ({SIZE - 100:,} for {SIZE:,} bytes) (after 5 attempts)", ExitCode.INTEGRITY,
+    pytest.param(Bad(f"wrong Content-Length ({SIZE - 100:,} for {SIZE:,} bytes) "
+                     "(after 5 attempts)", ExitCode.INTEGRITY,
                      (Fault("length", delta=-100, times=None, only="data"),)),
                  id="content-length-too-short"),
     pytest.param(Bad(f"sha256 {hashlib.sha256(flipped(blob(), 4321)).hexdigest()[:12]}… "
@@ -355,7 +357,8 @@ PERSISTENT = [
                  id="byte-changed-in-transit"),
     pytest.param(Bad("an HTML page instead of the file", ExitCode.NOT_FOUND,
                      (Fault("html", times=None),)), id="html-page-with-200"),
-    pytest.param(Bad("redirect loop (over 10 redirects)", ExitCode.NOT_FOUND, loop=True), id="redirect-loop"),
+    pytest.param(Bad("redirect loop (over 10 redirects)", ExitCode.NOT_FOUND, loop=True),
+                 id="redirect-loop"),
     pytest.param(Bad(f"sha256 {hashlib.sha256(blob(9)).hexdigest()[:12]}… differs from "
                      f"{hashlib.sha256(blob()).hexdigest()[:12]}…", ExitCode.INTEGRITY,
                      seed=9), id="other-file-same-size"),

@@ -191,7 +191,8 @@ class Transfer:
                 force_stream = not exc.changed or restart + 1 == self.knobs.max_restarts
                 continue
             return self._finalize(size, digest, resumed)
-        raise SourceError(f"{self.url} changed {self.knobs.max_restarts + 1} times during the download",
+        raise SourceError(f"{self.url} changed {self.knobs.max_restarts + 1} times during the "
+                          "download",
                           hint="Try again later or use another source", url=self.url)
 
     # -- parallel pieces ------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 :mod:`ckptkit.download` does the transfer; this module only answers its questions.  How is the
 file cut into pieces (:func:`plan_pieces`)?  May the pieces of an earlier run be kept
 (:func:`can_resume`)?  How often is a piece's progress made durable
-(:func:`checkpoint_interval`)?  What limits bound a transfer (:class:`TransferLimits`)?  What do ``Content-Range`` and ``Retry-After`` say?  How long to back off
-before a retry (:func:`backoff_delay`)?  Is this body an HTML page instead of the file
-(:func:`looks_like_html`)?
+(:func:`checkpoint_interval`)?  What limits bound a transfer (:class:`TransferLimits`)?  What do
+``Content-Range`` and ``Retry-After`` say?  How long to back off before a retry
+(:func:`backoff_delay`)?  Is this body an HTML page instead of the file (:func:`looks_like_html`)?
 
 The tuning knobs (piece sizes, backoff) are not defined here: they stay in
 :mod:`ckptkit.download`, where tests patch them, and are passed in as arguments, so one value

@@ -242,14 +242,12 @@ class Transport:
             except _NETWORK_ERRORS as exc:
                 if self.stop.is_set():
                     raise Aborted() from exc
-                kind = "timeout" if _is_timeout(exc) else "body"
-                reason = network_reason(exc, self.timeout)
-                detail = "the connection broke mid-body"
-                if kind == "body" or reason == "connection broke mid-body":
-                    reason = "connection broke mid-body"
-                else:
-                    detail += f" ({reason})"
-                raise Transient(kind, detail, reason=reason) from exc
+                if _is_timeout(exc):
+                    reason = network_reason(exc, self.timeout)
+                    raise Transient("timeout", f"the connection broke mid-body ({reason})",
+                                    reason=reason) from exc
+                raise Transient("body", "the connection broke mid-body",
+                                reason="connection broke mid-body") from exc
             if not data:
                 return
             yield data

@@ -54,9 +54,10 @@ class Fault:
     after ``after`` body bytes), ``stall`` (send ``after`` bytes, then nothing for ``seconds``;
     None: until :attr:`HTTPTestServer.release` is set), ``delay`` (wait ``seconds`` before the
     headers, or less: until :attr:`HTTPTestServer.stalled` is set when ``until_stalled``, until
-    ``concurrent`` requests have been in flight at once when that is given), ``flip`` (invert the byte at
-    absolute ``offset`` in transit), ``length`` (declare ``Content-Length`` off by ``delta``),
-    ``html`` (answer 200 with an HTML page; ``content_type`` can lie about it), ``drip`` (send
+    ``concurrent`` requests have been in flight at once when that is given), ``flip`` (invert
+    the byte at absolute ``offset`` in transit), ``length`` (declare ``Content-Length`` off by
+    ``delta``), ``html`` (answer 200 with an HTML page; ``content_type`` can lie about it),
+    ``drip`` (send
     ``after`` bytes, then one byte every ``seconds``), ``drip-headers`` (send the status line and
     headers, padded to ``after`` bytes, one byte every ``seconds``), ``chunked`` (no
     ``Content-Length``: the body is chunked, endless when ``after`` is 0, else the payload).

@@ -8,7 +8,6 @@ from typing import Any
 from ckptkit.download import DownloadResult, download
 from ckptkit.mirrors import Mirrors
 from ckptkit.transfer_plan import TransferLimits
-from ckptkit.transport import announced_size
 
 
 def fetch(url: str, dest: Path, *, mirrors: Mirrors, expected_size: int | None,
@@ -25,18 +24,10 @@ def probe_size(url: str, *, mirrors: Mirrors, timeout: float = 10.0) -> int | No
     """The size a server announces for ``url`` (one ranged GET of a single byte), or None.
 
     Used by ``--dry-run`` to show what a fetch would transfer; never raises for network
-    trouble, since a plan should still print when a source is down.
+    trouble, since a plan should still print when a source is down.  It is ``ckpt doctor``'s
+    probe, so a server that trickles its headers cannot hold the plan up either, and a
+    ``file:`` URL (a mirror on disk) is measured on disk.
     """
-    import requests
+    from ckptkit.probes import download_probe, send
 
-    from ckptkit import file_urls
-
-    if file_urls.is_file_url(mirrors.rewrite(url)):
-        return file_urls.size_of(mirrors.rewrite(url))
-    try:
-        with requests.get(mirrors.rewrite(url), headers={"Range": "bytes=0-0",
-                                                         "Accept-Encoding": "identity"},
-                          stream=True, timeout=timeout) as resp:
-            return announced_size(resp)
-    except requests.RequestException:
-        return None
+    return send(download_probe(mirrors.rewrite(url)), timeout=timeout).size
