@@ -345,7 +345,7 @@ TECHNIQUES: list[Technique] = [
     T("protocol4-dotted-name", _dotted_traversal, ("argparse._os.system",), "STACK_GLOBAL"),
     T("py2-alias-cpickle-loads", _py2_alias, ("cPickle.loads",)),
     T("computed-stack-global-operands", _computed_stack_global,
-      ("<posixpath.basename(...)>.<posixpath.basename(...)>",), "STACK_GLOBAL"),
+      ("<posixpath.basename('/x/os')>.<posixpath.basename('/x/system')>",), "STACK_GLOBAL"),
     T("frame-straddling-opcode", _frames_straddled, ("builtins.exec",), "STACK_GLOBAL"),
     # Code execution through builtins and gadgets
     T("builtins-eval", simple("builtins", "eval", text_arg(SRC_TEXT)), ("builtins.eval",)),

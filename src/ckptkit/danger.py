@@ -36,17 +36,40 @@ DANGEROUS_MODULES = frozenset({
     "yaml", "jinja2", "mako", "IPython", "numpy.ctypeslib", "torch.fx",
     "torch.utils.cpp_extension", "torch._C", "torch.package", "torch.compiler", "torch.export",
     "torch.utils.data.datapipes", "torch.multiprocessing", "torch.backends",
+    # Resolvers: a string in, any module or callable out, so one of them reaches every name
+    # this list refuses (pkgutil.resolve_name('os:system'), pydoc.locate('os.system')).
+    "pkgutil", "_imp", "_frozen_importlib", "_frozen_importlib_external", "warnings",
+    "xml.sax", "xml.dom", "modulefinder", "pyclbr",
+    # Runners that compile, eval or exec a string they are given, or start an interpreter:
+    # dataclasses._create_fn, idlelib.calltip.get_entity, test.support.script_helper,
+    # rlcompleter's attr_matches, gettext's plural-form compiler, subinterpreters.
+    "dataclasses", "idlelib", "test", "lib2to3", "rlcompleter", "gettext", "_pyrepl",
+    "tkinter", "_tkinter", "turtle", "turtledemo", "_lsprof", "unittest", "compileall",
+    "py_compile", "zipapp", "cgitb", "_interpreters", "_xxsubinterpreters", "interpreters",
+    "_interpchannels", "_interpqueues", "_xxinterpchannels",
+    # Network clients and servers.
+    "nntplib", "smtpd", "asynchat", "asyncore", "_socket", "_ssl", "urllib3", "fsspec",
+    "huggingface_hub", "boto3", "botocore", "pexpect", "sh", "plumbum",
+    # Files created or overwritten by a constructor call (gzip.open(path, "wb") ...), and
+    # process state.
+    "gzip", "bz2", "lzma", "codecs", "mailbox", "wave", "aifc", "sunau", "h5py", "fcntl",
+    "termios", "faulthandler", "readline", "_signal", "_multiprocessing", "_posixshmem",
+    # torch machinery that runs code, profiles a string, writes files or downloads.
+    "torch.utils.bottleneck", "torch.utils._config_module", "torch.utils.benchmark",
+    "torch.utils.tensorboard", "torch.utils.model_zoo", "torch.utils.hipify", "torch.profiler",
+    "torch.autograd.profiler", "torch.onnx", "torch.library", "torch._functorch",
+    "torch._export", "torch.testing", "torch._lazy", "torch._higher_order_ops", "pandas.io",
 })
 
-#: Harmless names inside otherwise dangerous modules (plain data constructors).
+#: Modules whose private helpers evaluate strings (typing._eval_type on a ForwardRef) while
+#: their public type names are ordinary pickle content (typing.Any in OmegaConf configs).
+PRIVATE_NAMES_DANGEROUS = frozenset({"typing", "typing_extensions", "annotationlib"})
+
+#: Harmless names inside otherwise dangerous modules: not reported as unsafe, but listed as
+#: objects (what only builds data is in data/pickle_allowlist.toml, checked first).
 SAFE_NAMES = frozenset({
-    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"),
-    ("builtins", "bytes"), ("builtins", "complex"), ("builtins", "slice"), ("builtins", "int"),
-    ("builtins", "float"), ("builtins", "str"), ("builtins", "bool"), ("builtins", "tuple"),
-    ("builtins", "list"), ("builtins", "dict"), ("builtins", "range"),
-    ("__builtin__", "set"), ("__builtin__", "frozenset"), ("__builtin__", "complex"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
-    ("pathlib", "PureWindowsPath"), ("pathlib", "Path"),
+    ("builtins", "int"), ("builtins", "float"), ("builtins", "str"), ("builtins", "bool"),
+    ("builtins", "tuple"), ("builtins", "list"), ("builtins", "dict"),
     ("functools", "total_ordering"),
     # joblib's record of an array's shape and dtype; the bytes follow it in the stream.
     ("joblib.numpy_pickle", "NumpyArrayWrapper"),
@@ -57,7 +80,7 @@ DANGEROUS_NAMES = frozenset({
     ("numpy", "load"), ("numpy", "loadtxt"), ("numpy", "fromfile"), ("numpy", "save"),
     ("numpy", "savez"), ("numpy.lib.npyio", "load"), ("numpy.core.multiarray", "fromfile"),
     ("torch", "load"), ("torch", "save"), ("torch", "compile"), ("torch", "from_file"),
-    ("torch.storage", "_load_from_bytes"), ("torch._utils", "_load_from_bytes"),
+    ("torch._utils", "_load_from_bytes"),
     ("pandas", "read_csv"), ("pandas", "read_pickle"), ("pandas.io.pickle", "read_pickle"),
     ("collections", "namedtuple"),
     # numpy names that create or overwrite files when called.
@@ -65,6 +88,12 @@ DANGEROUS_NAMES = frozenset({
     ("numpy", "savez_compressed"), ("numpy", "savetxt"), ("numpy", "DataSource"),
     ("numpy.lib.format", "open_memmap"), ("numpy.lib._format_impl", "open_memmap"),
     ("numpy.lib.npyio", "save"), ("numpy.lib.npyio", "savez"), ("numpy.lib.npyio", "savetxt"),
+    ("numpy", "fromregex"), ("numpy", "genfromtxt"), ("numpy.lib.npyio", "genfromtxt"),
+    ("numpy.lib.npyio", "loadtxt"), ("numpy.lib.npyio", "fromregex"),
+    # Strings evaluated as type expressions (typing's private helpers are covered as a group).
+    ("typing", "get_type_hints"), ("typing", "ForwardRef"), ("typing", "evaluate_forward_ref"),
+    ("typing_extensions", "get_type_hints"), ("typing_extensions", "ForwardRef"),
+    ("typing_extensions", "evaluate_forward_ref"),
 })
 
 
@@ -80,6 +109,10 @@ def is_dangerous(module: str, name: str) -> bool:
         return False
     if (module, name) in DANGEROUS_NAMES or name.startswith("__") and name.endswith("__"):
         return True
+    if name.startswith("_") and module in PRIVATE_NAMES_DANGEROUS:
+        return True
+    if module == "pandas" and name.startswith("read_"):
+        return True  # pandas.read_pickle, read_csv, read_sql ...
     root = module
     while root:
         if root in DANGEROUS_MODULES:

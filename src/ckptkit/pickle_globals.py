@@ -1,45 +1,33 @@
 """The globals a restricted pickle may name, and the inert stand-ins it gets for them.
 
-:data:`ALLOWED` maps ``(module, name)`` to what :class:`~ckptkit.unpickler.InertUnpickler`
+The names themselves are data (``data/pickle_allowlist.toml``, one kind per name);
+:data:`ALLOWED` maps each ``(module, name)`` to what :class:`~ckptkit.unpickler.InertUnpickler`
 hands the pickle instead of importing: torch tensor and storage rebuild functions become
-builders of :class:`PendingTensor`, storage classes and dtypes become small markers, and a few
-builtins keep their meaning but are bounded.  Nothing here imports or calls what a pickle names.
+builders of :class:`PendingTensor`, storage classes and dtypes become small markers, data
+records become recorders, and a few builtins keep their meaning but are bounded.  Nothing here
+imports or calls what a pickle names.
 """
 
 from __future__ import annotations
 
+import functools
 import pickle
+import sys
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any, Callable
 
 from ckptkit.model import Opaque
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 #: Hashing a tuple hashes every element again, uncached: a memo-shared tuple of tuples used as
 #: a dict key or set member would cost 10**levels hash calls.  Real keys are tiny.
 MAX_KEY_NODES = 1_000
-
-TORCH_STORAGE_DTYPES = {
-    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
-    "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
-    "ComplexDoubleStorage": "complex128", "QInt8Storage": "qint8", "QUInt8Storage": "quint8",
-    "QInt32Storage": "qint32", "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4",
-    "UntypedStorage": "uint8",
-}
-
-TORCH_DTYPES = {
-    "float32": "float32", "float": "float32", "float64": "float64", "double": "float64",
-    "float16": "float16", "half": "float16", "bfloat16": "bfloat16", "int64": "int64",
-    "long": "int64", "int32": "int32", "int": "int32", "int16": "int16", "short": "int16",
-    "int8": "int8", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32",
-    "uint64": "uint64", "bool": "bool", "complex64": "complex64", "cfloat": "complex64",
-    "complex128": "complex128", "cdouble": "complex128", "complex32": "complex32",
-    "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
-    "float8_e4m3fnuz": "float8_e4m3fnuz", "float8_e5m2fnuz": "float8_e5m2fnuz",
-    "float8_e8m0fnu": "float8_e8m0fnu", "float4_e2m1fn_x2": "float4_e2m1fn_x2",
-    "qint8": "qint8", "quint8": "quint8", "qint32": "qint32",
-}
 
 _NUMPY_CODES = {
     "b1": "bool", "i1": "int8", "u1": "uint8", "i2": "int16", "u2": "uint16", "i4": "int32",
@@ -107,7 +95,8 @@ def inert_type(qualname: str) -> type:
     def __new__(cls, *args, **kwargs):  # noqa: N807 - the inert stand-in for construction
         return Opaque(qualname, args + ((kwargs,) if kwargs else ()))
 
-    return type(qualname.rpartition(".")[2] or "Inert", (), {"__new__": __new__})
+    return type(qualname.rpartition(".")[2] or "Inert", (),
+                {"__new__": __new__, "qualname": qualname})
 
 
 def _rebuild_qtensor(storage, storage_offset, size, stride, *rest):
@@ -140,6 +129,39 @@ def _rebuild_meta(dtype, size, stride, *rest):
 
 def _rebuild_from_type_v2(func, new_type, args, state):
     return func(*args) if callable(func) else Opaque("torch._tensor._rebuild_from_type_v2")
+
+
+def _torch_size(*args: Any) -> tuple[Any, ...]:
+    return tuple(args[0]) if args and isinstance(args[0], (list, tuple)) else ()
+
+
+def _torch_device(*args: Any) -> str:
+    return ":".join(_scalar_text(args))
+
+
+def _torch_layout(*args: Any) -> str:
+    return "".join(_scalar_text(args[:1]))
+
+
+def _identity(value: Any = None, *rest: Any) -> Any:
+    return value
+
+
+def _as_list(value: Any = None, *rest: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+class EmbeddedTorchFile:
+    """``torch.storage._load_from_bytes``: ``torch.load(io.BytesIO(data), weights_only=False)``.
+
+    Calling it does not build anything here; the reader sees this marker and reads the
+    embedded file the same restricted way, so it is judged by what that file holds."""
+
+    def __init__(self, qualname: str):
+        self.qualname = qualname
+
+    def __repr__(self) -> str:
+        return f"<embedded torch file reader {self.qualname}>"
 
 
 def _codecs_encode(obj, encoding="utf-8", *rest):
@@ -179,6 +201,10 @@ def _bounded(ctor: Callable[..., Any], name: str) -> Callable[..., Any]:
     return build
 
 
+def _new_defaultdict(*args: Any) -> AttrDict:
+    return AttrDict()
+
+
 def _new_dict(*args, **kwargs):
     result = AttrDict()
     if args and isinstance(args[0], (dict, list)):
@@ -191,55 +217,71 @@ def _new_dict(*args, **kwargs):
     return result
 
 
-def _allowed() -> dict[tuple[str, str], Any]:
-    table: dict[tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): _new_dict,
-        ("collections", "defaultdict"): lambda *a: AttrDict(),
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_meta_tensor_no_storage"): _rebuild_meta,
-        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-        ("torch", "Size"): lambda *a: tuple(a[0]) if a and isinstance(a[0], (list, tuple)) else (),
-        ("torch", "device"): lambda *a: ":".join(_scalar_text(a)),
-        ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
-        ("torch.serialization", "_get_layout"): lambda *a: "".join(_scalar_text(a[:1])),
-        ("builtins", "set"): _bounded(set, "set"),
-        ("builtins", "frozenset"): _bounded(frozenset, "frozenset"),
-        ("builtins", "bytearray"): _bounded(bytearray, "bytearray"),
-        ("builtins", "bytes"): _bounded(bytes, "bytes"),
-        ("builtins", "complex"): _bounded(complex, "complex"),
-        ("builtins", "slice"): _bounded(slice, "slice"),
-        ("__builtin__", "set"): _bounded(set, "set"),
-        ("_codecs", "encode"): _codecs_encode,
-        ("copyreg", "_reconstructor"): _reconstructor,
-        ("builtins", "object"): inert_type("builtins.object"),  # _reconstructor's base
-        ("__builtin__", "object"): inert_type("builtins.object"),
-        ("copy_reg", "_reconstructor"): _reconstructor,
-    }
-    for name, dtype in TORCH_STORAGE_DTYPES.items():
-        table[("torch", name)] = StorageType(dtype)
-    # _rebuild_tensor_v3 (float8 and other new dtypes) names the untyped storage by its module.
-    table[("torch.storage", "UntypedStorage")] = StorageType("uint8")
-    table[("__builtin__", "complex")] = _bounded(complex, "complex")  # protocol 2 spelling
-    table[("torch._utils", "_rebuild_qtensor")] = _rebuild_qtensor
-    for scheme in ("per_tensor_affine", "per_channel_affine", "per_tensor_symmetric",
-                   "per_channel_symmetric", "per_channel_affine_float_qparams"):
-        table[("torch", scheme)] = f"torch.{scheme}"  # quantizer parameters: plain names
-    for name, dtype in TORCH_DTYPES.items():
-        table[("torch", name)] = DType(dtype)
-    return table
-
-
-ALLOWED = _allowed()
-#: numpy reconstruction helpers: recorded as Opaque and turned into values afterwards.
-NUMPY_BENIGN = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
+#: What each kind of the allowlist (data/pickle_allowlist.toml) stands in with.
+_KINDS: dict[str, Callable[[str], Any]] = {
+    "dict": lambda _q: _new_dict,
+    "defaultdict": lambda _q: _new_defaultdict,
+    "set": lambda _q: _bounded(set, "set"),
+    "frozenset": lambda _q: _bounded(frozenset, "frozenset"),
+    "bytearray": lambda _q: _bounded(bytearray, "bytearray"),
+    "bytes": lambda _q: _bounded(bytes, "bytes"),
+    "complex": lambda _q: _bounded(complex, "complex"),
+    "slice": lambda _q: _bounded(slice, "slice"),
+    "tensor": lambda _q: _rebuild_tensor,
+    "tensor-v2": lambda _q: _rebuild_tensor_v2,
+    "tensor-v3": lambda _q: _rebuild_tensor_v3,
+    "qtensor": lambda _q: _rebuild_qtensor,
+    "parameter": lambda _q: _rebuild_parameter,
+    "meta-tensor": lambda _q: _rebuild_meta,
+    "from-type-v2": lambda _q: _rebuild_from_type_v2,
+    "size": lambda _q: _torch_size,
+    "device": lambda _q: _torch_device,
+    "layout": lambda _q: _torch_layout,
+    "name": lambda qualname: qualname,  # quantizer schemes: plain names
+    "codecs-encode": lambda _q: _codecs_encode,
+    "reconstructor": lambda _q: _reconstructor,
+    "object": inert_type,
+    "numpy": inert_type,
+    "record": inert_type,
+    "embedded-torch-file": lambda qualname: EmbeddedTorchFile(qualname),
+    "identity": lambda _q: _identity,
+    "list": lambda _q: _as_list,
 }
+ALLOWLIST = Path(str(resources.files("ckptkit") / "data" / "pickle_allowlist.toml"))
+
+
+def allowlist_kinds(section: str = "everywhere") -> dict[tuple[str, str], str]:
+    """``(module, name) -> kind`` for one section of data/pickle_allowlist.toml."""
+    table = _allowlist_data()[section]
+    return {tuple(key.split(":", 1)): kind for key, kind in table.items()}  # type: ignore[misc]
+
+
+@functools.lru_cache(maxsize=1)
+def _allowlist_data() -> dict[str, dict[str, str]]:
+    return tomllib.loads(ALLOWLIST.read_text(encoding="utf-8"))
+
+
+def stand_in(kind: str, qualname: str) -> Any:
+    """The stand-in a restricted read hands a pickle for an allowlisted global of ``kind``."""
+    word, _, dtype = kind.partition(" ")
+    if word == "storage":
+        return StorageType(dtype)
+    if word == "dtype":
+        return DType(dtype)
+    return _KINDS[word](qualname)
+
+
+def allowed(section: str = "everywhere") -> dict[tuple[str, str], Any]:
+    """``(module, name) -> stand-in`` for one section of the allowlist."""
+    return {key: stand_in(kind, f"{key[0]}.{key[1]}")
+            for key, kind in allowlist_kinds(section).items()}
+
+
+ALLOWED = allowed()
+#: Stand-ins that call (or keep to call later) the arguments at these positions: a value
+#: computed at load time there is a call the real loader makes on it.
+CALLS_ARGUMENTS: dict[int, tuple[int, ...]] = {
+    id(_rebuild_from_type_v2): (0,), id(_reconstructor): (0, 1), id(_new_defaultdict): (0,)}
 
 
 def check_keys(keys: Any) -> None:

@@ -24,14 +24,13 @@ from typing import Any, BinaryIO
 
 from ckptkit.errors import IntegrityError
 from ckptkit.model import Opaque, itemsize
-from ckptkit.pickle_globals import inert_type, numpy_dtype_name
+from ckptkit.pickle_globals import allowed, numpy_dtype_name
 from ckptkit.unpickler import (Findings, InertUnpickler, PickleContext, UnsafePickleError,
                                is_binary_pickle, read_pickle)
 
 SUFFIXES = (".pkl", ".pickle", ".joblib", ".jbl", ".sav", ".pk", ".p")
 WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
-CONTEXT = PickleContext(allowed={("joblib.numpy_pickle", "NumpyArrayWrapper"):
-                                 inert_type(WRAPPER)})
+CONTEXT = PickleContext(allowed=allowed("joblib"))
 #: More consecutive pickles than this in one file is not a file anyone wrote on purpose.
 MAX_PICKLES = 10_000
 #: Decompressed bytes allowed per compressed byte before the stream counts as a bomb.
@@ -102,6 +101,7 @@ class _JoblibMachine(InertUnpickler):
         InertUnpickler.dispatch[pickle.BUILD[0]](self)
         wrapper = self.stack[-1]
         if isinstance(wrapper, Opaque) and wrapper.qualname == WRAPPER:
+            self.leave_frame()
             self._skip_array(wrapper.state if isinstance(wrapper.state, dict) else {})
 
     def _skip_array(self, state: dict[str, Any]) -> None:
@@ -216,11 +216,11 @@ class _Budget:
             got += len(part)
         return b"".join(parts)
 
-    def readline(self) -> bytes:
+    def readline(self, limit: int = 1 << 20) -> bytes:
         if self._ahead == b"\n":
             self._ahead = b""
             return b"\n"
-        line = self._ahead + self._stream.readline(1 << 20)
+        line = self._ahead + self._stream.readline(limit if 0 < limit < 1 << 20 else 1 << 20)
         self._ahead = b""
         self._used += len(line)
         self._advance(len(line))

@@ -15,17 +15,20 @@ module returns into the public model.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import pickletools
+import re
 import struct
+import contextvars
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
 from ckptkit import danger
 from ckptkit.errors import CkptkitError, ExitCode, IntegrityError
 from ckptkit.model import Opaque
-from ckptkit.pickle_globals import ALLOWED, NUMPY_BENIGN, AttrDict, check_keys, inert_type
+from ckptkit.pickle_globals import (ALLOWED, CALLS_ARGUMENTS, AttrDict, EmbeddedTorchFile,
+                                    check_keys, inert_type)
+from ckptkit.pickle_input import LOADER_VIEWS, FileInput, StreamInput
 
 def is_binary_pickle(head: bytes) -> bool:
     """True when ``head`` starts like a protocol 2-5 pickle (``PROTO`` then 2..5)."""
@@ -46,16 +49,32 @@ class Findings:
     pickles: int = 0
     where: dict[str, str] = field(default_factory=dict)  # qualname -> which pickle named it
     location: str = "pickle"  # the pickle being read now
+    offset: dict[str, int] = field(default_factory=dict)  # qualname -> opcode's byte offset
 
-    def flag(self, qualname: str, via: str) -> None:
-        """Record a dangerous callable, with the opcode and the pickle that first named it."""
+    def flag(self, qualname: str, via: str, offset: int | None = None) -> None:
+        """Record a dangerous callable, with the opcode, the pickle and the byte offset (in
+        that pickle's record or file) where it was first reached."""
         if qualname not in self.unsafe:
             self.unsafe[qualname] = via
             self.where[qualname] = self.location
+            if offset is not None:
+                self.offset[qualname] = offset
 
-    def details(self) -> dict[str, dict[str, str]]:
+    def merge(self, other: Findings, within: str) -> None:
+        """Add what a nested read found (a file inside this pickle), placed ``within`` it."""
+        self.objects |= other.objects
+        self.pickles += other.pickles
+        for qualname, via in other.unsafe.items():
+            if qualname not in self.unsafe:
+                self.unsafe[qualname] = via
+                self.where[qualname] = f"{within}: {other.where.get(qualname, '')}"
+                if qualname in other.offset:
+                    self.offset[qualname] = other.offset[qualname]
+
+    def details(self) -> dict[str, dict[str, Any]]:
         """The per-name facts readers put into ``RawCheckpoint.details``."""
-        return {"unsafe_via": dict(self.unsafe), "unsafe_where": dict(self.where)}
+        return {"unsafe_via": dict(self.unsafe), "unsafe_where": dict(self.where),
+                "unsafe_offset": dict(self.offset)}
 
 
 class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
@@ -63,33 +82,42 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
 
     dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
-    def __init__(self, file: BinaryIO, findings: Findings,
+    def __init__(self, file: BinaryIO | FileInput | StreamInput, findings: Findings,
                  persistent: Callable[[Any], Any] | None = None,
-                 context: PickleContext | None = None):
-        super().__init__(file, encoding="latin1")
-        self._file_read = _capped_read(file)
+                 context: PickleContext | None = None, *, base: int = 0):
+        own_input = isinstance(file, (FileInput, StreamInput))
+        super().__init__(io.BytesIO() if own_input else file, encoding="latin1")
+        self._input = file if own_input else StreamInput(file)  # type: ignore[arg-type]
+        self._base = base
+        self._frame_end = _NO_FRAME
+        self.diverged = False
         self.findings = findings
         self._persistent = persistent
         self._context = context or PickleContext()
         self._via = "GLOBAL"
+        self._op_pos = 0
         self._types: dict[str, type] = {}
+        self._globals: dict[int, str] = {}  # id of what find_class handed out -> its name
+
+    def _flag(self, qualname: str, via: str) -> None:
+        self.findings.flag(qualname, via, self._base + self._op_pos)
 
     def find_class(self, module: str, name: str) -> Any:  # the one gate to every global
         module, name = str(module), str(name)
         qualname = f"{module}.{name}"
-        if (module, name) in self._context.allowed:
-            return self._context.allowed[(module, name)]
-        if (module, name) in ALLOWED:
-            return ALLOWED[(module, name)]
-        if module.startswith(self._context.known_prefixes):
-            pass  # classes the format itself defines (TorchScript's __torch__.*): not findings
-        elif danger.is_dangerous(module, name):
-            self.findings.flag(qualname, self._via)
-        elif (module, name) not in NUMPY_BENIGN:
-            self.findings.objects.add(qualname)
-        if qualname not in self._types:
-            self._types[qualname] = inert_type(qualname)
-        return self._types[qualname]
+        found = self._context.allowed.get((module, name), ALLOWED.get((module, name)))
+        if found is None:
+            if module.startswith(self._context.known_prefixes):
+                pass  # classes the format itself defines (TorchScript's __torch__.*)
+            elif danger.is_dangerous(module, name):
+                self._flag(qualname, self._via)
+            else:
+                self.findings.objects.add(qualname)
+            if qualname not in self._types:
+                self._types[qualname] = inert_type(qualname)
+            found = self._types[qualname]
+        self._globals[id(found)] = qualname
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent is None:
@@ -102,50 +130,99 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         return self._persistent(pid)
 
     def load(self) -> Any:
-        # The stdlib loop, plus an opcode budget; pickle errors become IntegrityError upstream.
-        # No _Unframer: like the C unpickler that pickle.load and torch.load use, FRAME is only
-        # a prefetch hint (see _load_frame), so an opcode may straddle a declared frame end.
-        # The pure-Python _Unframer rejects that ("pickle exhausted before end of frame"), a
-        # parser differential that let a payload run under torch.load while this reader
-        # stopped early and reported the file as merely corrupt.
-        self.read = self._file_read
-        self.readline = self._file_readline
-        self.readinto = self._readinto
+        # The stdlib loop over this reader's input (see pickle_input: frames are read as the
+        # C unpickler reads them, not as the pure-Python _Unframer does), plus an opcode
+        # budget; pickle errors become IntegrityError upstream.
+        source = self._input
+        self.read, self.readline = source.read, source.readline
         self.metastack = []
         self.stack = []
         self.append = self.stack.append
         self.proto = 0
-        read, dispatch = self.read, self.dispatch
-        budget = MAX_OPCODES
+        read, tell, dispatch = source.read, source.tell, self.dispatch
+        budget, previous = MAX_OPCODES, -1
         try:
             while budget:
                 budget -= 1
+                self._op_pos = here = tell()
+                if here > self._frame_end:
+                    if previous < self._frame_end:
+                        # The frame ended inside the last opcode: a loader reading the frame
+                        # on its own took that opcode's operand from after the frame.
+                        self.diverged = True
+                    self._frame_end = _NO_FRAME
+                previous = here
                 key = read(1)
                 if not key:
                     raise EOFError
                 dispatch[key[0]](self)
         except pickle._Stop as stop:  # type: ignore[attr-defined]
+            if tell() < self._frame_end != _NO_FRAME:
+                self.diverged = True  # loaders reading frames start the next pickle elsewhere
+            source.stop()
             return stop.value
         raise pickle.UnpicklingError(f"more than {MAX_OPCODES} opcodes")
-
-    def _readinto(self, buf: Any) -> int:
-        data = self._file_read(len(buf))
-        buf[:len(data)] = data
-        return len(data)
 
     def _load_frame(self) -> None:
         (size,) = struct.unpack("<Q", self.read(8))
         if size > MAX_STATIC_SCAN << 4:
             raise pickle.UnpicklingError(f"frame of {size} bytes")
+        left = self._input.remaining()
+        if left is not None and size > left:
+            raise pickle.UnpicklingError("pickle data was truncated")  # as pickle.loads says
+        here = self._input.tell()
+        if here < self._frame_end != _NO_FRAME:
+            if here + size > self._frame_end:
+                self.diverged = True  # a frame opening inside another and ending past it
+                self._frame_end = here + size
+        else:
+            self._frame_end = here + size
+        self._input.frame(size)
+
+    def leave_frame(self) -> None:
+        """Bytes that follow are taken outside the pickle machine (joblib's array data): a
+        frame that ends here is closed, so skipping them is not reading across its end."""
+        if self._input.tell() >= self._frame_end:
+            self._frame_end = _NO_FRAME
+
+    def _counted(self, size: int) -> bytes:
+        # The stdlib allocates (and zeroes) bytearray(<declared length>) before reading, so a
+        # 20-byte pickle could demand gigabytes: read what is there, in pieces.
+        if size > MAX_STATIC_SCAN << 4:
+            raise pickle.UnpicklingError(f"a bytes value of {size} bytes")
+        return self._input.read_counted(size)
+
+    def _load_short_binbytes(self) -> None:
+        self.append(self._counted(self.read(1)[0]))
+
+    def _load_binbytes(self) -> None:
+        self.append(self._counted(struct.unpack("<I", self.read(4))[0]))
+
+    def _load_binbytes8(self) -> None:
+        self.append(self._counted(struct.unpack("<Q", self.read(8))[0]))
 
     def _load_bytearray8(self) -> None:
-        # The stdlib allocates (and zeroes) bytearray(<declared length>) before reading, so a
-        # 20-byte pickle could demand gigabytes.  Read what is there, then check the length.
-        (size,) = struct.unpack("<Q", self.read(8))
-        data = self.read(min(size, MAX_STATIC_SCAN << 4))
-        if len(data) != size:
-            raise pickle.UnpicklingError(f"BYTEARRAY8 of {size} bytes is truncated")
-        self.append(bytearray(data))
+        self.append(bytearray(self._counted(struct.unpack("<Q", self.read(8))[0])))
+
+    def _load_int(self) -> None:
+        # The C unpickler parses INT with strtol(s, &end, 0): "010" is 8 there, while the
+        # pure-Python int(s, 0) refuses it, which would end this reading where torch.load
+        # reads on.
+        line = self.readline()
+        if len(line) < 2:
+            raise pickle.UnpicklingError("pickle data was truncated")
+        match = _STRTOL.match(line)
+        if match and line[match.end():] in (b"\n", b""):
+            sign, digits = match.group(1), match.group(2)
+            base = 16 if digits[:2].lower() == b"0x" else 8 if digits[:1] == b"0" else 10
+            value = int(digits[2:] if base == 16 else digits, base) * (-1 if sign == b"-" else 1)
+            if -(1 << 63) <= value < 1 << 63:
+                self.append(bool(value) if len(line) == 3 and value in (0, 1) else value)
+                return
+        try:
+            self.append(int(line, 0))
+        except ValueError:
+            raise ValueError("could not convert string to int") from None
 
     # --- calls and mutations the stand-ins cannot mirror ------------------------------------
     # The real loader calls real objects where this reader has recorders and stand-ins, so
@@ -153,10 +230,23 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     # NEWOBJ on a stand-in function, BUILD or SETITEM on a tensor.  Stopping there would leave
     # the rest of the pickle unread (and the file merely "corrupt") while torch.load runs it,
     # so such an operation is recorded as an Opaque, or skipped, and interpretation goes on.
+    # A callable the reader only has as a record (the result of a call, a constructed object)
+    # is something the file computes at load time: whatever it is, calling it is unsafe.
+
+    def _call_computed(self, func: Opaque, args: Any, via: str) -> Opaque:
+        """A call on a value the file computes at load time: unsafe, whatever it is."""
+        called = f"{_describe(func)}()"
+        self._flag(called, via)
+        return Opaque(called, args if isinstance(args, tuple) else (args,))
 
     def _record_call(self, func: Any, args: Any, kwargs: Any = None) -> Any:
         args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
         extra = (kwargs,) if isinstance(kwargs, dict) and kwargs else ()
+        if isinstance(func, EmbeddedTorchFile):
+            return self._embedded(func, args)
+        for position in CALLS_ARGUMENTS.get(id(func), ()):
+            if position < len(args) and isinstance(args[position], Opaque):
+                self._flag(f"{_describe(args[position])}()", self._via_call)
         try:
             if isinstance(kwargs, dict) and kwargs:
                 return func(*args, **kwargs)
@@ -166,40 +256,91 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
                 raise
             return _called(func, args + extra)
 
+    _via_call = "REDUCE"
+
     def _load_reduce(self) -> None:
         args = self.stack.pop()
-        self.stack[-1] = self._record_call(self.stack[-1], args)
+        func = self.stack[-1]
+        self.stack[-1] = self._call_computed(func, args, "REDUCE") if isinstance(
+            func, Opaque) else self._record_call(func, args)
 
     def _load_newobj(self) -> None:
         args = self.stack.pop()
         cls = self.stack.pop()
-        self.append(self._record_call(lambda *a: cls.__new__(cls, *a), args)
-                    if not isinstance(cls, Opaque) else _called(cls, args))
+        self.append(self._call_computed(cls, args, "NEWOBJ") if isinstance(cls, Opaque)
+                    else self._record_call(lambda *a: cls.__new__(cls, *a), args))
 
     def _load_newobj_ex(self) -> None:
         kwargs = self.stack.pop()
         args = self.stack.pop()
         cls = self.stack.pop()
-        self.append(self._record_call(lambda *a, **k: cls.__new__(cls, *a, **k), args, kwargs)
-                    if not isinstance(cls, Opaque) else _called(cls, args))
+        self.append(self._call_computed(cls, args, "NEWOBJ_EX") if isinstance(cls, Opaque)
+                    else self._record_call(lambda *a, **k: cls.__new__(cls, *a, **k), args,
+                                           kwargs))
 
     def _instantiate(self, klass: Any, args: list[Any]) -> None:  # INST and OBJ
-        if args or not isinstance(klass, type):
+        if isinstance(klass, Opaque):
+            self.append(self._call_computed(klass, tuple(args), self._via))
+        elif args or not isinstance(klass, type):
             self.append(self._record_call(klass, args))
         else:
             self.append(self._record_call(lambda: klass.__new__(klass), ()))
 
+    def _embedded(self, reader: EmbeddedTorchFile, args: tuple[Any, ...]) -> Any:
+        """``torch.storage._load_from_bytes(data)`` runs ``torch.load`` on ``data``: the
+        embedded file is read the same restricted way and its findings become this file's."""
+        data = args[0] if args else None
+        if not isinstance(data, (bytes, bytearray)):
+            # Bytes computed at load time cannot be read before loading: unsafe.
+            self._flag(f"{reader.qualname}({_describe(data)})", self._via_call)
+            return Opaque(reader.qualname)
+        from ckptkit import embedded  # a format reader, which imports this module
+
+        where = f"{self.findings.location} at byte {self._op_pos}"
+        depth = _EMBEDDING.get()
+        if depth >= MAX_EMBEDDED:
+            self.findings.objects.add(f"{reader.qualname} (nested deeper than {MAX_EMBEDDED})")
+            return Opaque(reader.qualname)
+        token = _EMBEDDING.set(depth + 1)
+        try:
+            problem = embedded.read_embedded_torch_file(bytes(data), self.findings, where)
+        finally:
+            _EMBEDDING.reset(token)
+        if problem:
+            location = self.findings.location
+            self.findings.location = f"{where} (an embedded file ckptkit cannot read: {problem})"
+            self._flag(reader.qualname, self._via_call)
+            self.findings.location = location
+        return Opaque("torch.Storage")
+
     def _load_build(self) -> None:
         # Only objects this read created take state.  The stand-ins are shared module-level
         # objects (torch.FloatStorage, torch.float32, the rebuild functions): a BUILD that set
-        # attributes on them would poison every later read in the process.
+        # attributes on them would poison every later read in the process.  In the real
+        # loader a BUILD on a global (a module, class or function) does exactly that to the
+        # running process, so it is unsafe.
         state = self.stack.pop()
         inst = self.stack[-1]
-        if isinstance(inst, Opaque):
+        if id(inst) in self._globals:
+            self._flag(f"{self._globals[id(inst)]} (BUILD on a global)", "BUILD")
+        elif isinstance(inst, Opaque):
+            self._check_state_names(inst, state)
             Opaque.__setstate__(inst, state)
         elif isinstance(inst, AttrDict):
             self.stack.append(state)
             self._tolerant(pickle._Unpickler.load_build)  # type: ignore[attr-defined]
+
+    def _check_state_names(self, inst: Opaque, state: Any) -> None:
+        """BUILD sets attributes from a dict (and a slot dict); one named ``__setstate__``
+        is what the next BUILD on the object calls, ``__class__`` changes its type."""
+        parts = state if isinstance(state, tuple) and len(state) == 2 else (state,)
+        for part in parts:
+            if not isinstance(part, dict):
+                continue
+            for key in part:
+                if (isinstance(key, str) and key.startswith("__") and key.endswith("__")
+                        and key not in _DOC_ATTRIBUTES):
+                    self._flag(f"{inst.qualname}.{key[:100]} (set by BUILD)", "BUILD")
 
     def _tolerant(self, handler: Callable[[Any], None]) -> None:
         try:
@@ -239,22 +380,36 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     def _load_stack_global(self) -> None:
         name = self.stack.pop()
         module = self.stack.pop()
-        if isinstance(module, Opaque) or isinstance(name, Opaque):
-            # Operands computed at load time (posixpath.basename('/x/os') is 'os'): where
-            # this global leads cannot be known without running the file, so it is unsafe.
-            qualname = f"{_describe(module)}.{_describe(name)}"
-            self.findings.flag(qualname, "STACK_GLOBAL")
+        if type(name) is not str or type(module) is not str:
+            if not (self._computed(module) or self._computed(name)):
+                raise pickle.UnpicklingError("STACK_GLOBAL requires str")
+            # Operands computed at load time (posixpath.basename('/x/os') is 'os', or a
+            # module attribute an earlier BUILD set): where this global leads cannot be
+            # known without running the file, so it is unsafe.
+            qualname = f"{self._name(module)}.{self._name(name)}"
+            self._flag(qualname, "STACK_GLOBAL")
             self.append(inert_type(qualname))
             return
-        if type(name) is not str or type(module) is not str:
-            raise pickle.UnpicklingError("STACK_GLOBAL requires str")
         self._via = "STACK_GLOBAL"
         try:
             self.append(self.find_class(module, name))
         finally:
             self._via = "GLOBAL"
 
+    def _name(self, value: Any) -> str:
+        if id(value) in self._globals:
+            return f"<{self._globals[id(value)]}>"
+        return _describe(value)
+
+    def _computed(self, value: Any) -> bool:
+        """A value the real loader may well have as a str where this reader has a record or
+        a stand-in (a call's result, or a global's value)."""
+        return isinstance(value, Opaque) or id(value) in self._globals
+
     for _op, _handler in ((pickle.FRAME, _load_frame), (pickle.BYTEARRAY8, _load_bytearray8),
+                          (pickle.SHORT_BINBYTES, _load_short_binbytes),
+                          (pickle.BINBYTES, _load_binbytes), (pickle.BINBYTES8, _load_binbytes8),
+                          (pickle.INT, _load_int),
                           (pickle.REDUCE, _load_reduce), (pickle.NEWOBJ, _load_newobj),
                           (pickle.NEWOBJ_EX, _load_newobj_ex), (pickle.BUILD, _load_build),
                           (pickle.SETITEM, _load_setitem), (pickle.SETITEMS, _load_setitems),
@@ -269,11 +424,11 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         original = pickle._Unpickler.dispatch[opcode[0]]  # type: ignore[attr-defined]
 
         def run(self):
-            self._via = via
+            self._via = self._via_call = via
             try:
                 original(self)
             finally:
-                self._via = "GLOBAL"
+                self._via, self._via_call = "GLOBAL", "REDUCE"
 
         return run
 
@@ -283,51 +438,42 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     del _op, _via, _tagged
 
 
+#: What C's strtol(s, &end, 0) accepts: blanks, a sign, then hex, octal or decimal digits.
+_STRTOL = re.compile(rb"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+#: "No frame is open": beyond any position.
+_NO_FRAME = 1 << 62
 #: What a stand-in raises where the real object would have done something.
 _MISMATCH = (TypeError, AttributeError, ValueError, KeyError, IndexError)
+#: Attribute names a BUILD may set without consequence (documentation, not behaviour).
+_DOC_ATTRIBUTES = frozenset({"__doc__", "__module__", "__qualname__", "__name__"})
+#: How deep files embedded in pickles (pickled tensors) are followed, and how deep we are.
+MAX_EMBEDDED = 4
+_EMBEDDING: contextvars.ContextVar[int] = contextvars.ContextVar("ckpt_embedding", default=0)
 
 
 def _describe(value: Any) -> str:
     """A short, bounded name for a value used as a callable or a global's operand (bounded:
-    a chain of a million calls on call results must not build ever longer names)."""
+    a chain of a million calls on call results must not build ever longer names).  Plain
+    arguments are shown: ``<pkgutil.resolve_name('os:system')>``."""
     if isinstance(value, Opaque):
-        text = value.qualname if value.qualname.endswith(")") else f"{value.qualname}(...)"
+        if value.qualname.endswith(")"):
+            text = value.qualname
+        else:
+            shown = [repr(a)[:60] for a in value.args[:3]
+                     if a is None or isinstance(a, (str, bytes, int, float, bool))]
+            more = ", ..." if len(shown) < len(value.args) else ""
+            text = f"{value.qualname}({', '.join(shown)}{more})"
         return f"<{text[:200]}>"
-    name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None)
+    if isinstance(value, (str, int, float, bytes)) or value is None:
+        return repr(value)[:60]
+    name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None) or \
+        getattr(value, "qualname", None)
     return name[:200] if isinstance(name, str) else f"<{type(value).__name__}>"
 
 
 def _called(func: Any, args: Any) -> Opaque:
     """The record of a call this reader cannot make."""
     return Opaque(f"{_describe(func)}()", args if isinstance(args, tuple) else (args,))
-
-
-#: Reads up to this size go straight to the stream; larger ones are capped by what is left.
-_BIG_READ = 1 << 16
-
-
-def _capped_read(file: BinaryIO) -> Callable[..., bytes]:
-    """``file.read``, except that a large request is cut to what the file has left.
-
-    Length prefixes (BINUNICODE, BINBYTES8, ...) become single reads, and a buffered file
-    allocates the whole request before it finds out how much is there: four bytes of a
-    damaged pickle could cost gigabytes.  Streams that are not plain files pass through.
-    """
-    if isinstance(file, io.BytesIO):
-        return file.read  # returns only what it holds
-    try:
-        end = os.fstat(file.fileno()).st_size
-        file.tell()
-    except (AttributeError, OSError, ValueError):
-        return file.read
-    raw_read, tell = file.read, file.tell
-
-    def read(n: int = -1) -> bytes:
-        if n > _BIG_READ:
-            n = min(n, max(0, end - tell()))
-        return raw_read(n)
-
-    return read
 
 
 def _plain_pid(pid: Any) -> bool:
@@ -355,11 +501,14 @@ class PickleContext:
 def read_pickle(data: bytes | BinaryIO, findings: Findings,
                 persistent: Callable[[Any], Any] | None = None, *, what: str = "pickle",
                 context: PickleContext | None = None, location: str | None = None,
-                machine: type[InertUnpickler] | None = None) -> Any:
+                machine: type[InertUnpickler] | None = None, base: int = 0) -> Any:
     """Interpret one pickle from ``data`` (bytes or a file positioned at its start).
 
     ``location`` names the pickle inside its file for findings (``archive/data.pkl``);
-    ``machine`` is an :class:`InertUnpickler` subclass for container-specific opcodes.
+    ``machine`` is an :class:`InertUnpickler` subclass for container-specific opcodes;
+    ``base`` is where ``data`` starts in its container (finding offsets count from there).
+    When the pickle's frames make loaders read it differently (see :mod:`pickle_input`), it
+    is read again as each of them would, and everything any of them would run is reported.
     On malformed input the remaining opcodes are still scanned statically so that globals
     after the break are reported, then :class:`IntegrityError` is raised.
     """
@@ -367,8 +516,9 @@ def read_pickle(data: bytes | BinaryIO, findings: Findings,
     start = stream.tell()
     findings.pickles += 1
     findings.location = location or what
+    reader = (machine or InertUnpickler)(stream, findings, persistent, context, base=base)
     try:
-        return (machine or InertUnpickler)(stream, findings, persistent, context).load()
+        value = reader.load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
             IndexError, struct.error, UnicodeDecodeError, OverflowError, MemoryError,
             RecursionError) as exc:
@@ -377,7 +527,10 @@ def read_pickle(data: bytes | BinaryIO, findings: Findings,
             # front, so MAX_STATIC_SCAN would cost 64 MiB for every broken pickle.
             left = stream.seek(0, io.SEEK_END) - start
             stream.seek(start)
-            scan_globals(stream.read(min(MAX_STATIC_SCAN, left)), findings, context)
+            rest = stream.read(min(MAX_STATIC_SCAN, left))
+            scan_globals(rest, findings, context, base=base + start)
+            if reader.diverged:
+                _read_as_loaders_do(rest, findings, context, findings.location, base + start)
         except (AttributeError, OSError, ValueError):
             pass  # a stream that cannot go back (raw zlib): the interpreted part is reported
         detail = str(exc) or ("the data ends early" if isinstance(exc, EOFError) else "")
@@ -389,6 +542,46 @@ def read_pickle(data: bytes | BinaryIO, findings: Findings,
                                     f"{', '.join(sorted(findings.unsafe))}",
                                     findings=findings) from exc
         raise IntegrityError(message) from exc
+    if reader.diverged:
+        here, where = stream.tell(), findings.location
+        try:
+            stream.seek(start)
+            rest = stream.read(MAX_STATIC_SCAN)
+            stream.seek(here)
+        except (AttributeError, OSError, ValueError):
+            rest = b""  # a decompressing stream: only the contiguous reading is analysed
+        _read_as_loaders_do(rest, findings, context, where, base + start)
+        findings.location = where
+    return value
+
+
+#: A pickle whose frames make loaders read different opcodes (reported as an object: no
+#: writer produces one, so such a file is at least not proven safe).
+DIVERGENT_FRAMES = "<pickle frames that loaders read differently>"
+#: Pickles read one after another from a file in each loader's view of it.
+_MAX_VIEW_PICKLES = 16
+
+
+def _read_as_loaders_do(rest: bytes, findings: Findings, context: PickleContext | None,
+                        location: str, base: int) -> None:
+    """Read ``rest`` (a pickle, and what follows it in its file) the way each loader of
+    :data:`pickle_input.LOADER_VIEWS` reads it, pickle after pickle as ``pickle.load`` on the
+    same file would; what any of them would call is added to ``findings``."""
+    findings.objects.add(DIVERGENT_FRAMES)
+    for who, view in LOADER_VIEWS:
+        file = view(rest)
+        for number in range(_MAX_VIEW_PICKLES):
+            findings.location = f"{location} as {who} reads it" + (
+                f", pickle {number + 1} from there" if number else "")
+            if file.tell() >= len(rest):
+                break
+            try:
+                InertUnpickler(FileInput(file, base, len(rest)), findings, None, context).load()
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+                    KeyError, IndexError, struct.error, UnicodeDecodeError, OverflowError,
+                    MemoryError, RecursionError, CkptkitError):
+                break
+    findings.location = location
 
 
 class UnsafePickleError(IntegrityError):
@@ -405,7 +598,8 @@ class UnsafePickleError(IntegrityError):
         self.unsafe = sorted(findings.unsafe)
 
 
-def scan_globals(data: bytes, findings: Findings, context: PickleContext | None = None) -> None:
+def scan_globals(data: bytes, findings: Findings, context: PickleContext | None = None, *,
+                 base: int = 0) -> None:
     """Statically list the globals a (possibly broken) pickle names, without interpreting it.
 
     Tracks string pushes and the memo so that ``STACK_GLOBAL`` operands fetched with
@@ -415,15 +609,15 @@ def scan_globals(data: bytes, findings: Findings, context: PickleContext | None 
     strings: list[Any] = []
     memo: dict[int, Any] = {}
     try:
-        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
+        for op, arg, pos in pickletools.genops(io.BytesIO(data)):
             name = op.name
             if name in ("GLOBAL", "INST"):
                 module, _, attr = str(arg).partition(" ")
                 if (module, attr) not in allowed:
-                    _note(findings, module, attr, name)
+                    _note(findings, module, attr, name, base + (pos or 0))
             elif name == "STACK_GLOBAL" and len(strings) >= 2:
                 if (str(strings[-2]), str(strings[-1])) not in allowed:
-                    _note(findings, str(strings[-2]), str(strings[-1]), name)
+                    _note(findings, str(strings[-2]), str(strings[-1]), name, base + (pos or 0))
             if isinstance(arg, str) and ("UNICODE" in name or name.endswith("STRING")):
                 strings.append(arg)
             elif name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
@@ -438,11 +632,11 @@ def scan_globals(data: bytes, findings: Findings, context: PickleContext | None 
         return
 
 
-def _note(findings: Findings, module: str, name: str, via: str) -> None:
-    if (module, name) in ALLOWED or (module, name) in NUMPY_BENIGN:
+def _note(findings: Findings, module: str, name: str, via: str, offset: int) -> None:
+    if (module, name) in ALLOWED:
         return
     if danger.is_dangerous(module, name):
-        findings.flag(f"{module}.{name}", via)
+        findings.flag(f"{module}.{name}", via, offset)
     else:
         findings.objects.add(f"{module}.{name}")
 

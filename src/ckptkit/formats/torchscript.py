@@ -14,31 +14,15 @@ from typing import Any
 from ckptkit.formats import ziparchive
 from ckptkit.formats.torch_zip import TorchArchive, find_prefix, is_torchscript
 from ckptkit.model import RawCheckpoint
+from ckptkit.pickle_globals import allowed
 from ckptkit.tree import iter_tensors, join
 from ckptkit.unpickler import PickleContext
 
 FORMAT = "torchscript"
 
-
-def _identity(value: Any = None, *rest: Any) -> Any:
-    return value
-
-
-def _as_list(value: Any = None, *rest: Any) -> Any:
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
-_JIT_PICKLE = "torch.jit._pickle"
-CONTEXT = PickleContext(
-    allowed={
-        (_JIT_PICKLE, "restore_type_tag"): _identity,
-        (_JIT_PICKLE, "build_intlist"): _as_list,
-        (_JIT_PICKLE, "build_tensorlist"): _as_list,
-        (_JIT_PICKLE, "build_doublelist"): _as_list,
-        (_JIT_PICKLE, "build_boollist"): _as_list,
-    },
-    known_prefixes=("__torch__",),
-)
+#: TorchScript's own type tags and typed lists (data/pickle_allowlist.toml, [torchscript]);
+#: ``__torch__.*`` are the archive's module classes, recorded as state, not reported.
+CONTEXT = PickleContext(allowed=allowed("torchscript"), known_prefixes=("__torch__",))
 
 
 def sniff(path: Path) -> bool:
