@@ -257,9 +257,15 @@ def test_walk_skips_what_cannot_hold_a_checkpoint(tmp_path: Path, sentinel: Path
     (tree / "loop").symlink_to(tree)  # a linked folder is not followed
     os.mkfifo(tree / "pipe")
     (tree / "pkg" / "hps.pkl").write_bytes(pickle.dumps(Payload(sentinel), protocol=2))
+    (tree / "notes.txt").write_text("not a checkpoint")
     report = scan([tree])
     assert [(Path(r.path).name, r.verdict) for r in report.results] == [("hps.pkl", "unsafe")]
-    assert report.skipped == 5 and report.exit_code == ExitCode.UNSAFE
+    assert {Path(s.path).name: s.reason for s in report.skipped} == {
+        ".gitkeep": "an empty file", "__init__.py": "an empty file",
+        "dangling.pt": "a broken link", "loop": "a link to a folder (not followed)",
+        "pipe": "not a regular file (a pipe, socket or device)",
+        "notes.txt": "not a checkpoint, pickle or archive (text)"}
+    assert report.exit_code == ExitCode.UNSAFE
 
 
 def test_a_missing_path_is_reported_before_anything_is_scanned(tmp_path: Path) -> None:

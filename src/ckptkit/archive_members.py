@@ -82,7 +82,7 @@ def members(path: Path) -> Iterator[Member | str]:
         budget.check(name, declared)  # before a byte is unpacked
         stream = opener()
         head = stream.read(HEAD)
-        if not _could_hold_pickles(head, name):
+        if not could_hold_pickles(head, name):
             stream.close()
             yield name
             continue
@@ -102,7 +102,7 @@ def _entries(path: Path) -> Iterator[tuple[str, int, Callable[[], Any]]]:
                 yield info.filename, info.file_size, lambda i=info: archive.open(i)
 
 
-def _could_hold_pickles(head: bytes, name: str) -> bool:
+def could_hold_pickles(head: bytes, name: str) -> bool:
     if head.startswith(_MAGIC) or head[257:262] == b"ustar":
         return True
     if head[:1] == b"\x78" and len(head) > 1 and (head[0] << 8 | head[1]) % 31 == 0:

@@ -1,8 +1,10 @@
-"""Plain pickle and joblib files, analysed statically for ``ckpt scan``.
+"""Plain pickle, joblib and ``.npy`` files, analysed statically for ``ckpt scan``.
 
 Such files are not checkpoints ckptkit loads, but they travel next to them (``hps.pkl``,
-scikit-learn heads saved with joblib) and run code when loaded.  The stream is read with the
-same restricted machine as torch pickles; nothing is imported or called.
+scikit-learn heads saved with joblib, arrays saved with ``np.save``) and run code when loaded.
+The stream is read with the same restricted machine as torch pickles; nothing is imported or
+called.  A pickle is recognised by what it is, not by its name: a protocol 0 pickle named
+``model.pt`` is still what ``torch.load`` would run.
 
 joblib writes each numpy array's bytes straight into the pickle stream after the array's
 ``NumpyArrayWrapper`` (object arrays as a nested pickle), so the machine used here skips those
@@ -18,11 +20,13 @@ import io
 import lzma
 import math
 import pickle
+import pickletools
 import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ckptkit.errors import IntegrityError
+from ckptkit.formats.npz import MAX_HEADER, NPY_MAGIC, parse_header
 from ckptkit.model import Opaque, itemsize
 from ckptkit.pickle_globals import allowed, numpy_dtype_name
 from ckptkit.unpickler import (Findings, InertUnpickler, PickleContext, UnsafePickleError,
@@ -42,21 +46,68 @@ INTERPRETED_RATIO = 16
 MAX_NESTING = 8
 
 
+#: Bytes of a file without a binary pickle header parsed to decide whether it is a pickle.
+SNIFF_BYTES = 1 << 20
+_TEXT_OPCODES = (b"(", b"}", b"]", b"c", b"I", b"N", b"V", b"S", b"d", b"l", b"t", b"F", b"L",
+                 b"i", b"P", b"p", b"g", b")", b"K", b"J", b"M", b"X", b"U", b"T", b"\x88",
+                 b"\x89", b".")
+
+
 def sniff(path: Path) -> bool:
-    """True for a file that is (or decompresses to) a pickle stream."""
+    """True for a file that is (or decompresses to) a pickle stream: a binary pickle header,
+    a compressed stream named like a pickle, or (any name) bytes whose first pickle parses
+    to its STOP, as ``pickle.load`` would read them."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(2)
             if is_binary_pickle(head):
                 return True
-            if not any(s in SUFFIXES for s in path.suffixes):
-                return False
             fh.seek(0)
-            with _decompressed(fh, path) as stream:
-                first = stream.read(1)
+            if any(s in SUFFIXES for s in path.suffixes):
+                with _decompressed(fh, path) as stream:
+                    first = stream.read(1)
+                    if getattr(stream, "compression", ""):
+                        return first in (b"\x80",) + _TEXT_OPCODES
+                fh.seek(0)
+            return head[:1] in _TEXT_OPCODES and _parses(fh.read(SNIFF_BYTES))
     except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError):
         return False
-    return first in (b"\x80", b"(", b"}", b"]", b"c", b"I", b"N", b"V", b"S", b"d", b"l", b"t")
+
+
+def _parses(data: bytes) -> bool:
+    """True when ``data`` starts with a pickle that reads to its STOP (statically)."""
+    try:
+        for op, _arg, _pos in pickletools.genops(io.BytesIO(data)):
+            if op.name == "STOP":
+                return True
+    except (ValueError, EOFError, pickle.UnpicklingError, UnicodeDecodeError, OverflowError):
+        return False
+    return False
+
+
+def is_npy(path: Path) -> bool:
+    """True for a standalone ``.npy`` file (``np.save``), by its magic."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(6) == NPY_MAGIC
+    except OSError:
+        return False
+
+
+def analyse_npy(path: Path) -> tuple[Findings, str]:
+    """A ``.npy`` file: its header, and for an object array the pickle ``np.load`` runs
+    (``allow_pickle=True``) right after it.  Numeric arrays are plain data; an object array
+    is listed as an object, as in ``.npz`` files (numpy loads it only when told to)."""
+    findings = Findings()
+    with open(path, "rb") as fh:
+        head = fh.read(MAX_HEADER + 12)
+        header, start = parse_header(head, str(path))
+        if header["descr"] not in ("|O", "O"):
+            return findings, "npy"
+        findings.objects.add("numpy.ndarray[object]")
+        fh.seek(start)
+        read_pickle(fh, findings, what=f"object array in {path}", location="object array")
+    return findings, "npy"
 
 
 def analyse(path: Path) -> tuple[Findings, str]:
@@ -75,7 +126,7 @@ def analyse(path: Path) -> tuple[Findings, str]:
                          interpreted=size * INTERPRETED_RATIO + (1 << 20) if compression
                          else size + 1)
         count = 0
-        while budget.peek():
+        while budget.more():
             count += 1
             if count > MAX_PICKLES:
                 raise IntegrityError(f"{path}: more than {MAX_PICKLES} pickles in one file")
@@ -167,7 +218,8 @@ class _Budget:
         self._used = 0  # interpreted bytes
         self._ahead = b""
 
-    def peek(self) -> bool:
+    def more(self) -> bool:
+        """True when another byte follows (kept to be read next)."""
         if not self._ahead:
             self._ahead = self._stream.read(1)
         return bool(self._ahead)

@@ -1,52 +1,63 @@
 """``ckpt scan``: a verdict per file on what loading it would run, without running anything.
 
 The verdict comes from the same restricted reading ``ckpt inspect`` does (every pickle in the
-file interpreted by :mod:`ckptkit.unpickler`), plus plain pickle/joblib files and the members
-of zip and tar archives (a checkpoint inside a hub archive, a zip inside a zip):
+file interpreted by :mod:`ckptkit.unpickler`), plus plain pickle, joblib and ``.npy`` files,
+the members of zip and tar archives (:mod:`ckptkit.scan_members`) and checkpoint directories
+read as one unit (:mod:`ckptkit.checkpoint_dirs`: SavedModel, PyTorch DCP, Orbax):
 
 ``safe``
     Tensors, containers and numbers only (or a format without pickles).
 ``unknown-objects``
-    Loading would construct classes the file names (listed); no dangerous callable.
+    Loading would construct classes the file names (listed), or run code ckptkit does not
+    vet (TorchScript); nothing dangerous is named.
 ``unsafe``
     The file names callables that run code, touch files, processes or the network (listed,
-    each with the opcode that reached it and the pickle it is in).
+    each with the opcode that reached it, the pickle it is in and its byte offset).
 ``unreadable``
-    Not a format ckptkit reads, or corrupt; the message says which.
+    No loader could read it (corrupt, truncated), or the reader gave up on it; the note says
+    which.  In a folder, files that are none of the formats above are listed as skipped.
 """
 
 from __future__ import annotations
 
 import os
-import tarfile
-import tempfile
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ckptkit import archive_members, formats, plain_pickle
-from ckptkit.errors import CkptkitError, ExitCode, FormatError, NotFoundError, disk_full
-from ckptkit.formats import ziparchive
-from ckptkit.unpickler import (MAX_STATIC_SCAN, Findings, UnsafePickleError, is_binary_pickle,
-                               scan_globals)
+from ckptkit import archive_members, checkpoint_dirs, formats, plain_pickle, scan_members
+from ckptkit.errors import (CkptkitError, DiskFullError, ExitCode, FormatError, NotFoundError,
+                            UsageError)
+from ckptkit.unpickler import Findings, UnsafePickleError
 
 VERDICTS = ("safe", "unknown-objects", "unsafe", "unreadable")
-#: Archive members are scanned down to this depth (a zip in a zip in a zip).
-MAX_DEPTH = 3
+#: What ``--fail-on`` accepts: the mildest verdict that fails the command.
+FailOn = Literal["unsafe", "unreadable", "unknown"]
+FAIL_ON: tuple[str, ...] = ("unsafe", "unreadable", "unknown")
+#: Listed among a file's objects when it holds TorchScript code that was not vetted.
+UNVETTED_CODE = "<{} TorchScript code file(s) that torch.jit.load runs, not vetted>"
 
 
 @dataclass(frozen=True)
 class Danger:
-    """One dangerous callable: its name, the opcode that reached it, and the pickle it is in."""
+    """One dangerous callable: its name, the opcode that reached it, the pickle it is in and
+    the opcode's byte offset in that pickle's record or file (None where not known)."""
 
     name: str
     via: str
     where: str
+    offset: int | None = None
 
     def describe(self) -> str:
-        return f"{self.name} ({self.via} in {self.where})" if self.where else \
-            f"{self.name} ({self.via})"
+        place = f" in {self.where}" if self.where else ""
+        at = f" at byte {self.offset}" if self.offset is not None else ""
+        return f"{self.name} ({self.via}{place}{at})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"callable": self.name, "opcode": self.via, "pickle": self.where,
+                "offset": self.offset}
 
 
 @dataclass(frozen=True)
@@ -64,9 +75,19 @@ class ScanResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "verdict": self.verdict, "format": self.format,
-                "unsafe": [{"name": d.name, "via": d.via, "where": d.where}
-                           for d in self.unsafe],
+                "unsafe": [d.to_dict() for d in self.unsafe],
                 "objects": list(self.objects), "pickles": self.pickles, "note": self.note}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A path a folder walk found that no loader reads as a checkpoint, and why."""
+
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
 
 
 @dataclass
@@ -74,7 +95,7 @@ class ScanReport:
     """Every file's result plus what the walk passed over."""
 
     results: list[ScanResult] = field(default_factory=list)
-    skipped: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(VERDICTS, 0)
@@ -84,20 +105,42 @@ class ScanReport:
 
     @property
     def exit_code(self) -> int:
-        if any(r.verdict == "unsafe" for r in self.results):
+        return self.exit_code_for("unreadable")
+
+    def exit_code_for(self, fail_on: str) -> int:
+        """The command's exit code when verdicts from ``fail_on`` up fail it: ``unsafe``
+        (only unsafe files: 5), ``unreadable`` (also unreadable ones: 3, or 1 for a file named
+        explicitly that is no checkpoint) or ``unknown`` (anything not proven safe; an
+        ``unknown-objects`` file exits 5 like an unsafe one)."""
+        if fail_on not in FAIL_ON:
+            raise UsageError(f"--fail-on {fail_on!r} is not one of {', '.join(FAIL_ON)}")
+        failing = {"unsafe"} | ({"unknown-objects"} if fail_on == "unknown" else set())
+        if any(r.verdict in failing for r in self.results):
             return ExitCode.UNSAFE
+        if fail_on == "unsafe":
+            return ExitCode.OK
         return max((r.exit_code for r in self.results), default=ExitCode.OK)
 
     def to_dict(self) -> dict[str, Any]:
         return {"files": [r.to_dict() for r in self.results],
-                "summary": {**self.counts(), "skipped": self.skipped}}
+                "skipped": [s.to_dict() for s in self.skipped],
+                "summary": {**self.counts(), "skipped": len(self.skipped)}}
 
 
-def scan(paths: Iterable[str | os.PathLike[str]]) -> ScanReport:
+@dataclass(frozen=True)
+class ScanOptions:
+    """``trust_torchscript``: count TorchScript code as vetted (a verdict of ``safe`` for an
+    archive whose pickles are plain data)."""
+
+    trust_torchscript: bool = False
+
+
+def scan(paths: Iterable[str | os.PathLike[str]], options: ScanOptions = ScanOptions()
+         ) -> ScanReport:
     """Scan files and directories (recursively); nothing in them is imported or called.
 
     Files named explicitly always get a result; inside directories, files that are neither a
-    checkpoint, a pickle nor an archive are counted as skipped.
+    checkpoint, a pickle nor an archive are listed as skipped, with the reason.
 
     Raises:
         NotFoundError: a path does not exist.
@@ -109,34 +152,49 @@ def scan(paths: Iterable[str | os.PathLike[str]]) -> ScanReport:
             raise NotFoundError(f"{path}: no such file or directory",
                                 hint="Check the path; nothing was scanned", path=str(path))
     for path in targets:
-        if path.is_dir() and not _is_checkpoint_dir(path):
+        if path.is_dir() and not checkpoint_dirs.unit_kind(path):
             for entry in _walk(path):
-                result = entry if isinstance(entry, ScanResult) else \
-                    scan_file(entry, explicit=False) if entry is not None else None
-                if result is None:
-                    report.skipped += 1
-                else:
-                    report.results.append(result)
+                if isinstance(entry, Path):
+                    entry = scan_file(entry, explicit=False, options=options)
+                (report.skipped if isinstance(entry, Skipped) else report.results).append(
+                    entry)  # type: ignore[arg-type]
         else:
-            result = scan_file(path, explicit=True)
-            if result is not None:  # always a result for a path named explicitly
-                report.results.append(result)
+            result = scan_file(path, explicit=True, options=options)
+            assert isinstance(result, ScanResult)  # a path named explicitly always has one
+            report.results.append(result)
     return report
 
 
-def scan_file(path: Path, *, explicit: bool = True, label: str | None = None,
-              depth: int = 0) -> ScanResult | None:
-    """The verdict on one file (or SavedModel/TF checkpoint); ``None`` for a file found by a
-    directory walk that ckptkit has nothing to say about."""
+def scan_file(path: Path, *, explicit: bool = True, label: str | None = None, depth: int = 0,
+              options: ScanOptions = ScanOptions()) -> ScanResult | Skipped:
+    """The verdict on one file or checkpoint directory; a :class:`Skipped` for a file found
+    by a walk that no loader reads as a checkpoint.  A reader that fails in a way it should
+    not (a crash, memory or recursion exhausted) makes the file unreadable, not the scan."""
     name = label or str(path)
-    if depth < MAX_DEPTH and archive_members.kind(path) == "tar":
-        return _archive(path, name, depth)  # before zip readers: a tar may end in a zip
+    try:
+        return _scan_file(path, name, explicit, depth, options)
+    except DiskFullError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one crafted file must not end the whole scan
+        return ScanResult(name, "unreadable", note=f"the reader failed on it "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); do not load it",
+                          exit_code=ExitCode.INTEGRITY)
+
+
+def _scan_file(path: Path, name: str, explicit: bool, depth: int,
+               options: ScanOptions) -> ScanResult | Skipped:
+    kind = checkpoint_dirs.unit_kind(path) if path.is_dir() else None
+    if kind in ("dcp", "orbax"):
+        findings, note = checkpoint_dirs.scan_unit(path, kind, _member_scanner(depth, options))
+        return verdict(name, checkpoint_dirs.FORMATS[kind], findings, note)
+    if depth < scan_members.MAX_DEPTH and archive_members.kind(path) == "tar":
+        return scan_members.archive(path, name, depth, _member_scanner(depth, options))
     try:
         reader = formats.detect(path)
     except FormatError as exc:
-        return _not_a_checkpoint(path, name, explicit, depth, exc)
+        return _not_a_checkpoint(path, name, explicit, depth, exc, options)
     except CkptkitError as exc:  # empty, vanished, a broken link
-        return _unreadable(name, exc) if explicit else None
+        return unreadable(name, exc) if explicit else Skipped(name, _skip_reason(path, exc))
     fmt = reader.__name__.rpartition(".")[2].replace("_", "-")
     try:
         raw = reader.read_info(path)
@@ -148,134 +206,88 @@ def scan_file(path: Path, *, explicit: bool = True, label: str | None = None,
             if plain.verdict != "unreadable" or isinstance(exc, FormatError):
                 return plain
         if isinstance(exc, UnsafePickleError):
-            return _verdict(name, fmt, exc.findings, note=f"corrupt as well: {exc.message}")
-        return _unreadable(name, exc, fmt)
-    findings = Findings(objects=set(raw.safety.objects), pickles=raw.safety.pickles,
-                        unsafe=dict(raw.details.get("unsafe_via", {})),
-                        where=dict(raw.details.get("unsafe_where", {})))
-    for danger in raw.safety.unsafe:
-        findings.unsafe.setdefault(danger, "?")
-    note = "no pickle data" if not raw.safety.pickles else ""
-    if raw.details.get("code_files"):
-        note = (f"{raw.details['code_files']} TorchScript code file(s) that torch.jit.load "
-                "runs (not vetted)")
+            return verdict(name, fmt, exc.findings, note=f"corrupt as well: {exc.message}")
+        return unreadable(name, exc, fmt)
+    findings = findings_of(raw.safety, raw.details)
+    notes = ["no pickle data" if not raw.safety.pickles else ""]
+    if raw.details.get("code_files") and options.trust_torchscript:
+        notes.append(f"{raw.details['code_files']} TorchScript code file(s) that "
+                     "torch.jit.load runs, trusted (--trust-torchscript)")
+    elif raw.details.get("code_files"):
+        findings.objects.add(UNVETTED_CODE.format(raw.details["code_files"]))
+    if raw.details.get("crc_mismatch"):
+        notes.append(f"CRC wrong in {', '.join(raw.details['crc_mismatch'])} "
+                     "(torch.load reads it anyway; analysed as read)")
+    if raw.details.get("duplicate_records"):
+        notes.append(f"records stored twice: {', '.join(raw.details['duplicate_records'])} "
+                     "(every copy analysed)")
     if raw.format in ("torch-zip", "torchscript"):
-        try:
-            _hidden_in_members(path, findings, depth)
-        except (*ziparchive.ZIP_ERRORS, archive_members.ArchiveBomb) as exc:
-            note = "; ".join(x for x in (note, f"a record cannot be read ({exc})") if x)
-    return _verdict(name, raw.format, findings, note=note)
+        notes.append(scan_members.hidden_in_records(path, findings, depth,
+                                                    _member_scanner(depth, options)))
+    return verdict(name, raw.format, findings, note="; ".join(n for n in notes if n))
 
 
-def _hidden_in_members(path: Path, findings: Findings, depth: int) -> None:
-    """Pickles and zips stored where tensor bytes (or extra records) belong.
+def _member_scanner(depth: int, options: ScanOptions):
+    def scan_member(path: Path, label: str) -> ScanResult | Skipped:
+        return scan_file(path, explicit=False, label=label, depth=depth + 1, options=options)
 
-    Loading the checkpoint does not run them by itself, but they are a classic way to smuggle
-    a payload past scanners that only read ``data.pkl``: whatever such a file hides is
-    reported, under the member that holds it."""
-    with tempfile.TemporaryDirectory(prefix="ckpt-scan-") as tmp:
-        for member in archive_members.members(path):
-            if isinstance(member, str) or member.name.endswith(".pkl") or "/code/" in member.name:
-                continue
-            if is_binary_pickle(member.head):
-                nested = Findings(location=f"{member.name} (a pickle inside a tensor record)")
-                scan_globals(member.read(MAX_STATIC_SCAN), nested)
-            elif member.head.startswith(b"PK\x03\x04") and depth < MAX_DEPTH:
-                target = Path(tmp) / "member"
-                member.copy_to(target)
-                result = scan_file(target, explicit=False, label=member.name, depth=depth + 1)
-                target.unlink(missing_ok=True)
-                nested = Findings(location=f"{member.name} (a zip inside the zip)")
-                for danger in result.unsafe if result else ():
-                    nested.flag(danger.name, danger.via)
-                    nested.where[danger.name] += f": {danger.where}"
-            else:
-                continue
-            for qualname, via in nested.unsafe.items():
-                findings.unsafe.setdefault(qualname, via)
-                findings.where.setdefault(qualname, nested.where[qualname])
+    return scan_member
 
 
-def _not_a_checkpoint(path: Path, name: str, explicit: bool, depth: int,
-                      exc: CkptkitError) -> ScanResult | None:
+def findings_of(safety: Any, details: dict[str, Any]) -> Findings:
+    """A reader's safety report and details as :class:`Findings`."""
+    findings = Findings(objects=set(safety.objects), pickles=safety.pickles,
+                        unsafe=dict(details.get("unsafe_via", {})),
+                        where=dict(details.get("unsafe_where", {})),
+                        offset=dict(details.get("unsafe_offset", {})))
+    for danger in safety.unsafe:
+        findings.unsafe.setdefault(danger, "?")
+    return findings
+
+
+def _not_a_checkpoint(path: Path, name: str, explicit: bool, depth: int, exc: CkptkitError,
+                      options: ScanOptions) -> ScanResult | Skipped:
+    if path.is_file() and plain_pickle.is_npy(path):
+        return _plain(path, name, npy=True)
     if path.is_file() and plain_pickle.sniff(path):
         return _plain(path, name)
-    if path.is_file() and depth < MAX_DEPTH and archive_members.kind(path):
-        return _archive(path, name, depth)
-    return _unreadable(name, exc) if explicit else None
+    if path.is_file() and depth < scan_members.MAX_DEPTH and archive_members.kind(path):
+        return scan_members.archive(path, name, depth, _member_scanner(depth, options))
+    return unreadable(name, exc) if explicit else Skipped(name, _skip_reason(path, exc))
 
 
-def _plain(path: Path, name: str) -> ScanResult:
+def _plain(path: Path, name: str, npy: bool = False) -> ScanResult:
+    fmt = "npy" if npy else "pickle"
     try:
-        findings, kind = plain_pickle.analyse(path)
+        findings, kind = plain_pickle.analyse_npy(path) if npy else plain_pickle.analyse(path)
     except UnsafePickleError as exc:
-        return _verdict(name, "pickle", exc.findings, note=f"corrupt as well: {exc.message}")
+        return verdict(name, fmt, exc.findings, note=f"corrupt as well: {exc.message}")
     except CkptkitError as exc:
-        return _unreadable(name, exc, "pickle")
-    return _verdict(name, kind, findings)
+        return unreadable(name, exc, fmt)
+    return verdict(name, kind, findings, note="" if findings.pickles else "no pickle data")
 
 
-def _verdict(name: str, fmt: str | None, findings: Findings, note: str = "") -> ScanResult:
-    dangers = tuple(Danger(n, findings.unsafe[n], findings.where.get(n, ""))
-                    for n in sorted(findings.unsafe))
-    verdict = "unsafe" if dangers else "unknown-objects" if findings.objects else "safe"
-    return ScanResult(name, verdict, fmt, dangers, tuple(sorted(findings.objects)),
-                      findings.pickles, note,
-                      ExitCode.UNSAFE if dangers else ExitCode.OK)
+def verdict(name: str, fmt: str | None, findings: Findings, note: str = "") -> ScanResult:
+    """The result for ``findings``: unsafe if anything dangerous is named, else
+    unknown-objects if any class (or unvetted code) is, else safe."""
+    dangers = tuple(Danger(n, findings.unsafe[n], findings.where.get(n, ""),
+                           findings.offset.get(n)) for n in sorted(findings.unsafe))
+    result = "unsafe" if dangers else "unknown-objects" if findings.objects else "safe"
+    return ScanResult(name, result, fmt, dangers, tuple(sorted(findings.objects)),
+                      findings.pickles, note, ExitCode.UNSAFE if dangers else ExitCode.OK)
 
 
-def _unreadable(name: str, exc: CkptkitError, fmt: str | None = None) -> ScanResult:
+def unreadable(name: str, exc: CkptkitError, fmt: str | None = None) -> ScanResult:
     message = exc.message.removeprefix(f"{name}: ")
     return ScanResult(name, "unreadable", fmt, note=message, exit_code=exc.exit_code)
 
 
-# --- archives: each member that could hold a pickle is scanned on its own --------------------
-
-def _archive(path: Path, name: str, depth: int) -> ScanResult:
-    """One result for an archive, merged from its members' results (worst verdict wins)."""
-    results: list[ScanResult] = []
-    passed = 0
-    try:
-        with tempfile.TemporaryDirectory(prefix="ckpt-scan-") as tmp:
-            target = Path(tmp) / "member"
-            for member in archive_members.members(path):
-                if isinstance(member, str):
-                    passed += 1
-                    continue
-                member.copy_to(target)
-                result = scan_file(target, explicit=False, label=f"{name}!{member.name}",
-                                   depth=depth + 1)
-                target.unlink(missing_ok=True)
-                if result is not None:
-                    results.append(result)
-    except (*ziparchive.ZIP_ERRORS, tarfile.TarError, archive_members.ArchiveBomb) as exc:
-        full = disk_full(exc, Path(tempfile.gettempdir()) / "ckpt-scan", "unpacking a member",
-                         hint="Free space there, or point TMPDIR at a larger disk")
-        if full is not None:
-            raise full from exc
-        return ScanResult(name, "unreadable", "archive", note=f"archive cannot be read: {exc}",
-                          exit_code=ExitCode.INTEGRITY)
-    findings = Findings()
-    notes = []
-    for member in results:
-        findings.objects |= set(member.objects)
-        findings.pickles += member.pickles
-        for d in member.unsafe:
-            findings.unsafe.setdefault(d.name, d.via)
-            glue = "!" if member.format == "archive" else ": "
-            findings.where.setdefault(d.name, f"{member.path[len(name) + 1:]}{glue}{d.where}")
-        if member.verdict == "unreadable":
-            notes.append(f"{member.path[len(name) + 1:]} unreadable ({member.note})")
-    scanned = f"{len(results)} member(s) scanned, {passed} without pickles"
-    return _verdict(name, "archive", findings, note="; ".join([scanned, *notes[:3]]))
-
-
 # --- walking directories ---------------------------------------------------------------------
 
-def _walk(root: Path) -> Iterator[Path | ScanResult | None]:
-    """Files under ``root`` in a stable order, SavedModel directories as units; a folder that
-    cannot be listed becomes an unreadable result, a linked folder None (skipped, not
-    followed: links can loop or lead out of the tree)."""
+def _walk(root: Path) -> Iterator[Path | ScanResult | Skipped]:
+    """Files under ``root`` in a stable order, checkpoint directories as units; a folder
+    that cannot be listed becomes an unreadable result, a linked folder is skipped (links
+    can loop or lead out of the tree)."""
     errors: list[OSError] = []
     for folder, dirs, files in os.walk(root, onerror=errors.append):
         while errors:
@@ -288,31 +300,47 @@ def _walk(root: Path) -> Iterator[Path | ScanResult | None]:
         for d in list(dirs):
             if (here / d).is_symlink():
                 dirs.remove(d)
-                yield None
-            elif _is_checkpoint_dir(here / d):
+                yield Skipped(str(here / d), "a link to a folder (not followed)")
+            elif checkpoint_dirs.unit_kind(here / d):
                 dirs.remove(d)
                 yield here / d
         for f in sorted(files):
             path = here / f
-            if _is_part_of_a_tf_checkpoint(path):
-                continue
-            yield path
+            if not checkpoint_dirs.part_of_a_tf_checkpoint(path):
+                yield path
     for error in errors:  # the root itself could not be listed
         yield ScanResult(str(error.filename or root), "unreadable",
                          note=f"cannot list the folder ({error.strerror or error})",
                          exit_code=ExitCode.ERROR)
 
 
-def _is_checkpoint_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "saved_model.pb").is_file()
+def _skip_reason(path: Path, exc: CkptkitError) -> str:
+    """Why a file a walk found is not scanned, in a few words."""
+    try:
+        info = path.lstat()
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    if stat.S_ISLNK(info.st_mode) and not path.exists():
+        return "a broken link"
+    if path.is_dir():
+        return "a folder that is not a checkpoint"
+    if not path.is_file():
+        return "not a regular file (a pipe, socket or device)"
+    if path.stat().st_size == 0:
+        return "an empty file"
+    return f"not a checkpoint, pickle or archive ({_content_kind(path)})"
 
 
-def _is_part_of_a_tf_checkpoint(path: Path) -> bool:
-    """Data shards and the ``checkpoint`` state file: scanned once, through the index."""
-    if path.name == "checkpoint":
-        return any(path.parent.glob("*.index"))
-    if ".data-" not in path.name:
-        return False
-    prefix = path.name.split(".data-", 1)[0]
-    return (path.with_name(prefix + ".index")).is_file()
-
+def _content_kind(path: Path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as error:
+        return f"cannot be read: {error.strerror or error}"
+    if head.lstrip()[:1] in (b"{", b"[") and b"\x00" not in head:
+        return "JSON or other text"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data"
+    return "text"

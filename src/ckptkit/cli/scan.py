@@ -12,53 +12,72 @@ from ckptkit.cli.options import cache_options, json_option, quiet_option, resolv
 
 EXAMPLES = (
     "ckpt scan downloaded_model.pt",
-    "ckpt scan checkpoints/ --quiet",
+    "ckpt scan checkpoints/ --fail-on unknown",
     'ckpt scan models.zip hps.pkl --json | jq \'.files[] | select(.verdict == "unsafe")\'',
 )
 
 
 @command("scan", EXAMPLES)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--fail-on", type=click.Choice(["unsafe", "unreadable", "unknown"]),
+              default="unreadable", show_default=True,
+              help="Mildest verdict that fails the command: unsafe (exit 5 only for unsafe "
+                   "files), unreadable (also 3 or 1 for files no loader can read), unknown "
+                   "(also 5 for unknown-objects: anything not proven safe).")
+@click.option("--trust-torchscript", is_flag=True,
+              help="Count TorchScript code as vetted: such an archive is safe when its "
+                   "pickles are (by default its code makes it unknown-objects).")
 @cache_options
 @json_option
 @quiet_option
-def scan_command(paths: tuple[Path, ...], cache_dir: Path | None, catalogs: tuple[Path, ...],
-                 as_json: bool, quiet: bool) -> int:
-    """Say for each file whether loading it would run code: safe, unknown-objects or unsafe.
+def scan_command(paths: tuple[Path, ...], fail_on: str, trust_torchscript: bool,
+                 cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool,
+                 quiet: bool) -> int:
+    """Say for each file whether loading it would run code: safe, unknown-objects, unsafe
+    or unreadable.
 
-    Reads every pickle inside PyTorch zip and legacy files, TorchScript archives, .npz object
-    arrays, plain .pkl and joblib files (also compressed), and the members of zip and tar
-    archives, without importing or calling anything they name.  Directories are scanned
-    recursively (links to folders are not followed).  Exits 5 when any file is unsafe, else 3
-    when one is corrupt, 1 when a file named explicitly is not a format ckptkit reads.
-    A catalogue name scans the cached files of that model.
+    Reads every pickle inside PyTorch zip and legacy files, TorchScript archives, PyTorch
+    distributed (DCP) checkpoints, .npy and .npz object arrays, plain .pkl and joblib files
+    (also compressed), and the members of zip and tar archives, the way the loaders read
+    them, without importing or calling anything they name.  Directories are scanned
+    recursively (links to folders are not followed); files that are no checkpoint are
+    listed as skipped, with the reason.  Exits 5 when any file is unsafe, else 3 when one is
+    corrupt, 1 when a file named explicitly is not a format ckptkit reads; --fail-on changes
+    which verdicts fail.  A catalogue name scans the cached files of that model.
     """
-    from ckptkit.scanning import scan
+    from ckptkit.scanning import ScanOptions, scan
 
     report = scan([c.path for c in resolve_checkpoints(paths, cache_dir, catalogs,
-                                                       several=True)])
+                                                       several=True)],
+                  ScanOptions(trust_torchscript=trust_torchscript))
+    code = report.exit_code_for(fail_on)
     if as_json:
         render.emit_json(report.to_dict())
-        return report.exit_code
+        return code
     rows = [(r.verdict, render.safe(r.path), r.format or "?", _facts(r))
             for r in report.results if not (quiet and r.verdict == "safe")]
+    rows += [("skipped", render.safe(s.path), "-", render.safe(s.reason))
+             for s in report.skipped]
     if rows:
         click.echo(render.table(rows, indent=0))
     counts = report.counts()
     summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
-    skipped = f" ({report.skipped} other files skipped)" if report.skipped else ""
+    skipped = f" ({len(report.skipped)} other files skipped)" if report.skipped else ""
     click.echo(f"Scanned {len(report.results)} file(s): {summary or 'nothing to scan'}{skipped}"
                "; nothing was executed")
-    return report.exit_code
+    return code
 
 
 def _facts(result) -> str:
     if result.unsafe:
         return "calls " + ", ".join(render.safe(d.describe()) for d in result.unsafe)
-    if result.verdict == "unknown-objects":
-        return "constructs " + ", ".join(render.safe(o) for o in result.objects)
     if result.verdict == "unreadable":
         return render.safe(result.note)
-    pickles = f"{result.pickles} pickle(s): tensors and plain data only" if result.pickles \
-        else ""
-    return "; ".join(x for x in (pickles, render.safe(result.note)) if x)
+    classes = [o for o in result.objects if not o.startswith("<")]
+    marks = [o.strip("<>") for o in result.objects if o.startswith("<")]
+    facts = ([f"constructs {', '.join(classes)}"] if classes else []) + marks
+    if result.verdict == "safe" and result.pickles:
+        facts.append(f"{result.pickles} pickle(s): tensors and plain data only")
+    if result.note:
+        facts.append(result.note)
+    return render.safe("; ".join(facts))

@@ -26,10 +26,11 @@ _SMALL_RECORDS = ("byteorder", "version", ".data/version", ".format_version",
 
 
 def find_prefix(names: list[str]) -> str | None:
-    """The archive's folder: the one ``<prefix>/data.pkl`` at depth one, if exactly one."""
-    prefixes = [n[: -len("/data.pkl")] for n in names
-                if n.endswith("/data.pkl") and n.count("/") == 1]
-    return prefixes[0] if len(prefixes) == 1 else None
+    """The archive's folder: the one ``<prefix>/data.pkl`` at depth one, if exactly one
+    (a name listed twice is one record to torch: it reads the last)."""
+    prefixes = {n[: -len("/data.pkl")] for n in names
+                if n.endswith("/data.pkl") and n.count("/") == 1}
+    return prefixes.pop() if len(prefixes) == 1 else None
 
 
 def is_torchscript(names: list[str], prefix: str) -> bool:
@@ -46,7 +47,7 @@ def sniff(path: Path) -> bool:
     except (*ziparchive.ZIP_ERRORS, ValueError):
         # A truncated torch zip still starts like one; let read_info report it properly.
         return _looks_like_torch_zip_start(path)
-    pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    pickles = {n for n in names if n.endswith("/data.pkl") and n.count("/") == 1}
     if len(pickles) > 1:
         return True  # ambiguous: read_info refuses it with an integrity error
     prefix = find_prefix(names)
@@ -64,7 +65,7 @@ class TorchArchive:
     def __init__(self, path: Path, what: str = "PyTorch zip checkpoint"):
         self.path = path
         self.size = path.stat().st_size
-        self.zip = ziparchive.open_zip(path, what)
+        self.zip = ziparchive.open_zip(path, what, duplicates=True)
         self.names = self.zip.namelist()
         prefix = find_prefix(self.names)
         if prefix is None:
@@ -78,6 +79,7 @@ class TorchArchive:
         self.fh = open(path, "rb")
         self._spans: dict[tuple[str, str], ByteSpan] = {}
         self.referenced: set[str] = set()
+        self.crc_mismatch: list[str] = []  # records torch.load reads although their CRC fails
 
     def close(self) -> None:
         self.fh.close()
@@ -96,12 +98,8 @@ class TorchArchive:
         info = self.zip.getinfo(member)
         if info.file_size > 4096:
             return None
-        try:
-            return self.zip.read(member).decode("utf-8", "replace").strip()
-        except ziparchive.ZIP_ERRORS as exc:
-            raise IntegrityError(f"{self.path}: cannot read {member}: {exc}",
-                                 hint="The file is truncated or corrupt",
-                                 path=str(self.path)) from None
+        data, _crc_ok = ziparchive.read_record(self.fh, info, self.size)
+        return data.decode("utf-8", "replace").strip()
 
     def persistent(self, folder: str):
         def load(pid: Any) -> Any:
@@ -144,17 +142,23 @@ class TorchArchive:
 
     def read_object(self, pickle_name: str, folder: str,
                     context: PickleContext | None = None) -> Any:
+        """Interpret a pickle record as ``torch.load`` reads it (see ``read_record``).  A
+        name stored twice is read twice: torch takes the last, other zip readers the first,
+        so what either would run is reported; the tree is the last one's."""
         member = f"{self.prefix}/{pickle_name}"
-        info = self.zip.getinfo(member)
-        if info.file_size > self.size * 1100 + (1 << 20):  # a zip bomb in data.pkl
-            raise IntegrityError(f"{self.path}: {member} declares an implausible size")
-        try:
-            data = self.zip.read(member)
-        except ziparchive.ZIP_ERRORS as exc:
-            raise IntegrityError(f"{self.path}: cannot read {member}: {exc}",
-                                 hint="The file is truncated or corrupt", path=str(self.path))
-        raw = read_pickle(data, self.findings, self.persistent(folder),
-                          what=f"{member} in {self.path}", context=context, location=member)
+        copies = [i for i in self.zip.infolist() if i.filename == member]
+        raw: Any = None
+        for number, info in enumerate(copies, 1):
+            if info.file_size > self.size * 1100 + (1 << 20):  # a zip bomb in data.pkl
+                raise IntegrityError(f"{self.path}: {member} declares an implausible size")
+            data, crc_ok = ziparchive.read_record(self.fh, info, self.size)
+            if not crc_ok:
+                self.crc_mismatch.append(member)
+            location = member if len(copies) == 1 else (
+                f"{member} (copy {number} of {len(copies)}; torch reads the last)")
+            raw = read_pickle(data, self.findings, self.persistent(folder),
+                              what=f"{member} in {self.path}", context=context,
+                              location=location)
         return Resolver(self.span_for).resolve(raw)
 
     def details(self) -> dict[str, Any]:
@@ -168,6 +172,11 @@ class TorchArchive:
         unreferenced = sorted(data_members - self.referenced)
         if unreferenced:
             facts["unreferenced_records"] = unreferenced[:20]
+        if self.crc_mismatch:
+            facts["crc_mismatch"] = sorted(set(self.crc_mismatch))
+        if len(self.names) != len(set(self.names)):
+            facts["duplicate_records"] = sorted({n for n in self.names
+                                                 if self.names.count(n) > 1})[:20]
         return facts
 
     def safety(self) -> SafetyReport:

@@ -32,12 +32,14 @@ def is_zip(path: Path) -> bool:
         return False
 
 
-def open_zip(path: Path, what: str) -> zipfile.ZipFile:
+def open_zip(path: Path, what: str, *, duplicates: bool = False) -> zipfile.ZipFile:
     """Open ``path`` as a zip, turning a missing central directory into an IntegrityError.
 
     Every member's compressed bytes must lie inside the file: zipfile reads a member in
     pieces of up to its declared compressed size, and a buffered read allocates the whole
-    piece before it reads, so a damaged size of gigabytes would cost gigabytes.
+    piece before it reads, so a damaged size of gigabytes would cost gigabytes.  Two members
+    of one name are refused unless ``duplicates`` (the reader then reads every one of them:
+    loaders disagree on which one counts).
     """
     try:
         archive = zipfile.ZipFile(path)
@@ -48,7 +50,7 @@ def open_zip(path: Path, what: str) -> zipfile.ZipFile:
             hint="Re-download or re-save the file; a complete zip ends with its central directory",
             path=str(path)) from exc
     names = archive.namelist()
-    if len(names) != len(set(names)):
+    if not duplicates and len(names) != len(set(names)):
         archive.close()
         raise IntegrityError(f"{path}: zip holds duplicate member names",
                              hint="Such files can hide payloads; do not load it", path=str(path))
@@ -82,6 +84,35 @@ def data_offset(fh: BinaryIO, info: zipfile.ZipInfo, file_size: int) -> int:
             f"{where}: zip member {info.filename!r} runs past the end of the file "
             f"({offset + info.compress_size} > {file_size} bytes)", path=str(where))
     return offset
+
+
+def read_record(fh: BinaryIO, info: zipfile.ZipInfo, file_size: int) -> tuple[bytes, bool]:
+    """A member's bytes as torch's zip reader (miniz) gets them, and whether its CRC holds.
+
+    Found through the central directory and located by the local header's own name and
+    extra lengths: a local header naming another file, or a wrong CRC, does not stop
+    ``torch.load`` (or a pickle read from the start of a large member), so neither stops
+    this read.  Raises IntegrityError for data that cannot be located or decompressed."""
+    offset = data_offset(fh, info, file_size)
+    fh.seek(offset)
+    raw = fh.read(info.compress_size)
+    where = getattr(fh, "name", "zip")
+    try:
+        if info.compress_type == zipfile.ZIP_STORED:
+            data = raw
+        elif info.compress_type == zipfile.ZIP_DEFLATED:
+            inflate = zlib.decompressobj(-15)
+            data = inflate.decompress(raw, info.file_size + 1)
+        else:
+            data = zipfile._get_decompressor(info.compress_type).decompress(  # type: ignore[attr-defined]
+                raw)[:info.file_size + 1]
+    except (*ZIP_ERRORS, NotImplementedError) as exc:
+        raise IntegrityError(f"{where}: zip member {info.filename!r} cannot be decompressed "
+                             f"({exc})", path=str(where)) from exc
+    if len(data) != info.file_size:
+        raise IntegrityError(f"{where}: zip member {info.filename!r} holds {len(data)} bytes, "
+                             f"its header says {info.file_size}", path=str(where))
+    return data, zlib.crc32(data) == info.CRC
 
 
 def first_member_name(path: Path) -> str:
