@@ -68,8 +68,6 @@ PRIVATE_NAMES_DANGEROUS = frozenset({"typing", "typing_extensions", "annotationl
 #: Harmless names inside otherwise dangerous modules: not reported as unsafe, but listed as
 #: objects (what only builds data is in data/pickle_allowlist.toml, checked first).
 SAFE_NAMES = frozenset({
-    ("builtins", "int"), ("builtins", "float"), ("builtins", "str"), ("builtins", "bool"),
-    ("builtins", "tuple"), ("builtins", "list"), ("builtins", "dict"),
     ("functools", "total_ordering"),
     # joblib's record of an array's shape and dtype; the bytes follow it in the stream.
     ("joblib.numpy_pickle", "NumpyArrayWrapper"),
@@ -103,7 +101,7 @@ def is_dangerous(module: str, name: str) -> bool:
         # From protocol 4 on, pickle resolves a dotted name attribute by attribute, so it can
         # reach any module the named module imports ('argparse' '_os.system' is os.system).
         return True
-    if (module, name) != _py2_alias(module, name) and is_dangerous(*_py2_alias(module, name)):
+    if (module, name) != py2_alias(module, name) and is_dangerous(*py2_alias(module, name)):
         return True  # 'cPickle' 'loads' is pickle.loads
     if (module, name) in SAFE_NAMES:
         return False
@@ -121,7 +119,7 @@ def is_dangerous(module: str, name: str) -> bool:
     return False
 
 
-def _py2_alias(module: str, name: str) -> tuple[str, str]:
+def py2_alias(module: str, name: str) -> tuple[str, str]:
     """What pickle actually imports for ``module.name`` in a protocol 0-2 pickle.
 
     Python 2 names are renamed (``fix_imports``, on by default in pickle and torch.load):

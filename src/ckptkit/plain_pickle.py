@@ -50,7 +50,7 @@ MAX_NESTING = 8
 SNIFF_BYTES = 1 << 20
 _TEXT_OPCODES = (b"(", b"}", b"]", b"c", b"I", b"N", b"V", b"S", b"d", b"l", b"t", b"F", b"L",
                  b"i", b"P", b"p", b"g", b")", b"K", b"J", b"M", b"X", b"U", b"T", b"\x88",
-                 b"\x89", b".")
+                 b"\x89", b".", b"\x80")
 
 
 def sniff(path: Path) -> bool:

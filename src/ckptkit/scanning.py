@@ -199,9 +199,10 @@ def _scan_file(path: Path, name: str, explicit: bool, depth: int,
     try:
         raw = reader.read_info(path)
     except CkptkitError as exc:
-        if fmt == "torch-legacy":
-            # The legacy reader claims every protocol 2-5 pickle: a plain pickle or a joblib
-            # file is read as such; a broken legacy file keeps the legacy reader's verdict.
+        if fmt == "torch-legacy" or path.is_file() and plain_pickle.sniff(path):
+            # The legacy reader claims every protocol 2-5 pickle (and msgpack's first byte
+            # can be a pickle's): a plain pickle or a joblib file is read as such; a broken
+            # legacy file keeps the legacy reader's verdict.
             plain = _plain(path, name)
             if plain.verdict != "unreadable" or isinstance(exc, FormatError):
                 return plain

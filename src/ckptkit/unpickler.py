@@ -105,7 +105,9 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     def find_class(self, module: str, name: str) -> Any:  # the one gate to every global
         module, name = str(module), str(name)
         qualname = f"{module}.{name}"
-        found = self._context.allowed.get((module, name), ALLOWED.get((module, name)))
+        # What the loader imports: before protocol 3, Python 2 names are mapped (fix_imports).
+        key = danger.py2_alias(module, name) if self.proto < 3 else (module, name)
+        found = self._context.allowed.get(key, ALLOWED.get(key))
         if found is None:
             if module.startswith(self._context.known_prefixes):
                 pass  # classes the format itself defines (TorchScript's __torch__.*)

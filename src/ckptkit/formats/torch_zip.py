@@ -143,8 +143,9 @@ class TorchArchive:
     def read_object(self, pickle_name: str, folder: str,
                     context: PickleContext | None = None) -> Any:
         """Interpret a pickle record as ``torch.load`` reads it (see ``read_record``).  A
-        name stored twice is read twice: torch takes the last, other zip readers the first,
-        so what either would run is reported; the tree is the last one's."""
+        name stored twice is read twice: which copy a loader takes depends on the loader (and
+        for torch on where the name sorts), so what any copy would run is reported; the tree
+        is the last one's."""
         member = f"{self.prefix}/{pickle_name}"
         copies = [i for i in self.zip.infolist() if i.filename == member]
         raw: Any = None
@@ -155,7 +156,7 @@ class TorchArchive:
             if not crc_ok:
                 self.crc_mismatch.append(member)
             location = member if len(copies) == 1 else (
-                f"{member} (copy {number} of {len(copies)}; torch reads the last)")
+                f"{member} (copy {number} of {len(copies)})")
             raw = read_pickle(data, self.findings, self.persistent(folder),
                               what=f"{member} in {self.path}", context=context,
                               location=location)
