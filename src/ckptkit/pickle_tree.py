@@ -141,6 +141,8 @@ class Resolver:
             return _numpy_scalar(obj)
         if name.endswith("multiarray._reconstruct"):
             return _numpy_array(obj)
+        if name.endswith("numeric._frombuffer"):  # numpy arrays pickled at protocol 5
+            return _numpy_frombuffer(obj)
         if name == "numpy.dtype":
             return f"dtype:{_dtype_of(obj)}"
         resolved = Opaque(name)
@@ -173,6 +175,18 @@ def _numpy_scalar(obj: Opaque) -> Any:
         if code and struct.calcsize("<" + code) == len(obj.args[1]):
             return struct.unpack("<" + code, obj.args[1])[0]
     return Opaque("numpy.generic", (), None)
+
+
+def _numpy_frombuffer(obj: Opaque) -> Any:
+    """``_frombuffer(buffer, dtype, shape, order)``: an array whose bytes are in the pickle."""
+    if len(obj.args) >= 3 and isinstance(obj.args[2], tuple):
+        try:
+            dims = tuple(int(s) for s in obj.args[2])
+        except (TypeError, ValueError):
+            return Opaque("numpy.ndarray")
+        return TensorRef(_dtype_of(obj.args[1]), dims, None,
+                         fortran_order=len(obj.args) > 3 and obj.args[3] == "F")
+    return Opaque("numpy.ndarray")
 
 
 def _numpy_array(obj: Opaque) -> Any:
