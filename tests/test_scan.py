@@ -287,15 +287,86 @@ def test_cli_exit_codes_and_json(tmp_path: Path, sentinel: Path) -> None:
     data = json.loads(result.stdout)
     assert data["summary"] == {"safe": 1, "unknown-objects": 0, "unsafe": 1, "unreadable": 0,
                                "skipped": 1}
+    assert data["skipped"] == [{"path": str(run / "notes.txt"),
+                                "reason": "not a checkpoint, pickle or archive (text)"}]
     bad = next(f for f in data["files"] if f["verdict"] == "unsafe")
     assert set(bad) == {"path", "verdict", "format", "unsafe", "objects", "pickles", "note"}
-    assert bad["unsafe"] == [{"name": SYSTEM, "via": "GLOBAL", "where": "pickle 1"}]
+    # The callable, the opcode that reached it, the pickle it sits in, its byte offset.
+    assert bad["unsafe"] == [{"callable": SYSTEM, "opcode": "GLOBAL", "pickle": "pickle 1",
+                              "offset": 2}]
     quiet = run_ckpt("scan", str(run), "--quiet")
     assert "step_1.pt" not in quiet.stdout and "bad.pkl" in quiet.stdout
+    assert "skipped" in quiet.stdout and "notes.txt" in quiet.stdout  # listed, with its reason
     assert "1 safe, 1 unsafe (1 other files skipped)" in quiet.stdout
     (run / "bad.pkl").unlink()
     assert run_ckpt("scan", str(run)).returncode == ExitCode.OK
     assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("fail_on, codes", [
+    ("unsafe", {"safe": 0, "unknown": 0, "corrupt": 0, "unsafe": 5}),
+    ("unreadable", {"safe": 0, "unknown": 0, "corrupt": 3, "unsafe": 5}),
+    ("unknown", {"safe": 0, "unknown": 5, "corrupt": 3, "unsafe": 5}),
+])
+def test_fail_on_gate(fail_on: str, codes: dict[str, int], tmp_path: Path,
+                      sentinel: Path) -> None:
+    files = {"safe": tmp_path / "plain.pkl", "unknown": tmp_path / "settings.pkl",
+             "corrupt": tmp_path / "cut.pkl", "unsafe": tmp_path / "evil.pkl"}
+    files["safe"].write_bytes(pickle.dumps({"lr": 0.1}))
+    files["unknown"].write_bytes(pickle.dumps({"s": Settings()}))
+    files["corrupt"].write_bytes(pickle.dumps({"w": list(range(50))}, protocol=2)[:40])
+    files["unsafe"].write_bytes(pickle.dumps(Payload(sentinel)))
+    for kind, path in files.items():
+        assert scan([path]).exit_code_for(fail_on) == codes[kind], kind
+    everything = run_ckpt("scan", *map(str, files.values()), "--fail-on", fail_on)
+    assert everything.returncode == ExitCode.UNSAFE
+    mild = run_ckpt("scan", str(files["safe"]), str(files["unknown"]), "--fail-on", fail_on)
+    assert mild.returncode == codes["unknown"], mild.stderr
+
+
+def test_a_reader_that_crashes_does_not_end_the_scan(tmp_path: Path, sentinel: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crafted file that makes a reader fail in a way it should not (a crash, memory or
+    recursion exhausted) is unreadable; the unsafe pickle beside it is still reported."""
+    from ckptkit.formats import safetensors
+
+    safetensors_file = SAMPLES / "model.safetensors"
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(safetensors_file.read_bytes())
+    (folder / "opt.pkl").write_bytes(pickle.dumps(Payload(sentinel)))
+
+    def exhausted(path: Path) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(safetensors, "read_info", exhausted)
+    report = scan([folder])
+    verdicts = {Path(r.path).name: r for r in report.results}
+    assert verdicts["opt.pkl"].verdict == "unsafe"
+    assert verdicts["model.safetensors"].verdict == "unreadable"
+    assert "RecursionError" in verdicts["model.safetensors"].note
+    assert report.exit_code == ExitCode.UNSAFE
+
+
+def test_dcp_item_stored_outside_the_checkpoint_is_unsafe(tmp_path: Path) -> None:
+    """DCP joins each item's relative path to the checkpoint folder: one leading out of it
+    makes torch.load read (and run) another file."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(SRC.parent / "scripts"))
+    from corpus import containers
+
+    checkpoint = containers.dcp(tmp_path / "ckpt", containers.dcp_state())
+    (result,) = scan([checkpoint]).results
+    assert (result.verdict, result.format) == ("safe", "torch-dcp")
+    metadata = checkpoint / ".metadata"
+    with open(metadata, "rb") as fh:
+        records = pickle.load(fh)
+    for info in records.storage_data.values():
+        info.relative_path = "../elsewhere.distcp"
+    metadata.write_bytes(pickle.dumps(records))
+    (result,) = scan([checkpoint]).results
+    assert result.verdict == "unsafe"
+    assert any("outside the checkpoint" in d.name for d in result.unsafe)
 
 
 def test_unreadable_and_missing_inputs(tmp_path: Path) -> None:
