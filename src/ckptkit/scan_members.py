@@ -89,8 +89,7 @@ def hidden_in_records(path: Path, findings: Findings, depth: int,
 
     problems: list[str] = []
     size = path.stat().st_size
-    with ziparchive.open_zip(path, "zip", duplicates=True) as archive, \
-            open(path, "rb") as fh, tempfile.TemporaryDirectory(prefix="ckpt-scan-") as tmp:
+    with ziparchive.open_zip(path, "zip", duplicates=True) as archive, open(path, "rb") as fh:
         for info in archive.infolist():
             if info.is_dir() or info.filename.endswith(".pkl") or "/code/" in info.filename:
                 continue
@@ -103,10 +102,10 @@ def hidden_in_records(path: Path, findings: Findings, depth: int,
                 elif head == ziparchive.ZIP_MAGIC and depth < MAX_DEPTH:
                     if info.file_size > archives.default_max_bytes(size):
                         raise IntegrityError(f"{info.filename} declares {info.file_size} bytes")
-                    target = Path(tmp) / "member"
-                    target.write_bytes(ziparchive.read_record(fh, info, size)[0])
-                    result = scan_member(target, info.filename)
-                    target.unlink(missing_ok=True)
+                    with tempfile.TemporaryDirectory(prefix="ckpt-scan-") as tmp:
+                        target = Path(tmp) / "member"
+                        target.write_bytes(ziparchive.read_record(fh, info, size)[0])
+                        result = scan_member(target, info.filename)
                     if isinstance(result, ScanResult):
                         absorb(findings, result, f"{info.filename} (a zip inside the zip): ")
             except IntegrityError as exc:
