@@ -46,7 +46,7 @@ from corpus.opcodes import (Reduce, call, get, glob, inject, put, raw_bytes, sta
                             tup, ustr, whole)
 from corpus.techniques import TECHNIQUES as CORPUS  # noqa: E402
 from corpus.techniques import Target as Aim  # noqa: E402
-from corpus.techniques import hidden_system  # noqa: E402
+from corpus.bodies import hidden_system  # noqa: E402
 #: Where ``pickle.dumps`` says ``os.system`` lives (``posix`` here, ``nt`` on Windows).
 SYSTEM = f"{os.system.__module__}.system"
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 import io
 import pickle
 import pickletools
-import re
 import struct
-import contextvars
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
@@ -29,6 +27,7 @@ from ckptkit.model import Opaque
 from ckptkit.pickle_globals import (ALLOWED, CALLS_ARGUMENTS, AttrDict, EmbeddedTorchFile,
                                     check_keys, inert_type)
 from ckptkit.pickle_input import LOADER_VIEWS, FileInput, StreamInput
+from ckptkit.pickle_semantics import HANDLERS, NO_FRAME, LoaderSemantics, called, describe
 
 def is_binary_pickle(head: bytes) -> bool:
     """True when ``head`` starts like a protocol 2-5 pickle (``PROTO`` then 2..5)."""
@@ -77,7 +76,7 @@ class Findings:
                 "unsafe_offset": dict(self.offset)}
 
 
-class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-defined]
     """Interprets one pickle stream into plain values, pending tensors and Opaque records."""
 
     dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
@@ -89,7 +88,7 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         super().__init__(io.BytesIO() if own_input else file, encoding="latin1")
         self._input = file if own_input else StreamInput(file)  # type: ignore[arg-type]
         self._base = base
-        self._frame_end = _NO_FRAME
+        self._frame_end = NO_FRAME
         self.diverged = False
         self.findings = findings
         self._persistent = persistent
@@ -152,79 +151,18 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
                         # The frame ended inside the last opcode: a loader reading the frame
                         # on its own took that opcode's operand from after the frame.
                         self.diverged = True
-                    self._frame_end = _NO_FRAME
+                    self._frame_end = NO_FRAME
                 previous = here
                 key = read(1)
                 if not key:
                     raise EOFError
                 dispatch[key[0]](self)
         except pickle._Stop as stop:  # type: ignore[attr-defined]
-            if tell() < self._frame_end != _NO_FRAME:
+            if tell() < self._frame_end != NO_FRAME:
                 self.diverged = True  # loaders reading frames start the next pickle elsewhere
             source.stop()
             return stop.value
         raise pickle.UnpicklingError(f"more than {MAX_OPCODES} opcodes")
-
-    def _load_frame(self) -> None:
-        (size,) = struct.unpack("<Q", self.read(8))
-        if size > MAX_STATIC_SCAN << 4:
-            raise pickle.UnpicklingError(f"frame of {size} bytes")
-        left = self._input.remaining()
-        if left is not None and size > left:
-            raise pickle.UnpicklingError("pickle data was truncated")  # as pickle.loads says
-        here = self._input.tell()
-        if here < self._frame_end != _NO_FRAME:
-            if here + size > self._frame_end:
-                self.diverged = True  # a frame opening inside another and ending past it
-                self._frame_end = here + size
-        else:
-            self._frame_end = here + size
-        self._input.frame(size)
-
-    def leave_frame(self) -> None:
-        """Bytes that follow are taken outside the pickle machine (joblib's array data): a
-        frame that ends here is closed, so skipping them is not reading across its end."""
-        if self._input.tell() >= self._frame_end:
-            self._frame_end = _NO_FRAME
-
-    def _counted(self, size: int) -> bytes:
-        # The stdlib allocates (and zeroes) bytearray(<declared length>) before reading, so a
-        # 20-byte pickle could demand gigabytes: read what is there, in pieces.
-        if size > MAX_STATIC_SCAN << 4:
-            raise pickle.UnpicklingError(f"a bytes value of {size} bytes")
-        return self._input.read_counted(size)
-
-    def _load_short_binbytes(self) -> None:
-        self.append(self._counted(self.read(1)[0]))
-
-    def _load_binbytes(self) -> None:
-        self.append(self._counted(struct.unpack("<I", self.read(4))[0]))
-
-    def _load_binbytes8(self) -> None:
-        self.append(self._counted(struct.unpack("<Q", self.read(8))[0]))
-
-    def _load_bytearray8(self) -> None:
-        self.append(bytearray(self._counted(struct.unpack("<Q", self.read(8))[0])))
-
-    def _load_int(self) -> None:
-        # The C unpickler parses INT with strtol(s, &end, 0): "010" is 8 there, while the
-        # pure-Python int(s, 0) refuses it, which would end this reading where torch.load
-        # reads on.
-        line = self.readline()
-        if len(line) < 2:
-            raise pickle.UnpicklingError("pickle data was truncated")
-        match = _STRTOL.match(line)
-        if match and line[match.end():] in (b"\n", b""):
-            sign, digits = match.group(1), match.group(2)
-            base = 16 if digits[:2].lower() == b"0x" else 8 if digits[:1] == b"0" else 10
-            value = int(digits[2:] if base == 16 else digits, base) * (-1 if sign == b"-" else 1)
-            if -(1 << 63) <= value < 1 << 63:
-                self.append(bool(value) if len(line) == 3 and value in (0, 1) else value)
-                return
-        try:
-            self.append(int(line, 0))
-        except ValueError:
-            raise ValueError("could not convert string to int") from None
 
     # --- calls and mutations the stand-ins cannot mirror ------------------------------------
     # The real loader calls real objects where this reader has recorders and stand-ins, so
@@ -235,13 +173,6 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     # A callable the reader only has as a record (the result of a call, a constructed object)
     # is something the file computes at load time: whatever it is, calling it is unsafe.
 
-    def _call_computed(self, func: Opaque, args: Any, via: str) -> Opaque:
-        """A call on a value the file computes at load time: unsafe, whatever it is.  Calling
-        such a result again is the same finding (a chain of a million calls is one name)."""
-        called = func.qualname if func.qualname.endswith(">()") else f"{_describe(func)}()"
-        self._flag(called, via)
-        return Opaque(called, args if isinstance(args, tuple) else (args,))
-
     def _record_call(self, func: Any, args: Any, kwargs: Any = None) -> Any:
         args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
         extra = (kwargs,) if isinstance(kwargs, dict) and kwargs else ()
@@ -249,7 +180,7 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             return self._embedded(func, args)
         for position in CALLS_ARGUMENTS.get(id(func), ()):
             if position < len(args) and isinstance(args[position], Opaque):
-                self._flag(f"{_describe(args[position])}()", self._via_call)
+                self._flag(f"{describe(args[position])}()", self._via_call)
         try:
             if isinstance(kwargs, dict) and kwargs:
                 return func(*args, **kwargs)
@@ -257,7 +188,7 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         except _MISMATCH as exc:
             if isinstance(exc, CkptkitError):
                 raise
-            return _called(func, args + extra)
+            return called(func, args + extra)
 
     _via_call = "REDUCE"
 
@@ -289,33 +220,6 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         else:
             self.append(self._record_call(lambda: klass.__new__(klass), ()))
 
-    def _embedded(self, reader: EmbeddedTorchFile, args: tuple[Any, ...]) -> Any:
-        """``torch.storage._load_from_bytes(data)`` runs ``torch.load`` on ``data``: the
-        embedded file is read the same restricted way and its findings become this file's."""
-        data = args[0] if args else None
-        if not isinstance(data, (bytes, bytearray)):
-            # Bytes computed at load time cannot be read before loading: unsafe.
-            self._flag(f"{reader.qualname}({_describe(data)})", self._via_call)
-            return Opaque(reader.qualname)
-        from ckptkit import embedded  # a format reader, which imports this module
-
-        where = f"{self.findings.location} at byte {self._op_pos}"
-        depth = _EMBEDDING.get()
-        if depth >= MAX_EMBEDDED:
-            self.findings.objects.add(f"{reader.qualname} (nested deeper than {MAX_EMBEDDED})")
-            return Opaque(reader.qualname)
-        token = _EMBEDDING.set(depth + 1)
-        try:
-            problem = embedded.read_embedded_torch_file(bytes(data), self.findings, where)
-        finally:
-            _EMBEDDING.reset(token)
-        if problem:
-            location = self.findings.location
-            self.findings.location = f"{where} (an embedded file ckptkit cannot read: {problem})"
-            self._flag(reader.qualname, self._via_call)
-            self.findings.location = location
-        return Opaque("torch.Storage")
-
     def _load_build(self) -> None:
         # Only objects this read created take state.  The stand-ins are shared module-level
         # objects (torch.FloatStorage, torch.float32, the rebuild functions): a BUILD that set
@@ -332,18 +236,6 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         elif isinstance(inst, AttrDict):
             self.stack.append(state)
             self._tolerant(pickle._Unpickler.load_build)  # type: ignore[attr-defined]
-
-    def _check_state_names(self, inst: Opaque, state: Any) -> None:
-        """BUILD sets attributes from a dict (and a slot dict); one named ``__setstate__``
-        is what the next BUILD on the object calls, ``__class__`` changes its type."""
-        parts = state if isinstance(state, tuple) and len(state) == 2 else (state,)
-        for part in parts:
-            if not isinstance(part, dict):
-                continue
-            for key in part:
-                if (isinstance(key, str) and key.startswith("__") and key.endswith("__")
-                        and key not in _DOC_ATTRIBUTES):
-                    self._flag(f"{inst.qualname}.{key[:100]} (set by BUILD)", "BUILD")
 
     def _tolerant(self, handler: Callable[[Any], None]) -> None:
         try:
@@ -399,20 +291,7 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         finally:
             self._via = "GLOBAL"
 
-    def _name(self, value: Any) -> str:
-        if id(value) in self._globals:
-            return f"<{self._globals[id(value)]}>"
-        return _describe(value)
-
-    def _computed(self, value: Any) -> bool:
-        """A value the real loader may well have as a str where this reader has a record or
-        a stand-in (a call's result, or a global's value)."""
-        return isinstance(value, Opaque) or id(value) in self._globals
-
-    for _op, _handler in ((pickle.FRAME, _load_frame), (pickle.BYTEARRAY8, _load_bytearray8),
-                          (pickle.SHORT_BINBYTES, _load_short_binbytes),
-                          (pickle.BINBYTES, _load_binbytes), (pickle.BINBYTES8, _load_binbytes8),
-                          (pickle.INT, _load_int),
+    for _op, _handler in (*HANDLERS,
                           (pickle.REDUCE, _load_reduce), (pickle.NEWOBJ, _load_newobj),
                           (pickle.NEWOBJ_EX, _load_newobj_ex), (pickle.BUILD, _load_build),
                           (pickle.SETITEM, _load_setitem), (pickle.SETITEMS, _load_setitems),
@@ -441,42 +320,8 @@ class InertUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     del _op, _via, _tagged
 
 
-#: What C's strtol(s, &end, 0) accepts: blanks, a sign, then hex, octal or decimal digits.
-_STRTOL = re.compile(rb"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
-#: "No frame is open": beyond any position.
-_NO_FRAME = 1 << 62
 #: What a stand-in raises where the real object would have done something.
 _MISMATCH = (TypeError, AttributeError, ValueError, KeyError, IndexError)
-#: Attribute names a BUILD may set without consequence (documentation, not behaviour).
-_DOC_ATTRIBUTES = frozenset({"__doc__", "__module__", "__qualname__", "__name__"})
-#: How deep files embedded in pickles (pickled tensors) are followed, and how deep we are.
-MAX_EMBEDDED = 4
-_EMBEDDING: contextvars.ContextVar[int] = contextvars.ContextVar("ckpt_embedding", default=0)
-
-
-def _describe(value: Any) -> str:
-    """A short, bounded name for a value used as a callable or a global's operand (bounded:
-    a chain of a million calls on call results must not build ever longer names).  Plain
-    arguments are shown: ``<pkgutil.resolve_name('os:system')>``."""
-    if isinstance(value, Opaque):
-        if value.qualname.endswith(")"):
-            text = value.qualname
-        else:
-            shown = [repr(a)[:60] for a in value.args[:3]
-                     if a is None or isinstance(a, (str, bytes, int, float, bool))]
-            more = ", ..." if len(shown) < len(value.args) else ""
-            text = f"{value.qualname}({', '.join(shown)}{more})"
-        return f"<{text[:200]}>"
-    if isinstance(value, (str, int, float, bytes)) or value is None:
-        return repr(value)[:60]
-    name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None) or \
-        getattr(value, "qualname", None)
-    return name[:200] if isinstance(name, str) else f"<{type(value).__name__}>"
-
-
-def _called(func: Any, args: Any) -> Opaque:
-    """The record of a call this reader cannot make."""
-    return Opaque(f"{_describe(func)}()", args if isinstance(args, tuple) else (args,))
 
 
 def _plain_pid(pid: Any) -> bool:
