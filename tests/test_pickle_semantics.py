@@ -124,6 +124,21 @@ def test_a_frame_that_loaders_read_differently_is_read_as_each_does() -> None:
     assert honest.objects == set() and honest.unsafe == {}
 
 
+def test_diverging_frames_in_a_plain_file_are_read_again(tmp_path: Path) -> None:
+    """Plain pickle files are read through a byte budget; the second reading of a pickle
+    whose frames diverge goes around it, and the next pickle is still read where it starts."""
+    from ckptkit import plain_pickle
+
+    payload = call(glob("os", "system"), ustr("true")) + pickle.POP
+    frame = pickle.NONE + pickle.BINBYTES + bytes([1 + len(payload)])
+    hiding = (pickle.PROTO + b"\x04" + pickle.FRAME + struct.pack("<Q", len(frame)) + frame
+              + bytes(4) + payload + pickle.POP + pickle.POP + pickle.EMPTY_DICT + pickle.STOP)
+    path = tmp_path / "two.joblib"
+    path.write_bytes(hiding + pickle.dumps({"next": 1}, protocol=4))
+    findings, _kind = plain_pickle.analyse(path)
+    assert set(findings.unsafe) == {"os.system"} and findings.pickles >= 2
+
+
 def test_int_is_parsed_as_the_c_unpickler_does() -> None:
     """'010' is 8 to strtol(s, &end, 0), an error to the pure-Python int(s, 0)."""
     for text, value in ((b"010", 8), (b"0x1f", 31), (b" 7", 7), (b"01", True), (b"1_000", 1000)):

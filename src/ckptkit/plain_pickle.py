@@ -284,6 +284,19 @@ class _Budget:
     def tell(self) -> int:
         return self._read
 
+    def reread(self, start: int, limit: int) -> bytes:
+        """Up to ``limit`` bytes from ``start`` of a file that is not decompressed, read outside
+        the budget and leaving the stream where it is (pickles whose frames loaders read
+        differently are read again); nothing for a compressed one."""
+        if isinstance(self._stream, _Named):
+            return b""
+        here = self._stream.tell()
+        try:
+            self._stream.seek(start)
+            return self._stream.read(limit)
+        finally:
+            self._stream.seek(here)
+
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
         # Only read_pickle's fallback scan of a broken pickle seeks: to the end to learn how
         # much is left, then back to the pickle's start.  On a decompressing stream, seeking

@@ -377,10 +377,11 @@ def read_pickle(data: bytes | BinaryIO, findings: Findings,
             stream.seek(start)
             rest = stream.read(min(MAX_STATIC_SCAN, left))
             scan_globals(rest, findings, context, base=base + start)
-            if reader.diverged:
-                _read_as_loaders_do(rest, findings, context, findings.location, base + start)
         except (AttributeError, OSError, ValueError):
             pass  # a stream that cannot go back (raw zlib): the interpreted part is reported
+        if reader.diverged:
+            _read_as_loaders_do(_reread(stream, start), findings, context, findings.location,
+                                base + start)
         detail = str(exc) or ("the data ends early" if isinstance(exc, EOFError) else "")
         message = f"corrupt {what}: {type(exc).__name__}{': ' + detail if detail else ''}"[:300]
         if findings.unsafe:
@@ -391,16 +392,25 @@ def read_pickle(data: bytes | BinaryIO, findings: Findings,
                                     findings=findings) from exc
         raise IntegrityError(message) from exc
     if reader.diverged:
-        here, where = stream.tell(), findings.location
-        try:
-            stream.seek(start)
-            rest = stream.read(MAX_STATIC_SCAN)
-            stream.seek(here)
-        except (AttributeError, OSError, ValueError):
-            rest = b""  # a decompressing stream: only the contiguous reading is analysed
-        _read_as_loaders_do(rest, findings, context, where, base + start)
-        findings.location = where
+        _read_as_loaders_do(_reread(stream, start), findings, context, findings.location,
+                            base + start)
     return value
+
+
+def _reread(stream: Any, start: int) -> bytes:
+    """The bytes from ``start`` on (at most MAX_STATIC_SCAN), leaving the stream where it is:
+    a budgeted stream re-reads its file outside the budget (``reread``); one that cannot go
+    back (decompression) gives nothing, and only the contiguous reading is analysed."""
+    if hasattr(stream, "reread"):
+        return stream.reread(start, MAX_STATIC_SCAN)
+    try:
+        here = stream.tell()
+        stream.seek(start)
+        rest = stream.read(MAX_STATIC_SCAN)
+        stream.seek(here)
+    except (AttributeError, OSError, ValueError):
+        return b""
+    return rest
 
 
 #: A pickle whose frames make loaders read different opcodes (reported as an object: no
