@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ckptkit import archive_members, checkpoint_dirs, formats, plain_pickle, scan_members
+from ckptkit import (archive_members, checkpoint_dirs, config, formats, plain_pickle,
+                     scan_members)
 from ckptkit.errors import (CkptkitError, DiskFullError, ExitCode, FormatError, NotFoundError,
                             UsageError)
 from ckptkit.unpickler import Findings, UnsafePickleError
@@ -176,6 +177,8 @@ def scan_file(path: Path, *, explicit: bool = True, label: str | None = None, de
     except DiskFullError:
         raise
     except Exception as exc:  # noqa: BLE001 - one crafted file must not end the whole scan
+        if config.debug():
+            raise  # CKPTKIT_DEBUG=1: the reader's own traceback
         return ScanResult(name, "unreadable", note=f"the reader failed on it "
                           f"({type(exc).__name__}: {str(exc)[:200]}); do not load it",
                           exit_code=ExitCode.INTEGRITY)
