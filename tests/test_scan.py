@@ -18,6 +18,7 @@ import sys
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -359,14 +360,27 @@ def test_dcp_item_stored_outside_the_checkpoint_is_unsafe(tmp_path: Path) -> Non
     (result,) = scan([checkpoint]).results
     assert (result.verdict, result.format) == ("safe", "torch-dcp")
     metadata = checkpoint / ".metadata"
-    with open(metadata, "rb") as fh:
-        records = pickle.load(fh)
-    for info in records.storage_data.values():
-        info.relative_path = "../elsewhere.distcp"
-    metadata.write_bytes(pickle.dumps(records))
-    (result,) = scan([checkpoint]).results
+    original = metadata.read_bytes()
+
+    def rewritten(change: Any) -> Any:
+        records = pickle.loads(original)
+        for index, info in records.storage_data.items():
+            change(index.fqn, info)
+        metadata.write_bytes(pickle.dumps(records))
+        (result,) = scan([checkpoint]).results
+        return result
+
+    result = rewritten(lambda fqn, info: setattr(info, "relative_path", "../elsewhere.distcp"))
     assert result.verdict == "unsafe"
     assert any("outside the checkpoint" in d.name for d in result.unsafe)
+    # Items ckptkit cannot read back (compressed): a tensor, loaded with weights_only=True,
+    # is not vetted; an object, loaded with weights_only=False, cannot pass as safe.
+    tensors = rewritten(lambda fqn, info: fqn.startswith("model.") and setattr(
+        info, "transform_descriptors", ["zstd"]))
+    assert tensors.verdict == "unknown-objects"
+    objects = rewritten(lambda fqn, info: fqn == "step" and setattr(
+        info, "transform_descriptors", ["zstd"]))
+    assert objects.verdict == "unsafe" and "cannot read" in objects.unsafe[0].name
 
 
 def test_unreadable_and_missing_inputs(tmp_path: Path) -> None:

@@ -97,21 +97,26 @@ def _scan_dcp(root: Path, scan_member: Callable[[Path, str], Any]) -> tuple[Find
             findings.flag(f"DCP item {fqn!r} stored in {relative!r}, outside the checkpoint",
                           "_StorageInfo")
             continue
-        if info.get("transform_descriptors"):
-            unvetted += 1  # compressed or otherwise transformed: not read back here
-            continue
+        loads_code = kinds.get(fqn) != "tensor"  # torch.load(weights_only=False) loads it
+        where = f"{relative} at byte {offset} ({kinds.get(fqn, 'item')} {fqn!r})"
         used.add(relative)
-        _read_item(root / relative, offset, length, f"{relative} at byte {offset} "
-                   f"({kinds.get(fqn, 'item')} {fqn!r})", findings)
+        if info.get("transform_descriptors"):
+            # Compressed or otherwise transformed: not read back here.
+            _not_read(findings, where, f"stored through {info['transform_descriptors']}",
+                      loads_code)
+            unvetted += 1
+            continue
+        problem = _read_item(root / relative, offset, length, where, findings)
+        if problem:
+            _not_read(findings, where, problem, loads_code)
     others = [p for p in _files(root) if p.name != ".metadata"
               and not (p.parent == root and p.name in used)]
     for path in others:
         if _could_hold_pickles(path):
             _absorb(findings, scan_member(path, str(path)), f"{path.relative_to(root)}: ")
-    if unvetted:
-        findings.objects.add(f"<{unvetted} DCP item(s) stored through transforms, not vetted>")
-    note = (f"PyTorch DCP checkpoint: .metadata and {len(items)} item(s) in {len(used)} "
-            "file(s) read as torch.load reads them")
+    note = (f"PyTorch DCP checkpoint: .metadata and {len(items) - unvetted} item(s) in "
+            f"{len(used)} file(s) read as torch.load reads them"
+            + (f"; {unvetted} item(s) stored through transforms not read" if unvetted else ""))
     return findings, note
 
 
@@ -143,8 +148,21 @@ def _item_kinds(metadata: Any) -> dict[str, str]:
     return kinds
 
 
-def _read_item(path: Path, offset: int, length: int, where: str, findings: Findings) -> None:
-    """One item: a torch.save file at ``offset`` in ``path``, read for its pickles."""
+def _not_read(findings: Findings, where: str, why: str, loads_code: bool) -> None:
+    """An item ckptkit cannot read: unsafe when DCP loads it with weights_only=False (what
+    is not read cannot pass as safe), not vetted when it is a tensor (weights_only=True)."""
+    if loads_code:
+        findings.location = ".metadata"
+        findings.flag(f"DCP item {where} that ckptkit cannot read ({why[:150]})",
+                      "_StorageInfo")
+    else:
+        findings.objects.add(f"<DCP tensor item {where} not read: {why[:150]}>")
+
+
+def _read_item(path: Path, offset: int, length: int, where: str, findings: Findings
+               ) -> str | None:
+    """One item: a torch.save file at ``offset`` in ``path``, read for its pickles; why it
+    cannot be read, or None."""
     from ckptkit import embedded
 
     try:
@@ -160,13 +178,8 @@ def _read_item(path: Path, offset: int, length: int, where: str, findings: Findi
         if window.read(4) != ziparchive.ZIP_MAGIC:
             window.seek(0)
             if length > MAX_STATIC_SCAN:
-                findings.objects.add(f"<a DCP item of {length} bytes in {path.name} that is "
-                                     "not a torch zip, not vetted>")
-                return
-            problem = embedded.read_embedded_torch_file(window.read(length), findings, where)
-            if problem:
-                findings.objects.add(f"<a DCP item ckptkit cannot read: {problem}>")
-            return
+                return f"{length} bytes that are not a torch zip"
+            return embedded.read_embedded_torch_file(window.read(length), findings, where)
         try:
             records = zipfile.ZipFile(window)
             for info in records.infolist():
@@ -177,6 +190,7 @@ def _read_item(path: Path, offset: int, length: int, where: str, findings: Findi
         except (*ziparchive.ZIP_ERRORS, ValueError) as exc:
             raise IntegrityError(f"{path}: DCP item {where} is not a readable torch file "
                                  f"({exc})", path=str(path)) from exc
+    return None
 
 
 class _Window(io.RawIOBase):

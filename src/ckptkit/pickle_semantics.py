@@ -44,6 +44,7 @@ class LoaderSemantics:
     _frame_end: int
     _globals: dict[int, str]
     _op_pos: int
+    _base: int
     _via_call: str
     findings: Any
     diverged: bool
@@ -130,10 +131,12 @@ class LoaderSemantics:
             return Opaque(reader.qualname)
         from ckptkit import embedded  # a format reader, which imports this module
 
-        where = f"{self.findings.location} at byte {self._op_pos}"
+        where = f"{self.findings.location} at byte {self._base + self._op_pos}"
         depth = _EMBEDDING.get()
         if depth >= MAX_EMBEDDED:
-            self.findings.objects.add(f"{reader.qualname} (nested deeper than {MAX_EMBEDDED})")
+            # torch would load it all the same: what is not read here cannot pass as safe.
+            self._flag(f"{reader.qualname} (nested deeper than {MAX_EMBEDDED})",
+                       self._via_call)
             return Opaque(reader.qualname)
         token = _EMBEDDING.set(depth + 1)
         try:

@@ -188,8 +188,14 @@ def _scan_file(path: Path, name: str, explicit: bool, depth: int,
                options: ScanOptions) -> ScanResult | Skipped:
     kind = checkpoint_dirs.unit_kind(path) if path.is_dir() else None
     if kind in ("dcp", "orbax"):
-        findings, note = checkpoint_dirs.scan_unit(path, kind, _member_scanner(depth, options))
-        return verdict(name, checkpoint_dirs.FORMATS[kind], findings, note)
+        fmt = checkpoint_dirs.FORMATS[kind]
+        try:
+            findings, note = checkpoint_dirs.scan_unit(path, kind, _member_scanner(depth, options))
+        except UnsafePickleError as exc:
+            return verdict(name, fmt, exc.findings, note=f"corrupt as well: {exc.message}")
+        except CkptkitError as exc:
+            return unreadable(name, exc, fmt)
+        return verdict(name, fmt, findings, note)
     if depth < scan_members.MAX_DEPTH and archive_members.kind(path) == "tar":
         return scan_members.archive(path, name, depth, _member_scanner(depth, options))
     try:
