@@ -220,31 +220,23 @@ LOADER_VIEWS: tuple[tuple[str, Callable[[bytes], BinaryIO]], ...] = (
 
 
 def _bounded_reader(stream: BinaryIO) -> Callable[[int], bytes]:
-    """``stream.read``, except that a large request is read in pieces or cut to what a plain
-    file has left: a buffered file allocates the whole request before it finds out how much
-    is there, so four bytes of a damaged pickle could cost gigabytes."""
+    """``stream.read``, except that a large request is cut to what a plain file has left: a
+    buffered file allocates the whole request before it finds out how much is there, so four
+    bytes of a damaged pickle could cost gigabytes.  Streams that are not plain files (bytes,
+    the byte budget of plain_pickle) pass through: they only return what they hold."""
     if isinstance(stream, io.BytesIO):
-        return stream.read  # returns only what it holds
-    raw_read = stream.read
+        return stream.read
     try:
         end = os.fstat(stream.fileno()).st_size
         tell = stream.tell
         tell()
     except (AttributeError, OSError, ValueError):
-        end, tell = -1, None
+        return stream.read
+    raw_read = stream.read
 
     def read(n: int) -> bytes:
-        if n <= _PIECE:
-            return raw_read(n)
-        if tell is not None:
-            return raw_read(min(n, max(0, end - tell())))
-        parts, got = [], 0
-        while got < n:
-            part = raw_read(min(n - got, _PIECE))
-            if not part:
-                break
-            parts.append(part)
-            got += len(part)
-        return b"".join(parts)
+        if n > _PIECE:
+            n = min(n, max(0, end - tell()))
+        return raw_read(n)
 
     return read

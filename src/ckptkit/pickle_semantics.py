@@ -44,6 +44,7 @@ class LoaderSemantics:
     _frame_end: int
     _globals: dict[int, str]
     _op_pos: int
+    _previous: int
     _base: int
     _via_call: str
     findings: Any
@@ -67,6 +68,7 @@ class LoaderSemantics:
                 self._frame_end = here + size
         else:
             self._frame_end = here + size
+        self._previous = here
         self._input.frame(size)
 
     def leave_frame(self) -> None:

@@ -94,7 +94,8 @@ class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-d
         self._persistent = persistent
         self._context = context or PickleContext()
         self._via = "GLOBAL"
-        self._op_pos = 0
+        self._op_pos = 0  # where the opcode that may raise a finding starts
+        self._previous = 0  # where the last opcode inside a frame started
         self._types: dict[str, type] = {}
         self._globals: dict[int, str] = {}  # id of what find_class handed out -> its name
 
@@ -141,18 +142,19 @@ class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-d
         self.append = self.stack.append
         self.proto = 0
         read, tell, dispatch = source.read, source.tell, self.dispatch
-        budget, previous = MAX_OPCODES, -1
+        budget = MAX_OPCODES
         try:
             while budget:
                 budget -= 1
-                self._op_pos = here = tell()
-                if here > self._frame_end:
-                    if previous < self._frame_end:
-                        # The frame ended inside the last opcode: a loader reading the frame
-                        # on its own took that opcode's operand from after the frame.
-                        self.diverged = True
-                    self._frame_end = NO_FRAME
-                previous = here
+                if self._frame_end != NO_FRAME:  # positions are only needed inside a frame
+                    here = tell()
+                    if here > self._frame_end:
+                        if self._previous < self._frame_end:
+                            # The frame ended inside the last opcode: a loader reading the
+                            # frame on its own took that opcode's operand from after it.
+                            self.diverged = True
+                        self._frame_end = NO_FRAME
+                    self._previous = here
                 key = read(1)
                 if not key:
                     raise EOFError
@@ -291,14 +293,26 @@ class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-d
         finally:
             self._via = "GLOBAL"
 
-    for _op, _handler in (*HANDLERS,
-                          (pickle.REDUCE, _load_reduce), (pickle.NEWOBJ, _load_newobj),
+    def _positioned(handler: Callable[[Any], None]):  # noqa: N805 - builds dispatch wrappers
+        """A handler that may raise a finding: its opcode's offset is noted first (the
+        opcode byte has just been read)."""
+        def run(self):
+            self._op_pos = self._input.tell() - 1
+            handler(self)
+
+        return run
+
+    for _op, _handler in HANDLERS:
+        dispatch[_op[0]] = _handler
+    for _op, _handler in ((pickle.REDUCE, _load_reduce), (pickle.NEWOBJ, _load_newobj),
                           (pickle.NEWOBJ_EX, _load_newobj_ex), (pickle.BUILD, _load_build),
-                          (pickle.SETITEM, _load_setitem), (pickle.SETITEMS, _load_setitems),
+                          (pickle.STACK_GLOBAL, _load_stack_global),
+                          (pickle.GLOBAL, pickle._Unpickler.load_global)):  # type: ignore
+        dispatch[_op[0]] = _positioned(_handler)
+    for _op, _handler in ((pickle.SETITEM, _load_setitem), (pickle.SETITEMS, _load_setitems),
                           (pickle.ADDITEMS, _load_additems), (pickle.APPEND, _load_append),
                           (pickle.APPENDS, _load_appends), (pickle.DICT, _load_dict),
-                          (pickle.FROZENSET, _load_frozenset),
-                          (pickle.STACK_GLOBAL, _load_stack_global)):
+                          (pickle.FROZENSET, _load_frozenset)):
         dispatch[_op[0]] = _handler
     del _op, _handler
 
@@ -306,6 +320,7 @@ class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-d
         original = pickle._Unpickler.dispatch[opcode[0]]  # type: ignore[attr-defined]
 
         def run(self):
+            self._op_pos = self._input.tell() - 1
             self._via = self._via_call = via
             try:
                 original(self)
@@ -317,7 +332,7 @@ class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-d
     for _op, _via in ((pickle.INST, "INST"), (pickle.OBJ, "OBJ"), (pickle.EXT1, "EXT1"),
                       (pickle.EXT2, "EXT2"), (pickle.EXT4, "EXT4")):
         dispatch[_op[0]] = _tagged(_op, _via)
-    del _op, _via, _tagged
+    del _op, _via, _tagged, _positioned
 
 
 #: What a stand-in raises where the real object would have done something.
