@@ -20,6 +20,7 @@ LABELS: dict[str, str] = {
     "hostile-files": "Hostile files (techniques x containers) reported unsafe, payload not run",
     "hostile-techniques": "Distinct hostile techniques in the corpus",
     "benign-objects": "Benign files with custom classes reported unknown-objects, not unsafe",
+    "benign-files": "Benign files written by torch, DCP, Orbax, numpy, joblib: none unsafe",
     "dos-inputs": "Denial-of-service pickles ended quickly with a clean error",
     "archive-attacks": "Hostile archive entries refused (traversal, links, devices, bombs)",
     "fuzz-inputs": "Fuzzed inputs (truncated, bit-flipped, spliced) with a clean outcome",

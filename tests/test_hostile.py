@@ -750,5 +750,4 @@ def test_corpus_covers_the_required_techniques() -> None:
     ids = [t.id for t in TECHNIQUES]
     assert len(set(ids)) == len(ids) >= 25
     routes = {t.via for t in TECHNIQUES if t.via}
-    assert {"GLOBAL", "STACK_GLOBAL", "INST"} <= routes
-    figures.count("hostile-techniques", len(ids))
+    assert {"GLOBAL", "STACK_GLOBAL", "INST"} <= routes  # the corpus counts the figure
