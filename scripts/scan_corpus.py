@@ -168,6 +168,8 @@ def _containers(add: Callable[..., None]) -> None:
         kind = "deflated" if compressed else "stored"
         add(f"npz-object-array-{kind}", f"arrays-{kind}.npz", "container", "npz", "np.load",
             lambda p, t, c=compressed: containers.npz(p, t.cmd, c), "picklescan")
+    add("npz-object-array-wrong-crc", "arrays-crc.npz", "torch-reads", "npz", "np.load",
+        lambda p, t: containers.npz_wrong_crc(p, t.cmd), "JFrog CVE-2025-10156")
     for compress in (0, 3, ("gzip", 3), ("bz2", 3), ("xz", 3), ("lzma", 3)):
         label = compress[0] if isinstance(compress, tuple) else f"z{compress}"
         add(f"joblib-{label}", f"head-{label}.joblib", "container", "joblib", "joblib.load",

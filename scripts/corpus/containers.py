@@ -160,6 +160,19 @@ def npz(dst: Path, cmd: str, compressed: bool) -> Path:
     return dst
 
 
+def npz_wrong_crc(dst: Path, cmd: str) -> Path:
+    """An object array whose member CRC is wrong: numpy's zip reader finds out only at the
+    member's end, after pickle.load ran the opcodes before it (the member is longer than the
+    128 KiB the unpickler peeks ahead)."""
+    import numpy as np
+
+    array = np.empty(2, dtype=object)
+    array[0], array[1] = Reduce(os.system, cmd), "x" * (300 << 10)
+    with open(dst, "wb") as fh:
+        np.savez(fh, weights=np.zeros(3), evil=array)
+    return wrong_crc(dst, "evil.npy")
+
+
 def npy(dst: Path, cmd: str) -> Path:
     import numpy as np
 
