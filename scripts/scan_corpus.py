@@ -141,22 +141,22 @@ def _containers(add: Callable[..., None]) -> None:
     def payload(t: Target) -> Callable[[bytes], bytes]:
         return lambda old: inject(old, containers.system_body(t.cmd))
 
-    add("torch-zip-wrong-crc", "zip-crc.pt", "torch-reads", "torch-zip", "torch.load",
+    add("torch-zip-wrong-crc", "zip-crc.pt", "what-loaders-read", "torch-zip", "torch.load",
         lambda p, t: containers.wrong_crc(containers.torch_zip(p, payload(t)),
                                           f"{p.stem}/data.pkl"), "JFrog CVE-2025-10156")
-    add("torch-zip-local-header-renamed", "zip-lname.pt", "torch-reads", "torch-zip",
+    add("torch-zip-local-header-renamed", "zip-lname.pt", "what-loaders-read", "torch-zip",
         "torch.load", lambda p, t: containers.renamed_local_header(
             containers.torch_zip(p, payload(t)), f"{p.stem}/data.pkl"), "picklescan")
-    add("torch-zip-duplicate-data-pkl", "zip-dup.pt", "torch-reads", "torch-zip",
+    add("torch-zip-duplicate-data-pkl", "zip-dup.pt", "what-loaders-read", "torch-zip",
         "torch.load", lambda p, t: containers.torch_zip(
             p, lambda old: old, rebuild=lambda records: records[:1] + [
                 (zipfile.ZipInfo(f"{p.stem}/data.pkl"),
                  inject(records[0][1], containers.system_body(t.cmd)))] + records[1:]),
         "ckptkit")
-    add("torch-zip-deflated", "zip-deflated.pt", "torch-reads", "torch-zip", "torch.load",
+    add("torch-zip-deflated", "zip-deflated.pt", "what-loaders-read", "torch-zip", "torch.load",
         lambda p, t: containers.torch_zip(p, payload(t), compression=zipfile.ZIP_DEFLATED),
         "ckptkit")
-    add("pickle-then-zip-polyglot", "polyglot.pt", "torch-reads", "torch-legacy",
+    add("pickle-then-zip-polyglot", "polyglot.pt", "what-loaders-read", "torch-legacy",
         "torch.load", lambda p, t: containers.pickle_then_zip(p, t.cmd), "fickling polyglots")
     for index, part in enumerate(containers.LEGACY_PICKLES):
         add(f"torch-legacy-{part}", f"legacy-{part}.pt", "container", "torch-legacy",
@@ -168,7 +168,7 @@ def _containers(add: Callable[..., None]) -> None:
         kind = "deflated" if compressed else "stored"
         add(f"npz-object-array-{kind}", f"arrays-{kind}.npz", "container", "npz", "np.load",
             lambda p, t, c=compressed: containers.npz(p, t.cmd, c), "picklescan")
-    add("npz-object-array-wrong-crc", "arrays-crc.npz", "torch-reads", "npz", "np.load",
+    add("npz-object-array-wrong-crc", "arrays-crc.npz", "what-loaders-read", "npz", "np.load",
         lambda p, t: containers.npz_wrong_crc(p, t.cmd), "JFrog CVE-2025-10156")
     for compress in (0, 3, ("gzip", 3), ("bz2", 3), ("xz", 3), ("lzma", 3)):
         label = compress[0] if isinstance(compress, tuple) else f"z{compress}"

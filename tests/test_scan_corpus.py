@@ -101,7 +101,7 @@ def test_corpus_covers_every_class_of_issue_12(corpus: Any) -> None:
     _root, entries, _listeners = corpus
     classes = Counter(e.klass for e in entries if e.hostile)
     assert set(classes) == {"named-callable", "gadget", "computed-callable", "frames",
-                            "module-state", "encoding", "torch-reads", "every-file",
+                            "module-state", "encoding", "what-loaders-read", "every-file",
                             "container"}
     assert sum(classes.values()) > 100
     assert {e.loader for e in entries if e.hostile} == set(scan_corpus.LOADERS)
