@@ -23,6 +23,7 @@ LABELS: dict[str, str] = {
     "benign-files": "Benign files written by torch, DCP, Orbax, numpy, joblib: none unsafe",
     "dos-inputs": "Denial-of-service pickles ended quickly with a clean error",
     "archive-attacks": "Hostile archive entries refused (traversal, links, devices, bombs)",
+    "budget-inputs": "Adversarial inputs (bombs, floods, broadcast views) stopped within budget",
     "fuzz-inputs": "Fuzzed inputs (truncated, bit-flipped, spliced) with a clean outcome",
     "catalogue-inputs": "Fuzzed user catalogues (any value in any field, damaged TOML) loaded "
                         "or refused in one line",

@@ -214,3 +214,57 @@ def mutations(draw: st.DrawFn, original: bytes) -> Mutation:
         ops.append(op)
         data = apply_op(data, op)
     return Mutation(tuple(ops), data)
+
+
+# --- adversarial shapes: small inputs that ask for far more work than their size ------------
+
+@dataclass(frozen=True)
+class Shape:
+    """An input built to exceed a budget: a writer of :mod:`ckptkit.testing.adversarial` and
+    its arguments (printed as such, so a failing example replays exactly)."""
+
+    case: str
+    args: tuple[tuple[str, Any], ...]
+
+    def write(self, where: Path) -> Path:
+        from ckptkit.testing import adversarial
+
+        return getattr(adversarial, self.case)(where, **dict(self.args))
+
+    def __repr__(self) -> str:
+        return f"Shape({self.case}, {dict(self.args)})"
+
+
+def _shape(case: str, **args: st.SearchStrategy[Any]) -> st.SearchStrategy[Shape]:
+    return st.fixed_dictionaries(args).map(lambda drawn: Shape(case, tuple(drawn.items())))
+
+
+def shapes() -> st.SearchStrategy[Shape]:
+    """Deep nesting, huge repetition counts, keys hashed again and again, pickles hidden in
+    records, broadcast views, archives in archives and giant headers, at sizes that go past
+    the reduced budget :data:`tests.test_fuzz.SHAPE_LIMITS` sets (inputs stay small)."""
+    from ckptkit.testing.adversarial import UNITS
+
+    big = st.one_of(st.integers(1, 1_000), st.integers(1, 2_000_000))
+    return st.one_of(
+        _shape("repeated", unit=st.sampled_from(sorted(UNITS.values())), count=big),
+        _shape("nested", kind=st.sampled_from(["list", "dict", "tuple"]),
+               depth=st.integers(1, 600), items=st.integers(0, 300_000),
+               tensors=st.booleans()),
+        _shape("rechecked_key", width=st.integers(1, 1_500), setitems=st.integers(1, 300_000)),
+        _shape("pickle_records", records=st.integers(1, 3), record_mib=st.integers(1, 4)),
+        _shape("broadcast_view", shape=st.lists(st.integers(1, 50_000), min_size=1,
+                                                max_size=3).map(tuple),
+               stride=st.lists(st.integers(0, 2), min_size=3, max_size=3).map(tuple),
+               numel=st.integers(1, 64)).map(_matching_stride),
+        _shape("nested_zips", levels=st.integers(1, 3), fanout=st.integers(1, 3),
+               member_mib=st.integers(1, 6)),
+        _shape("header_flood", count=big),
+        _shape("msgpack_flood", count=big, depth=st.integers(1, 600)),
+    )
+
+
+def _matching_stride(shape: Shape) -> Shape:
+    args = dict(shape.args)
+    args["stride"] = args["stride"][:len(args["shape"])]
+    return Shape(shape.case, tuple(args.items()))

@@ -23,7 +23,6 @@ import shlex
 import struct
 import subprocess
 import sys
-import time
 import tracemalloc
 import zipfile
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import numpy as np
 import pytest
 
 import ckptkit
-from ckptkit import CkptkitError, ExitCode, IntegrityError
+from ckptkit import CkptkitError, ExitCode, IntegrityError, budget
 from ckptkit.scanning import scan
 from tests import figures
 
@@ -658,22 +657,30 @@ DOS_CASES: dict[str, bytes] = {
 }
 
 
+def within_budget(account: budget.Budget, name: str) -> None:
+    """Work bounded in work units: no kind of the budget (opcodes, objects, stack and memo,
+    tree nodes) went past its limit by more than one batch of counted opcodes."""
+    for kind in ("opcodes", "nodes", "stack", "tree", "decompressed"):
+        assert account.used[kind] <= account.limit(kind) + 4096 * 3 + 40, (name, kind)
+
+
 @pytest.mark.parametrize("name", list(DOS_CASES))
 def test_dos_inputs_end_quickly_and_cleanly(name: str, torch_zip_base: Path,
                                             tmp_path: Path) -> None:
     payload = DOS_CASES[name]
     path = torch_zip_with(torch_zip_base, tmp_path / "dos.pt", lambda _old: payload)
     tracemalloc.start()
-    start = time.perf_counter()
     try:
-        outcome: int = ExitCode.UNSAFE if ckptkit.inspect(path).unsafe else ExitCode.OK
+        with budget.reading(path) as account:
+            outcome: int = ExitCode.UNSAFE if ckptkit.inspect(path).unsafe else ExitCode.OK
     except CkptkitError as exc:
         outcome = exc.exit_code
     finally:
-        elapsed = time.perf_counter() - start
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    assert elapsed < 5, f"{name} took {elapsed:.1f}s"
+    within_budget(account, name)
+    # No more opcodes than the payload has bytes: a billion laughs stops at the tree budget.
+    assert account.used["opcodes"] <= len(payload) + 4096, (name, account.used)
     assert peak < 64 << 20, f"{name} peaked at {peak >> 20} MiB"
     # Calling the result of a call is unsafe whatever it returns; the rest read or fail.
     unsafe = name == "100k-calls-on-call-results"
@@ -686,9 +693,9 @@ def test_dos_inputs_end_quickly_and_cleanly(name: str, torch_zip_base: Path,
     if outcome == ExitCode.INTEGRITY:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("ckpt: error:")
-    start = time.perf_counter()
-    (scanned,) = scan([path]).results
-    assert time.perf_counter() - start < 5
+    with budget.reading(path) as account:
+        (scanned,) = scan([path]).results
+    within_budget(account, name)
     assert scanned.verdict == ("unsafe" if unsafe else "unreadable" if outcome else
                                scanned.verdict)
     assert unsafe or scanned.verdict != "unsafe"
@@ -699,10 +706,10 @@ def test_dos_in_legacy_object_pickle(tmp_path: Path) -> None:
     """The same memo expansion through the legacy reader (its own persistent-id handler)."""
     payload = whole(_in_namespace(_laughs_list(9)))
     path = hand_legacy(tmp_path / "laughs.pt", payload)
-    start = time.perf_counter()
-    with pytest.raises(IntegrityError, match="expands"):
+    with budget.reading(path) as account, pytest.raises(IntegrityError, match="expands"):
         ckptkit.inspect(path)
-    assert time.perf_counter() - start < 5
+    within_budget(account, "laughs")
+    assert account.used["tree"] == account.limit("tree")  # stopped by it, not by luck
     assert run_cli(path, timeout=30).returncode == ExitCode.INTEGRITY
 
 

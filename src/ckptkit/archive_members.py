@@ -2,10 +2,10 @@
 
 Only members whose first bytes or name say they could hold a pickle (a pickle, a zip such as a
 torch file, a tar, a compressed stream, a ``.pkl``-like name) are copied out to be scanned;
-the rest cannot run code when loaded.  The same caps as hub archive extraction apply
-(:mod:`ckptkit.archives`): a member count, and a budget of extracted bytes of
-``max(64 × archive size, 1 GiB)``, so a decompression bomb ends early instead of filling the
-disk.
+the rest cannot run code when loaded.  Hub archive extraction's member cap applies
+(:mod:`ckptkit.archives`), and every byte unpacked is charged to the reading budget
+(:mod:`ckptkit.budget`), which archives nested inside the archive share: a decompression bomb
+ends early instead of filling the disk, however deep it is nested.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from ckptkit import archives, plain_pickle
+from ckptkit import archives, budget, plain_pickle
 
 #: Bytes read from each member to decide whether it is worth scanning (a tar header is 512).
 HEAD = 512
@@ -25,7 +25,7 @@ _MAGIC = (b"\x80", b"PK\x03\x04", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x
 
 
 class ArchiveBomb(Exception):
-    """An archive past the member or byte caps, or a member longer than its header says."""
+    """An archive past the member cap, or a member longer than its header says."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Member:
     head: bytes
     declared: int
     _stream: Any
-    _budget: _Budget
+    _budget: budget.Budget
 
     def copy_to(self, target: Path) -> None:
         """Write the member's bytes to ``target``."""
@@ -61,7 +61,7 @@ class Member:
             copied += len(chunk)
             if copied > self.declared:
                 raise ArchiveBomb(f"member {self.name!r} is longer than its header says")
-            self._budget.spend(len(chunk))
+            self._budget.charge("decompressed", len(chunk), self.name)
             yield chunk
             chunk = self._stream.read(1 << 20)
 
@@ -73,20 +73,21 @@ def kind(path: Path) -> str | None:
 
 def members(path: Path) -> Iterator[Member | str]:
     """Each regular member: a :class:`Member` when it could hold a pickle, else its name."""
-    budget = _Budget(archives.default_max_bytes(path.stat().st_size))
+    account = budget.current()
     count = 0
     for name, declared, opener in _entries(path):
         count += 1
         if count > archives.DEFAULT_MAX_MEMBERS:
             raise ArchiveBomb(f"more than {archives.DEFAULT_MAX_MEMBERS} members")
-        budget.check(name, declared)  # before a byte is unpacked
+        if declared > account.room("decompressed"):  # before a byte is unpacked
+            raise account.over("decompressed", f"member {name!r} ({declared:,} bytes declared)")
         stream = opener()
         head = stream.read(HEAD)
         if not could_hold_pickles(head, name):
             stream.close()
             yield name
             continue
-        yield Member(name, head, declared, stream, budget)
+        yield Member(name, head, declared, stream, account)
 
 
 def _entries(path: Path) -> Iterator[tuple[str, int, Callable[[], Any]]]:
@@ -109,17 +110,3 @@ def could_hold_pickles(head: bytes, name: str) -> bool:
         return True  # a zlib stream (joblib's default compression)
     return any(s in plain_pickle.SUFFIXES for s in PurePosixPath(name).suffixes)
 
-
-class _Budget:
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
-
-    def check(self, name: str, declared: int) -> None:
-        if self.used + declared > self.limit:
-            raise ArchiveBomb(f"member {name!r} declares {declared} bytes, past the "
-                              f"{self.limit}-byte budget for this archive (a decompression bomb)")
-
-    def spend(self, n: int) -> None:
-        self.used += n
-        if self.used > self.limit:
-            raise ArchiveBomb(f"expands past {self.limit} bytes (a decompression bomb)")

@@ -11,6 +11,7 @@ import math
 import zipfile
 from typing import Iterator
 
+from ckptkit import budget
 from ckptkit.errors import IntegrityError
 from ckptkit.formats.ziparchive import ZIP_ERRORS
 from ckptkit.model import ByteSpan, TensorRef, itemsize
@@ -20,8 +21,11 @@ CHUNK = 8 << 20
 
 
 def iter_bytes(span: ByteSpan, start: int = 0, length: int | None = None,
-               chunk: int = CHUNK) -> Iterator[bytes]:
+               chunk: int = CHUNK, account: budget.Budget | None = None) -> Iterator[bytes]:
     """Yield ``length`` bytes of ``span`` from ``start`` (relative to the span), in chunks.
+
+    Bytes inflated from a compressed member are charged to ``account`` (the open budget if
+    None).
 
     Raises:
         IntegrityError: the file ends before the span does (truncated).
@@ -35,6 +39,9 @@ def iter_bytes(span: ByteSpan, start: int = 0, length: int | None = None,
             fh.seek(span.offset + start)
             yield from _pump(fh, remaining, chunk, span)
         return
+    # A compressed member: what is inflated to reach and read the range is charged.
+    (account or budget.current()).charge("decompressed", span.offset + start + remaining,
+                                         f"member {span.member!r}")
     try:
         with zipfile.ZipFile(span.path) as archive, archive.open(span.member) as member:
             skip = span.offset + start

@@ -18,6 +18,7 @@ Precedence for every setting: 1. the command-line flag (or keyword argument), 2.
 | ``CKPTKIT_HEADER_TIMEOUT`` | seconds an answer may take to send all its headers | 60 |
 | ``CKPTKIT_PIN_UNSIZED`` | ``1``: pin a first download even when no size or hash vouched for it | off |
 | ``CKPTKIT_DEBUG`` | ``1``: tracebacks instead of one-line errors | off |
+| ``CKPTKIT_MAX_*`` | the reading budget of :mod:`ckptkit.budget` (``OPCODES``, ``NODES``, ``STACK``, ``TREE``, ``KEY``, ``DEPTH``, ``HEADER``, ``BYTES``, ``RATIO``) | :class:`ckptkit.budget.Limits` |
 | ``TFHUB_CACHE_DIR`` | where TF Hub models are made visible to ``tensorflow_hub`` | tensorflow_hub's default |
 | ``KAGGLEHUB_CACHE`` | kagglehub's own cache, read and filled by the Kaggle source | ``~/.cache/kagglehub`` |
 | ``NO_COLOR`` | no colour in output | unset |
@@ -30,10 +31,14 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptkit.errors import UsageError
 from ckptkit.mirrors import Mirrors
 from ckptkit.transfer_plan import TransferLimits
+
+if TYPE_CHECKING:
+    from ckptkit.budget import Limits
 
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 DEFAULT_CONNECTIONS = 8
@@ -178,3 +183,24 @@ def _timeout(raw: str | None) -> float:
     value = _seconds("CKPTKIT_TIMEOUT", raw, DEFAULT_TIMEOUT)
     assert value is not None
     return value
+
+
+def limits() -> Limits:
+    """The reading budget: :class:`ckptkit.budget.Limits`, each field raised (or lowered) by
+    its ``CKPTKIT_MAX_<FIELD>`` variable, a whole number above 0 (``_`` allowed: 500_000_000).
+    """
+    from ckptkit.budget import Limits
+
+    values: dict[str, int] = {}
+    for name in Limits.names():
+        variable = Limits.variable(name)
+        raw = os.environ.get(variable)
+        if raw is None or not raw.strip():
+            continue
+        text = raw.strip().replace("_", "")
+        value = int(text) if text.isascii() and text.isdigit() and len(text) < 20 else 0
+        if value < 1:
+            raise UsageError(f"{variable}={raw!r} is not a whole number above 0",
+                             hint=f"Example: {variable}={getattr(Limits, name) * 4}")
+        values[name] = value
+    return Limits(**values)

@@ -8,8 +8,11 @@ absolute difference and the relative change ``max|a-b| / max(max|a|, tiny)``.
 
 Memory stays bounded: one pair is compared at a time, and contiguous tensors (what
 ``torch.save``, safetensors and C-ordered npz hold) are streamed in windows of about a
-million elements, never read whole.  Strided views and transposed Flax kernels are read
-whole, one pair at a time (at most about twice the pair's size).
+million elements, never read whole.  Strided views and transposed Flax kernels have their
+storage read whole, one pair at a time, and are compared window by window through a view.
+A broadcast view (stride 0) is compared the same way; the elements it has beyond its storage
+are charged to its file's reading budget first (:mod:`ckptkit.budget`), so a four-byte
+storage viewed as 40000 x 40000 is refused, not walked.
 
 Tensors under training-state entries (optimizer, scheduler, scaler: see
 :func:`ckptkit.strip.training_reason`) are compared too, but reported in their own section.
@@ -25,6 +28,7 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
+from ckptkit import budget
 from ckptkit.diff_names import Entry, Match, Pair, pair
 from ckptkit.model import RawCheckpoint, TensorRef
 
@@ -141,9 +145,9 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: float = 
         raise UsageError(f"--atol must be >= 0 and --depth >= 1 (got {atol}, {depth})",
                          hint="Pass atol=0 or more and depth=1 or more")
     path_a, path_b = Path(a), Path(b)
-    with naming(path_a):
+    with naming(path_a), budget.reading(path_a) as account_a:
         raw_a = formats.detect(path_a).read_info(path_a)
-    with naming(path_b):
+    with naming(path_b), budget.reading(path_b) as account_b:
         raw_b = formats.detect(path_b).read_info(path_b)
     side_a, training_a = _entries(raw_a)
     side_b, training_b = _entries(raw_b)
@@ -164,7 +168,7 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: float = 
     results: list[TensorDiff] = []
     for p in pairs:
         section, group = place(p.a, training_a, raw_a.separator)
-        results.append(_compare(p, section, group, atol, big))
+        results.append(_compare(p, section, group, atol, big, (account_a, account_b)))
     for e in only_a:
         section, group = place(e, training_a, raw_a.separator)
         results.append(TensorDiff(e.name, None, section, group, "only_a", e.ref.shape, None,
@@ -209,7 +213,7 @@ def _group(name: str, sep: str, root: str, depth: int) -> str:
 
 
 def _compare(p: Pair, section: Section, group: str, atol: float,
-             big: tuple[bool, bool]) -> TensorDiff:
+             big: tuple[bool, bool], accounts: tuple[budget.Budget, budget.Budget]) -> TensorDiff:
     ra, rb = p.a.ref, p.b.ref
     shape_a = p.a.transform.shape(ra.shape)
     shape_b = p.b.transform.shape(rb.shape)
@@ -219,8 +223,17 @@ def _compare(p: Pair, section: Section, group: str, atol: float,
     if shape_a != shape_b:
         return TensorDiff(status="shape_changed", **base)  # type: ignore[arg-type]
     stats = _Stats()
-    for win_a, win_b in _windows(p, big):
-        stats.add(win_a, win_b)
+    try:
+        for win_a, win_b in _windows(p, big, accounts):
+            stats.add(win_a, win_b)
+    except MemoryError:
+        from ckptkit.errors import IntegrityError
+
+        raise IntegrityError(
+            f"{accounts[0].name}: tensor {p.a.name!r} ({ra.dtype}{list(ra.shape)}, "
+            f"{ra.nbytes:,} bytes) and its pair in {accounts[1].name} do not fit in memory to "
+            "compare", hint="Free memory, or compare on a machine with more",
+            path=accounts[0].name) from None
     changed = stats.nan_mismatch or stats.max_abs > atol
     max_abs = math.nan if stats.nan_mismatch and stats.max_abs == 0 else stats.max_abs
     relative = max_abs / max(stats.max_a, TINY)
@@ -228,23 +241,55 @@ def _compare(p: Pair, section: Section, group: str, atol: float,
                       max_abs=float(max_abs), relative=float(relative), **base)
 
 
-def _windows(p: Pair, big: tuple[bool, bool]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _windows(p: Pair, big: tuple[bool, bool],
+             accounts: tuple[budget.Budget, budget.Budget]
+             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Aligned 1-D windows of both tensors, in the canonical layout."""
     from ckptkit.chunks import is_contiguous
 
     streamed = all(e.transform.name == "none" and is_contiguous(e.ref) for e in (p.a, p.b))
     if streamed:
-        yield from zip(_stream(p.a.ref, big[0]), _stream(p.b.ref, big[1]), strict=True)
+        yield from zip(_stream(p.a.ref, big[0], accounts[0]),
+                       _stream(p.b.ref, big[1], accounts[1]), strict=True)
         return
-    from ckptkit.tensor_io import read_tensor
-
-    whole_a = p.a.transform.apply(read_tensor(p.a.ref, big_endian=big[0])).reshape(-1)
-    whole_b = p.b.transform.apply(read_tensor(p.b.ref, big_endian=big[1])).reshape(-1)
-    for start in range(0, max(whole_a.size, 1), WINDOW):
-        yield whole_a[start:start + WINDOW], whole_b[start:start + WINDOW]
+    view_a = _view(p.a, big[0], accounts[0])
+    view_b = _view(p.b, big[1], accounts[1])
+    yield from zip(_flat_windows(view_a), _flat_windows(view_b), strict=True)
 
 
-def _stream(ref: TensorRef, big: bool) -> Iterator[np.ndarray]:
+def _view(entry: Entry, big: bool, account: budget.Budget) -> np.ndarray:
+    """The tensor in the canonical layout, as a view of its storage (read whole)."""
+    from ckptkit.tensor_io import expansion, tensor_view
+
+    ref = entry.ref
+    extra = expansion(ref)
+    if extra:  # every element is visited: a broadcast costs what materialising it would
+        stored = ref.span.length if ref.span is not None else 0
+        account.charge("expanded", extra, f"tensor {entry.name!r}, a {ref.dtype}"
+                       f"{list(ref.shape)} view of {stored:,} stored bytes")
+    with budget.using(account):
+        view = tensor_view(ref, big_endian=big)
+    order = entry.transform.permutation(view.ndim)
+    return view if order is None else view.transpose(order)  # still a view
+
+
+def _flat_windows(array: np.ndarray) -> Iterator[np.ndarray]:
+    """``array``'s elements in C order, as 1-D windows of about WINDOW elements; only a
+    window at a time is copied out of a strided view."""
+    if array.ndim == 0 or array.size == 0:
+        yield array.reshape(-1)
+        return
+    inner = math.prod(array.shape[1:])
+    if inner > WINDOW:
+        for row in array:
+            yield from _flat_windows(row)
+        return
+    rows = max(1, WINDOW // max(inner, 1))
+    for start in range(0, array.shape[0], rows):
+        yield np.ascontiguousarray(array[start:start + rows]).reshape(-1)
+
+
+def _stream(ref: TensorRef, big: bool, account: budget.Budget) -> Iterator[np.ndarray]:
     from ckptkit.chunks import iter_bytes, tensor_range
     from ckptkit.tensor_io import numpy_dtype
 
@@ -255,7 +300,8 @@ def _stream(ref: TensorRef, big: bool) -> Iterator[np.ndarray]:
     if length == 0 or ref.span is None:
         yield np.zeros(0, dtype)
         return
-    for data in iter_bytes(ref.span, start, length, chunk=WINDOW * dtype.itemsize):
+    for data in iter_bytes(ref.span, start, length, chunk=WINDOW * dtype.itemsize,
+                           account=account):
         yield np.frombuffer(data, dtype)
 
 

@@ -90,6 +90,18 @@ class IntegrityError(CkptkitError, ValueError):
     exit_code = ExitCode.INTEGRITY
 
 
+class BudgetError(IntegrityError):
+    """Reading the input would cost more work or memory than its size allows (see
+    :mod:`ckptkit.budget`): a decompression bomb, a pickle that expands, a view that would
+    materialise gigabytes.  ``variable`` is the ``CKPTKIT_MAX_*`` setting that raises the limit."""
+
+    def __init__(self, message: str, *, limit: str, variable: str, hint: str | None = None,
+                 path: str | None = None):
+        super().__init__(message, hint=hint, path=path)
+        self.limit = limit
+        self.variable = variable
+
+
 class NotFoundError(CkptkitError, FileNotFoundError):
     """A file, model or source that does not exist or cannot be reached."""
 

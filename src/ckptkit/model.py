@@ -8,6 +8,7 @@ opaque objects (:class:`Opaque`: a class the file names, recorded instead of con
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +39,51 @@ def itemsize(dtype: str) -> float:
         if dtype.startswith(prefix) and dtype[len(prefix):].isdigit():
             return int(dtype[len(prefix):]) / 8
     return 0
+
+
+#: numpy's limits on an array: dimensions, and elements times itemsize below 2**63.
+MAX_RANK = 64
+_MAX_NBYTES = (1 << 63) - 1
+
+
+def checked_shape(dims: Any, what: str, dtype: str | None = None) -> tuple[int, ...]:
+    """``dims`` as a shape: whole numbers from 0 up, at most :data:`MAX_RANK` of them, whose
+    product (zero dimensions aside) times the itemsize fits an array (below 2**63 bytes).
+
+    Every reader turns a shape read from a file into a tuple through here, so a 5000-digit
+    dimension, ``inf``, ``"0x10"`` or 17 x 2**62 elements is one clear error, not a crash in
+    numpy or ``int()`` later on.
+
+    Raises:
+        IntegrityError: naming ``what`` (the tensor or entry) and the shape as read.
+    """
+    from ckptkit.errors import IntegrityError
+
+    def bad(why: str) -> IntegrityError:
+        shown = repr(dims) if len(repr(dims)) <= 120 else repr(dims)[:117] + "..."
+        return IntegrityError(f"{what} has a malformed shape {shown}: {why}",
+                              hint="The file is corrupt or crafted; do not load it")
+
+    if isinstance(dims, (str, bytes)) or not hasattr(dims, "__len__"):
+        raise bad("not a list of dimensions")
+    if len(dims) > MAX_RANK:
+        raise bad(f"{len(dims)} dimensions, more than the {MAX_RANK} an array can have")
+    shape = []
+    for dim in dims:
+        if isinstance(dim, bool):
+            raise bad("each dimension must be a whole number")
+        if not isinstance(dim, int):
+            try:
+                dim = operator.index(dim)  # numpy integers
+            except TypeError:
+                raise bad("each dimension must be a whole number") from None
+        if dim < 0:
+            raise bad("dimensions cannot be negative")
+        shape.append(int(dim))
+    width = max(1, math.ceil(itemsize(dtype))) if dtype else 1
+    if math.prod(max(d, 1) for d in shape) * width > _MAX_NBYTES:
+        raise bad("no array can be that large (2**63 bytes or more)")
+    return tuple(shape)
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from ckptkit import budget
 from ckptkit.model import Opaque
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-#: Hashing a tuple hashes every element again, uncached: a memo-shared tuple of tuples used as
-#: a dict key or set member would cost 10**levels hash calls.  Real keys are tiny.
-MAX_KEY_NODES = 1_000
 
 _NUMPY_CODES = {
     "b1": "bool", "i1": "int8", "u1": "uint8", "i2": "int16", "u2": "uint16", "i4": "int32",
@@ -284,12 +281,23 @@ CALLS_ARGUMENTS: dict[int, tuple[int, ...]] = {
     id(_rebuild_from_type_v2): (0,), id(_reconstructor): (0, 1), id(_new_defaultdict): (0,)}
 
 
-def check_keys(keys: Any) -> None:
-    """Raise if any of ``keys`` is a tuple whose nested tuples expand past MAX_KEY_NODES.
+def check_keys(keys: Any, sizes: dict[int, tuple[Any, int]] | None = None,
+               account: budget.Budget | None = None, what: str = "") -> None:
+    """Refuse any of ``keys`` that is a tuple whose nested tuples expand past the budget's
+    ``key`` limit, and charge hashing the tuple keys (which walks them, every time) to its
+    ``opcodes``.
 
-    Counts with a memo by id, so a memo-shared tower of tuples costs at most MAX_KEY_NODES
-    steps here, while hashing it would cost the full exponential expansion."""
-    sizes: dict[int, int] = {}
+    Counts with a memo by id, so a memo-shared tower of tuples costs at most the limit in
+    steps here, while hashing it would cost the full exponential expansion.  ``sizes`` (kept
+    by the caller across calls, holding each tuple so that its id stays its own) makes a key
+    used again cost no new check.  ``account`` is the open budget unless given.
+
+    Raises:
+        BudgetError: a key too large, or hashing past the opcode budget.
+    """
+    account = account or budget.current()
+    sizes = {} if sizes is None else sizes
+    walked = 0
     for key in keys:
         if type(key) is not tuple:
             continue
@@ -299,14 +307,13 @@ def check_keys(keys: Any) -> None:
             if id(node) in sizes:
                 continue
             if done:
-                size = 1 + sum(sizes.get(id(c), 1) for c in node)
-                if size > MAX_KEY_NODES:
-                    raise pickle.UnpicklingError(
-                        f"dict key or set member expands to more than {MAX_KEY_NODES} objects")
-                sizes[id(node)] = size
+                size = 1 + sum(sizes[id(c)][1] if id(c) in sizes else 1 for c in node)
+                account.check("key", size, what)
+                sizes[id(node)] = (node, size)
                 continue
             stack.append((node, True))
             stack.extend((c, False) for c in node if type(c) is tuple and id(c) not in sizes)
-            if len(stack) > MAX_KEY_NODES:
-                raise pickle.UnpicklingError(
-                    f"dict key or set member expands to more than {MAX_KEY_NODES} objects")
+            account.check("key", len(stack), what)
+        walked += sizes[id(key)][1]
+    if walked:
+        account.charge("opcodes", walked, what)

@@ -10,13 +10,10 @@ from __future__ import annotations
 import struct
 from typing import Any, Callable
 
+from ckptkit import budget
 from ckptkit.errors import IntegrityError
-from ckptkit.model import ByteSpan, Opaque, TensorRef
+from ckptkit.model import ByteSpan, Opaque, TensorRef, checked_shape
 from ckptkit.pickle_globals import DType, PendingTensor, StorageRef, StorageType, numpy_dtype_name
-
-#: Upper bounds that keep a hostile pickle's tree from exhausting time or memory.
-MAX_NODES = 5_000_000
-MAX_DEPTH = 400
 
 _STRUCT_CODES = {"int8": "b", "uint8": "B", "int16": "h", "uint16": "H", "int32": "i",
                  "uint32": "I", "int64": "q", "uint64": "Q", "float16": "e", "float32": "f",
@@ -27,16 +24,21 @@ SpanResolver = Callable[[StorageRef], ByteSpan | None]
 
 class Resolver:
     """Walks an interpreted tree once: pending tensors become TensorRefs, numpy records become
-    values, recorders become plain Opaque state.  Bounded in depth and node count.
+    values, recorders become plain Opaque state.  Bounded in depth and node count (the
+    budget's ``depth`` and ``tree``: :mod:`ckptkit.budget`).
 
     A subtree the pickle shares through its memo is resolved once and shared in the result,
-    but counts towards MAX_NODES as often as it is reachable: summaries and JSON output walk
-    the result as a tree, so a "billion laughs" (lists of the same list, nine levels deep)
-    must fail here, not hang there."""
+    but counts towards the tree budget as often as it is reachable: summaries and JSON output
+    walk the result as a tree, so a "billion laughs" (lists of the same list, nine levels
+    deep) must fail here, not hang there."""
 
     def __init__(self, span_for: SpanResolver | None = None):
         self.span_for = span_for
         self.nodes = 0
+        self._account = budget.current()
+        self._max_nodes = self._account.room("tree")
+        self._max_depth = self._account.limit("depth")
+        self._settled = 0
         self._seen: dict[int, Any] = {}
         self._weight: dict[int, int] = {}  # id of a resolved raw node -> its expanded size
 
@@ -46,17 +48,25 @@ class Resolver:
             return self._walk(value, depth)
         except RecursionError:
             raise IntegrityError("pickle nests too deeply to walk") from None
+        finally:
+            self._settle()
+
+    def _settle(self) -> None:
+        self._account.used["tree"] += self.nodes - self._settled
+        self._settled = self.nodes
 
     def _count(self, n: int) -> None:
         self.nodes += n
-        if self.nodes > MAX_NODES:
-            raise IntegrityError(f"pickle expands to more than {MAX_NODES} objects")
+        if self.nodes > self._max_nodes:
+            self.nodes = self._max_nodes  # what is left was spent (a shared subtree is counted)
+            raise self._account.over("tree", "the pickle's tree, which expands memo-shared "
+                                             "parts where they recur")
 
     def _walk(self, value: Any, depth: int) -> Any:
         start = self.nodes
         self._count(1)
-        if depth > MAX_DEPTH:
-            raise IntegrityError(f"pickle nests deeper than {MAX_DEPTH} levels")
+        if depth > self._max_depth:
+            self._account.check("depth", depth, "the pickle's tree")
         if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
             return value
         key = id(value)
@@ -69,7 +79,7 @@ class Resolver:
         return result
 
     def _build(self, value: Any, depth: int, key: int) -> Any:
-        # One Python frame per level (plain loops, no generators), so MAX_DEPTH levels fit
+        # One Python frame per level (plain loops, no generators), so the default depth fits
         # in the default recursion limit.
         if isinstance(value, dict):
             out: dict[Any, Any] = {}
@@ -122,7 +132,7 @@ class Resolver:
             shape = tuple(int(s) for s in p.size)
             stride = tuple(int(s) for s in p.stride) if p.stride is not None else None
             offset = int(p.offset or 0)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return Opaque("torch.Tensor")  # not the raw size/stride: they are unresolved
         if any(s < 0 for s in shape) or offset < 0:
             raise IntegrityError(f"tensor with negative size or offset {shape}/{offset}")
@@ -130,6 +140,7 @@ class Resolver:
         if p.storage is not None and storage is None:
             return Opaque("torch.Tensor", (shape,))
         dtype = p.dtype or (storage.dtype if storage else "float32")
+        shape = checked_shape(shape, "a tensor", dtype)
         return TensorRef(dtype, shape, self._span(storage) if storage else None, stride,
                          offset + (storage.view_offset if storage else 0),
                          storage.key if storage else None,
@@ -196,7 +207,7 @@ def _numpy_array(obj: Opaque) -> Any:
         name = _dtype_of(dtype)
         try:
             dims = tuple(int(s) for s in shape)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return Opaque("numpy.ndarray")
         if name == "object":
             return Opaque("numpy.ndarray[object]", (dims,))

@@ -9,7 +9,8 @@ called.  A pickle is recognised by what it is, not by its name: a protocol 0 pic
 joblib writes each numpy array's bytes straight into the pickle stream after the array's
 ``NumpyArrayWrapper`` (object arrays as a nested pickle), so the machine used here skips those
 bytes (or reads the nested pickle) exactly where joblib's own unpickler would read them.
-Compressed joblib files (zlib, gzip, bz2, xz, lzma) are decompressed as a stream.
+Compressed joblib files (zlib, gzip, bz2, xz, lzma) are decompressed as a stream, every byte
+charged to the reading budget (:mod:`ckptkit.budget`), as the opcodes are.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import gzip
 import io
 import lzma
 import math
+import os
 import pickle
 import pickletools
 import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ckptkit import budget
 from ckptkit.errors import IntegrityError
 from ckptkit.formats.npz import MAX_HEADER, NPY_MAGIC, parse_header
 from ckptkit.model import Opaque, itemsize
@@ -37,11 +40,6 @@ WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
 CONTEXT = PickleContext(allowed=allowed("joblib"))
 #: More consecutive pickles than this in one file is not a file anyone wrote on purpose.
 MAX_PICKLES = 10_000
-#: Decompressed bytes allowed per compressed byte before the stream counts as a bomb.
-MAX_RATIO = 2000
-#: Of those, bytes the machine may interpret as opcodes (joblib array bytes are skipped, not
-#: interpreted): this bounds the time a small, highly compressible stream of opcodes can take.
-INTERPRETED_RATIO = 16
 #: joblib object arrays inside object arrays, as deep as this.
 MAX_NESTING = 8
 
@@ -119,27 +117,17 @@ def analyse(path: Path) -> tuple[Findings, str]:
             callables).
     """
     findings = Findings()
-    size = path.stat().st_size
-    with open(path, "rb") as fh, _decompressed(fh, path) as stream:
+    with budget.reading(path), open(path, "rb") as fh, _decompressed(fh, path) as stream:
         compression = getattr(stream, "compression", "")
-        budget = _Budget(stream, path, total=size * MAX_RATIO + (64 << 20),
-                         interpreted=size * INTERPRETED_RATIO + (1 << 20) if compression
-                         else size + 1)
+        metered = _Metered(stream, f"{compression} stream" if compression else "")
         count = 0
-        while budget.more():
+        while metered.more():
             count += 1
             if count > MAX_PICKLES:
                 raise IntegrityError(f"{path}: more than {MAX_PICKLES} pickles in one file")
-            try:
-                read_pickle(budget, findings, what=f"pickle {count}",  # type: ignore[arg-type]
-                            context=CONTEXT, location=f"pickle {count}",
-                            machine=_JoblibMachine)
-            except UnsafePickleError:
-                raise
-            except IntegrityError as exc:
-                if isinstance(exc.__cause__, LimitError):
-                    raise exc.__cause__ from None
-                raise
+            read_pickle(metered, findings, what=f"pickle {count}",  # type: ignore[arg-type]
+                        context=CONTEXT, location=f"pickle {count}", machine=_JoblibMachine)
+        metered.settle()
     return findings, f"{compression} pickle".strip()
 
 
@@ -185,7 +173,7 @@ class _JoblibMachine(InertUnpickler):
         if self._stream.skip(count) != count:
             raise pickle.UnpicklingError("joblib array data is truncated")
 
-    def __init__(self, file: _Budget, *args: Any, **kwargs: Any):
+    def __init__(self, file: _Metered, *args: Any, **kwargs: Any):
         super().__init__(file, *args, **kwargs)
         self._stream = file
         self._depth = 0
@@ -201,94 +189,112 @@ def _dtype_name(dtype: Any) -> str:
     return "object" if code in ("O", "O8", "O4") else numpy_dtype_name(code)
 
 
-class LimitError(IntegrityError):
-    """The stream went past its byte budget: reported as it is, not as a corrupt pickle."""
+class _Metered:
+    """A read-only stream for the pickle machine: buffered (one opcode is one slice, not a
+    trip through the decompressor), able to peek for another pickle, and charging what a
+    decompressing stream inflates to the reading budget (``what`` names the stream; empty
+    for a plain file, whose bytes are on disk already)."""
 
-
-class _Budget:
-    """A read-only stream that stops a decompression bomb and can peek for another pickle.
-
-    ``interpreted`` caps the bytes handed to the pickle machine (opcodes and their operands),
-    ``total`` everything taken from the stream, including skipped joblib array bytes."""
-
-    def __init__(self, stream: BinaryIO, path: Path, *, total: int, interpreted: int):
-        self._stream, self._path = stream, path
-        self._total, self._interpreted = total, interpreted
+    def __init__(self, stream: BinaryIO, what: str):
+        self._stream, self._what = stream, what
+        self._account = budget.current()
+        self._size = None if what else os.fstat(stream.fileno()).st_size
+        self._buffer, self._pos = b"", 0
         self._read = 0  # position in the (decompressed) stream
-        self._used = 0  # interpreted bytes
-        self._ahead = b""
+        self._pending = 0  # inflated bytes not charged yet
 
     def more(self) -> bool:
         """True when another byte follows (kept to be read next)."""
-        if not self._ahead:
-            self._ahead = self._stream.read(1)
-        return bool(self._ahead)
+        return self._pos < len(self._buffer) or self._fill()
 
     def read(self, n: int = -1) -> bytes:
-        # Length prefixes (BINBYTES8, BINUNICODE8) can ask for anything: read in pieces and
-        # never past the budget, so a claim costs memory only for bytes that are there.
-        room = self._interpreted - self._used
-        want = room + 1 if n < 0 else min(n, room + 1)
-        data = self._ahead[:want] + self._pieces(want - len(self._ahead[:want]))
-        self._ahead = self._ahead[want:]
-        self._used += len(data)
-        self._advance(len(data))
-        if self._used > self._interpreted:
-            raise LimitError(f"{self._path}: more than {self._interpreted} bytes of pickle "
-                             "opcodes", hint="A decompression bomb; do not load it")
+        buffer, pos = self._buffer, self._pos
+        if 0 <= n <= len(buffer) - pos:
+            self._pos = pos + n
+            self._read += n
+            return buffer[pos:pos + n]
+        data = buffer[pos:]
+        self._buffer, self._pos = b"", 0
+        if n < 0 or n - len(data) > _BLOCK:
+            data += self._claim(n - len(data) if n >= 0 else -1)
+        else:
+            while len(data) < n and self._fill():
+                take = min(n - len(data), len(self._buffer))
+                data += self._buffer[:take]
+                self._pos = take
+        self._read += len(data)
+        return data
+
+    def _claim(self, n: int) -> bytes:
+        # Length prefixes (BINBYTES8, BINUNICODE8) can ask for anything, and one read call
+        # allocates what it is asked for: a plain file is asked only for what it has left, a
+        # decompressing stream only for what the budget has left (a larger claim is refused
+        # before a byte is inflated).
+        if self._size is not None:
+            left = self._size - self._read
+            want = left if n < 0 else min(n, left)
+        else:
+            room = self._account.room("decompressed") - self._pending
+            want = room + 1 if n < 0 else n
+            if want > room:
+                self.settle()
+                raise self._account.over("decompressed", f"the {self._what}, for a value of "
+                                                         f"{want:,} bytes")
+        data = self._stream.read(max(0, want))
+        self._inflated(len(data))
         return data
 
     def skip(self, n: int) -> int:
         """Pass over ``n`` bytes (joblib array data) without keeping them; how many there were."""
-        skipped = len(self._ahead[:n])
-        self._ahead = self._ahead[n:]
-        self._advance(skipped)
+        skipped = min(n, len(self._buffer) - self._pos)
+        self._pos += skipped
         while skipped < n:
             part = self._stream.read(min(n - skipped, 1 << 20))
             if not part:
                 break
             skipped += len(part)
-            self._advance(len(part))
+            self._inflated(len(part))
+        self._read += skipped
         return skipped
 
-    def _advance(self, n: int) -> None:
-        self._read += n
-        if self._read > self._total:
-            raise LimitError(f"{self._path}: decompresses to more than {self._total} bytes",
-                             hint="A decompression bomb; do not load it")
-
-    def _pieces(self, n: int) -> bytes:
-        parts: list[bytes] = []
-        got = 0
-        while got < n:
-            part = self._stream.read(min(n - got, 1 << 20))
-            if not part:
-                break
-            parts.append(part)
-            got += len(part)
-        return b"".join(parts)
-
     def readline(self, limit: int = 1 << 20) -> bytes:
-        if self._ahead == b"\n":
-            self._ahead = b""
-            return b"\n"
-        line = self._ahead + self._stream.readline(limit if 0 < limit < 1 << 20 else 1 << 20)
-        self._ahead = b""
-        self._used += len(line)
-        self._advance(len(line))
-        if self._used > self._interpreted:
-            raise LimitError(f"{self._path}: more than {self._interpreted} bytes of pickle "
-                             "opcodes", hint="A decompression bomb; do not load it")
+        limit = limit if 0 < limit < 1 << 20 else 1 << 20
+        line = b""
+        while not line.endswith(b"\n") and len(line) < limit:
+            end = self._buffer.find(b"\n", self._pos)
+            stop = len(self._buffer) if end < 0 else end + 1
+            line += self._buffer[self._pos:stop]
+            self._pos = stop
+            if end < 0 and not self._fill():
+                break
+        self._read += len(line)
         return line
+
+    def settle(self) -> None:
+        """Charge what was inflated since the last charge."""
+        if self._what and self._pending:
+            pending, self._pending = self._pending, 0
+            self._account.charge("decompressed", pending, self._what)
+
+    def _fill(self) -> bool:
+        """Replace the (used up) buffer with the next block; False at the end."""
+        self._buffer, self._pos = self._stream.read(_BLOCK), 0
+        self._inflated(len(self._buffer))
+        return bool(self._buffer)
+
+    def _inflated(self, n: int) -> None:
+        self._pending += n
+        if self._pending >= _BLOCK:
+            self.settle()
 
     def tell(self) -> int:
         return self._read
 
     def reread(self, start: int, limit: int) -> bytes:
-        """Up to ``limit`` bytes from ``start`` of a file that is not decompressed, read outside
-        the budget and leaving the stream where it is (pickles whose frames loaders read
-        differently are read again); nothing for a compressed one."""
-        if isinstance(self._stream, _Named):
+        """Up to ``limit`` bytes from ``start`` of a file that is not decompressed, leaving the
+        stream where it is (pickles whose frames loaders read differently are read again);
+        nothing for a compressed one."""
+        if self._what:
             return b""
         here = self._stream.tell()
         try:
@@ -300,13 +306,17 @@ class _Budget:
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
         # Only read_pickle's fallback scan of a broken pickle seeks: to the end to learn how
         # much is left, then back to the pickle's start.  On a decompressing stream, seeking
-        # to the end would inflate everything (a bomb's whole payload), so it is refused.
-        if whence == io.SEEK_END and isinstance(self._stream, _Named):
-            raise OSError("cannot seek to the end of a compressed stream")
+        # would inflate everything again (a bomb's whole payload), so it is refused.
+        if self._what:
+            raise OSError("cannot seek in a compressed stream")
         where = self._stream.seek(pos, whence)
-        self._ahead = b""
+        self._buffer, self._pos = b"", 0
         self._read = where
         return where
+
+
+#: Bytes taken from the (decompressed) stream at a time.
+_BLOCK = 1 << 16
 
 
 class _decompressed:  # noqa: N801 - used as a context manager, like open()

@@ -4,7 +4,8 @@ torch zip that are not its pickles.
 An archive gets one result merged from its members' results (worst verdict wins); each
 member that could hold a pickle is copied out and scanned like a file, within the caps of
 :mod:`ckptkit.archive_members`.  A torch zip's other records (where tensor bytes belong) are
-checked for pickles and zips hidden in them.
+checked for pickles and zips hidden in them.  What is inflated, and the opcodes scanned, are
+charged to the file's reading budget (:mod:`ckptkit.budget`), shared by nested archives.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ckptkit import archive_members, archives
-from ckptkit.errors import ExitCode, IntegrityError, disk_full
+from ckptkit import archive_members, budget
+from ckptkit.errors import BudgetError, ExitCode, IntegrityError, disk_full
 from ckptkit.formats import ziparchive
 from ckptkit.unpickler import MAX_STATIC_SCAN, Findings, is_binary_pickle, scan_globals
 
@@ -97,17 +98,23 @@ def hidden_in_records(path: Path, findings: Findings, depth: int,
                 head = _record_head(fh, info, size, 4)
                 if is_binary_pickle(head):
                     nested = Findings(location=f"{info.filename} (a pickle inside a tensor record)")
-                    scan_globals(_record_head(fh, info, size, MAX_STATIC_SCAN), nested)
-                    _absorb_unsafe(findings, nested)
+                    try:
+                        scan_globals(_record_head(fh, info, size, MAX_STATIC_SCAN), nested)
+                    finally:  # what was found before the budget ran out is reported too
+                        _absorb_unsafe(findings, nested)
                 elif head == ziparchive.ZIP_MAGIC and depth < MAX_DEPTH:
-                    if info.file_size > archives.default_max_bytes(size):
-                        raise IntegrityError(f"{info.filename} declares {info.file_size} bytes")
+                    budget.current().charge("decompressed", info.file_size, info.filename)
                     with tempfile.TemporaryDirectory(prefix="ckpt-scan-") as tmp:
                         target = Path(tmp) / "member"
                         target.write_bytes(ziparchive.read_record(fh, info, size)[0])
                         result = scan_member(target, info.filename)
                     if isinstance(result, ScanResult):
                         absorb(findings, result, f"{info.filename} (a zip inside the zip): ")
+            except BudgetError as exc:
+                if not findings.unsafe:
+                    raise  # not every record was examined: the file is unreadable
+                problems.append(f"not every record was examined: {exc.message}")
+                break
             except IntegrityError as exc:
                 problems.append(f"{info.filename}: {exc.message}")
     return f"a record cannot be read ({problems[0]})" if problems else ""
@@ -129,4 +136,5 @@ def _record_head(fh: Any, info: Any, size: int, limit: int) -> bytes:
         return fh.read(min(limit, info.compress_size))
     if info.file_size > MAX_STATIC_SCAN << 2:
         return b""  # a compressed tensor record that large is not read back for a check
+    budget.current().charge("decompressed", info.file_size, info.filename)  # inflated whole
     return ziparchive.read_record(fh, info, size)[0][:limit]

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ckptkit import (archive_members, checkpoint_dirs, config, formats, plain_pickle,
+from ckptkit import (archive_members, budget, checkpoint_dirs, config, formats, plain_pickle,
                      scan_members)
-from ckptkit.errors import (CkptkitError, DiskFullError, ExitCode, FormatError, NotFoundError,
-                            UsageError)
+from ckptkit.errors import (BudgetError, CkptkitError, DiskFullError, ExitCode, FormatError,
+                            NotFoundError, UsageError)
 from ckptkit.unpickler import Findings, UnsafePickleError
 
 VERDICTS = ("safe", "unknown-objects", "unsafe", "unreadable")
@@ -170,12 +170,22 @@ def scan_file(path: Path, *, explicit: bool = True, label: str | None = None, de
               options: ScanOptions = ScanOptions()) -> ScanResult | Skipped:
     """The verdict on one file or checkpoint directory; a :class:`Skipped` for a file found
     by a walk that no loader reads as a checkpoint.  A reader that fails in a way it should
-    not (a crash, memory or recursion exhausted) makes the file unreadable, not the scan."""
+    not (a crash, memory or recursion exhausted) makes the file unreadable, not the scan.
+
+    The file is read within one budget (:mod:`ckptkit.budget`), shared by everything inside
+    it: archive members, zips in zips, pickles hidden in tensor records.  A file that would
+    cost more is unreadable, with the limit it ran over (a member over budget makes the whole
+    file so: the rest of it was not examined)."""
     name = label or str(path)
     try:
-        return _scan_file(path, name, explicit, depth, options)
+        with budget.reading(path):
+            return _scan_file(path, name, explicit, depth, options)
     except DiskFullError:
         raise
+    except BudgetError as exc:
+        if depth:
+            raise
+        return unreadable(name, exc)
     except Exception as exc:  # noqa: BLE001 - one crafted file must not end the whole scan
         if config.debug():
             raise  # CKPTKIT_DEBUG=1: the reader's own traceback
@@ -193,6 +203,8 @@ def _scan_file(path: Path, name: str, explicit: bool, depth: int,
             findings, note = checkpoint_dirs.scan_unit(path, kind, _member_scanner(depth, options))
         except UnsafePickleError as exc:
             return verdict(name, fmt, exc.findings, note=f"corrupt as well: {exc.message}")
+        except BudgetError:
+            raise
         except CkptkitError as exc:
             return unreadable(name, exc, fmt)
         return verdict(name, fmt, findings, note)
@@ -207,6 +219,8 @@ def _scan_file(path: Path, name: str, explicit: bool, depth: int,
     fmt = reader.__name__.rpartition(".")[2].replace("_", "-")
     try:
         raw = reader.read_info(path)
+    except BudgetError:
+        raise
     except CkptkitError as exc:
         if fmt == "torch-legacy" or path.is_file() and plain_pickle.sniff(path):
             # The legacy reader claims every protocol 2-5 pickle (and msgpack's first byte
@@ -272,6 +286,8 @@ def _plain(path: Path, name: str, npy: bool = False) -> ScanResult:
         findings, kind = plain_pickle.analyse_npy(path) if npy else plain_pickle.analyse(path)
     except UnsafePickleError as exc:
         return verdict(name, fmt, exc.findings, note=f"corrupt as well: {exc.message}")
+    except BudgetError:
+        raise
     except CkptkitError as exc:
         return unreadable(name, exc, fmt)
     return verdict(name, kind, findings, note="" if findings.pickles else "no pickle data")
@@ -289,6 +305,8 @@ def verdict(name: str, fmt: str | None, findings: Findings, note: str = "") -> S
 
 def unreadable(name: str, exc: CkptkitError, fmt: str | None = None) -> ScanResult:
     message = exc.message.removeprefix(f"{name}: ")
+    if isinstance(exc, BudgetError):
+        message += f"; raise {exc.variable} if the file is genuine"
     return ScanResult(name, "unreadable", fmt, note=message, exit_code=exc.exit_code)
 
 

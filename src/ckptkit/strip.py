@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckptkit import budget
 from ckptkit.errors import FormatError, UnsafeContentError, UsageError, naming
 from ckptkit.model import Opaque, RawCheckpoint, TensorRef
 
@@ -108,8 +109,9 @@ class StripPlan:
                                self.dropped, self.kept, 0, self.note)
         root = self.raw.tree
         kept = {key: value for key, value in root.items() if str(key) in self.kept}
-        written = write_torch_tree(self.output, kept,
-                                   big_endian=self.raw.details.get("byteorder") == "big")
+        with budget.reading(self.source):  # deflated storages inflate within its budget
+            written = write_torch_tree(self.output, kept,
+                                       big_endian=self.raw.details.get("byteorder") == "big")
         return StripResult(str(self.source), str(self.output), self.size_before, written.bytes,
                            self.dropped, self.kept, written.tensor_count, self.note)
 

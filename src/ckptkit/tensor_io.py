@@ -1,4 +1,12 @@
-"""Reading a lazy tensor's bytes into a numpy array, on demand and one tensor at a time."""
+"""Reading a lazy tensor's bytes into a numpy array, on demand and one tensor at a time.
+
+A view that expands its storage (a broadcast: ``torch.zeros(1).expand(40000, 40000)`` keeps
+four bytes and strides of 0) stays a view: :func:`read_tensor` returns it read-only over the
+storage's bytes, as torch would.  Only :func:`materialised` writes out every element, and it
+charges the bytes beyond what the storage holds to the reading budget first (``expanded``:
+:mod:`ckptkit.budget`), so four bytes cannot become 6.4 GB.  Bytes inflated from a compressed
+member are charged as ``decompressed``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ckptkit import budget
 from ckptkit.errors import IntegrityError, MissingDependencyError
 from ckptkit.formats.ziparchive import ZIP_ERRORS
 from ckptkit.model import TensorRef, itemsize
@@ -42,6 +51,8 @@ def read_bytes(ref: TensorRef) -> bytes | memoryview:
             fh.seek(span.offset)
             data = fh.read(min(span.length, left))
     else:
+        budget.current().charge("decompressed", span.offset + span.length,
+                                f"member {span.member!r}")
         try:
             with zipfile.ZipFile(span.path) as archive, archive.open(span.member) as member:
                 if span.offset:
@@ -58,22 +69,53 @@ def read_bytes(ref: TensorRef) -> bytes | memoryview:
 
 
 def read_tensor(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
-    """Materialise ``ref`` as a numpy array that owns its memory."""
+    """``ref`` as a numpy array that owns its memory; an expanding view (see
+    :func:`expansion`) as a read-only view of its storage instead, never copied."""
+    view = tensor_view(ref, big_endian=big_endian)
+    return view if expansion(ref) else view.copy()
+
+
+def tensor_view(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
+    """``ref`` as a read-only view, in native byte order, of its storage's bytes (read whole
+    from the file; swapped whole first for a big-endian file)."""
     dtype = numpy_dtype(ref.dtype)
     if big_endian:
         dtype = dtype.newbyteorder(">")
-    data = read_bytes(ref)
-    flat = np.frombuffer(data, dtype=dtype)
-    if ref.stride is None:
-        count = ref.numel
-        start = ref.element_offset
-        if start + count > flat.size:
-            raise IntegrityError(f"{_where(ref)}tensor of {count} elements overruns its storage "
-                                 f"of {flat.size}")
-        array = flat[start:start + count].reshape(ref.shape, order="F" if ref.fortran_order else "C")
-    else:
-        array = _strided(flat, ref)
-    return array.astype(array.dtype.newbyteorder("="), copy=True) if big_endian else array.copy()
+    flat = np.frombuffer(read_bytes(ref), dtype=dtype)
+    if big_endian:
+        flat = flat.astype(dtype.newbyteorder("="))
+        flat.flags.writeable = False
+    if ref.stride is not None:
+        return _strided(flat, ref)
+    count = ref.numel
+    start = ref.element_offset
+    if start + count > flat.size:
+        raise IntegrityError(f"{_where(ref)}tensor of {count} elements overruns its storage "
+                             f"of {flat.size}")
+    return flat[start:start + count].reshape(ref.shape, order="F" if ref.fortran_order else "C")
+
+
+def expansion(ref: TensorRef) -> int:
+    """Bytes the tensor has beyond what its storage holds: above 0 only for a view whose
+    elements overlap (a broadcast, stride 0), which materialising would write out."""
+    return max(0, ref.nbytes - (ref.span.length if ref.span is not None else 0)) \
+        if ref.stride is not None else 0
+
+
+def materialised(ref: TensorRef, name: str, *, big_endian: bool = False) -> np.ndarray:
+    """``ref`` with every element in memory (what a writer needs), C-contiguous.
+
+    Raises:
+        BudgetError: the view expands past the budget's ``expanded`` bytes (the message names
+            the tensor, its shape and the bytes it would take).
+    """
+    extra = expansion(ref)
+    if extra:
+        budget.current().charge(
+            "expanded", extra, f"tensor {name!r}, a {ref.dtype}{list(ref.shape)} view of "
+            f"{ref.span.length if ref.span else 0:,} stored bytes that would take {ref.nbytes:,}")
+    array = read_tensor(ref, big_endian=big_endian)  # a C-ordered copy, unless a view
+    return array.copy() if extra else array
 
 
 def _strided(flat: np.ndarray, ref: TensorRef) -> np.ndarray:

@@ -21,8 +21,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
-from ckptkit import danger
-from ckptkit.errors import CkptkitError, ExitCode, IntegrityError
+from ckptkit import budget, danger
+from ckptkit.errors import BudgetError, CkptkitError, ExitCode, IntegrityError
 from ckptkit.model import Opaque
 from ckptkit.pickle_globals import (ALLOWED, CALLS_ARGUMENTS, AttrDict, EmbeddedTorchFile,
                                     check_keys, inert_type)
@@ -34,8 +34,7 @@ def is_binary_pickle(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
-#: Upper bounds that keep a hostile pickle from exhausting time or memory.
-MAX_OPCODES = 50_000_000
+#: Cap on one read or frame; what a pickle may cost in all is the budget's (ckptkit.budget).
 MAX_STATIC_SCAN = 64 << 20
 
 
@@ -98,6 +97,8 @@ class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-d
         self._previous = 0  # where the last opcode inside a frame started
         self._types: dict[str, type] = {}
         self._globals: dict[int, str] = {}  # id of what find_class handed out -> its name
+        self._meter = budget.OpcodeMeter(budget.current(), findings.location)
+        self._key_sizes: dict[int, tuple[Any, int]] = {}  # checked key tuples, kept alive
 
     def _flag(self, qualname: str, via: str) -> None:
         self.findings.flag(qualname, via, self._base + self._op_pos)
@@ -116,6 +117,7 @@ class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-d
             else:
                 self.findings.objects.add(qualname)
             if qualname not in self._types:
+                self._meter.budget.charge("nodes", _TYPE_COST, self._meter.what)
                 self._types[qualname] = inert_type(qualname)
             found = self._types[qualname]
         self._globals[id(found)] = qualname
@@ -133,19 +135,19 @@ class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-d
 
     def load(self) -> Any:
         # The stdlib loop over this reader's input (see pickle_input: frames are read as the
-        # C unpickler reads them, not as the pure-Python _Unframer does), plus an opcode
-        # budget; pickle errors become IntegrityError upstream.
+        # C unpickler reads them, not as the pure-Python _Unframer does), metered
+        # (ckptkit.budget); pickle errors become IntegrityError upstream, an overrun stays a
+        # BudgetError.
         source = self._input
         self.read, self.readline = source.read, source.readline
         self.metastack = []
         self.stack = []
         self.append = self.stack.append
         self.proto = 0
-        read, tell, dispatch = source.read, source.tell, self.dispatch
-        budget = MAX_OPCODES
+        read, tell, dispatch, meter = source.read, source.tell, self.dispatch, self._meter
+        counts, left = meter.counts, meter.settle()
         try:
-            while budget:
-                budget -= 1
+            while True:
                 if self._frame_end != NO_FRAME:  # positions are only needed inside a frame
                     here = tell()
                     if here > self._frame_end:
@@ -158,13 +160,18 @@ class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-d
                 key = read(1)
                 if not key:
                     raise EOFError
-                dispatch[key[0]](self)
+                op = key[0]
+                counts[op] += 1
+                dispatch[op](self)
+                left -= 1
+                if not left:
+                    left = meter.settle()
         except pickle._Stop as stop:  # type: ignore[attr-defined]
+            meter.settle()
             if tell() < self._frame_end != NO_FRAME:
                 self.diverged = True  # loaders reading frames start the next pickle elsewhere
             source.stop()
             return stop.value
-        raise pickle.UnpicklingError(f"more than {MAX_OPCODES} opcodes")
 
     # --- calls and mutations the stand-ins cannot mirror ------------------------------------
     # The real loader calls real objects where this reader has recorders and stand-ins, so
@@ -246,18 +253,21 @@ class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-d
             if isinstance(exc, CkptkitError):
                 raise
 
-    # Keys and set members are hashed; refuse tuples that expand to huge trees (see
-    # MAX_KEY_NODES) before the stdlib handler hashes them.
+    # Keys and set members are hashed, and a tuple's hash walks it every time: huge tuples
+    # are refused, and each hashing is charged (see check_keys).
+    def _check_keys(self, keys: Any) -> None:
+        check_keys(keys, self._key_sizes, self._meter.budget, self._meter.what)
+
     def _load_setitem(self) -> None:
-        check_keys(self.stack[-2:-1])
+        self._check_keys(self.stack[-2:-1])
         self._tolerant(pickle._Unpickler.load_setitem)  # type: ignore[attr-defined]
 
     def _load_setitems(self) -> None:
-        check_keys(self.stack[0::2])
+        self._check_keys(self.stack[0::2])
         self._tolerant(pickle._Unpickler.load_setitems)  # type: ignore[attr-defined]
 
     def _load_additems(self) -> None:
-        check_keys(self.stack)
+        self._check_keys(self.stack)
         self._tolerant(pickle._Unpickler.load_additems)  # type: ignore[attr-defined]
 
     def _load_append(self) -> None:
@@ -267,11 +277,11 @@ class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-d
         self._tolerant(pickle._Unpickler.load_appends)  # type: ignore[attr-defined]
 
     def _load_dict(self) -> None:
-        check_keys(self.stack[0::2])
+        self._check_keys(self.stack[0::2])
         pickle._Unpickler.load_dict(self)  # type: ignore[attr-defined]
 
     def _load_frozenset(self) -> None:
-        check_keys(self.stack)
+        self._check_keys(self.stack)
         pickle._Unpickler.load_frozenset(self)  # type: ignore[attr-defined]
 
     def _load_stack_global(self) -> None:
@@ -335,6 +345,8 @@ class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-d
     del _op, _via, _tagged, _positioned
 
 
+#: A class stand-in in the budget's units of objects built (a type is 2.7 KB, a dict 72 B).
+_TYPE_COST = 40
 #: What a stand-in raises where the real object would have done something.
 _MISMATCH = (TypeError, AttributeError, ValueError, KeyError, IndexError)
 
@@ -382,6 +394,12 @@ def read_pickle(data: bytes | BinaryIO, findings: Findings,
     reader = (machine or InertUnpickler)(stream, findings, persistent, context, base=base)
     try:
         value = reader.load()
+    except BudgetError as exc:
+        if findings.unsafe:  # what ran before the overrun names dangerous callables
+            raise UnsafePickleError(f"{exc.message}; it names dangerous callables: "
+                                    f"{', '.join(sorted(findings.unsafe))}",
+                                    findings=findings) from exc
+        raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
             IndexError, struct.error, UnicodeDecodeError, OverflowError, MemoryError,
             RecursionError) as exc:
@@ -393,7 +411,7 @@ def read_pickle(data: bytes | BinaryIO, findings: Findings,
             rest = stream.read(min(MAX_STATIC_SCAN, left))
             scan_globals(rest, findings, context, base=base + start)
         except (AttributeError, OSError, ValueError):
-            pass  # a stream that cannot go back (raw zlib): the interpreted part is reported
+            pass  # a stream that cannot go back (raw zlib), or a budget spent: what was read
         if reader.diverged:
             _read_as_loaders_do(_reread(stream, start), findings, context, findings.location,
                                 base + start)
@@ -481,8 +499,15 @@ def scan_globals(data: bytes, findings: Findings, context: PickleContext | None 
     allowed = context.allowed if context else {}
     strings: list[Any] = []
     memo: dict[int, Any] = {}
+    meter = budget.OpcodeMeter(budget.current(), findings.location)  # as the machine is
+    counts, left = meter.counts, meter.settle()
     try:
         for op, arg, pos in pickletools.genops(io.BytesIO(data)):
+            counts[ord(op.code)] += 1
+            left -= 1
+            if not left:
+                left = meter.settle()
+                del strings[:-2]  # only the last two are ever operands
             name = op.name
             if name in ("GLOBAL", "INST"):
                 module, _, attr = str(arg).partition(" ")
@@ -501,8 +526,11 @@ def scan_globals(data: bytes, findings: Findings, context: PickleContext | None 
                 strings.append(memo[int(arg)])
             if name == "STOP":
                 strings.clear()
+    except BudgetError:
+        raise
     except (ValueError, EOFError, pickle.UnpicklingError, UnicodeDecodeError):
-        return
+        pass
+    meter.settle()
 
 
 def _note(findings: Findings, module: str, name: str, via: str, offset: int) -> None:

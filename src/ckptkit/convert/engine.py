@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ckptkit import budget
 from ckptkit.convert.plan import (ConversionPlan, LayerSpec, Mismatch, TargetSpec, Unused,
                                   plan_conversion, source_layout)
 from ckptkit.convert.recipes import Layout, Recipe, load_recipe
@@ -162,8 +163,9 @@ def convert(src: str | Path, to: Fmt, out: str | Path | None = None, *,
     if dry_run:
         return ConversionReport.from_plan(plan, path, fmt=fmt)
     out = _output(path, out, to, plan.prefix)
-    result = write(out, fmt, _arrays(plan, raw, path), metadata=_metadata(raw, path, plan),
-                   separator=plan.separator, layout=plan.outputs())
+    with budget.reading(path):
+        result = write(out, fmt, _arrays(plan, raw, path), metadata=_metadata(raw, path, plan),
+                       separator=plan.separator, layout=plan.outputs())
     verify(result.path, plan)
     return ConversionReport.from_plan(plan, path, result)
 
@@ -256,7 +258,7 @@ def _plain(path: Path, to: Fmt, out: Path | None, dry_run: bool) -> ConversionRe
 def _arrays(plan: ConversionPlan, raw: RawCheckpoint,
             path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(output name, array)`` one tensor at a time, transformed as planned."""
-    from ckptkit.tensor_io import numpy_dtype, read_tensor
+    from ckptkit.tensor_io import materialised, numpy_dtype
 
     big = raw.details.get("byteorder") == "big"
     whole: Any = None
@@ -273,7 +275,7 @@ def _arrays(plan: ConversionPlan, raw: RawCheckpoint,
                     whole = formats.detect(path).load(path, "numpy")
                 array = np.asarray(reduce(lambda node, key: node[key], entry.path, whole))
             else:
-                array = read_tensor(ref, big_endian=big)
+                array = materialised(ref, entry.source, big_endian=big)
             array = entry.transform.apply(array)
         for name in entry.targets:
             yield name, array

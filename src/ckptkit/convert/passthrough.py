@@ -34,13 +34,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ckptkit import formats
+from ckptkit import budget, formats
 from ckptkit.convert.writers import Fmt, LayoutEntry, WriteResult, check_dtype, read_sidecar, write
 from ckptkit.convert.zip_writer import TORCH_METADATA_RECORD
 from ckptkit.errors import IntegrityError, UsageError
 from ckptkit.model import Opaque, RawCheckpoint, TensorRef, itemsize
 from ckptkit.summary import summarise
-from ckptkit.tensor_io import numpy_dtype, read_tensor
+from ckptkit.tensor_io import materialised, numpy_dtype
 from ckptkit.tree import is_scalar, join
 
 #: Formats whose tensors are read by byte range from the file ckptkit parsed.
@@ -80,12 +80,16 @@ class FormatConversion:
         return sum(math.prod(t.shape) for t in self.tensors)
 
     def execute(self) -> WriteResult:
-        """Read each tensor and write it; atomic (see :func:`~ckptkit.convert.writers.write`)."""
+        """Read each tensor and write it; atomic (see :func:`~ckptkit.convert.writers.write`).
+
+        Within the source's reading budget: a broadcast view is written out in full only if
+        its extra bytes fit (:func:`~ckptkit.tensor_io.materialised`)."""
         # A generator expression holds no reference to the array it last yielded, so the
         # writer's ``del`` really frees each tensor before the next is read.
-        return write(self.out, self.target, ((t.name, t.read()) for t in self.tensors),
-                     metadata=self.metadata or None, separator=self.separator,
-                     layout=self.layout)
+        with budget.reading(self.source):
+            return write(self.out, self.target, ((t.name, t.read()) for t in self.tensors),
+                         metadata=self.metadata or None, separator=self.separator,
+                         layout=self.layout)
 
 
 def plan_format_conversion(src: str | os.PathLike[str], to: Fmt,
@@ -159,7 +163,7 @@ def _from_spans(source: Path, raw: RawCheckpoint) -> _Plan:
             ref = TensorRef(dtype, ref.shape, ref.span, ref.stride, ref.element_offset,
                             ref.storage_key, ref.device, ref.fortran_order)
         _check_readable(source, name, dtype)
-        tensors.append(SourceTensor(name, dtype, ref.shape, _span_reader(ref, big)))
+        tensors.append(SourceTensor(name, dtype, ref.shape, _span_reader(ref, name, big)))
     metadata = _stringified(summarise(raw, str(source), 0).metadata)
     metadata.update(sidecar.get("metadata", {}))
     if raw.format == "torch-zip":
@@ -248,12 +252,12 @@ def _check_readable(source: Path, name: str, dtype: str) -> None:
                          "it, or leave that tensor out with a recipe", path=str(source)) from None
 
 
-def _span_reader(ref: TensorRef, big_endian: bool) -> Callable[[], np.ndarray]:
+def _span_reader(ref: TensorRef, name: str, big_endian: bool) -> Callable[[], np.ndarray]:
     span = ref.span
     if (span is None or span.member is not None or big_endian or not _contiguous(ref)
             or numpy_dtype(ref.dtype).itemsize != itemsize(ref.dtype)):
         # Views, deflated members and byte swaps: the general reader (reads the storage).
-        return lambda: read_tensor(ref, big_endian=big_endian)
+        return lambda: materialised(ref, name, big_endian=big_endian)
 
     def read() -> np.ndarray:
         # Straight into the array's own buffer: one allocation, no intermediate bytes object.

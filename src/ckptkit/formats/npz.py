@@ -13,9 +13,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from ckptkit import budget
+from ckptkit.budget import metered
 from ckptkit.errors import FormatError, IntegrityError, UnsafeContentError, UsageError
 from ckptkit.formats import ziparchive
-from ckptkit.model import ByteSpan, Opaque, RawCheckpoint, SafetyReport, TensorRef
+from ckptkit.model import ByteSpan, Opaque, RawCheckpoint, SafetyReport, TensorRef, checked_shape
 from ckptkit.pickle_globals import numpy_dtype_name
 from ckptkit.unpickler import Findings, read_pickle
 
@@ -66,9 +68,12 @@ def _read_head(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
             need = 12 + struct.unpack("<I", head[8:12])[0]
             if need > len(head) and need <= MAX_HEADER + 12:
                 head += member.read(need - len(head))
+    if info.compress_type != zipfile.ZIP_STORED:  # a megabyte of header from a few bytes
+        budget.current().charge("decompressed", len(head), f"member {info.filename!r}")
     return head
 
 
+@metered
 def read_info(path: Path) -> RawCheckpoint:
     findings = Findings()
     tree: dict[str, Any] = {}
@@ -95,7 +100,7 @@ def read_info(path: Path) -> RawCheckpoint:
                      else f"void{_record_size(descr, where) * 8}")
             if dtype == "bfloat16?":
                 dtype = "bfloat16"  # numpy saves bfloat16 as raw V2
-            shape = tuple(int(s) for s in header["shape"])
+            shape = checked_shape(header["shape"], f"{where}: array", dtype)
             ref = TensorRef(dtype, shape, None, fortran_order=bool(header["fortran_order"]))
             if info.compress_type == zipfile.ZIP_STORED:
                 offset = ziparchive.data_offset(fh, info, size) + data_start
@@ -133,7 +138,7 @@ def _record_size(descr: Any, where: str) -> int:
             size = _record_size(fmt, where) if isinstance(fmt, list) else int(
                 itemsize(numpy_dtype_name(fmt)))
             total += size * count
-    except (TypeError, ValueError, IndexError) as exc:
+    except (TypeError, ValueError, IndexError, OverflowError) as exc:
         raise IntegrityError(f"{where}: unreadable record dtype {descr!r}") from exc
     return total
 
@@ -147,6 +152,8 @@ def _object_array(fh: Any, size: int, info: zipfile.ZipInfo, start: int, finding
     findings.objects.add("numpy.ndarray[object]")
     if info.file_size > 256 << 20:
         return Opaque("numpy.ndarray[object]")
+    if info.compress_type != zipfile.ZIP_STORED:
+        budget.current().charge("decompressed", info.file_size, f"member {info.filename!r}")
     # As numpy's pickle.load reads it: a CRC that fails only at the member's end does not stop
     # the opcodes before it from running, so it does not stop this reading either.
     data = ziparchive.read_record(fh, info, size)[0][start:]
@@ -177,6 +184,7 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return root
 
 
+@metered
 def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
     """``numpy``: a flat dict of arrays; ``flax``: the nested tree (under ``opt/target`` for
     Flax optimizer checkpoints such as MUSIQ's)."""
@@ -190,6 +198,9 @@ def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
     if framework not in ("numpy", "flax", "jax"):
         raise UsageError(f"{path}: cannot load an npz file as {framework!r}",
                          hint="Use framework='numpy' or framework='flax'")
+    if raw.details.get("compressed"):  # numpy inflates each member whole
+        budget.current().charge("decompressed", raw.details.get("declared_bytes", 0),
+                                "its compressed arrays")
     try:
         with np.load(path, allow_pickle=unsafe) as data:
             flat = {k: data[k] for k in data.files}

@@ -1,22 +1,31 @@
 """safetensors files: an 8-byte header length, a JSON header, then one flat byte buffer.
 
 Only the header is read.  It is validated the way the reference implementation does: known
-dtypes, byte ranges that match shapes, contiguous and covering the whole buffer.
+dtypes, byte ranges that match shapes, contiguous and covering the whole buffer.  Its size is
+capped by the reading budget's ``header`` (100 MB, the reference implementation's limit), and
+the objects and lists it holds are counted against ``nodes`` before it is parsed, so a header
+of millions of ``{}`` costs nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 from typing import Any
 
+from ckptkit import budget
+from ckptkit.budget import metered
 from ckptkit.errors import IntegrityError, UsageError
-from ckptkit.model import ByteSpan, RawCheckpoint, TensorRef, itemsize
+from ckptkit.model import ByteSpan, RawCheckpoint, TensorRef, checked_shape, itemsize
 
 FORMAT = "safetensors"
+#: Header lengths the sniff takes for safetensors (the reference implementation's limit).
 MAX_HEADER = 100_000_000
+#: JSON strings: brackets inside them open no container.
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 DTYPES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
     "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
@@ -36,7 +45,8 @@ def sniff(path: Path) -> bool:
     if len(head) < 9:
         return False
     (length,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 2 <= length <= min(MAX_HEADER, size - 8)
+    ceiling = max(MAX_HEADER, budget.current().limit("header"))  # read_info holds the budget
+    return head[8:9] == b"{" and 2 <= length <= min(ceiling, size - 8)
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -49,14 +59,24 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
                                  "(8-byte header length first)",
                                  hint="The file is truncated or corrupt", path=str(path))
         (length,) = struct.unpack("<Q", head)
-        if length > MAX_HEADER or length + 8 > size:
+        if length + 8 > size:
             raise IntegrityError(f"{path}: safetensors header of {length} bytes does not fit "
                                  f"in a {size}-byte file", hint="The file is truncated or corrupt",
                                  path=str(path))
+        account = budget.current()
+        account.check("header", length, "the safetensors header")
         raw = fh.read(length)
+    # Parsing builds every object and list at once: count them first.  Brackets inside
+    # strings open nothing; they are taken out only when the plain count is too high.
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > account.room("nodes"):
+        bare = _STRINGS.sub(b"", raw)
+        containers = bare.count(b"{") + bare.count(b"[")
+        del bare
+    account.charge("nodes", containers, "the safetensors header")
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        header = json.loads(raw, parse_int=_integer)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise IntegrityError(f"{path}: safetensors header is not valid JSON ({exc})",
                              hint="The file is corrupt", path=str(path)) from exc
     if not isinstance(header, dict):
@@ -64,6 +84,19 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + length
 
 
+class _Digits(str):
+    """An integer too long to convert (Python refuses past 4300 digits): kept as its text, so
+    the entry holding it is the one named as malformed."""
+
+    def __repr__(self) -> str:
+        return f"<a {len(self)}-digit number>"
+
+
+def _integer(text: str) -> int | _Digits:
+    return int(text) if len(text) <= 40 else _Digits(text)
+
+
+@metered
 def read_info(path: Path) -> RawCheckpoint:
     header, start = read_header(path)
     size = path.stat().st_size
@@ -75,8 +108,10 @@ def read_info(path: Path) -> RawCheckpoint:
     for name, entry in header.items():
         try:
             dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
+            shape = checked_shape(entry["shape"], f"{path}: tensor {name!r}", dtype)
             begin, end = (int(x) for x in entry["data_offsets"])
+        except IntegrityError:
+            raise
         except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(1e400) overflows
             raise IntegrityError(f"{path}: tensor {name!r} has a malformed header entry "
                                  f"({exc!r})", hint="The file is corrupt", path=str(path))
@@ -108,6 +143,7 @@ def read_info(path: Path) -> RawCheckpoint:
     return RawCheckpoint(FORMAT, tree, tuple(tensors), details=details)
 
 
+@metered
 def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
     """``numpy``: dict of arrays; ``torch``: a state dict (needs torch)."""
     from ckptkit.tensor_io import materialise, read_tensor

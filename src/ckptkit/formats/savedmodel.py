@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckptkit.budget import metered
 from ckptkit.errors import (
     CkptkitError,
     FormatError,
@@ -319,6 +320,7 @@ def _bundle(directory: Path) -> tensor_bundle.BundleIndex | None:
     return index
 
 
+@metered
 def read_info(path: Path) -> RawCheckpoint:
     """Signatures, tags and variables of a SavedModel, without TensorFlow or tensor bytes."""
     directory = _directory(path)
@@ -358,6 +360,7 @@ def read_info(path: Path) -> RawCheckpoint:
                          details=details, signatures=signatures, separator="/")
 
 
+@metered
 def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
     """``tf``: ``tf.saved_model.load`` (runs the model's restore and init functions);
     ``numpy``: ``{bundle key: ndarray}`` for the variables, read from the shards."""

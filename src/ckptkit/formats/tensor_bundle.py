@@ -22,7 +22,7 @@ from typing import Any
 from ckptkit.errors import FormatError, IntegrityError, NotFoundError
 from ckptkit.formats import protowire, sstable
 from ckptkit.formats.crc32c import unmask_crc
-from ckptkit.model import ByteSpan, TensorRef, itemsize
+from ckptkit.model import ByteSpan, TensorRef, checked_shape, itemsize
 
 HEADER_KEY = b""
 #: Key of the serialized ``TrackableObjectGraph`` in TF2 object-based checkpoints.
@@ -275,6 +275,7 @@ def decode_entry(name: str, value: memoryview) -> BundleEntry:
         shape = decode_shape(protowire.as_bytes(raw_shape, f"{what} shape"), f"{what} shape")
     if shape is None or any(d < 0 for d in shape):
         raise IntegrityError(f"{what} has an unknown shape, which a saved tensor cannot have")
+    shape = checked_shape(shape, what, dtype)
     shard_id = protowire.as_int(protowire.last(grouped, 3) or 0, f"{what} shard_id")
     offset = protowire.signed64(protowire.as_int(protowire.last(grouped, 4) or 0,
                                                  f"{what} offset"))

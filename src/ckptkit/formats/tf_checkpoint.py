@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ckptkit.budget import metered
 from ckptkit.errors import (
     CkptkitError,
     IntegrityError,
@@ -187,6 +188,7 @@ def read_index(path: Path) -> tuple[tensor_bundle.BundleIndex, dict[str, Any]]:
     return index, found
 
 
+@metered
 def read_info(path: Path) -> RawCheckpoint:
     """Names, dtypes, shapes and shard spans of every variable, without reading tensor bytes."""
     index, found = read_index(path)
@@ -199,6 +201,7 @@ def read_info(path: Path) -> RawCheckpoint:
                          separator="/")
 
 
+@metered
 def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
     """``numpy``: ``{name: ndarray}`` read from the shards; ``tf``: a ``CheckpointReader``.
 

@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from ckptkit.budget import metered
 from ckptkit.errors import FormatError, IntegrityError
 from ckptkit.model import ByteSpan, RawCheckpoint, SafetyReport, itemsize
 from ckptkit.pickle_globals import StorageRef, StorageType
@@ -58,6 +59,7 @@ def _complete_safetensors(path: Path) -> bool:
     return True
 
 
+@metered
 def read_info(path: Path) -> RawCheckpoint:
     findings = Findings()
     try:
@@ -154,6 +156,7 @@ def _walk_storages(path: Path, fh: Any, keys: Any, storages: dict[str, StorageRe
     return spans
 
 
+@metered
 def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
     from ckptkit.formats import torch_common
 

@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from ckptkit.budget import metered
 from ckptkit.formats import ziparchive
 from ckptkit.formats.torch_zip import TorchArchive, find_prefix, is_torchscript
 from ckptkit.model import RawCheckpoint
@@ -37,6 +38,7 @@ def sniff(path: Path) -> bool:
     return prefix is not None and is_torchscript(names, prefix)
 
 
+@metered
 def read_info(path: Path) -> RawCheckpoint:
     with TorchArchive(path, "TorchScript archive") as archive:
         module = archive.read_object("data.pkl", "data", CONTEXT)
@@ -56,6 +58,7 @@ def read_info(path: Path) -> RawCheckpoint:
         return RawCheckpoint(FORMAT, tree, tensors, archive.safety(), details)
 
 
+@metered
 def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
     from ckptkit.formats import torch_common
 

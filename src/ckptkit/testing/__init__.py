@@ -17,6 +17,10 @@ so it can be imported by any test suite and run on a machine without network acc
 * :mod:`ckptkit.testing.loftr` — a LoFTR-shaped Lightning checkpoint written without torch
   (the layout of the released weights as data; needs numpy, a core dependency), which the
   demo exports to its mirror as LoFTR; ``python -m ckptkit.testing.loftr OUT`` writes one.
+* :mod:`ckptkit.testing.adversarial` — small files that ask a reader for gigabytes (zip bombs
+  nested in zips, floods of pickle opcodes, broadcast views, giant headers): what the reading
+  budget (:mod:`ckptkit.budget`) is tested and benchmarked with;
+  ``python -m ckptkit.testing.adversarial DIR`` writes the set.
 
 The other modules of this package are the parts of ``hubs`` and ``hf_hub``.
 """
