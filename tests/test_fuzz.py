@@ -8,10 +8,8 @@ output, or a :class:`~ckptkit.errors.CkptkitError` exiting 1 or 3 (5 only when i
 names) with one line on stderr.  Any other exception, a hang, or memory beyond
 ``64 MiB + 4 x the input`` fails the example.
 
-Adversarial shapes (:func:`tests.mutations.shapes`: deep nesting, huge repetition counts,
-broadcast views, nested archives, giant headers) go to every reader and command too, under a
-reduced reading budget (:data:`SHAPE_LIMITS`): each must end cleanly, within every limit of
-its budget (:mod:`ckptkit.budget`), and within the same memory bound.
+Adversarial shapes (deep nesting, huge repetition counts, broadcast views, nested archives,
+giant headers) are fuzzed the same way in ``tests/test_fuzz_shapes.py``.
 
 Profiles: CI runs a fixed, derandomized number of examples per seed; ``CKPTKIT_FUZZ_EXAMPLES=N``
 (read at import, as ``scripts/fuzz`` sets it) spreads about N random inputs over the tests.
@@ -32,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 
 import ckptkit
 from ckptkit import formats
@@ -40,7 +38,7 @@ from ckptkit.errors import CkptkitError, ExitCode, IntegrityError
 from ckptkit.tensor_io import read_tensor
 from tests import figures
 from tests.conftest import run_ckpt, run_main
-from tests.mutations import SEED_BY_NAME, SEEDS, Mutation, Seed, Shape, apply, mutations, shapes
+from tests.mutations import SEED_BY_NAME, SEEDS, Mutation, Seed, apply, mutations
 
 # --- profiles ------------------------------------------------------------------------------
 
@@ -280,81 +278,6 @@ def test_commands_survive_damage(seed: Seed, tmp_path: Path,
     def run(mutation: Mutation) -> None:
         _run_commands(seed, mutation.data, tmp_path, capsys)
         figures.count("fuzz-inputs")
-
-    run()
-
-
-# --- adversarial shapes: the reading budget holds --------------------------------------------
-
-#: A reduced budget: shapes go past it while their files stay small and quick to read.
-SHAPE_LIMITS = {"CKPTKIT_MAX_OPCODES": "300_000", "CKPTKIT_MAX_NODES": "100_000",
-                "CKPTKIT_MAX_STACK": "300_000", "CKPTKIT_MAX_TREE": "300_000",
-                "CKPTKIT_MAX_BYTES": str(8 << 20)}
-#: Kinds of work that add up over a read (the others are per-item caps).
-COUNTED = ("opcodes", "nodes", "stack", "tree", "decompressed", "expanded")
-
-
-def check_budgets(path: Path, out: Path) -> None:
-    """Every reader and command on ``path``, each within its own budget: a clean outcome, and
-    no kind of work past its limit."""
-    from ckptkit import budget
-    from ckptkit.convert.passthrough import convert_format
-    from ckptkit.diff import diff
-    from ckptkit.scanning import scan
-
-    readers = [(fmt, importlib.import_module(module)) for fmt, module in formats.FORMAT_MODULES]
-    operations: list[tuple[str, Callable[[], Any]]] = [
-        *((f"{fmt}.read_info", lambda r=reader: r.read_info(path)) for fmt, reader in readers),
-        ("inspect", lambda: json.dumps(ckptkit.inspect(path).to_dict(), default=str)),
-        ("load", lambda: ckptkit.load(path, framework="numpy")),
-        ("scan", lambda: scan([path]).to_dict()),
-        ("diff", lambda: diff(path, path).to_dict()),
-        ("convert", lambda: convert_format(path, "safetensors", out / "converted.safetensors")),
-    ]
-    for name, operation in operations:
-        with budget.reading(path) as account:
-            # Usage errors: a reader asked for a file of another format, nothing to convert.
-            survive(operation, CLEAN | {ExitCode.NOT_FOUND, ExitCode.USAGE})
-        for kind in COUNTED:
-            assert account.used[kind] <= account.limit(kind), (name, kind, account.used)
-        (out / "converted.safetensors").unlink(missing_ok=True)
-
-
-#: One shape of each kind past SHAPE_LIMITS, always tried (drawn examples start small).
-SHAPE_EXAMPLES = (
-    Shape("repeated", (("unit", b"\x8f"), ("count", 400_000))),
-    Shape("nested", (("kind", "dict"), ("depth", 600), ("items", 50_000), ("tensors", True))),
-    Shape("rechecked_key", (("width", 900), ("setitems", 5_000))),
-    Shape("pickle_records", (("records", 2), ("record_mib", 1))),
-    Shape("broadcast_view", (("shape", (50_000, 50_000)), ("stride", (0, 0)), ("numel", 1))),
-    Shape("nested_zips", (("levels", 3), ("fanout", 2), ("member_mib", 6))),
-    Shape("header_flood", (("count", 2_000_000),)),
-    Shape("msgpack_flood", (("count", 1_200_000), ("depth", 1))),
-)
-
-
-def _every_kind_of_shape(test: Callable[[Shape], None]) -> Callable[[Shape], None]:
-    for shape in reversed(SHAPE_EXAMPLES):
-        test = example(shape=shape)(test)
-    return test
-
-
-def test_adversarial_shapes_stay_within_budget(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    for variable, value in SHAPE_LIMITS.items():
-        monkeypatch.setenv(variable, value)
-
-    @fuzz_settings(4, 0.02, per_seed=False)
-    @given(shape=shapes())
-    @_every_kind_of_shape
-    def run(shape: Shape) -> None:
-        with tempfile.TemporaryDirectory(dir=tmp_path) as where:
-            path = shape.write(Path(where))
-            out = Path(where) / "out"
-            out.mkdir()
-            with bounded(path.stat().st_size):
-                check_budgets(path, out)
-        figures.count("budget-inputs")
 
     run()
 

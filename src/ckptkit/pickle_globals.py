@@ -11,7 +11,6 @@ imports or calls what a pickle names.
 from __future__ import annotations
 
 import functools
-import pickle
 import sys
 from dataclasses import dataclass
 from importlib import resources

@@ -32,8 +32,7 @@ from ckptkit.errors import IntegrityError
 from ckptkit.formats.npz import MAX_HEADER, NPY_MAGIC, parse_header
 from ckptkit.model import Opaque, itemsize
 from ckptkit.pickle_globals import allowed, numpy_dtype_name
-from ckptkit.unpickler import (Findings, InertUnpickler, PickleContext, UnsafePickleError,
-                               is_binary_pickle, read_pickle)
+from ckptkit.unpickler import Findings, InertUnpickler, PickleContext, is_binary_pickle, read_pickle
 
 SUFFIXES = (".pkl", ".pickle", ".joblib", ".jbl", ".sav", ".pk", ".p")
 WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
