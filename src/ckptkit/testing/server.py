@@ -315,9 +315,15 @@ class StubHandler(BaseHTTPRequestHandler):
                     piece = bytearray(piece)
                     for index in hit:
                         piece[index] ^= 0xFF
-                self.wfile.write(piece)
-                sent += len(piece)
+                # Counted before the write: a client that has read these bytes must already
+                # see them in the counters (tests read them as soon as a response ends).
                 self._count(len(piece))
+                try:
+                    self.wfile.write(piece)
+                except OSError:
+                    self._count(-len(piece))
+                    raise
+                sent += len(piece)
                 if cut is not None and sent >= cut:
                     self._abort(reset=any(f.kind == "reset" for f in faults))
                     return sent
