@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ckptkit import catalogue as catalogue_mod
+from ckptkit import waiting
 from ckptkit.cache import Cache, CacheEntry
 from ckptkit.catalogue import Catalogue, FileSpec, SourceSpec
 from ckptkit.config import DOCTOR_TIMEOUT, Settings
@@ -273,7 +274,7 @@ class _Run:
             return SourceReport("cache", "", path, None, here, here, Check("fail", why),
                                 not_applicable("nothing intact to verify")), None
         try:
-            entry, actual = self.verified[file_id].result()
+            entry, actual = waiting.result(self.verified[file_id])
         except (CkptkitError, OSError) as exc:
             return SourceReport("cache", "", path, path, here, here, Check("ok"),
                                 not_checked(f"unreadable: {exc}")), None
@@ -288,7 +289,7 @@ class _Run:
     def _source_row(self, planned: PlannedFile, s: PlannedSource, expected: str | None,
                     what: str | None) -> SourceReport:
         kind = s.source.type
-        result = self.probes[s.probe].result() if s.probe is not None else None
+        result = waiting.result(self.probes[s.probe]) if s.probe is not None else None
         reachable, auth = self._reachable(s, result), self._auth(s, result)
         found = self.copies[(planned.spec.id, s.source)]
         cached, verified, copy = self._copy(kind, found, expected, what)
@@ -354,7 +355,7 @@ class _Run:
             return cached, not_checked("no catalogue sha256 or pin to compare with"), found[0]
         for path in found:
             try:
-                actual = self.hashes[path].result()[0]
+                actual = waiting.result(self.hashes[path])[0]
             except OSError as exc:
                 return cached, not_checked(f"unreadable: {exc.strerror or exc}"), path
             if actual == expected:
@@ -367,7 +368,7 @@ class _Run:
             return None
         job = self.hashes.get(copy)
         if job is not None and job.exception() is None:
-            return job.result()[1]
+            return waiting.result(job)[1]
         return _size_of(copy)
 
     def _usable(self, s: PlannedSource, reachable: Check, auth: Check, cached: Check,

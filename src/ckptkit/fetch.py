@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from ckptkit import catalogue as catalogue_mod
+from ckptkit import waiting
 from ckptkit.cache import Cache, CacheEntry
 from ckptkit.catalogue import Catalogue, FileSpec, SourceSpec
 from ckptkit.config import Settings
@@ -160,7 +161,7 @@ class FetchPlan:
             futures = {f.spec.id: pool.submit(runner.fetch_one, f) for f in self.files}
             for file_id, future in futures.items():
                 try:
-                    results[file_id] = future.result()
+                    results[file_id] = waiting.result(future)
                 except _Failed as failed:
                     failures[file_id] = failed.attempts
                 except OSError as exc:

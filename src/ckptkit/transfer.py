@@ -16,14 +16,14 @@ import hashlib
 import os
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
 import requests
 
-from ckptkit import reasons, transfer_plan
+from ckptkit import reasons, transfer_plan, waiting
 from ckptkit.errors import CkptkitError, DiskFullError, IntegrityError, SourceError, disk_full
 from ckptkit.locks import FileLock
 from ckptkit.partial import PartFile, PrefixHasher, fsync_dir, load_sidecar, save_sidecar, sibling
@@ -243,7 +243,7 @@ class Transfer:
                        for piece in plan.missing]
             try:
                 hasher.advance(done)  # a resumed prefix is hashed while new pieces arrive
-                for future in as_completed(futures):
+                for future in waiting.as_completed(futures):
                     piece = future.result()
                     done.add(piece.index)
                     self._check_lock()
