@@ -2,7 +2,7 @@
 
 A mutated input is the list of operations that made it from a sample, so a failing example
 prints as a few short tuples and replays exactly (:func:`apply`), which is how the regression
-cases of ``tests/test_fuzz.py`` are written down.  Positions are drawn from the places where
+cases of ``tests/formats/test_fuzz.py`` are written down.  Positions are drawn from the places where
 parsers decide things (the first KiB, the last KiB, a zip's central directory) as often as
 uniformly, since a flip in the middle of a weight buffer rarely changes any decision.
 """
@@ -242,7 +242,7 @@ def _shape(case: str, **args: st.SearchStrategy[Any]) -> st.SearchStrategy[Shape
 def shapes() -> st.SearchStrategy[Shape]:
     """Deep nesting, huge repetition counts, keys hashed again and again, pickles hidden in
     records, broadcast views, archives in archives and giant headers, at sizes that go past
-    the reduced budget :data:`tests.test_fuzz.SHAPE_LIMITS` sets (inputs stay small)."""
+    the reduced budget :data:`tests.formats.test_fuzz.SHAPE_LIMITS` sets (inputs stay small)."""
     from ckptkit.testing.adversarial import UNITS
 
     big = st.one_of(st.integers(1, 1_000), st.integers(1, 2_000_000))

@@ -126,7 +126,7 @@ def run_all(root: Path, files: list[Path], urls: list[str], hashes: dict[str, st
 
 def report(best: dict[str, float], total: int, args: argparse.Namespace) -> None:
     from ckptkit.config import DEFAULT_CONNECTIONS as connections
-    from ckptkit.fetch import MAX_PARALLEL_FILES as parallel
+    from ckptkit.hub.fetch import MAX_PARALLEL_FILES as parallel
 
     mbps = {k: total / v / 1e6 for k, v in best.items()}
     aria = mbps.get("aria2c")

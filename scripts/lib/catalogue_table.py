@@ -3,7 +3,7 @@
     python scripts/lib/catalogue_table.py          # rewrite the tables in docs/catalogue.md
 
 The tables sit between ``<!-- catalogue:start -->`` and ``<!-- catalogue:end -->``;
-tests/test_catalogue_doc.py fails when they no longer match the catalogue data.
+tests/hub/test_catalogue_doc.py fails when they no longer match the catalogue data.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ckptkit import catalogue  # noqa: E402
+from ckptkit.hub import catalogue  # noqa: E402
 
 DOC = ROOT / "docs" / "catalogue.md"
 START, END = "<!-- catalogue:start -->", "<!-- catalogue:end -->"

@@ -23,13 +23,13 @@ if TYPE_CHECKING:
     __version__: str
     from ckptkit.inspection import inspect
     from ckptkit.loading import load
-    from ckptkit.resuming import resume
-    from ckptkit.saving import latest, save
+    from ckptkit.runs.resuming import resume
+    from ckptkit.runs.saving import latest, save
     from ckptkit.summary import CheckpointInfo
 
 _LAZY = {"inspect": "ckptkit.inspection", "load": "ckptkit.loading",
-         "CheckpointInfo": "ckptkit.summary", "resume": "ckptkit.resuming",
-         "save": "ckptkit.saving", "latest": "ckptkit.saving"}
+         "CheckpointInfo": "ckptkit.summary", "resume": "ckptkit.runs.resuming",
+         "save": "ckptkit.runs.saving", "latest": "ckptkit.runs.saving"}
 
 
 def _package_version() -> str:

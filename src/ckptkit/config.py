@@ -18,7 +18,7 @@ Precedence for every setting: 1. the command-line flag (or keyword argument), 2.
 | ``CKPTKIT_HEADER_TIMEOUT`` | seconds an answer may take to send all its headers | 60 |
 | ``CKPTKIT_PIN_UNSIZED`` | ``1``: pin a first download even when no size or hash vouched for it | off |
 | ``CKPTKIT_DEBUG`` | ``1``: tracebacks instead of one-line errors | off |
-| ``CKPTKIT_MAX_*`` | the reading budget of :mod:`ckptkit.budget` (``OPCODES``, ``NODES``, ``STACK``, ``TREE``, ``KEY``, ``DEPTH``, ``HEADER``, ``BYTES``, ``RATIO``) | :class:`ckptkit.budget.Limits` |
+| ``CKPTKIT_MAX_*`` | the reading budget of :mod:`ckptkit.storage.budget` (``OPCODES``, ``NODES``, ``STACK``, ``TREE``, ``KEY``, ``DEPTH``, ``HEADER``, ``BYTES``, ``RATIO``) | :func:`ckptkit.storage.budget.configured` |
 | ``TFHUB_CACHE_DIR`` | where TF Hub models are made visible to ``tensorflow_hub`` | tensorflow_hub's default |
 | ``KAGGLEHUB_CACHE`` | kagglehub's own cache, read and filled by the Kaggle source | ``~/.cache/kagglehub`` |
 | ``NO_COLOR`` | no colour in output | unset |
@@ -31,14 +31,9 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ckptkit.errors import UsageError
-from ckptkit.mirrors import Mirrors
-from ckptkit.transfer_plan import TransferLimits
-
-if TYPE_CHECKING:
-    from ckptkit.budget import Limits
+from ckptkit.storage.mirrors import Mirrors
 
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 DEFAULT_CONNECTIONS = 8
@@ -62,6 +57,25 @@ def debug() -> bool:
 def no_color() -> bool:
     """``NO_COLOR`` (any value) turns colour off, as https://no-color.org asks."""
     return "NO_COLOR" in os.environ
+
+
+@dataclass(frozen=True)
+class TransferLimits:
+    """What a download may cost before it is abandoned (see :mod:`ckptkit.hub.download.stalls`).
+
+    Attributes:
+        max_bytes: the largest body accepted when the caller expects no particular size (a file
+            the catalogue has no size for); an announced or streamed body beyond it is refused
+            as "too large".  None: no ceiling.
+        min_speed: bytes per second a body must average over ``speed_window`` seconds (0: off).
+        speed_window: seconds of the low-speed window.
+        header_timeout: seconds an answer may take to send its status line and headers.
+    """
+
+    max_bytes: int | None = 32 << 30
+    min_speed: int = 1024
+    speed_window: float = 60.0
+    header_timeout: float | None = 60.0
 
 
 @dataclass(frozen=True)
@@ -185,22 +199,8 @@ def _timeout(raw: str | None) -> float:
     return value
 
 
-def limits() -> Limits:
-    """The reading budget: :class:`ckptkit.budget.Limits`, each field raised (or lowered) by
-    its ``CKPTKIT_MAX_<FIELD>`` variable, a whole number above 0 (``_`` allowed: 500_000_000).
-    """
-    from ckptkit.budget import Limits
-
-    values: dict[str, int] = {}
-    for name in Limits.names():
-        variable = Limits.variable(name)
-        raw = os.environ.get(variable)
-        if raw is None or not raw.strip():
-            continue
-        text = raw.strip().replace("_", "")
-        value = int(text) if text.isascii() and text.isdigit() and len(text) < 20 else 0
-        if value < 1:
-            raise UsageError(f"{variable}={raw!r} is not a whole number above 0",
-                             hint=f"Example: {variable}={getattr(Limits, name) * 4}")
-        values[name] = value
-    return Limits(**values)
+def max_settings() -> dict[str, str]:
+    """The ``CKPTKIT_MAX_*`` variables that are set (the reading budget's overrides, checked
+    and applied by :func:`ckptkit.storage.budget.configured`)."""
+    return {name: value for name, value in os.environ.items()
+            if name.startswith("CKPTKIT_MAX_") and value.strip()}

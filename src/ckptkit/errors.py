@@ -92,7 +92,7 @@ class IntegrityError(CkptkitError, ValueError):
 
 class BudgetError(IntegrityError):
     """Reading the input would cost more work or memory than its size allows (see
-    :mod:`ckptkit.budget`): a decompression bomb, a pickle that expands, a view that would
+    :mod:`ckptkit.storage.budget`): a decompression bomb, a pickle that expands, a view that would
     materialise gigabytes.  ``variable`` is the ``CKPTKIT_MAX_*`` setting that raises the limit."""
 
     def __init__(self, message: str, *, limit: str, variable: str, hint: str | None = None,

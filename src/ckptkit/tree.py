@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Iterator
 
-from ckptkit import budget
+from ckptkit.storage import budget
 from ckptkit.model import Opaque, TensorRef
 
 Path = tuple[Any, ...]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ckptkit import config
-from ckptkit.fetch import plan_fetch
+from ckptkit.hub.fetch import plan_fetch
 from tests.conftest import SRC, run_ckpt
 from tests.servers.http import HTTPTestServer, http_server  # noqa: F401 (fixture)
 
@@ -100,7 +100,7 @@ def test_prune_removes_leftovers_and_unknown_files(filled: dict[str, str]) -> No
 
 
 def test_prune_leaves_a_download_in_progress_alone(filled: dict[str, str]) -> None:
-    from ckptkit.locks import FileLock
+    from ckptkit.storage.locks import FileLock
 
     partial = cache_root() / "staging" / "jukebox" / "5b" / "prior_level_2.pth.tar.part"
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,7 @@ def test_prune_keeps_committed_files_whatever_their_ids_look_like(tmp_path: Path
 
 
 def test_prune_deletes_nothing_when_a_leftover_changed_after_the_plan(tmp_path: Path) -> None:
-    from ckptkit.cache import Cache, plan_prune
+    from ckptkit.hub.cache import Cache, plan_prune
     from ckptkit.errors import DeletionStoppedError
 
     cache = Cache(cache_root())

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ckptkit import config
-from ckptkit.fetch import plan_fetch
+from ckptkit.hub.fetch import plan_fetch
 from ckptkit.testing.hubs import MirrorServer
 from tests.conftest import SRC, run_ckpt, run_main, run_python
 

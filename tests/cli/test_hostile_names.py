@@ -125,7 +125,7 @@ def test_strip_convert(run: Path, tmp_path: Path) -> None:
 
 
 def test_cache_commands(tmp_path: Path) -> None:
-    from ckptkit.cache import Cache
+    from ckptkit.hub.cache import Cache
 
     cache = Cache(Path(os.environ["CKPTKIT_CACHE"]))
     cache.ensure()

@@ -1,5 +1,5 @@
 """Catalogue names wherever a checkpoint path is accepted: resolved from the cache, offline,
-by one resolver (ckptkit.resolver) for inspect, scan, diff, compare, strip and convert."""
+by one resolver (ckptkit.hub.resolver) for inspect, scan, diff, compare, strip and convert."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from ckptkit import catalogue, config
-from ckptkit.fetch import plan_fetch
-from ckptkit.resolver import choices, lookup
+from ckptkit.hub import catalogue
+from ckptkit import config
+from ckptkit.hub.fetch import plan_fetch
+from ckptkit.hub.resolver import choices, lookup
 from tests.conftest import SRC, run_main
 from tests.servers.http import HTTPTestServer, http_server  # noqa: F401 (fixture)
 

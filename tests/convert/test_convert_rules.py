@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ckptkit.convert import rules
+from ckptkit import name_rules as rules
 from tests.conftest import run_ckpt
 from tests.convert.reference_models import (FlaxCNN, TorchCNN, assert_agree, jax, load_npz,
                                             random_cnn, torch, unflatten)
@@ -40,7 +40,7 @@ def test_cnn_to_flax_matches_torch_in_eval_mode(tmp_path: Path) -> None:
 
 
 def test_flax_to_torch_loads_strictly_and_matches(tmp_path: Path) -> None:
-    from ckptkit.convert.writers import write
+    from ckptkit.formats.writers import write
 
     rng = np.random.default_rng(1)
     variables = FlaxCNN().init(jax.random.PRNGKey(1), np.zeros((1, 6, 6, 3), np.float32))

@@ -17,7 +17,7 @@ import pytest
 
 import ckptkit
 from ckptkit.convert.passthrough import convert_format, plan_format_conversion
-from ckptkit.convert.writers import sidecar_path
+from ckptkit.formats.writers import sidecar_path
 from ckptkit.errors import UsageError
 from tests.checkpoints import mixed_dtype_state_dict, save_torch, tiny_training_state, torch_tensors
 from tests.conftest import SRC

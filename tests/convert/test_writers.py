@@ -1,4 +1,4 @@
-"""ckptkit.convert.writers: every format read back by its own library, bit for bit; atomicity;
+"""ckptkit.formats.writers: every format read back by its own library, bit for bit; atomicity;
 one tensor alive at a time."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import ckptkit
-from ckptkit.convert import msgpack_writer
-from ckptkit.convert.writers import FORMATS, WriteResult, sidecar_path, write
+from ckptkit.formats import msgpack_writer
+from ckptkit.formats.writers import FORMATS, WriteResult, sidecar_path, write
 from ckptkit.errors import NotFoundError, UsageError
 from ckptkit.formats import ziparchive
 from tests.convert import listing, numpy_bits, torch_bits
@@ -313,7 +313,7 @@ def test_temp_files_of_killed_writers_are_swept_live_ones_kept(tmp_path: Path) -
     import sys
     import time
 
-    from ckptkit.convert.writers import atomic_file
+    from ckptkit.formats.writers import atomic_file
 
     target = tmp_path / "out.safetensors"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],

@@ -21,8 +21,8 @@ def cache_group() -> None:
 
 
 def _open(cache_dir: Path | None, catalogs: tuple[Path, ...]):
-    from ckptkit import catalogue
-    from ckptkit.cache import Cache
+    from ckptkit.hub import catalogue
+    from ckptkit.hub.cache import Cache
     from ckptkit.config import settings
 
     conf = settings(cache_dir=cache_dir, catalogs=catalogs)
@@ -65,7 +65,7 @@ def verify_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tup
     Files that were recorded but are gone count as MISSING.  Exits 3 if any file changed or
     went missing.
     """
-    from ckptkit.pins import Pins
+    from ckptkit.hub.pins import Pins
 
     conf, cache, cat = _open(cache_dir, catalogs)
     pins = Pins(conf.pins_path)
@@ -113,7 +113,7 @@ def rm_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tuple[P
                dry_run: bool, yes: bool, as_json: bool, quiet: bool) -> None:
     """Remove the cached files of models (or file ids); shared files another cached model
     still needs are kept."""
-    from ckptkit.cache import plan_removal
+    from ckptkit.hub.cache import plan_removal
 
     _conf, cache, cat = _open(cache_dir, catalogs)
     ids = _file_ids(cat, names)
@@ -148,7 +148,7 @@ def prune_command(cache_dir: Path | None, catalogs: tuple[Path, ...], dry_run: b
     commit record), never by name.  Every planned path is re-checked (size, mtime, inode)
     before the first deletion; if one changed, nothing is deleted (exit 1).
     """
-    from ckptkit.cache import plan_prune
+    from ckptkit.hub.cache import plan_prune
 
     _conf, cache, cat = _open(cache_dir, catalogs)
     _run(plan_prune(cache, set(cat.files) if unreferenced else None), cache, dry_run=dry_run,

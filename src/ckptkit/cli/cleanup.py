@@ -56,7 +56,7 @@ def cleanup_command(directory: Path, keep_last: int, keep_every: int | None,
     deleted) or a deletion failed, 2 bad flags or no terminal to confirm on without --yes,
     4 DIRECTORY missing.
     """
-    from ckptkit.retention import plan_cleanup
+    from ckptkit.runs.retention import plan_cleanup
 
     plan = plan_cleanup(directory, keep_last=keep_last, keep_every=keep_every,
                         keep_best=keep_best, recursive=recursive)

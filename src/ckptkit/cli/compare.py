@@ -36,7 +36,7 @@ def compare_command(paths: tuple[Path, ...], metric: str | None, cache_dir: Path
     Exits 3 if a file could not be read (the others are still compared).  A catalogue name
     stands for the cached files of that model.
     """
-    from ckptkit.compare import compare
+    from ckptkit.runs.compare import compare
 
     result = compare([c.path for c in resolve_checkpoints(paths, cache_dir, catalogs,
                                                           several=True)], metric)

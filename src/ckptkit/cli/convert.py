@@ -66,10 +66,15 @@ def convert_command(src: str, to: str, out: Path | None, recipe: str | None, pre
 
     conf = settings(cache_dir=cache_dir, offline=offline, mirror=mirror, local_dirs=local_dirs,
                     catalogs=catalogs)
+    from ckptkit.hub.resolver import checkpoint_source
+
     try:
-        report = convert(src, to, out, recipe=recipe, prefix=prefix, target=target,
-                         layers=layers, allow_partial=allow_partial, settings=conf,
-                         dry_run=dry_run, log=log_to_stderr(quiet), progress=progress_bars(quiet))
+        path, model_recipe = checkpoint_source(src, conf, log=log_to_stderr(quiet),
+                                               progress=progress_bars(quiet), dry_run=dry_run)
+        if recipe is None and to == "flax":
+            recipe = model_recipe  # a catalogue model's own recipe (loftr)
+        report = convert(path, to, out, recipe=recipe, prefix=prefix, target=target,
+                         layers=layers, allow_partial=allow_partial, dry_run=dry_run)
     except CoverageError as exc:
         if exc.plan is not None:
             from ckptkit.convert.engine import ConversionReport

@@ -45,7 +45,7 @@ def diff_command(a: Path, b: Path, atol: float, depth: int, weights_only: bool, 
     Exits 0 whenever the comparison ran, whatever it found.  A or B may be a catalogue name
     of a cached file.
     """
-    from ckptkit.diff import diff
+    from ckptkit.runs.diff import diff
 
     a, b = (c.path for c in resolve_checkpoints([a, b], cache_dir, catalogs))
     report = diff(a, b, atol=atol, depth=depth, weights_only=weights_only)

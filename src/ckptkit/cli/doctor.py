@@ -15,7 +15,7 @@ from ckptkit.cli.options import (cache_options, log_to_stderr, network_options,
 from ckptkit.config import DOCTOR_TIMEOUT
 
 if TYPE_CHECKING:
-    from ckptkit.diagnosis import Check, DoctorReport, ModelReport, SourceReport
+    from ckptkit.hub.diagnosis import Check, DoctorReport, ModelReport, SourceReport
 
 EXAMPLES = (
     "ckpt doctor",
@@ -54,7 +54,7 @@ def doctor_command(names: tuple[str, ...], timeout: float, offline: bool | None,
     verification.
     """
     from ckptkit.config import settings
-    from ckptkit.doctor import plan_doctor
+    from ckptkit.hub.doctor import plan_doctor
 
     conf = settings(cache_dir=cache_dir, offline=offline, mirror=mirror, local_dirs=local_dirs,
                     catalogs=catalogs)

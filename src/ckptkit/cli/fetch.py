@@ -48,7 +48,7 @@ def fetch_command(names: tuple[str, ...], source: str | None, dest: Path | None,
     failed, 3 on a hash or size mismatch.
     """
     from ckptkit.config import settings
-    from ckptkit.fetch import FetchError, plan_fetch
+    from ckptkit.hub.fetch import FetchError, plan_fetch
 
     conf = settings(cache_dir=cache_dir, offline=offline, mirror=mirror, local_dirs=local_dirs,
                     catalogs=catalogs, connections=connections, pin_unsized=pin_unsized)

@@ -32,7 +32,7 @@ def latest_command(directory: Path, prefix: str | None, as_json: bool, quiet: bo
     stderr (not with --quiet).  Exit codes: 0 found, 2 several runs and no --prefix, 4 none found.
     """
     from ckptkit.errors import NotFoundError
-    from ckptkit.saving import find_latest
+    from ckptkit.runs.saving import find_latest
 
     result = find_latest(directory, prefix)
     for ckpt, why in () if quiet else result.skipped:

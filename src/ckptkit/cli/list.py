@@ -16,10 +16,10 @@ from ckptkit.cli.options import cache_options, json_option
 @json_option
 def list_command(cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool) -> None:
     """List catalogue models: files, known size, cached state, description."""
-    from ckptkit import catalogue
-    from ckptkit.cache import Cache
+    from ckptkit.hub import catalogue
+    from ckptkit.hub.cache import Cache
     from ckptkit.config import settings
-    from ckptkit.pins import Pins
+    from ckptkit.hub.pins import Pins
 
     conf = settings(cache_dir=cache_dir, catalogs=catalogs)
     cat = catalogue.load(conf.all_catalogs())

@@ -49,8 +49,8 @@ def export_command(directory: Path, names: tuple[str, ...], base_url: str | None
     again adds what is new.  Exits 4 when a name is not cached.
     """
     from ckptkit.config import settings
-    from ckptkit.mirror_tree import base_url as file_base
-    from ckptkit.mirror_tree import mirror_value, plan_export
+    from ckptkit.hub.mirror_tree import base_url as file_base
+    from ckptkit.hub.mirror_tree import mirror_value, plan_export
 
     conf = settings(cache_dir=cache_dir, catalogs=catalogs)
     plan = plan_export(directory, names, conf)
@@ -85,8 +85,8 @@ def rules_command(directory: Path, base_url: str | None) -> None:
     Reads the tree's ckpt-mirror.json only: no cache needed, so any machine that sees the tree
     can run it.  Exits 4 when DIRECTORY is not a tree `ckpt mirror export` wrote.
     """
-    from ckptkit.mirror_tree import base_url as file_base
-    from ckptkit.mirror_tree import mirror_value, read_rules
+    from ckptkit.hub.mirror_tree import base_url as file_base
+    from ckptkit.hub.mirror_tree import mirror_value, read_rules
 
     click.echo(mirror_value(read_rules(directory), base_url or file_base(directory)))
 
@@ -107,7 +107,7 @@ def serve_command(directory: Path, port: int, verbose: bool) -> None:
     `ckpt mirror export` wrote.
     """
     from ckptkit.errors import CkptkitError
-    from ckptkit.mirror_tree import mirror_value, read_rules
+    from ckptkit.hub.mirror_tree import mirror_value, read_rules
     from ckptkit.testing.static import StaticServer
 
     rules = read_rules(directory)

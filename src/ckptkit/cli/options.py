@@ -12,7 +12,7 @@ import click
 from ckptkit.cli.render import safe
 
 if TYPE_CHECKING:
-    from ckptkit.resolver import Resolved
+    from ckptkit.hub.resolver import Resolved
 
 F = Callable[..., Any]
 
@@ -30,11 +30,11 @@ def cache_options(func: F) -> F:
 def resolve_checkpoints(refs: Sequence[str | Path], cache_dir: Path | None,
                         catalogs: tuple[Path, ...], *, several: bool = False) -> list[Resolved]:
     """Checkpoint arguments as local paths: a path as given, a catalogue name as its cached
-    file (offline; the rules are in :mod:`ckptkit.resolver`)."""
+    file (offline; the rules are in :mod:`ckptkit.hub.resolver`)."""
     from functools import partial
 
     from ckptkit.config import settings
-    from ckptkit.resolver import resolve
+    from ckptkit.hub.resolver import resolve
 
     return resolve(refs, partial(settings, cache_dir=cache_dir, catalogs=catalogs),
                    several=several)

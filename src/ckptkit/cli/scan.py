@@ -45,7 +45,7 @@ def scan_command(paths: tuple[Path, ...], fail_on: str, trust_torchscript: bool,
     corrupt, 1 when a file named explicitly is not a format ckptkit reads; --fail-on changes
     which verdicts fail.  A catalogue name scans the cached files of that model.
     """
-    from ckptkit.scanning import ScanOptions, scan
+    from ckptkit.scan.scanning import ScanOptions, scan
 
     report = scan([c.path for c in resolve_checkpoints(paths, cache_dir, catalogs,
                                                        several=True)],

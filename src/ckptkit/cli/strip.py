@@ -48,7 +48,7 @@ def strip_command(src: Path, out: Path | None, keep: tuple[str, ...], in_place: 
     file; the default output then goes to the current directory, never into the cache.
     """
     from ckptkit.errors import UsageError
-    from ckptkit.strip import plan_strip
+    from ckptkit.runs.strip import plan_strip
 
     [checkpoint] = resolve_checkpoints([src], cache_dir, catalogs)
     if checkpoint.name is not None and in_place:

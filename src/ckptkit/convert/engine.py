@@ -3,7 +3,7 @@
 :func:`convert` is what ``ckpt convert`` calls.  The decisions are in
 :mod:`ckptkit.convert.plan`; here tensors are read one at a time (by byte span, without torch
 and without running pickle code), transformed, and handed to
-:func:`ckptkit.convert.writers.write`, which streams them into an atomically renamed file.  The
+:func:`ckptkit.formats.writers.write`, which streams them into an atomically renamed file.  The
 result is then re-read (structure only) and checked against the plan.
 """
 
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ckptkit import budget
+from ckptkit.storage import budget
 from ckptkit.convert.plan import (ConversionPlan, LayerSpec, Mismatch, TargetSpec, Unused,
                                   plan_conversion, source_layout)
 from ckptkit.convert.recipes import Layout, Recipe, load_recipe
-from ckptkit.convert.writers import FORMATS, Fmt, WriteResult, sidecar_path, write
+from ckptkit.formats.writers import FORMATS, Fmt, WriteResult, sidecar_path, write
 from ckptkit.errors import IntegrityError, NotFoundError, UsageError, naming
 from ckptkit.model import RawCheckpoint
 from ckptkit.tree import is_scalar, join
@@ -103,24 +103,22 @@ class ConversionReport:
 def convert(src: str | Path, to: Fmt, out: str | Path | None = None, *,
             recipe: str | Path | Recipe | None = None, prefix: str | None = None,
             target: TargetSpec = None, layers: LayerSpec = None, allow_partial: bool = False,
-            settings: Settings | None = None, dry_run: bool = False,
-            log: Callable[[str], None] | None = None, progress: Any = None) -> ConversionReport:
-    """Convert checkpoint ``src`` (a file, or a catalogue name fetched first) to ``to``.
+            dry_run: bool = False) -> ConversionReport:
+    """Convert the checkpoint file ``src`` to ``to``.
 
     With no recipe, prefix, target or layers, and no change of layout, this is a plain format
     change (``convert_format``).  Otherwise the conversion is planned
     (:func:`~ckptkit.convert.plan.plan_conversion`), tensors are streamed one at a time into
     ``out``, and the output is re-read and checked.  A catalogue model's recipe (``loftr``) is
-    used for ``--to flax`` when no recipe is given.
+    is passed as ``recipe`` by the caller that resolved the name
+    (:func:`ckptkit.hub.resolver.checkpoint_source`).
 
     Args:
-        src: a checkpoint path or a catalogue model name (``loftr``).
+        src: a checkpoint path.
         to: ``flax`` (an ``.npz`` with ``/`` keys, or Flax msgpack when ``out`` ends with
             ``.msgpack``), ``npz``, ``safetensors`` or ``torch``.
         out: output file; default ``./<stem>[.<prefix>]<ext>`` (see docs/convert.md).
-        settings: :class:`ckptkit.config.Settings` for fetching catalogue names.
-        dry_run: plan and report only; nothing is written, and a catalogue name is not
-            fetched (it must be cached already, else NotFoundError).
+        dry_run: plan and report only; nothing is written.
 
     Returns:
         The :class:`ConversionReport`.
@@ -130,7 +128,7 @@ def convert(src: str | Path, to: Fmt, out: str | Path | None = None, *,
             files named alone.
         CoverageError: unfilled or mismatched target params (unless ``allow_partial``), or
             nothing to convert.
-        NotFoundError: ``src`` is neither a file nor a catalogue name; fetching failed.
+        NotFoundError: ``src`` does not exist.
         IntegrityError: the written file does not read back as planned (it is removed).
 
     Example:
@@ -141,10 +139,7 @@ def convert(src: str | Path, to: Fmt, out: str | Path | None = None, *,
         raise UsageError(f"--to {to!r} is not one of {', '.join(FORMATS)}",
                          hint=f"Pass one of: {', '.join(FORMATS)}")
     out = Path(out) if out is not None else None
-    path, model_recipe = resolve_source(src, settings, log=log, progress=progress,
-                                        dry_run=dry_run)
-    if recipe is None and to == "flax":
-        recipe = model_recipe
+    path = Path(src).expanduser()
     from ckptkit import formats
 
     with naming(path):
@@ -168,35 +163,6 @@ def convert(src: str | Path, to: Fmt, out: str | Path | None = None, *,
                        separator=plan.separator, layout=plan.outputs())
     verify(result.path, plan)
     return ConversionReport.from_plan(plan, path, result)
-
-
-def resolve_source(src: str | Path, settings: Settings | None = None, *,
-                   log: Callable[[str], None] | None = None,
-                   progress: Any = None, dry_run: bool = False) -> tuple[Path, str | None]:
-    """The local file for ``src`` and the recipe its catalogue entry names (if any).
-
-    A path that exists is used as is; otherwise ``src`` is a catalogue name
-    (:mod:`ckptkit.resolver`: ``loftr``, ``MODEL/FILE``, a file id), fetched (verified,
-    cached) with :func:`ckptkit.fetch.plan_fetch` unless it is cached already.  With
-    ``dry_run`` nothing is fetched: a name not cached yet is a NotFoundError.
-    """
-    from ckptkit import catalogue, config
-    from ckptkit.resolver import exists, resolve
-
-    path = Path(src).expanduser()
-    if exists(path):
-        return path, None
-    conf = settings or config.settings()
-    cat = catalogue.load(conf.all_catalogs())
-    fetch = None if dry_run else (lambda plan: plan.execute(progress=progress, log=log))
-    [resolved] = resolve([src], conf, catalogue=cat, fetch=fetch)
-    if resolved.model is None:  # neither a file nor a name: say so, with close names
-        try:
-            cat.model(str(src))
-        except NotFoundError as exc:
-            raise NotFoundError(f"{src}: no such file, and no catalogue model of that name",
-                                hint=exc.hint, path=str(src)) from None
-    return resolved.path, resolved.model.recipe if resolved.model else None
 
 
 def default_output(src: Path, to: Fmt, tag: str | None = None,
@@ -258,7 +224,7 @@ def _plain(path: Path, to: Fmt, out: Path | None, dry_run: bool) -> ConversionRe
 def _arrays(plan: ConversionPlan, raw: RawCheckpoint,
             path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(output name, array)`` one tensor at a time, transformed as planned."""
-    from ckptkit.tensor_io import materialised, numpy_dtype
+    from ckptkit.formats.tensor_io import materialised, numpy_dtype
 
     big = raw.details.get("byteorder") == "big"
     whole: Any = None

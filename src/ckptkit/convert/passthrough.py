@@ -3,7 +3,7 @@
 No renaming and no layout changes (those are the rules and recipes); this is torch <->
 safetensors, npz <-> safetensors, torch -> npz and the like.  Tensors are read one at a time
 straight from their byte ranges in the source (no torch, TensorFlow or JAX needed, no pickle
-code run) and handed to :func:`ckptkit.convert.writers.write`, so memory stays near the largest
+code run) and handed to :func:`ckptkit.formats.writers.write`, so memory stays near the largest
 tensor.  The one exception is a Flax msgpack source, which cannot be read piecemeal: it is
 decoded whole, once.
 
@@ -34,13 +34,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ckptkit import budget, formats
-from ckptkit.convert.writers import Fmt, LayoutEntry, WriteResult, check_dtype, read_sidecar, write
-from ckptkit.convert.zip_writer import TORCH_METADATA_RECORD
+from ckptkit.storage import budget
+from ckptkit import formats
+from ckptkit.formats.writers import Fmt, LayoutEntry, WriteResult, check_dtype, read_sidecar, write
+from ckptkit.formats.zip_writer import TORCH_METADATA_RECORD
 from ckptkit.errors import IntegrityError, UsageError
 from ckptkit.model import Opaque, RawCheckpoint, TensorRef, itemsize
 from ckptkit.summary import summarise
-from ckptkit.tensor_io import materialised, numpy_dtype
+from ckptkit.formats.tensor_io import materialised, numpy_dtype
 from ckptkit.tree import is_scalar, join
 
 #: Formats whose tensors are read by byte range from the file ckptkit parsed.
@@ -80,10 +81,10 @@ class FormatConversion:
         return sum(math.prod(t.shape) for t in self.tensors)
 
     def execute(self) -> WriteResult:
-        """Read each tensor and write it; atomic (see :func:`~ckptkit.convert.writers.write`).
+        """Read each tensor and write it; atomic (see :func:`~ckptkit.formats.writers.write`).
 
         Within the source's reading budget: a broadcast view is written out in full only if
-        its extra bytes fit (:func:`~ckptkit.tensor_io.materialised`)."""
+        its extra bytes fit (:func:`~ckptkit.formats.tensor_io.materialised`)."""
         # A generator expression holds no reference to the array it last yielded, so the
         # writer's ``del`` really frees each tensor before the next is read.
         with budget.reading(self.source):
@@ -285,14 +286,14 @@ def _span_reader(ref: TensorRef, name: str, big_endian: bool) -> Callable[[], np
 def _contiguous(ref: TensorRef) -> bool:
     if ref.stride is None:
         return True
-    from ckptkit.convert.torch_pickle import contiguous_strides
+    from ckptkit.formats.torch_pickle import contiguous_strides
 
     expected = contiguous_strides(ref.shape)
     return all(size <= 1 or a == b for size, a, b in zip(ref.shape, ref.stride, expected))
 
 
 def _torch_metadata(source: Path, prefix: str) -> dict[str, str]:
-    """What :class:`~ckptkit.convert.zip_writer.TorchZipWriter` stored, if it wrote ``source``."""
+    """What :class:`~ckptkit.formats.zip_writer.TorchZipWriter` stored, if it wrote ``source``."""
     with contextlib.suppress(KeyError, OSError, ValueError, zipfile.BadZipFile):
         with zipfile.ZipFile(source) as archive:
             info = archive.getinfo(f"{prefix}/{TORCH_METADATA_RECORD}")

@@ -3,7 +3,7 @@
 :func:`plan_conversion` works on a checkpoint's structure only (a
 :class:`~ckptkit.model.RawCheckpoint`): it finds the state dict inside its container, removes
 wrapper prefixes, selects a module prefix and layers, applies a recipe's rules (or the generic
-rules of :mod:`ckptkit.convert.rules`), matches the result against a target layout if one is
+rules of :mod:`ckptkit.name_rules`), matches the result against a target layout if one is
 given, and returns a frozen :class:`ConversionPlan` with the coverage report.  The engine then
 only reads, transforms and writes what the plan lists.
 """
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptkit.convert import rules
+from ckptkit import name_rules as rules
 from ckptkit.convert.recipes import Layout, Recipe, load_recipe
-from ckptkit.convert.rules import Dropped, Mapped, TargetSpec, Transform, read_target
+from ckptkit.name_rules import Dropped, Mapped, TargetSpec, Transform, read_target
 from ckptkit.errors import CkptkitError, UsageError
 from ckptkit.model import RawCheckpoint, TensorRef
 from ckptkit.tree import join

@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from ckptkit.convert.rules import (KINDS, STYLES, WRAPPERS, Kind, Style, Transform,
+from ckptkit.name_rules import (KINDS, STYLES, WRAPPERS, Kind, Style, Transform,
                                    parse_transform)
 from ckptkit.errors import UsageError
 

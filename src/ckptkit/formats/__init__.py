@@ -83,3 +83,20 @@ def detect(path: Path) -> ModuleType:
     kind = "directory" if path.is_dir() else "file"
     raise FormatError(f"{path}: not a checkpoint format ckptkit knows ({kind})",
                       hint=f"Expected {EXPECTED}", path=str(path))
+
+
+def _read_embedded(data: bytes, findings: object, where: str) -> str | None:
+    """A torch file inside a pickle (``torch.storage._load_from_bytes``), read by the readers
+    here; the unpickler, a layer below, calls it through :mod:`~ckptkit.pickles.hooks`."""
+    from ckptkit.formats.embedded import read_embedded_torch_file
+
+    return read_embedded_torch_file(data, findings, where)  # type: ignore[arg-type]
+
+
+def _register_embedded_reader() -> None:
+    from ckptkit.pickles import hooks
+
+    hooks.embedded_reader = _read_embedded
+
+
+_register_embedded_reader()

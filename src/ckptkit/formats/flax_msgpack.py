@@ -12,11 +12,11 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ckptkit import budget
-from ckptkit.budget import metered
+from ckptkit.storage import budget
+from ckptkit.storage.budget import metered
 from ckptkit.errors import IntegrityError, UsageError
 from ckptkit.model import ByteSpan, RawCheckpoint, TensorRef, checked_shape
-from ckptkit.pickle_globals import numpy_dtype_name
+from ckptkit.pickles.pickle_globals import numpy_dtype_name
 from ckptkit.tree import iter_tensors
 
 FORMAT = "flax-msgpack"
@@ -75,7 +75,7 @@ def _decode(path: Path, materialise: bool) -> Any:
             raise IntegrityError(f"the array {name}{list(shape)} holds {len(buffer)} bytes, "
                                  f"expected {ref.nbytes}")
         if materialise:
-            from ckptkit.tensor_io import numpy_dtype
+            from ckptkit.formats.tensor_io import numpy_dtype
 
             import numpy as np
 
@@ -100,7 +100,7 @@ def _decode(path: Path, materialise: bool) -> Any:
             if materialise:
                 import numpy as np
 
-                from ckptkit.tensor_io import numpy_dtype
+                from ckptkit.formats.tensor_io import numpy_dtype
 
                 return np.frombuffer(buffer, dtype=numpy_dtype(_dtype_name(dtype)))[0]
             return TensorRef(_dtype_name(dtype), ())

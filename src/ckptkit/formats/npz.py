@@ -7,23 +7,21 @@ reader so that what they would construct or call is reported.
 
 from __future__ import annotations
 
-import ast
 import struct
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from ckptkit import budget
-from ckptkit.budget import metered
+from ckptkit.storage import budget
+from ckptkit.storage.budget import metered
 from ckptkit.errors import FormatError, IntegrityError, UnsafeContentError, UsageError
 from ckptkit.formats import ziparchive
 from ckptkit.model import ByteSpan, Opaque, RawCheckpoint, SafetyReport, TensorRef, checked_shape
-from ckptkit.pickle_globals import numpy_dtype_name
-from ckptkit.unpickler import Findings, read_pickle
+from ckptkit.pickles.pickle_globals import numpy_dtype_name
+from ckptkit.pickles.npy_header import MAX_HEADER, NPY_MAGIC, parse_header
+from ckptkit.pickles.unpickler import Findings, read_pickle
 
 FORMAT = "npz"
-NPY_MAGIC = b"\x93NUMPY"
-MAX_HEADER = 1 << 20
 
 
 def sniff(path: Path) -> bool:
@@ -36,29 +34,6 @@ def sniff(path: Path) -> bool:
         # Truncated: the central directory is gone, but the first record still names a .npy.
         return ziparchive.first_member_name(path).endswith(".npy")
     return bool(names) and all(n.endswith(".npy") for n in names)
-
-
-def parse_header(head: bytes, where: str) -> tuple[dict[str, Any], int]:
-    """Parse a ``.npy`` header; returns the header dict and the offset where data starts."""
-    if not head.startswith(NPY_MAGIC) or len(head) < 10:
-        raise IntegrityError(f"{where}: not a .npy member (bad magic)")
-    major = head[6]
-    if major == 1:
-        (length,), start = struct.unpack("<H", head[8:10]), 10
-    elif major in (2, 3):
-        (length,), start = struct.unpack("<I", head[8:12]), 12
-    else:
-        raise IntegrityError(f"{where}: unknown .npy version {major}")
-    if length > MAX_HEADER or start + length > len(head):
-        raise IntegrityError(f"{where}: .npy header of {length} bytes is cut or too large")
-    text = head[start:start + length].decode("latin1" if major < 3 else "utf-8")
-    try:
-        header = ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
-        raise IntegrityError(f"{where}: unreadable .npy header") from exc
-    if not isinstance(header, dict) or not {"descr", "shape", "fortran_order"} <= set(header):
-        raise IntegrityError(f"{where}: .npy header lacks descr/shape/fortran_order")
-    return header, start + length
 
 
 def _read_head(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
@@ -218,7 +193,7 @@ def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
 
 def _bf16(array: Any) -> Any:
     if array.dtype.kind == "V" and array.dtype.itemsize == 2:
-        from ckptkit.tensor_io import numpy_dtype
+        from ckptkit.formats.tensor_io import numpy_dtype
 
         return array.view(numpy_dtype("bfloat16"))
     return array

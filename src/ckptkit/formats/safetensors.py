@@ -16,8 +16,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ckptkit import budget
-from ckptkit.budget import metered
+from ckptkit.storage import budget
+from ckptkit.storage.budget import metered
 from ckptkit.errors import IntegrityError, UsageError
 from ckptkit.model import ByteSpan, RawCheckpoint, TensorRef, checked_shape, itemsize
 
@@ -146,7 +146,7 @@ def read_info(path: Path) -> RawCheckpoint:
 @metered
 def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
     """``numpy``: dict of arrays; ``torch``: a state dict (needs torch)."""
-    from ckptkit.tensor_io import materialise, read_tensor
+    from ckptkit.formats.tensor_io import materialise, read_tensor
 
     raw = read_info(path)
     if framework == "numpy":

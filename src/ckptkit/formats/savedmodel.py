@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptkit.budget import metered
+from ckptkit.storage.budget import metered
 from ckptkit.errors import (
     CkptkitError,
     FormatError,

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ckptkit.budget import metered
+from ckptkit.storage.budget import metered
 from ckptkit.errors import (
     CkptkitError,
     IntegrityError,

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from ckptkit.errors import FormatError, MissingDependencyError, UnsafeContentError, UsageError
 from ckptkit.model import RawCheckpoint
-from ckptkit.tensor_io import materialise, read_tensor
+from ckptkit.formats.tensor_io import materialise, read_tensor
 from ckptkit.tree import join
 
 

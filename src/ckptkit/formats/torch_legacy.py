@@ -12,13 +12,13 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ckptkit.budget import metered
+from ckptkit.storage.budget import metered
 from ckptkit.errors import FormatError, IntegrityError
 from ckptkit.model import ByteSpan, RawCheckpoint, SafetyReport, itemsize
-from ckptkit.pickle_globals import StorageRef, StorageType
-from ckptkit.pickle_tree import Resolver
+from ckptkit.pickles.pickle_globals import StorageRef, StorageType
+from ckptkit.pickles.pickle_tree import Resolver
 from ckptkit.tree import iter_tensors
-from ckptkit.unpickler import Findings, UnsafePickleError, is_binary_pickle, read_pickle
+from ckptkit.pickles.unpickler import Findings, UnsafePickleError, is_binary_pickle, read_pickle
 
 FORMAT = "torch-legacy"
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C

@@ -12,15 +12,15 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from ckptkit import budget
-from ckptkit.budget import metered
+from ckptkit.storage import budget
+from ckptkit.storage.budget import metered
 from ckptkit.errors import IntegrityError
 from ckptkit.formats import ziparchive
 from ckptkit.model import ByteSpan, RawCheckpoint, SafetyReport, itemsize
-from ckptkit.pickle_globals import StorageRef, StorageType
-from ckptkit.pickle_tree import Resolver
+from ckptkit.pickles.pickle_globals import StorageRef, StorageType
+from ckptkit.pickles.pickle_tree import Resolver
 from ckptkit.tree import iter_tensors
-from ckptkit.unpickler import Findings, PickleContext, read_pickle
+from ckptkit.pickles.unpickler import Findings, PickleContext, read_pickle
 
 FORMAT = "torch-zip"
 _SMALL_RECORDS = ("byteorder", "version", ".data/version", ".format_version",

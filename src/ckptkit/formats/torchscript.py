@@ -11,13 +11,13 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from ckptkit.budget import metered
+from ckptkit.storage.budget import metered
 from ckptkit.formats import ziparchive
 from ckptkit.formats.torch_zip import TorchArchive, find_prefix, is_torchscript
 from ckptkit.model import RawCheckpoint
-from ckptkit.pickle_globals import allowed
+from ckptkit.pickles.pickle_globals import allowed
 from ckptkit.tree import iter_tensors, join
-from ckptkit.unpickler import PickleContext
+from ckptkit.pickles.unpickler import PickleContext
 
 FORMAT = "torchscript"
 

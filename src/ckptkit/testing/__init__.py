@@ -19,7 +19,7 @@ so it can be imported by any test suite and run on a machine without network acc
   demo exports to its mirror as LoFTR; ``python -m ckptkit.testing.loftr OUT`` writes one.
 * :mod:`ckptkit.testing.adversarial` — small files that ask a reader for gigabytes (zip bombs
   nested in zips, floods of pickle opcodes, broadcast views, giant headers): what the reading
-  budget (:mod:`ckptkit.budget`) is tested and benchmarked with;
+  budget (:mod:`ckptkit.storage.budget`) is tested and benchmarked with;
   ``python -m ckptkit.testing.adversarial DIR`` writes the set.
 
 The other modules of this package are the parts of ``hubs`` and ``hf_hub``.

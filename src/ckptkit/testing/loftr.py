@@ -100,14 +100,14 @@ def write_checkpoint(path: str | Path, seed: int = 0) -> Path:
     "global_step": 1000}``, loadable with ``torch.load(weights_only=True)``.
 
     The arrays are laid out in a scratch file beside ``path`` and copied into the zip by
-    :func:`ckptkit.tree_writer.write_torch_tree` (the writer behind ``ckpt strip``, which
+    :func:`ckptkit.formats.tree_writer.write_torch_tree` (the writer behind ``ckpt strip``, which
     keeps the nesting); the file is replaced atomically.  About 23 MB.
 
     Example:
         >>> write_checkpoint("loftr_outdoor.ckpt")                     # doctest: +SKIP
         PosixPath('loftr_outdoor.ckpt')
     """
-    from ckptkit.tree_writer import write_torch_tree
+    from ckptkit.formats.tree_writer import write_torch_tree
 
     target = Path(path)
     arrays = state_dict(seed)

@@ -1,0 +1,1 @@
+"""download: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""pickles: see docs/architecture.md."""

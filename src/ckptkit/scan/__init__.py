@@ -1,0 +1,1 @@
+"""scan: see docs/architecture.md."""
