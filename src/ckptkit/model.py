@@ -213,3 +213,22 @@ class RawCheckpoint:
     details: dict[str, Any] = field(default_factory=dict)
     signatures: tuple[Signature, ...] = ()
     separator: str = "."
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a checkpoint, found by a reader's ``verify`` verb.
+
+    Attributes:
+        file: the file (or directory) at fault, as the user would name it.
+        kind: a short stable tag for tools (``missing-shard``, ``truncated``,
+            ``out-of-range``, ``not-tiled``, ``stray-shard``, ``duplicate``, ``hash-mismatch``...).
+        message: one line for people, with concrete values.
+    """
+
+    file: str
+    kind: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"file": self.file, "kind": self.kind, "message": self.message}
