@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptkit.errors import FormatError, IntegrityError, NotFoundError
+from ckptkit.errors import CkptkitError, FormatError, IntegrityError, NotFoundError
+from ckptkit.storage.location import Location, locate
 from ckptkit.formats import protowire, sstable
 from ckptkit.formats.crc32c import unmask_crc
 from ckptkit.model import ByteSpan, TensorRef, checked_shape, itemsize
@@ -87,7 +88,7 @@ class BundleEntry:
 class BundleIndex:
     """A decoded ``<prefix>.index``: header plus tensor entries in key (file) order."""
 
-    index_path: Path
+    index_path: Location
     prefix: str
     header: BundleHeader
     entries: tuple[BundleEntry, ...]
@@ -143,8 +144,9 @@ def shard_path(prefix: str, shard_id: int, num_shards: int) -> str:
     return f"{prefix}.data-{shard_id:05d}-of-{num_shards:05d}"
 
 
-def index_path(prefix: str) -> Path:
-    return Path(f"{prefix}.index")
+def index_path(prefix: str) -> Location:
+    """Where the index of the bundle at ``prefix`` lives (``<prefix>.index``)."""
+    return locate(f"{prefix}.index")
 
 
 # --- the protos ----------------------------------------------------------------------------------
@@ -296,7 +298,7 @@ def decode_entry(name: str, value: memoryview) -> BundleEntry:
 
 # --- reading -------------------------------------------------------------------------------------
 
-def read_index(prefix: str, path: Path | None = None) -> BundleIndex:
+def read_index(prefix: str, path: Path | Location | None = None) -> BundleIndex:
     """Decode a bundle index: its header and every entry, without opening the data shards.
 
     The index is ``path`` if given, else ``<prefix>.index``; shards are ``<prefix>.data-*``.
@@ -306,10 +308,10 @@ def read_index(prefix: str, path: Path | None = None) -> BundleIndex:
         IntegrityError: the table or a proto in it is truncated or inconsistent.
         FormatError: the table uses a compression TensorFlow never writes.
     """
-    path = index_path(prefix) if path is None else path
+    path = index_path(prefix) if path is None else locate(path)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        data = path.read(0, path.size())
+    except (FileNotFoundError, NotFoundError):
         raise NotFoundError(f"{path}: checkpoint index not found",
                             hint="Pass the checkpoint prefix (e.g. 'ckpt-3') or its .index file",
                             path=str(path)) from None
@@ -363,35 +365,35 @@ def read_index(prefix: str, path: Path | None = None) -> BundleIndex:
     return BundleIndex(path, prefix, header, tuple(entries), parts)
 
 
-def looks_like_bundle(path: Path) -> bool:
+def looks_like_bundle(path: Path | Location) -> bool:
     """Cheap content check for sniffing: table magic, then a first key ``""`` holding a
-    plausible bundle header.  Reads only the footer and the start of two blocks."""
+    plausible bundle header.  Reads only the footer and the start of two blocks (for an index
+    under 64 KiB, all three lie inside the location's first, coalesced read)."""
     try:
-        size = path.stat().st_size
-        if not path.is_file() or size < sstable.FOOTER_SIZE:
+        path = locate(path)
+        if not path.is_file():
             return False
-        with open(path, "rb") as fh:
-            fh.seek(size - sstable.FOOTER_SIZE)
-            footer = fh.read(sstable.FOOTER_SIZE)
-            if struct.unpack_from("<Q", footer, 40)[0] != sstable.TABLE_MAGIC:
-                return False
-            _meta, pos = sstable.read_handle(footer, 0, 40)
-            (index_offset, index_len), _ = sstable.read_handle(footer, pos, 40)
-            if index_offset + index_len + sstable.BLOCK_TRAILER_SIZE > size - sstable.FOOTER_SIZE:
-                return False
-            fh.seek(index_offset)
-            head = fh.read(min(index_len, _SNIFF_READ))
-            shared, p = protowire.read_varint(head, 0)
-            unshared, p = protowire.read_varint(head, p)
-            value_len, p = protowire.read_varint(head, p)
-            if shared != 0 or p + unshared + value_len > len(head):
-                return False
-            (data_offset, data_len), _ = sstable.read_handle(head, p + unshared,
-                                                             p + unshared + value_len)
-            if data_offset + data_len > size:
-                return False
-            fh.seek(data_offset)
-            first = fh.read(min(data_len, _SNIFF_READ))
+        size = path.size()
+        if size < sstable.FOOTER_SIZE:
+            return False
+        footer = path.read(size - sstable.FOOTER_SIZE, sstable.FOOTER_SIZE)
+        if struct.unpack_from("<Q", footer, 40)[0] != sstable.TABLE_MAGIC:
+            return False
+        _meta, pos = sstable.read_handle(footer, 0, 40)
+        (index_offset, index_len), _ = sstable.read_handle(footer, pos, 40)
+        if index_offset + index_len + sstable.BLOCK_TRAILER_SIZE > size - sstable.FOOTER_SIZE:
+            return False
+        head = path.read(index_offset, min(index_len, _SNIFF_READ))
+        shared, p = protowire.read_varint(head, 0)
+        unshared, p = protowire.read_varint(head, p)
+        value_len, p = protowire.read_varint(head, p)
+        if shared != 0 or p + unshared + value_len > len(head):
+            return False
+        (data_offset, data_len), _ = sstable.read_handle(head, p + unshared,
+                                                         p + unshared + value_len)
+        if data_offset + data_len > size:
+            return False
+        first = path.read(data_offset, min(data_len, _SNIFF_READ))
         shared, p = protowire.read_varint(first, 0)
         unshared, p = protowire.read_varint(first, p)
         value_len, p = protowire.read_varint(first, p)
@@ -399,7 +401,7 @@ def looks_like_bundle(path: Path) -> bool:
             return False
         decode_header(memoryview(first)[p:p + value_len])
         return True
-    except (OSError, IntegrityError, struct.error, ValueError):
+    except (OSError, CkptkitError, struct.error, ValueError):
         return False
 
 
@@ -417,8 +419,8 @@ def check_shards(index: BundleIndex) -> None:
     for shard_id, entry in sorted(needed.items()):
         shard = index.shard_path(shard_id)
         try:
-            size = Path(shard).stat().st_size
-        except OSError:
+            size = locate(shard).size()
+        except (OSError, NotFoundError):
             raise IntegrityError(
                 f"{shard}: data shard {shard_id} of {index.header.num_shards} is missing "
                 f"(tensor {entry.name!r} lives there)",

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptkit.storage.budget import metered
-from ckptkit.errors import FormatError, IntegrityError
+from ckptkit.errors import CkptkitError, FormatError, IntegrityError
+from ckptkit.storage.location import Location, locate
 from ckptkit.model import ByteSpan, RawCheckpoint, SafetyReport, itemsize
 from ckptkit.pickles.pickle_globals import StorageRef, StorageType
 from ckptkit.pickles.pickle_tree import Resolver
@@ -25,21 +26,21 @@ MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 
 
-def sniff(path: Path) -> bool:
+def sniff(path: Path | Location) -> bool:
     # Any binary pickle stream is claimed, not only one whose first pickle is the magic number:
     # torch.load runs whatever the first pickle says before it compares the magic, so a payload
     # there must be read (and reported) here rather than waved off as an unknown format.
+    path = locate(path)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(2)
-    except OSError:
+        head = path.read(0, 2)
+    except (OSError, CkptkitError):
         return False
     if not is_binary_pickle(head):
         return False
     return not _complete_safetensors(path)
 
 
-def _complete_safetensors(path: Path) -> bool:
+def _complete_safetensors(path: Location) -> bool:
     """True for a file that reads completely as safetensors.
 
     Its little-endian header length puts 0x80 0x02-0x05 first whenever the header is 0x280 to
@@ -47,7 +48,6 @@ def _complete_safetensors(path: Path) -> bool:
     every check of it (a JSON header whose tensors tile the rest of the file exactly): a
     pickle that runs cannot also be that.
     """
-    from ckptkit.errors import CkptkitError
     from ckptkit.formats import safetensors
 
     if not safetensors.sniff(path):
@@ -60,7 +60,7 @@ def _complete_safetensors(path: Path) -> bool:
 
 
 @metered
-def read_info(path: Path) -> RawCheckpoint:
+def read_info(path: Path | Location) -> RawCheckpoint:
     findings = Findings()
     try:
         return _read(path, findings)
@@ -74,8 +74,9 @@ def read_info(path: Path) -> RawCheckpoint:
         raise
 
 
-def _read(path: Path, findings: Findings) -> RawCheckpoint:
-    size = path.stat().st_size
+def _read(path: Path | Location, findings: Findings) -> RawCheckpoint:
+    path = locate(path)
+    size = path.size()
     storages: dict[str, StorageRef] = {}
 
     def persistent(pid: Any) -> Any:
@@ -93,7 +94,7 @@ def _read(path: Path, findings: Findings) -> RawCheckpoint:
             return StorageRef(key, dtype, root.location, root.numel, view_offset=view[1])
         return root
 
-    with open(path, "rb") as fh:
+    with path.open() as fh:
         what = f"legacy torch file {path}"
         magic = read_pickle(fh, findings, what=what, location="pickle 1 of 5 (magic number)")
         if magic != MAGIC_NUMBER:
@@ -121,7 +122,7 @@ def _read(path: Path, findings: Findings) -> RawCheckpoint:
     return RawCheckpoint(FORMAT, tree, tuple(iter_tensors(tree)), safety, details)
 
 
-def _walk_storages(path: Path, fh: Any, keys: Any, storages: dict[str, StorageRef],
+def _walk_storages(path: Location, fh: Any, keys: Any, storages: dict[str, StorageRef],
                    size: int) -> dict[str, ByteSpan]:
     if not isinstance(keys, list):
         raise IntegrityError(f"{path}: legacy storage key list is missing or malformed")
