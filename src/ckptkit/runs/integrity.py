@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ckptkit import formats
 from ckptkit.errors import CkptkitError, UnsafeContentError
+from ckptkit.storage.location import Location, locate
 
 #: Files whose presence completes an Orbax step directory (atomic-rename and commit-file modes).
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
@@ -79,49 +80,50 @@ def _one_line(exc: BaseException, path: Path) -> str:
 
 
 def _check_file(path: Path) -> Completeness:
-    if path.stat().st_size == 0:
+    loc = locate(path)  # sniffing and reading share its first, coalesced read
+    if loc.size() == 0:
         return Completeness(False, "file is empty")
-    reader = formats.detect(path)
+    reader = formats.detect(loc)
     fmt = reader.FORMAT
     if fmt in ("torch-zip", "torchscript", "npz"):
-        _check_zip(path)
+        _check_zip(loc)
         if fmt == "npz":
-            reader.read_info(path)  # array headers are small and say how long each array is
+            reader.read_info(loc)  # array headers are small and say how long each array is
         return Completeness(True, "complete (zip central directory and local headers in bounds)")
     if fmt == "safetensors":
-        return _check_safetensors(path)
+        return _check_safetensors(loc)
     if fmt == "tf-checkpoint":
-        return _check_tf(path)
+        return _check_tf(loc)
     # Legacy torch streams, Flax msgpack: their readers walk the structure without tensor
     # bytes and raise IntegrityError when the file ends early (or runs on past its end).
-    reader.read_info(path)
+    reader.read_info(loc)
     return Completeness(True, f"complete ({fmt} structure reads to the end)")
 
 
-def _check_zip(path: Path) -> None:
+def _check_zip(path: Location) -> None:
     from ckptkit.formats import ziparchive
 
-    size = path.stat().st_size
-    with ziparchive.open_zip(path, "zip archive") as archive, open(path, "rb") as fh:
+    size = path.size()
+    with ziparchive.open_zip(path, "zip archive") as archive, path.open() as fh:
         for info in archive.infolist():
             ziparchive.data_offset(fh, info, size)
 
 
-def _check_safetensors(path: Path) -> Completeness:
+def _check_safetensors(path: Location) -> Completeness:
     from ckptkit.formats import safetensors
 
     header, start = safetensors.read_header(path)
     end = max((int(v["data_offsets"][1]) for k, v in header.items()
                if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v),
               default=0)
-    size = path.stat().st_size
+    size = path.size()
     if start + end > size:
         return Completeness(False, f"truncated: tensors need {start + end} bytes, "
                                    f"the file has {size}")
     return Completeness(True, "complete (safetensors header and data length agree)")
 
 
-def _check_tf(path: Path) -> Completeness:
+def _check_tf(path: Location) -> Completeness:
     from ckptkit.formats import tf_checkpoint
 
     index, _found = tf_checkpoint.read_index(path)  # read_index also runs check_shards
@@ -151,14 +153,14 @@ def _check_hf(path: Path) -> Completeness:
         # The Trainer writes trainer_state.json last: without it the save was cut short.
         return Completeness(False, "no trainer_state.json (the Trainer writes it last)")
     try:
-        json.loads(state.read_text(encoding="utf-8"))
+        json.loads(_text(state))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return Completeness(False, f"trainer_state.json is not valid JSON ({exc})")
     for name in HF_INDEXES:
         index = path / name
         if index.is_file():
             try:
-                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+                shards = set(json.loads(_text(index))["weight_map"].values())
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
                     AttributeError) as exc:
                 return Completeness(False, f"{name} is unreadable ({exc})")
@@ -181,6 +183,12 @@ def _check_hf(path: Path) -> Completeness:
             return Completeness(True, f"complete ({name}, trainer_state.json)")
     return Completeness(False, "no model weights (model.safetensors, pytorch_model.bin or a "
                                "sharded index)")
+
+
+def _text(path: Path) -> str:
+    """A small JSON file beside the weights (trainer state, shard index), read whole."""
+    loc = locate(path)
+    return loc.read(0, loc.size()).decode("utf-8")
 
 
 __all__ = ["Completeness", "check_complete"]

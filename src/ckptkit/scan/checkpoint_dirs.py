@@ -20,7 +20,8 @@ from typing import Any, BinaryIO, Callable
 
 from ckptkit.scan import archive_members
 from ckptkit.pickles import plain_pickle
-from ckptkit.errors import IntegrityError
+from ckptkit.errors import CkptkitError, IntegrityError, NotFoundError
+from ckptkit.storage.location import locate
 from ckptkit.formats import ziparchive
 from ckptkit.model import Opaque
 from ckptkit.pickles.unpickler import MAX_STATIC_SCAN, Findings, is_binary_pickle, read_pickle
@@ -32,25 +33,27 @@ _DCP = "torch.distributed.checkpoint."
 
 def unit_kind(path: Path) -> str | None:
     """``savedmodel``, ``dcp``, ``orbax``, or None for a folder that is not one checkpoint."""
-    if not path.is_dir():
+    loc = locate(path)
+    if not loc.is_dir():
         return None
-    if (path / "saved_model.pb").is_file():
+    if loc.child("saved_model.pb").is_file():
         return "savedmodel"
-    if (path / ".metadata").is_file() and any(path.glob("*.distcp")):
+    if loc.child(".metadata").is_file() and any(e.name.endswith(".distcp") for e in loc.list()):
         return "dcp"
-    if (path / "_CHECKPOINT_METADATA").is_file() or (path / "_METADATA").is_file():
+    if loc.child("_CHECKPOINT_METADATA").is_file() or loc.child("_METADATA").is_file():
         return "orbax"
     return None
 
 
 def part_of_a_tf_checkpoint(path: Path) -> bool:
     """Data shards and the ``checkpoint`` state file: scanned once, through the index."""
-    if path.name == "checkpoint":
-        return any(path.parent.glob("*.index"))
-    if ".data-" not in path.name:
+    loc = locate(path)
+    if loc.name == "checkpoint":
+        return any(e.name.endswith(".index") for e in loc.parent().list())
+    if ".data-" not in loc.name:
         return False
-    prefix = path.name.split(".data-", 1)[0]
-    return (path.with_name(prefix + ".index")).is_file()
+    prefix = loc.name.split(".data-", 1)[0]
+    return loc.sibling(prefix + ".index").is_file()
 
 
 def scan_unit(root: Path, kind: str, scan_member: Callable[[Path, str], Any]
@@ -79,7 +82,7 @@ def scan_unit(root: Path, kind: str, scan_member: Callable[[Path, str], Any]
 
 def _scan_dcp(root: Path, scan_member: Callable[[Path, str], Any]) -> tuple[Findings, str]:
     findings = Findings()
-    with open(root / ".metadata", "rb") as fh:
+    with locate(root / ".metadata").open() as fh:
         metadata = read_pickle(fh, findings, what=f"DCP metadata {root / '.metadata'}",
                                location=".metadata")
     items = _storage_items(metadata)
@@ -166,15 +169,16 @@ def _read_item(path: Path, offset: int, length: int, where: str, findings: Findi
     cannot be read, or None."""
     from ckptkit.formats import embedded
 
+    loc = locate(path)
     try:
-        size = path.stat().st_size
-    except OSError as exc:
+        size = loc.size()
+    except (OSError, NotFoundError) as exc:
         raise IntegrityError(f"{path}: a DCP data file .metadata names is missing ({exc})",
                              path=str(path)) from exc
     if offset + length > size:
         raise IntegrityError(f"{path}: DCP item at bytes {offset}-{offset + length} runs past "
                              f"the end of the {size}-byte file", path=str(path))
-    with open(path, "rb") as fh:
+    with loc.open() as fh:
         window = _Window(fh, offset, length)
         if window.read(4) != ziparchive.ZIP_MAGIC:
             window.seek(0)
@@ -240,9 +244,8 @@ def _could_hold_pickles(path: Path) -> bool:
     if not path.is_file() or path.is_symlink():
         return False
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(archive_members.HEAD)
-    except OSError:
+        head = locate(path).read(0, archive_members.HEAD)
+    except (OSError, CkptkitError):
         return False
     return (is_binary_pickle(head) or plain_pickle.is_npy(path) or plain_pickle.sniff(path)
             or archive_members.could_hold_pickles(head, path.name))
