@@ -5,8 +5,9 @@ A :class:`Location` names a file or directory and reads it: ``size``, ``read(off
 ``is_file``/``is_dir``, ``list`` and ``child``.  Readers never call :func:`open` on a checkpoint
 themselves, so the same reader serves a local path and (through fsspec) a URL.
 
-Small reads are coalesced: the first ``read`` of a location fetches at least
-:data:`PREFETCH` bytes, and later reads inside what was fetched cost nothing.  Headers
+Small reads are coalesced: the first ``read`` of a location that falls inside its first
+:data:`PREFETCH` bytes fetches all of them, and later reads inside them cost nothing (a larger
+read is served as asked and not kept).  Headers
 (safetensors' 8 bytes then its JSON, a zip's end records) thus cost one read where a remote
 store would otherwise see one round trip per field.
 
