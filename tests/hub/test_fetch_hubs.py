@@ -127,7 +127,8 @@ def test_hostile_tf_hub_archive_is_refused_and_kaggle_used(
     assert not outside.exists()
     assert [p for p in tmp_path.rglob("*") if p.name in ("escape.txt", "abs.txt")] == []
     cache = Path(os.environ["CKPTKIT_CACHE"])
-    assert [p.name for p in cache.rglob("*") if p.name.endswith((".extract", ".tmp", ".tar.gz"))
+    assert [p.name for p in cache.rglob("*") if p.name.endswith((".extract", ".tmp", ".partial",
+                                                                 ".tar.gz"))
             or not (p.is_file() or p.is_dir())] == []  # no temp tree, archive, link or fifo left
     assert not (Path(os.environ["TFHUB_CACHE_DIR"]) / module_key(HANDLE)).exists()
     figures.count("archive-attacks")

@@ -15,7 +15,6 @@ not become the reference every later fetch is held to.
 from __future__ import annotations
 
 import shutil
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from ckptkit.errors import (CkptkitError, DiskFullError, FormatError, IntegrityE
 from ckptkit.hub.attempts import Attempt, FetchError, attempt_reason
 from ckptkit.hub.pins import Pins
 from ckptkit.hub.reasons import sha256_mismatch, shorten
+from ckptkit.storage.atomic import staged
 
 MAX_PARALLEL_FILES = 4
 SOURCE_NAMES = ("tfhub", "kaggle", "url", "local")
@@ -452,10 +452,8 @@ def _place(fetched: FetchedFile, spec: FileSpec, dest: Path) -> FetchedFile:
             raise UsageError(f"{target} exists and differs from the verified {spec.id}",
                              hint="Move it away or choose another --dest")
     else:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-        local.place(source, tmp)
-        tmp.replace(target)
+        with staged(target, make_parents=True) as tmp:
+            local.place(source, tmp)
     return FetchedFile(fetched.name, str(target), fetched.source, fetched.bytes, fetched.sha256,
                        fetched.transferred)
 
