@@ -81,7 +81,7 @@ class Cache:
         self.root.mkdir(parents=True, exist_ok=True)
         tag = self.root / "CACHEDIR.TAG"
         if not tag.exists():
-            tag.write_text(CACHEDIR_TAG)
+            write_text(tag, CACHEDIR_TAG)
 
     def record(self, file_id: str) -> CacheEntry | None:
         """The commit record for ``file_id`` as written, whatever became of the file since."""

@@ -161,6 +161,8 @@ def publish(handle: str, model_dir: Path, cache_dir: Path) -> Path:
     if _same_tree(model_dir, module_dir):
         _write_descriptor(handle, module_dir)
         return module_dir
+    # tensorflow_hub's own staging name (its resolver stages ``<sha1>.<uuid>.tmp`` too), kept
+    # so that both tools recognise each other's leftovers; see docs/architecture.md.
     tmp = cache_dir / f"{key}.{uuid.uuid4().hex}.tmp"
     try:
         shutil.copytree(model_dir, tmp, symlinks=True, copy_function=_link_or_copy)
