@@ -22,10 +22,9 @@ from ckptkit.hub.fetch import FetchPlan, plan_fetch
 from ckptkit.hub.sources.tfhub import module_key
 from tests import figures
 from tests.conftest import SRC, run_ckpt
-from tests.servers.http import Fault, HTTPTestServer, http_server  # noqa: F401 (fixture)
+from tests.servers.http import Fault, HTTPTestServer
 from tests.hub.sources.hubs import (HANDLE, KAGGLE_HANDLE, SAMPLE_INPUT, SAMPLE_SCORE, KaggleStub,
-                                TFHubStub, saved_model, tfhub_archive,
-                                tree_files)  # noqa: F401 (fixture)
+                                TFHubStub, tfhub_archive, tree_files)
 
 SAMPLES = SRC / "ckptkit" / "samples"
 GCS = "https://storage.googleapis.com"
