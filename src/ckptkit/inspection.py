@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from ckptkit import formats
-from ckptkit.storage.location import Location, locate
+from ckptkit.storage.location import LocalLocation, Location, locate
 from ckptkit.errors import naming
 from ckptkit.summary import CheckpointInfo, summarise
 
@@ -48,11 +48,19 @@ def _size(path: Location) -> int:
                if not e.is_dir and e.name.startswith(prefix))
 
 
-def _tree_size(directory: Location) -> int:
+def _tree_size(directory: Location, depth: int = 0) -> int:
+    if isinstance(directory, LocalLocation):
+        # rglob does not descend into linked folders: a link loop cannot make this endless.
+        return sum(p.stat().st_size for p in directory.path.rglob("*") if p.is_file())
     total = 0
     for entry in directory.list():
-        if entry.is_dir:
-            total += _tree_size(directory.child(entry.name))
-        else:
+        if entry.is_dir and depth < _MAX_DEPTH:
+            total += _tree_size(directory.child(entry.name), depth + 1)
+        elif not entry.is_dir:
             total += entry.size or 0
     return total
+
+
+#: Folder levels counted below a remote checkpoint directory (object stores have no links,
+#: but a listing that claims endless nesting must not make the count endless).
+_MAX_DEPTH = 16
