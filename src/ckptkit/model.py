@@ -25,7 +25,8 @@ ITEMSIZE: dict[str, float] = {
     "complex32": 4, "complex64": 8, "complex128": 16,
     "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
     "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1, "qint8": 1, "quint8": 1, "qint32": 4,
-    "quint4x2": 1, "quint2x4": 1, "string": 0, "resource": 0, "variant": 0,
+    "quint4x2": 1, "quint2x4": 1, "int4": 0.5, "uint4": 0.5, "int2": 0.25, "uint2": 0.25,
+    "float4_e2m1fn": 0.5, "string": 0, "resource": 0, "variant": 0,
 }
 
 
@@ -144,7 +145,7 @@ class TensorRef:
         packed = packed_types().get(self.dtype) if self.dtype not in ITEMSIZE else None
         if packed is not None:  # whole blocks: exact for any size
             return -(-self.numel // packed[0]) * packed[1]
-        return int(self.numel * itemsize(self.dtype))
+        return math.ceil(self.numel * itemsize(self.dtype))  # 4-bit types: whole bytes
 
 
 @dataclass
