@@ -409,18 +409,41 @@ def dequantized(ref: TensorRef, name: str, *, big_endian: bool = False) -> np.nd
     from ckptkit.formats.tensor_io import read_bytes, read_tensor
 
     if ref.dtype != "q8_0":
-        if ref.dtype in {t.dtype for t in ggml_types().values() if t.quantized}:
-            raise UsageError(f"tensor {name!r} is quantized as {ref.dtype.upper()}, which "
-                             "ckptkit does not dequantize (it converts F32, F16, BF16, F64, "
-                             "integer and Q8_0 tensors)",
-                             hint="Convert with llama.cpp's tools, or re-export the model "
-                                  "unquantized")
+        _refuse_packed(ref, name)
         return read_tensor(ref, big_endian=big_endian)
     order = ">" if big_endian else "<"
     blocks = np.frombuffer(read_bytes(ref), dtype=np.dtype([("d", order + "f2"),
                                                             ("qs", "i1", (32,))]))
     values = blocks["qs"].astype(np.float32) * blocks["d"].astype(np.float32)[:, None]
     return values.reshape(ref.shape)
+
+
+def converted_dtype(ref: TensorRef, name: str) -> str:
+    """The dtype ``ref`` has once converted: itself, or float32 for Q8_0.
+
+    Raises:
+        UsageError: another quantized type (see :func:`dequantized`).
+    """
+    if ref.dtype == "q8_0":
+        return "float32"
+    _refuse_packed(ref, name)
+    return ref.dtype
+
+
+def _refuse_packed(ref: TensorRef, name: str) -> None:
+    if ref.dtype in {t.dtype for t in ggml_types().values() if t.quantized}:
+        where = f"{ref.span.path}: " if ref.span is not None else ""
+        raise UsageError(f"{where}tensor {name!r} is quantized as {ref.dtype.upper()}, which "
+                         "ckptkit does not dequantize (it converts F32, F16, BF16, F64, "
+                         "integer and Q8_0 tensors)",
+                         hint="Convert with llama.cpp's tools, or re-export the model "
+                              "unquantized")
+
+
+def tensor_reader(path: Path) -> Any:
+    """Each tensor's values (:func:`dequantized`), for ``convert``."""
+    big = read_header(path).byteorder == "big"
+    return lambda name, ref: dequantized(ref, name, big_endian=big)
 
 
 @metered
