@@ -300,6 +300,8 @@ def escapes(folder: Path, location: str) -> str | None:
     """Why the external-data ``location`` leaves ``folder`` (None if it stays inside)."""
     if not location:
         return "an empty location"
+    if "\x00" in location:
+        return "a location with a NUL character"
     for flavour in (PurePosixPath, PureWindowsPath):
         pure = flavour(location)
         if pure.is_absolute() or pure.drive or pure.root:
