@@ -41,7 +41,10 @@ def available() -> bool:
     """Whether h5py can be imported here (checked without importing it)."""
     import importlib.util
 
-    return importlib.util.find_spec("h5py") is not None
+    try:
+        return importlib.util.find_spec("h5py") is not None
+    except ImportError:  # a broken install, or an import hook refusing it
+        return False
 
 
 def run(job: str, h5: Path, out: Path | None = None, *, label: str | None = None
