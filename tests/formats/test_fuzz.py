@@ -44,6 +44,8 @@ from tests.mutations import SEED_BY_NAME, SEEDS, Mutation, Seed, apply, mutation
 
 #: Examples per seed in CI, for the library checks and for the (slower) CLI checks.
 CI_LIBRARY, CI_CLI = 80, 20
+#: The same for seeds whose reading starts a child process (HDF5), each read ~0.5 s.
+CI_LIBRARY_SLOW, CI_CLI_SLOW = 8, 3
 LONG_TOTAL = int(os.environ.get("CKPTKIT_FUZZ_EXAMPLES", "0") or 0)
 _HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
            HealthCheck.data_too_large]
@@ -261,7 +263,7 @@ SEED_IDS = [s.name for s in SEEDS]
 
 @pytest.mark.parametrize("seed", SEEDS, ids=SEED_IDS)
 def test_readers_survive_damage(seed: Seed, tmp_path: Path) -> None:
-    @fuzz_settings(CI_LIBRARY, 0.7)
+    @fuzz_settings(CI_LIBRARY_SLOW if seed.slow else CI_LIBRARY, 0.7)
     @given(mutation=mutations(seed.original))
     def run(mutation: Mutation) -> None:
         _run_library(seed, mutation.data, tmp_path)
@@ -273,7 +275,7 @@ def test_readers_survive_damage(seed: Seed, tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed", SEEDS, ids=SEED_IDS)
 def test_commands_survive_damage(seed: Seed, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    @fuzz_settings(CI_CLI, 0.3)
+    @fuzz_settings(CI_CLI_SLOW if seed.slow else CI_CLI, 0.3)
     @given(mutation=mutations(seed.original))
     def run(mutation: Mutation) -> None:
         _run_commands(seed, mutation.data, tmp_path, capsys)

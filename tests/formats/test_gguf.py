@@ -118,7 +118,7 @@ def test_convert_refuses_q4_0_before_writing(tmp_path: Path,
     out = tmp_path / "llama.safetensors"
     code, _out, err = run_main(capsys, "convert", str(SAMPLE), "--to", "safetensors", "-o",
                                str(out))
-    assert code == 2
+    assert code == 1
     assert "'blk.0.attn_k.weight' is quantized as Q4_0" in err and str(SAMPLE) in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 

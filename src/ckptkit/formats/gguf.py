@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptkit.errors import IntegrityError, UsageError
+from ckptkit.errors import FormatError, IntegrityError, UsageError
 from ckptkit.model import ByteSpan, Problem, RawCheckpoint, TensorRef, checked_shape
 from ckptkit.storage import budget
 from ckptkit.storage.budget import metered
@@ -404,7 +404,7 @@ def dequantized(ref: TensorRef, name: str, *, big_endian: bool = False) -> np.nd
     float32 (a float16 scale times 32 signed bytes per block).
 
     Raises:
-        UsageError: any other quantized type (naming it and what can be converted).
+        FormatError: any other quantized type (naming it and what can be converted).
     """
     from ckptkit.formats.tensor_io import read_bytes, read_tensor
 
@@ -414,7 +414,8 @@ def dequantized(ref: TensorRef, name: str, *, big_endian: bool = False) -> np.nd
     order = ">" if big_endian else "<"
     blocks = np.frombuffer(read_bytes(ref), dtype=np.dtype([("d", order + "f2"),
                                                             ("qs", "i1", (32,))]))
-    values = blocks["qs"].astype(np.float32) * blocks["d"].astype(np.float32)[:, None]
+    with np.errstate(invalid="ignore", over="ignore"):  # a NaN or inf scale stays one
+        values = blocks["qs"].astype(np.float32) * blocks["d"].astype(np.float32)[:, None]
     return values.reshape(ref.shape)
 
 
@@ -422,7 +423,7 @@ def converted_dtype(ref: TensorRef, name: str) -> str:
     """The dtype ``ref`` has once converted: itself, or float32 for Q8_0.
 
     Raises:
-        UsageError: another quantized type (see :func:`dequantized`).
+        FormatError: another quantized type (see :func:`dequantized`).
     """
     if ref.dtype == "q8_0":
         return "float32"
@@ -433,7 +434,7 @@ def converted_dtype(ref: TensorRef, name: str) -> str:
 def _refuse_packed(ref: TensorRef, name: str) -> None:
     if ref.dtype in {t.dtype for t in ggml_types().values() if t.quantized}:
         where = f"{ref.span.path}: " if ref.span is not None else ""
-        raise UsageError(f"{where}tensor {name!r} is quantized as {ref.dtype.upper()}, which "
+        raise FormatError(f"{where}tensor {name!r} is quantized as {ref.dtype.upper()}, which "
                          "ckptkit does not dequantize (it converts F32, F16, BF16, F64, "
                          "integer and Q8_0 tensors)",
                          hint="Convert with llama.cpp's tools, or re-export the model "
