@@ -243,7 +243,10 @@ def _text(raw: bytes, what: str, location: Location) -> str:
 def _value(cursor: _Cursor, kind: int, key: str, account: budget.Budget,
            location: Location) -> tuple[Any, str]:
     if kind in _NUMBERS:
-        return cursor.number(_NUMBERS[kind], repr(key)), VALUE_TYPES[kind]
+        value = cursor.number(_NUMBERS[kind], repr(key))
+        if kind == 6:  # the shortest decimal that is this float32 (1e-05, not 9.99999974e-06)
+            value = float(str(np.float32(value)))
+        return value, VALUE_TYPES[kind]
     if kind == _STRING:
         return cursor.string(repr(key)).decode("utf-8", "replace"), "string"
     if kind != _ARRAY:
