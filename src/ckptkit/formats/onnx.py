@@ -118,22 +118,35 @@ class Model:
 
 
 def sniff(path: Path) -> bool:
+    """An IR version first, then ModelProto fields only, a graph among them; a file whose
+    first two fields are ModelProto's but that breaks off later is taken too (a truncated
+    model: read_info says what is wrong with it)."""
     try:
         location = locate(path)
         if not location.is_file():
             return False
         size = location.size()
         read = _Window(location, size)
-        seen = set()
-        for number, wire, value in pw.iter_spans(read, 0, size):
-            if not seen and (number != 1 or wire != pw.VARINT or value not in _IR_VERSIONS):
-                return False
-            if number not in _MODEL_FIELDS or len(seen) > 64:
-                return False
-            seen.add(number)
+        seen: list[int] = []
+        try:
+            for number, wire, value in pw.iter_spans(read, 0, size):
+                if not seen and (number != 1 or wire != pw.VARINT or value not in _IR_VERSIONS):
+                    return False
+                if number not in _MODEL_FIELDS or len(seen) > 64:
+                    return False
+                seen.append(number)
+        except IntegrityError:
+            return len(seen) >= 1 and _second_key_is_a_model_field(read, size)
         return 7 in seen
     except (OSError, ValueError, IntegrityError):
         return False
+
+
+def _second_key_is_a_model_field(read: Callable[[int, int], bytes], size: int) -> bool:
+    head = read(0, min(size, 24))
+    _ir, pos = pw.read_varint(head, 1)
+    key, _pos = pw.read_varint(head, pos)
+    return key >> 3 in _MODEL_FIELDS and key & 7 in (pw.VARINT, pw.LENGTH)
 
 
 def read_model(path: str | Path | Location) -> Model:
