@@ -187,3 +187,17 @@ def test_not_a_keras_archive() -> None:
     assert not keras_reader.sniff(SAMPLES / "thinker_step_200.pt")
     with pytest.raises(IntegrityError, match="config.json"):
         keras_reader.read_info(SAMPLES / "thinker_step_200.pt")
+
+
+def test_compressed_data_beyond_the_budget_is_refused(tmp_path: Path) -> None:
+    """A few KiB of HDF5 whose chunked dataset reads as 2 GiB (chunks never written read as
+    the fill value): listed by inspect, refused by load before the child reads it."""
+    path = tmp_path / "bomb.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("w", shape=(1 << 29,), dtype="float32", chunks=(1 << 20,),
+                         compression="gzip")
+    assert path.stat().st_size < 1 << 16
+    [(name, ref)] = keras_h5.read_info(path).tensors
+    assert (name, ref.shape, ref.span) == ("w", (1 << 29,), None)
+    with pytest.raises(IntegrityError, match="reading budget"):
+        ckptkit.load(path, framework="numpy")

@@ -153,6 +153,23 @@ class _Cursor:
         length = self.number("Q", what)
         return self.take(length, what)
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """``count`` strings (a vocabulary: 32k-256k of them), decoded straight out of the
+        window; one that crosses the window's end takes the checked path."""
+        out: list[str] = []
+        unpack = struct.Struct(self.order + "Q").unpack_from
+        for index in range(count):
+            rel, buf = self.pos - self._start, self._buf
+            if 0 <= rel and rel + 8 <= len(buf):
+                (length,) = unpack(buf, rel)
+                end = rel + 8 + length
+                if end <= len(buf):
+                    out.append(buf[rel + 8:end].decode("utf-8", "replace"))
+                    self.pos += 8 + length
+                    continue
+            out.append(self.string(f"item {index} of {what}").decode("utf-8", "replace"))
+        return out
+
 
 def read_header(path: str | Path | Location) -> Header:
     """Parse the header (metadata and tensor infos) and check every tensor's byte range.
@@ -258,8 +275,7 @@ def _value(cursor: _Cursor, kind: int, key: str, account: budget.Budget,
                              f"than the {cursor.left():,} bytes left hold",
                              hint="The file is truncated or corrupt", path=str(location))
     account.charge("nodes", count, f"array {key!r}")
-    return [cursor.string(f"item {i} of {key!r}").decode("utf-8", "replace")
-            for i in range(count)], "array[string]"
+    return cursor.strings(count, repr(key)), "array[string]"
 
 
 def _tensor_info(cursor: _Cursor, index: int, location: Location) -> TensorInfo:

@@ -69,10 +69,13 @@ def run(job: str, h5: Path, out: Path | None = None, *, label: str | None = None
     # side of this module imports nothing from ckptkit.
     command = [sys.executable, "-I", str(Path(__file__).resolve()), job, str(h5)]
     if out is not None:
-        command.append(str(out))
+        # What the arrays may take in all: the budget's bytes still free (a few KiB of
+        # compressed HDF5 can inflate to gigabytes).
+        command += [str(out), str(account.room("decompressed"))]
     # No HDF5 filter plugins: a file must not make the library load a shared object.
+    # One BLAS thread: each thread's buffers would count against the address-space limit.
     env = {"PATH": os.environ.get("PATH", ""), "HDF5_USE_FILE_LOCKING": "FALSE",
-           "HDF5_PLUGIN_PATH": os.devnull}
+           "HDF5_PLUGIN_PATH": os.devnull, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     try:
         done = subprocess.run(command, capture_output=True, timeout=seconds, env=env,
                               stdin=subprocess.DEVNULL, preexec_fn=_limits(memory, seconds))
@@ -154,17 +157,21 @@ def _structure(h5: str) -> dict[str, Any]:
     return {"groups": groups, "datasets": datasets}
 
 
-def _arrays(h5: str, out: str) -> dict[str, Any]:
+def _arrays(h5: str, out: str, room: int) -> dict[str, Any]:
     import h5py
     import numpy as np
 
     arrays: dict[str, Any] = {}
     with h5py.File(h5, "r") as f:
-        def visit(name: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "biufc":
-                arrays[name] = obj[()]
-
-        f.visititems(visit)
+        wanted: list[Any] = []
+        f.visititems(lambda name, obj: wanted.append((name, obj)) if isinstance(
+            obj, h5py.Dataset) and obj.dtype.kind in "biufc" else None)
+        total = sum(int(obj.size) * obj.dtype.itemsize for _name, obj in wanted)
+        if total > room:
+            raise ValueError(f"its datasets hold {total:,} bytes, more than the {room:,} the "
+                             "reading budget has left (raise CKPTKIT_MAX_BYTES if genuine)")
+        for name, obj in wanted:
+            arrays[name] = obj[()]
     with open(out, "wb") as fh:
         np.savez(fh, **{f"a{i}": a for i, a in enumerate(arrays.values())})
     return {"names": list(arrays)}
@@ -172,7 +179,7 @@ def _arrays(h5: str, out: str) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     job, h5 = argv[0], argv[1]
-    answer = _structure(h5) if job == "structure" else _arrays(h5, argv[2])
+    answer = _structure(h5) if job == "structure" else _arrays(h5, argv[2], int(argv[3]))
     sys.stdout.write(json.dumps(answer))
     return 0
 
