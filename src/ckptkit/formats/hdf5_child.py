@@ -75,10 +75,11 @@ def run(job: str, h5: Path, out: Path | None = None, *, label: str | None = None
     # No HDF5 filter plugins: a file must not make the library load a shared object.
     # One BLAS thread: each thread's buffers would count against the address-space limit.
     env = {"PATH": os.environ.get("PATH", ""), "HDF5_USE_FILE_LOCKING": "FALSE",
-           "HDF5_PLUGIN_PATH": os.devnull, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+           "HDF5_PLUGIN_PATH": os.devnull, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+           _LIMITS: f"{memory},{seconds}"}
     try:
         done = subprocess.run(command, capture_output=True, timeout=seconds, env=env,
-                              stdin=subprocess.DEVNULL, preexec_fn=_limits(memory, seconds))
+                              stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise IntegrityError(f"{name}: reading its HDF5 data took more than {seconds} s; "
                              "stopped", hint="The file is corrupt or crafted; do not load it",
@@ -99,15 +100,18 @@ def run(job: str, h5: Path, out: Path | None = None, *, label: str | None = None
     return answer
 
 
-def _limits(memory: int, seconds: int) -> Any:
-    def apply() -> None:
-        import resource
+#: The variable carrying the child's limits ("bytes,seconds"), which it sets on itself before
+#: h5py is imported: no preexec_fn, so starting it is safe in a threaded parent.
+_LIMITS = "CKPTKIT_HDF5_LIMITS"
 
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
-    return apply
+def _limit_myself() -> None:
+    import resource
+
+    memory, seconds = (int(v) for v in os.environ[_LIMITS].split(","))
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 # --- the child's side ----------------------------------------------------------------------
@@ -178,6 +182,7 @@ def _arrays(h5: str, out: str, room: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    _limit_myself()
     job, h5 = argv[0], argv[1]
     answer = _structure(h5) if job == "structure" else _arrays(h5, argv[2], int(argv[3]))
     sys.stdout.write(json.dumps(answer))
