@@ -67,7 +67,8 @@ def run(job: str, h5: Path, out: Path | None = None, *, label: str | None = None
     seconds = 60 + size // (20 << 20)
     # Run as a script, isolated (-I: no PYTHONPATH, user site or current folder): the child
     # side of this module imports nothing from ckptkit.
-    command = [sys.executable, "-I", str(Path(__file__).resolve()), job, str(h5)]
+    command = [sys.executable, "-I", str(Path(__file__).resolve()), f"{memory},{seconds}", job,
+               str(h5)]
     if out is not None:
         # What the arrays may take in all: the budget's bytes still free (a few KiB of
         # compressed HDF5 can inflate to gigabytes).
@@ -75,8 +76,7 @@ def run(job: str, h5: Path, out: Path | None = None, *, label: str | None = None
     # No HDF5 filter plugins: a file must not make the library load a shared object.
     # One BLAS thread: each thread's buffers would count against the address-space limit.
     env = {"PATH": os.environ.get("PATH", ""), "HDF5_USE_FILE_LOCKING": "FALSE",
-           "HDF5_PLUGIN_PATH": os.devnull, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-           _LIMITS: f"{memory},{seconds}"}
+           "HDF5_PLUGIN_PATH": os.devnull, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     try:
         done = subprocess.run(command, capture_output=True, timeout=seconds, env=env,
                               stdin=subprocess.DEVNULL)
@@ -100,15 +100,12 @@ def run(job: str, h5: Path, out: Path | None = None, *, label: str | None = None
     return answer
 
 
-#: The variable carrying the child's limits ("bytes,seconds"), which it sets on itself before
-#: h5py is imported: no preexec_fn, so starting it is safe in a threaded parent.
-_LIMITS = "CKPTKIT_HDF5_LIMITS"
-
-
-def _limit_myself() -> None:
+def _limit_myself(limits: str) -> None:
+    """Set the limits the parent passed ("bytes,seconds") on this process, before h5py is
+    imported (no preexec_fn: starting the child is then safe from a threaded parent)."""
     import resource
 
-    memory, seconds = (int(v) for v in os.environ[_LIMITS].split(","))
+    memory, seconds = (int(v) for v in limits.split(","))
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -182,9 +179,9 @@ def _arrays(h5: str, out: str, room: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    _limit_myself()
-    job, h5 = argv[0], argv[1]
-    answer = _structure(h5) if job == "structure" else _arrays(h5, argv[2], int(argv[3]))
+    _limit_myself(argv[0])
+    job, h5 = argv[1], argv[2]
+    answer = _structure(h5) if job == "structure" else _arrays(h5, argv[3], int(argv[4]))
     sys.stdout.write(json.dumps(answer))
     return 0
 
