@@ -174,6 +174,9 @@ class SnapshotPlan:
             pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C: .part files resume later
             raise
         pool.shutdown()
+        denied = next((e for _p, e in errors if isinstance(e, AuthError)), None)
+        if denied is not None:
+            raise denied  # about the repo, not one file: the others failed the same way
         if errors:
             if len(errors) > 1:  # the final error names one; the others are listed first
                 for path, exc in errors:

@@ -36,7 +36,7 @@ REPO_TYPES: tuple[RepoType, ...] = ("model", "dataset")
 DEFAULT_ENDPOINT = "https://huggingface.co"
 RETRIES = 4
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-TOKEN_HINT = ("set HF_TOKEN=hf_... (a token from https://huggingface.co/settings/tokens) "
+TOKEN_HINT = ("Set HF_TOKEN=hf_... (a token from https://huggingface.co/settings/tokens) "
               "or run `hf auth login`")
 
 
@@ -215,7 +215,7 @@ def access_error(env: HubEnv, name: str, status: int | None, code: str | None,
     """The one-line error for a repo the Hub will not show: no token (and how to give one),
     a refused token, or a token without access.  Never the token itself."""
     if env.token is None:
-        return AuthError(f"{name} needs a Hugging Face token: {TOKEN_HINT}", url=url,
+        return AuthError(f"{name} needs a Hugging Face token", hint=TOKEN_HINT, url=url,
                          status=status, reason="a token is needed")
     if code is None and status == 401:
         return AuthError(f"{name}: the Hub refused the token from {env.token_origin} "

@@ -137,6 +137,7 @@ class SnapshotRecord:
     revision: str
     hub_cache: str
     files: tuple[SnapshotFile, ...]
+    ckpt_cache: str = ""  # where the record lies (set when read)
 
     @property
     def snapshot(self) -> Path:
@@ -151,6 +152,15 @@ class SnapshotRecord:
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def fetched_at(self) -> float:
+        """When the record was last written (a fetch adding to it)."""
+        try:
+            return record_path(Path(self.ckpt_cache), self.repo_type, self.repo_id,
+                               self.commit).stat().st_mtime
+        except OSError:
+            return 0.0
 
 
 def record_path(cache_dir: Path, repo_type: RepoType, repo_id: str, commit: str) -> Path:
@@ -167,6 +177,7 @@ def write_record(cache_dir: Path, record: SnapshotRecord) -> None:
     merged = SnapshotRecord(record.repo_id, record.repo_type, record.commit, record.revision,
                             record.hub_cache, tuple(files[p] for p in sorted(files)))
     data = asdict(merged)
+    data.pop("ckpt_cache")
     atomic.write_text(path, json.dumps(data, indent=1, sort_keys=True), make_parents=True)
 
 
@@ -174,7 +185,7 @@ def read_record(path: Path) -> SnapshotRecord | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         files = tuple(SnapshotFile(**f) for f in data.pop("files"))
-        return SnapshotRecord(files=files, **data)
+        return SnapshotRecord(files=files, ckpt_cache=str(path.parents[2]), **data)
     except (OSError, ValueError, TypeError, KeyError):
         return None
 
