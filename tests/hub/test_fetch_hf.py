@@ -244,3 +244,77 @@ def test_two_processes_download_each_file_once(big_hub: HfHubStandIn, tmp_path: 
     assert [p.returncode for p in (first, second)] == [0, 0], outputs
     assert outputs[0][0] == outputs[1][0]
     assert big_hub.cdn.bytes_sent() <= 2 * BIG + 2  # each file once (+ its 1-byte probe)
+
+
+# --- catalogue sources of type "hf" ----------------------------------------------------------
+
+CATALOGUE = """
+schema = 1
+
+[files."team/tiny.safetensors"]
+sources = [
+  {{ type = "hf", repo = "{repo}", revision = "main", filename = "model.safetensors" }},
+  {{ type = "url", url = "{fallback}" }},
+]
+
+[models.tiny]
+files = ["team/tiny.safetensors"]
+"""
+
+
+def _catalogue(tmp_path: Path, repo: str, fallback: str) -> Path:
+    path = tmp_path / "mine.toml"
+    path.write_text(CATALOGUE.format(repo=repo, fallback=fallback))
+    return path
+
+
+def test_catalogue_hf_source_fills_both_caches(hub: HfHubStandIn, env: Path,
+                                              capsys: pytest.CaptureFixture[str],
+                                              tmp_path: Path) -> None:
+    cat = _catalogue(tmp_path, "org/tiny", "http://127.0.0.1:9/nothing")
+    code, out, err = run_main(capsys, "fetch", "tiny", "--catalog", str(cat), "--json")
+    assert code == 0, err
+    [item] = json.loads(out)
+    assert item["source"] == "hf" and item["sha256"] == SHA256
+    assert Path(item["path"]).read_bytes() == WEIGHTS
+    got = run_client(hub, env, 'out(open(hf.hf_hub_download("org/tiny", "model.safetensors"), '
+                               '"rb").read().hex())', offline=True)
+    assert got == WEIGHTS.hex()
+    # Offline, a fresh ckpt cache is filled from the Hugging Face cache alone.
+    served = len(hub.cdn.hits())
+    code, out, err = run_main(capsys, "fetch", "tiny", "--catalog", str(cat), "--offline",
+                              "--cache-dir", str(tmp_path / "other"))
+    assert code == 0, err and len(hub.cdn.hits()) == served
+
+
+def test_catalogue_hf_source_falls_back_when_a_token_is_needed(
+        hub: HfHubStandIn, env: Path, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    from ckptkit.testing.static import StaticServer
+
+    hub.add_repo("org/closed", {"model.safetensors": WEIGHTS}, gated=True)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "w.safetensors").write_bytes(WEIGHTS)
+    plain = StaticServer(tmp_path / "site")
+    plain.start()
+    try:
+        cat = _catalogue(tmp_path, "org/closed", f"{plain.base}/w.safetensors")
+        code, out, err = run_main(capsys, "fetch", "tiny", "--catalog", str(cat))
+    finally:
+        plain.stop()
+    assert code == 0, err
+    assert "hf:https://huggingface.co/org/closed/resolve/main/model.safetensors failed: " \
+           "a token is needed" in err
+    assert Path(out.strip()).read_bytes() == WEIGHTS
+
+
+def test_builtin_loftr_comes_from_the_hub_first() -> None:
+    from ckptkit.hub import catalogue
+
+    cat = catalogue.load(())
+    for file_id, name in (("loftr/outdoor_ds.ckpt", "loftr_outdoor.ckpt"),
+                          ("loftr/indoor_ds.ckpt", "loftr_indoor.ckpt")):
+        first = cat.files[file_id].sources[0]
+        assert (first.type, first.repo, first.revision, first.filename) == (
+            "hf", "kornia/loftr", "main", name)
+        assert first.ref == f"https://huggingface.co/kornia/loftr/resolve/main/{name}"

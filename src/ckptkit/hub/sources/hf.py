@@ -337,3 +337,47 @@ def fetch_one(repo_id: str, revision: str, filename: str, settings: Settings, *,
 
 def _escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What a catalogue ``hf`` source brought to its staging path."""
+
+    url: str
+    size: int
+    sha256: str
+    transferred: int
+
+
+def deliver(source: Any, staged: Path, settings: Settings, *,
+            progress: Any = None) -> Delivered:
+    """Bring a catalogue ``type = "hf"`` source's file to ``staged`` (a hardlink or copy).
+
+    Online, the file goes through the Hub protocol into the Hugging Face cache first (so
+    ``huggingface_hub`` finds it too); offline, it is taken from that cache.  When a
+    ``--mirror`` rule rewrites the file's URL, that URL is downloaded as it is (a static
+    mirror serves files, not the Hub's API).
+
+    Raises:
+        NotFoundError: offline and not in the Hub cache, or no such file.
+        AuthError, SourceError, IntegrityError: as :meth:`SnapshotPlan.execute`.
+    """
+    from ckptkit.hub.sources import local
+    from ckptkit.hub.sources import url as url_source
+
+    repo_type: RepoType = source.repo_type
+    mirrored = settings.mirrors.rewrite(source.ref)
+    if mirrored != source.ref and not settings.offline:
+        got = url_source.fetch(source.ref, staged, mirrors=settings.mirrors,
+                               expected_size=None, expected_sha256=None,
+                               connections=settings.connections, timeout=settings.timeout,
+                               progress=progress, limits=settings.limits)
+        return Delivered(got.url, got.size, got.sha256, got.transferred)
+    blob, result = fetch_one(source.repo, source.revision, source.filename, settings,
+                             repo_type=repo_type,
+                             progress=(lambda _n, _t: progress) if progress else None)
+    local.place(blob, staged)
+    env = HubEnv.from_environ()
+    return Delivered(resolve_url(env.endpoint, repo_type, source.repo, source.revision,
+                                 source.filename), result.size, result.sha256,
+                     result.transferred)
