@@ -318,3 +318,35 @@ def test_builtin_loftr_comes_from_the_hub_first() -> None:
         assert (first.type, first.repo, first.revision, first.filename) == (
             "hf", "kornia/loftr", "main", name)
         assert first.ref == f"https://huggingface.co/kornia/loftr/resolve/main/{name}"
+
+
+def test_doctor_reports_the_hub_source(hub: HfHubStandIn, env: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.add_repo("org/closed", {"model.safetensors": WEIGHTS}, gated=True)
+    hub.grant(TOKEN, "org/closed")
+    cat = _catalogue(tmp_path, "org/closed", "http://127.0.0.1:9/nothing")
+
+    def hf_row(*args: str) -> dict:
+        code, out, err = run_main(capsys, "doctor", "tiny", "--catalog", str(cat), "--json",
+                                  *args)
+        [model] = json.loads(out)["models"]
+        [file] = model["files"]
+        return next(s for s in file["sources"] if s["type"] == "hf")
+
+    row = hf_row()
+    assert row["reachable"]["status"] == "ok"
+    assert row["authenticated"]["status"] == "fail" and "HF_TOKEN" in row["authenticated"]["detail"]
+    assert row["cached"]["status"] == "absent"
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    code, out, err = run_main(capsys, "fetch", "tiny", "--catalog", str(cat))
+    assert code == 0, err
+    row = hf_row()
+    assert row["authenticated"] == {"status": "ok", "detail": "token from HF_TOKEN"}
+    assert row["cached"]["status"] == "ok" and row["verified"]["status"] == "ok"
+    assert not hub.cdn_authorized()
+    # --mirror moves the Hub endpoint too: the probe goes to the rewritten URL.
+    row = hf_row("--mirror", f"{hub.endpoint}=http://127.0.0.1:9")
+    assert row["target"].startswith("http://127.0.0.1:9/") and row["reachable"]["status"] == "fail"
+    row = hf_row("--offline")
+    assert row["usable"] and row["reachable"]["status"] == "not_checked"
