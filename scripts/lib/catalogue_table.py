@@ -36,18 +36,10 @@ def render(cat: catalogue.Catalogue) -> str:
         spec = cat.files[file_id]
         size = f"{spec.size:,} B" if spec.size else "pinned on first fetch"
         digest = f"`{spec.sha256[:16]}…`" if spec.sha256 else "pinned on first fetch"
-        sources = "<br>".join(f"{i}. {s.type}: `{_ref(s)}`" for i, s in enumerate(spec.sources, 1))
+        sources = "<br>".join(f"{i}. {s.type}: `{s.ref}`" for i, s in enumerate(spec.sources, 1))
         users = ", ".join(f"`{m}`" for m in cat.users_of(file_id))
         lines.append(f"| `{file_id}` | {spec.kind} | {size} | {digest} | {sources} | {users} |")
     return "\n".join(lines)
-
-
-def _ref(source) -> str:
-    """An hf source as repo@revision:filename; the others by their ref."""
-    if source.type == "hf":
-        kind = "datasets/" if source.repo_type == "dataset" else ""
-        return f"{kind}{source.repo}@{source.revision}:{source.filename}"
-    return source.ref
 
 
 def rewrite(text: str, table: str) -> str:
