@@ -110,10 +110,13 @@ def verify_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tup
         for row in rows:
             click.echo(f"{row['status']:<11}{render.safe(row['name'])}")
     bad = [r["name"] for r in rows if r["status"] in ("CHANGED", "MISSING")]
+    ours = [n for n in bad if not n.startswith("hf:")]
+    hub = sorted({n.split("/")[0] + "/" + n.split("/")[1] for n in bad if n.startswith("hf:")})
     if bad:
+        again = ([f"ckpt cache rm {render.safe(' '.join(ours))} --yes && ckpt fetch <model>"]
+                 if ours else []) + [f"ckpt fetch {render.safe(h)}" for h in hub]
         click.echo(f"ckpt: {len(bad)} cached file(s) changed or missing; fetch them again: "
-                   f"ckpt cache rm {render.safe(' '.join(bad))} --yes && ckpt fetch <model>",
-                   err=True)
+                   + "; ".join(again), err=True)
         return ExitCode.INTEGRITY
     return ExitCode.OK
 
