@@ -114,8 +114,10 @@ def _fetch_hub(refs: list[str], conf, includes: tuple[str, ...], excludes: tuple
         render.emit_json([r.to_dict() for r in results])
         return
     for result in results:
+        resumed = (f", {render.size(result.resumed)} resumed from an interrupted run"
+                   if result.resumed else "")
         log(f"{result.repo_id}@{result.commit[:12]}: {len(result.files)} file(s) verified, "
-            f"{render.size(result.transferred)} transferred")
+            f"{render.size(result.transferred)} transferred{resumed}")
         click.echo(render.safe(result.snapshot))
 
 

@@ -88,6 +88,7 @@ class HubFileResult:
     lfs: bool
     source: str          # "hf" (downloaded now) or "cache"
     transferred: int = 0
+    resumed: int = 0     # bytes an interrupted earlier run had already fetched
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "size": self.size, "sha256": self.sha256, "lfs": self.lfs,
@@ -108,6 +109,10 @@ class SnapshotResult:
     @property
     def transferred(self) -> int:
         return sum(f.transferred for f in self.files)
+
+    @property
+    def resumed(self) -> int:
+        return sum(f.resumed for f in self.files)
 
     def to_dict(self) -> dict[str, Any]:
         return {"repo": self.repo_id, "repo_type": self.repo_type, "revision": self.revision,
@@ -223,7 +228,8 @@ class SnapshotPlan:
                 raise IntegrityError(f"{self.revision.label}: {file.path} does not match its Git "
                                      f"blob id {file.blob_id}", reason="wrong Git blob id")
             self.cache.put_blob(staged, file)
-            return HubFileResult(file.path, file.size, got.sha256, lfs, "hf", got.transferred)
+            return HubFileResult(file.path, file.size, got.sha256, lfs, "hf", got.transferred,
+                                 got.resumed_from)
 
     def _commit(self, results: list[HubFileResult]) -> SnapshotResult:
         r = self.revision
