@@ -350,3 +350,29 @@ def test_doctor_reports_the_hub_source(hub: HfHubStandIn, env: Path, tmp_path: P
     assert row["target"].startswith("http://127.0.0.1:9/") and row["reachable"]["status"] == "fail"
     row = hf_row("--offline")
     assert row["usable"] and row["reachable"]["status"] == "not_checked"
+
+
+def test_mirror_rewrites_the_hub_endpoint_and_datasets_work(
+        hub: HfHubStandIn, env: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.add_repo("org/data", {"train.parquet": WEIGHTS, "README.md": NOTES},
+                 repo_type="dataset")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # for the endpoint; a mirror elsewhere never gets it
+    result = fetch_json(capsys, "hf:org/data", "--repo-type", "dataset", "--mirror",
+                        f"https://hub.example.invalid={hub.endpoint}")
+    assert result["repo_type"] == "dataset"
+    snapshot = Path(result["snapshot"])
+    assert snapshot.parent.parent.name == "datasets--org--data"
+    assert (snapshot / "train.parquet").read_bytes() == WEIGHTS
+    assert not [r for r in hub.hub.hits() if r.header("Authorization")]
+    again = fetch_json(capsys, "hf:datasets/org/data", "--offline")
+    assert again["commit"] == result["commit"]
+
+
+def test_bad_names_and_flags_are_usage_errors(env: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["hf:org"], ["hf:org/a/b"], ["hf:org/tiny@"], ["hf:org/tiny", "loftr"],
+                 ["loftr", "--include", "*.ckpt"]):
+        code, out, err = run_main(capsys, "fetch", *args)
+        assert code == 2 and out == "" and err.count("\n") == 1, (args, err)
