@@ -6,8 +6,9 @@ with the cache's ``refs/``), lists the files with their sizes and LFS sha256, ap
 ``--include``/``--exclude`` and sees which blobs the cache already holds.
 :meth:`SnapshotPlan.execute` does the work, several files at once, each under a cross-process
 lock named by its etag: a blob already in the cache (fetched by ckpt or by ``huggingface_hub``)
-is re-hashed and reused; any other file is downloaded by :func:`ckptkit.hub.download.download.download`
-(parallel ranges, sha256 while streaming against the LFS oid, resumable after ``kill -9``) into
+is re-hashed and reused; any other file is downloaded by
+:func:`ckptkit.hub.download.download.download` (parallel ranges, sha256 while streaming against
+the LFS oid, resumable after ``kill -9``) into
 ckpt's staging folder, checked (size, and Git's blob id for a file outside LFS), and renamed
 into ``blobs/``.  Only when every file is there are the snapshot links made, then the ref
 written (:mod:`ckptkit.hub.sources.hf_cache`).
