@@ -239,8 +239,9 @@ def _eligible(spec: FileSpec, settings: Settings, only: str | None) -> tuple[Sou
 def _no_source_message(spec: FileSpec, settings: Settings, only: str | None) -> str:
     kinds = sorted({s.type for s in spec.sources})
     if settings.offline:
-        return (f"{spec.id} is not cached and offline mode allows only local sources "
-                f"(it has: {', '.join(kinds)}); pass --local-dir with the file, or go online")
+        return (f"{spec.id} is not cached and offline mode allows only local sources and the "
+                f"Hugging Face cache (it has: {', '.join(kinds)}); pass --local-dir with the "
+                "file, or go online")
     return f"{spec.id} has no {only} source (it has: {', '.join(kinds)})"
 
 
