@@ -9,8 +9,9 @@ Where things are is found the way ``huggingface_hub`` finds them:
   ``$XDG_CACHE_HOME/huggingface``, then ``~/.cache/huggingface``).
 
 The token goes only to URLs of the endpoint's origin (scheme, host and port): never to the CDN
-a download is redirected to (requests drops ``Authorization`` when a redirect changes the
-origin) and never to a ``--mirror`` that moves the endpoint elsewhere.  It is kept off every
+a download is redirected to (requests drops ``Authorization`` on such a redirect, and the
+download engine sends none with the pieces it then fetches from the CDN directly) and never
+to a ``--mirror`` that moves the endpoint elsewhere.  It is kept off every
 ``repr`` and message.
 """
 
@@ -22,14 +23,15 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import requests
+from typing import TYPE_CHECKING, Any, Literal
 
 from ckptkit import __version__
 from ckptkit.errors import AuthError, NotFoundError, SourceError, UsageError
 from ckptkit.hub.reasons import http_reason, network_reason
 from ckptkit.storage.mirrors import Mirrors
+
+if TYPE_CHECKING:  # requests is imported only when a request is sent (doctor --offline never)
+    import requests
 
 RepoType = Literal["model", "dataset"]
 REPO_TYPES: tuple[RepoType, ...] = ("model", "dataset")
@@ -170,6 +172,8 @@ def _repo_file(sibling: dict[str, Any]) -> RepoFile:
 
 def _get(url: str, headers: dict[str, str], timeout: float, backoff: Any) -> requests.Response:
     """GET with retries on dropped connections, 429 and 5xx (``Retry-After`` honoured)."""
+    import requests
+
     if backoff is None:
         from ckptkit.hub.download import download as knobs
 
