@@ -111,6 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     total = args.files * args.file_mib * MiB
     py = sys.executable
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ckpt-hf-bench-") as tmp:
         scratch = Path(tmp)
         print(f"writing {args.files} x {args.file_mib} MiB ...", file=sys.stderr)
@@ -129,11 +130,11 @@ def main() -> None:
                         walls[name] + time.perf_counter() - start)
                 print(f"bench: {name}: kill -9 at 40 % and rerun", file=sys.stderr)
                 resumed[name] = bench.killed_then_rerun(name, cmd)
-    report(walls, resumed, total, args)
+    report(walls, resumed, total, args, (load_before, os.getloadavg()[0]))
 
 
 def report(walls: dict[str, float], resumed: dict[str, float], total: int,
-           args: argparse.Namespace) -> None:
+           args: argparse.Namespace, load: tuple[float, float]) -> None:
     from ckptkit.config import DEFAULT_CONNECTIONS as connections
 
     mbps = {k: total / v / MiB for k, v in walls.items()}
@@ -165,7 +166,9 @@ downloads each file over one connection, {args.files} files at once, and hashes 
 | ckpt bytes, kill -9 at 40 % + rerun | {again:.2f}× the repo | ≤ 1.1× ({verdict(again <= 1.1)}) |
 
 Bytes are counted by the stand-in (every body byte either server wrote, API answers
-included); the kill lands once they pass 40 % of the repo.
+included); the kill lands once they pass 40 % of the repo.  The stand-in runs in the
+benchmark's own process and shares the CPU with the tools; load average {load[0]:.1f} at the
+start, {load[1]:.1f} at the end ({os.cpu_count()} cores).
 """
     update_section("hf", body, "scripts/bench/hf")
     name = f"hf, {args.files} × {args.file_mib} MiB at {args.rate_mib:g} MiB/s per connection"
