@@ -135,7 +135,8 @@ def _hub_plan_text(plan) -> str:
 
 def _plan_text(plan) -> str:
     lines = [f"Plan for {render.safe(', '.join(plan.models))}"
-             + ("  (offline: local sources only)" if plan.settings.offline else "")]
+             + ("  (offline: local sources and the Hugging Face cache only)"
+                if plan.settings.offline else "")]
     rows = []
     for f in plan.files:
         state = "cached" if f.cached else "fetch"
