@@ -3,6 +3,7 @@ safetensors library, a config.json, and a stand-in holding them."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Iterator
 
@@ -28,6 +29,22 @@ def safetensors_bytes(rows: int = 64, seed: int = 0) -> bytes:
 
 
 WEIGHTS = safetensors_bytes()
+
+
+def reread_hf_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``huggingface_hub.constants`` what a process started now would read: the client
+    reads ``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``... once, at import, so a test that
+    sets them in this process re-reads the module under the new environment and patches
+    its values in (undone with ``monkeypatch``)."""
+    from huggingface_hub import constants
+
+    spec = importlib.util.find_spec("huggingface_hub.constants")
+    assert spec is not None and spec.loader is not None
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    for name in dir(fresh):
+        if name.isupper() and getattr(fresh, name) != getattr(constants, name, None):
+            monkeypatch.setattr(constants, name, getattr(fresh, name), raising=False)
 
 
 @pytest.fixture

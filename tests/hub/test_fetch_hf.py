@@ -18,7 +18,8 @@ import pytest
 
 from ckptkit.testing.hf_hub import Fault, HfHubStandIn
 from tests.conftest import SRC, run_main
-from tests.hf_content import CONFIG, NOTES, TOKEN, WEIGHTS, hub  # noqa: F401  (fixture)
+from tests.hf_content import (CONFIG, NOTES, TOKEN, WEIGHTS, hub,  # noqa: F401  (fixture)
+                              reread_hf_constants)
 from tests.testing.test_testing_hf_client import repo_cache, run_client
 
 pytest.importorskip("huggingface_hub")
@@ -36,6 +37,7 @@ def env(hub: HfHubStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
     for name, value in hub.client_env(home).items():
         if name.startswith("HF_"):
             monkeypatch.setenv(name, value)
+    reread_hf_constants(monkeypatch)
     monkeypatch.setenv("CKPTKIT_CACHE", str(tmp_path / "ckpt"))
     monkeypatch.setenv("CKPTKIT_CONFIG", str(tmp_path / "config"))
     monkeypatch.setattr("ckptkit.hub.download.download.BACKOFF_BASE", 0.01)
@@ -359,6 +361,7 @@ def test_mirror_rewrites_the_hub_endpoint_and_datasets_work(
                  repo_type="dataset")
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # for the endpoint; a mirror elsewhere never gets it
+    reread_hf_constants(monkeypatch)
     result = fetch_json(capsys, "hf:org/data", "--repo-type", "dataset", "--mirror",
                         f"https://hub.example.invalid={hub.endpoint}")
     assert result["repo_type"] == "dataset"
