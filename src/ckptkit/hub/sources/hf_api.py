@@ -173,8 +173,7 @@ def api_endpoint(env: HubEnv, mirrors: Mirrors) -> str:
 
 
 def fetch_revision(env: HubEnv, repo_id: str, revision: str, repo_type: RepoType, *,
-                   mirrors: Mirrors = Mirrors(), timeout: float = 30.0,
-                   backoff: Any = None) -> RepoRevision:
+                   mirrors: Mirrors = Mirrors(), timeout: float = 30.0) -> RepoRevision:
     """Ask the Hub, through ``HfApi.repo_info(files_metadata=True)``, which commit
     ``revision`` is and which files it holds (sizes, Git blob ids, LFS sha256).
 
@@ -189,18 +188,16 @@ def fetch_revision(env: HubEnv, repo_id: str, revision: str, repo_type: RepoType
         SourceError: the Hub unreachable, or answering 429/5xx, after retries.
     """
     hub_constants()  # the one-line "pip install 'ckptkit[hf]'" before anything else
-    import httpx2  # huggingface_hub's HTTP client: what its transport errors are
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    transport_error = _transport_error()
 
     endpoint = api_endpoint(env, mirrors)
     api = HfApi(endpoint=endpoint, token=env.token_for(endpoint), library_name="ckptkit",
                 library_version=__version__)
     name, where = f"hf:{repo_id}", f"{endpoint}/api/{repo_type}s/{repo_id}"
-    if backoff is None:
-        from ckptkit.hub.download import download as knobs
-
-        backoff = knobs._backoff
+    from ckptkit.hub.download.download import _backoff as backoff  # the engine's knobs
     from ckptkit.hub.download.transfer_plan import parse_retry_after
 
     for attempt in range(RETRIES + 1):
@@ -213,13 +210,13 @@ def fetch_revision(env: HubEnv, repo_id: str, revision: str, repo_type: RepoType
             if status not in _RETRY_STATUSES or attempt == RETRIES:
                 raise _api_error(exc, env, endpoint, name, revision, where) from None
             wait = parse_retry_after(exc.response.headers.get("Retry-After"))
-            time.sleep(backoff(attempt, wait))
-        except httpx2.TransportError as exc:
+            time.sleep(backoff(attempt + 1, wait))
+        except transport_error as exc:
             if attempt == RETRIES:
                 raise SourceError(f"the Hub at {endpoint} is unreachable: "
                                   f"{network_reason(exc, timeout)}", url=where,
                                   reason=network_reason(exc, timeout)) from exc
-            time.sleep(backoff(attempt, None))
+            time.sleep(backoff(attempt + 1, None))
         except OfflineModeIsEnabled:
             raise NotFoundError(f"{name}: HF_HUB_OFFLINE is set, so huggingface_hub sends "
                                 "nothing to the Hub", reason="HF_HUB_OFFLINE is set",
@@ -231,6 +228,17 @@ def fetch_revision(env: HubEnv, repo_id: str, revision: str, repo_type: RepoType
     except (ValueError, TypeError) as exc:
         raise SourceError(f"{name}: the Hub's listing at {where} lacks file sizes or ids "
                           f"({exc})", url=where, reason="not a Hub API answer") from exc
+
+
+def _transport_error() -> type[Exception]:
+    """The base of the connection errors of the HTTP client ``huggingface_hub`` sends with
+    (``httpx``, or ``httpx2`` in recent releases): asked of its session, not guessed."""
+    import importlib
+
+    from huggingface_hub import get_session
+
+    package = type(get_session()).__module__.split(".")[0]
+    return importlib.import_module(package).TransportError  # type: ignore[no-any-return]
 
 
 def _repo_file(sibling: Any) -> RepoFile:
@@ -251,11 +259,15 @@ def _api_error(exc: Any, env: HubEnv, endpoint: str, name: str, revision: str,
 
     response = exc.response
     status = response.status_code if response is not None else None
-    # A private repo answers 401 to a request without a token, as a gated one does.
+    code = response.headers.get("X-Error-Code") if response is not None else None
+    if status == 401 and code == "RepoNotFound" and not env.headers_for(endpoint):
+        # Without a token the Hub cannot tell a missing repo from a private one.
+        return AuthError(f"{name}: no such repo on {endpoint}, or a private one that needs a "
+                         "Hugging Face token", hint=TOKEN_HINT, url=where, status=status,
+                         reason="not found, or a token is needed")
     if isinstance(exc, GatedRepoError) or status in (401, 403):
-        code = "GatedRepo" if isinstance(exc, GatedRepoError) else (
-            response.headers.get("X-Error-Code") if response is not None else None)
-        return access_error(env, name, status, code, where)
+        return access_error(env, name, status, "GatedRepo" if isinstance(exc, GatedRepoError)
+                            else code, where)
     if isinstance(exc, RevisionNotFoundError):
         return NotFoundError(f"{name} has no revision {revision!r}",
                              hint="Name a branch, a tag or a full commit id",
