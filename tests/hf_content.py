@@ -3,14 +3,18 @@ safetensors library, a config.json, and a stand-in holding them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
-from ckptkit.testing.hf_hub import HfHubStandIn
+from ckptkit.testing.hf_hub import HfHubStandIn, client_constants_now
+
+try:  # read now, under the environment pytest started with (what reread_hf_constants restores)
+    import huggingface_hub.constants  # noqa: F401
+except ImportError:
+    pass
 
 CONFIG = json.dumps({"model_type": "tiny", "hidden_size": 64}, indent=2).encode() + b"\n"
 NOTES = b"trained for 3 steps\n"
@@ -32,19 +36,13 @@ WEIGHTS = safetensors_bytes()
 
 
 def reread_hf_constants(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make ``huggingface_hub.constants`` what a process started now would read: the client
-    reads ``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``... once, at import, so a test that
-    sets them in this process re-reads the module under the new environment and patches
-    its values in (undone with ``monkeypatch``)."""
+    """Make ``huggingface_hub.constants`` what a process started now would read (the client
+    reads ``HF_*`` variables once, at import): for a test that sets them in this process.
+    Undone with ``monkeypatch``, back to the values read when this module was imported."""
     from huggingface_hub import constants
 
-    spec = importlib.util.find_spec("huggingface_hub.constants")
-    assert spec is not None and spec.loader is not None
-    fresh = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fresh)
-    for name in dir(fresh):
-        if name.isupper() and getattr(fresh, name) != getattr(constants, name, None):
-            monkeypatch.setattr(constants, name, getattr(fresh, name), raising=False)
+    for name, value in client_constants_now().items():
+        monkeypatch.setattr(constants, name, value, raising=False)
 
 
 @pytest.fixture

@@ -461,6 +461,16 @@ def test_mirror_rewrites_the_hub_endpoint_and_datasets_work(
     assert again["commit"] == result["commit"]
 
 
+@pytest.mark.parametrize("rule", ["{endpoint}/api/=http://127.0.0.1:9/v1/",
+                                  "{endpoint}=ftp://127.0.0.1:9"])
+def test_a_mirror_that_does_not_move_the_whole_endpoint_is_a_usage_error(
+        hub: HfHubStandIn, env: Path, capsys: pytest.CaptureFixture[str], rule: str) -> None:
+    code, out, err = run_main(capsys, "fetch", "hf:org/tiny", "--mirror",
+                              rule.format(endpoint=hub.endpoint))
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "not an http(s) Hub endpoint" in err and not hub.hub.hits()
+
+
 def test_bad_names_and_flags_are_usage_errors(env: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     for args in (["hf:org"], ["hf:org/a/b"], ["hf:org/tiny@"], ["hf:org/tiny", "loftr"],

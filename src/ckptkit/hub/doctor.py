@@ -19,7 +19,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ckptkit.hub import catalogue as catalogue_mod
 from ckptkit.hub.download import waiting
@@ -33,9 +32,8 @@ from ckptkit.errors import CkptkitError, MissingDependencyError, NotFoundError, 
 from ckptkit.storage.hashing import sha256_and_size, tree_size
 from ckptkit.hub.pins import Pins, PinsSnapshot
 from ckptkit.hub.probes import ProbeRequest, ProbeResult, download_probe, kaggle_probe, send
-
-if TYPE_CHECKING:
-    from ckptkit.hub.sources.hf_api import HubEnv
+from ckptkit.hub.sources.hf_api import HubEnv, resolve_url
+from ckptkit.hub.sources.hf_cache import HubRepoCache
 
 MAX_WORKERS = 8
 _ON_DISK = "on disk"
@@ -176,9 +174,6 @@ def _plan_hf(source: SourceSpec, settings: Settings) -> PlannedSource:
     """The file's ``resolve`` on the Hub endpoint (``huggingface_hub``'s ``HF_ENDPOINT``,
     mirror applied) and its copy in the Hugging Face cache (the snapshot ``refs/<revision>``
     points to)."""
-    from ckptkit.hub.sources.hf_api import HubEnv, resolve_url
-    from ckptkit.hub.sources.hf_cache import HubRepoCache
-
     try:
         env = HubEnv.from_environ(with_token=False)  # the token only when probing
     except MissingDependencyError:
@@ -234,8 +229,6 @@ class _Run:
     def hf_env(self) -> HubEnv:
         """The Hub token and endpoint, looked up only when a Hub probe is sent (the lookup
         imports huggingface_hub's HTTP stack, which an offline doctor never loads)."""
-        from ckptkit.hub.sources.hf_api import HubEnv
-
         return HubEnv.from_environ()
 
     def files(self) -> dict[str, FileReport]:

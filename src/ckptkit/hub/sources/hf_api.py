@@ -146,6 +146,9 @@ class RepoRevision:
 
 def resolve_url(endpoint: str, repo_type: RepoType, repo_id: str, commit: str,
                 path: str) -> str:
+    """A file's ``resolve`` URL, which ckptkit's engine downloads (the Hub's URL scheme, as
+    ``huggingface_hub.hf_hub_url`` writes it; built here so that ``doctor --offline`` shows it
+    without loading the client's HTTP stack)."""
     prefix = "datasets/" if repo_type == "dataset" else ""
     return (f"{endpoint}/{prefix}{repo_id}/resolve/{urllib.parse.quote(commit, safe='')}/"
             f"{urllib.parse.quote(path)}")
