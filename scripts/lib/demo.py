@@ -139,12 +139,23 @@ class Demo:
     @contextlib.contextmanager
     def _environment(self, extra: dict[str, str] | None) -> Iterator[None]:
         saved, cwd = dict(os.environ), os.getcwd()
+        try:  # imported under the outer environment, so that it can be put back
+            from huggingface_hub import constants
+        except ImportError:
+            constants = None
+        kept = dict(vars(constants)) if constants is not None else {}
         os.environ.clear()
         os.environ.update(self.environment(extra))
         os.chdir(self.work)
         try:
+            if constants is not None:  # read once, at import: as a ckpt process would read it
+                from ckptkit.testing.hf_hub import client_constants_now
+
+                vars(constants).update(client_constants_now())
             yield
         finally:
+            if constants is not None:
+                vars(constants).update({k: v for k, v in kept.items() if k.isupper()})
             os.chdir(cwd)
             os.environ.clear()
             os.environ.update(saved)

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from ckptkit.testing.hf_hub import Fault, HfHubStandIn
-from tests.conftest import SRC, run_main
-from tests.hf_content import CONFIG, NOTES, TOKEN, WEIGHTS, hub  # noqa: F401  (fixture)
+from tests.conftest import SRC, run_ckpt_without, run_main
+from tests.hf_content import (CONFIG, NOTES, TOKEN, WEIGHTS, hub,  # noqa: F401  (fixture)
+                              reread_hf_constants)
 from tests.testing.test_testing_hf_client import repo_cache, run_client
 
 pytest.importorskip("huggingface_hub")
@@ -36,6 +37,7 @@ def env(hub: HfHubStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
     for name, value in hub.client_env(home).items():
         if name.startswith("HF_"):
             monkeypatch.setenv(name, value)
+    reread_hf_constants(monkeypatch)
     monkeypatch.setenv("CKPTKIT_CACHE", str(tmp_path / "ckpt"))
     monkeypatch.setenv("CKPTKIT_CONFIG", str(tmp_path / "config"))
     monkeypatch.setattr("ckptkit.hub.download.download.BACKOFF_BASE", 0.01)
@@ -136,6 +138,94 @@ def test_stored_token_of_huggingface_hub_is_used(hub: HfHubStandIn, env: Path,
     (env / "token").write_text(TOKEN)  # where `hf auth login` stores it (HF_HOME/token)
     code, out, err = run_main(capsys, "fetch", "hf:org/gated")
     assert code == 0, err and TOKEN not in out + err
+
+
+@pytest.mark.parametrize("ref, token, expect", [
+    ("hf:org/missing", None, "hf:org/missing: no such repo on http://127.0.0.1:"),
+    ("hf:org/tiny@no-such-branch", None, "hf:org/tiny has no revision 'no-such-branch'"),
+    ("hf:org/secret", None, "or a private one that needs a Hugging Face token. Set HF_TOKEN"),
+    ("hf:org/secret", "hf_someone_elses_token", "hf:org/secret: no such repo"),
+    ("hf:org/tiny", "hf_not_a_token_at_all", "the Hub refused the token from HF_TOKEN"),
+])
+def test_hub_api_errors_are_one_line_exit_4_without_the_token(
+        hub: HfHubStandIn, env: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, ref: str, token: str | None, expect: str) -> None:
+    hub.add_repo("org/secret", {"config.json": CONFIG}, private=True)
+    hub.grant("hf_someone_elses_token")  # valid, but not for org/secret
+    if token is not None:
+        monkeypatch.setenv("HF_TOKEN", token)
+    code, out, err = run_main(capsys, "fetch", ref)
+    assert code == 4 and out == "" and err.count("\n") == 1, err
+    assert expect in err and (token is None or token not in err)
+
+
+def test_hub_answering_429_to_every_retry_is_a_one_line_exit_4(
+        hub: HfHubStandIn, env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub.inject(Fault("status", status=429, retry_after="0", times=None), "org/tiny", on="api")
+    code, out, err = run_main(capsys, "fetch", "hf:org/tiny")
+    assert code == 4 and out == "" and err.count("\n") == 1, err
+    assert "HTTP 429" in err
+    assert [r.status for r in hub.hub.hits()].count(429) == 5  # the first try and 4 retries
+
+
+def test_unreachable_hub_is_a_one_line_exit_4_after_retries(
+        env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    reread_hf_constants(monkeypatch)
+    code, out, err = run_main(capsys, "fetch", "hf:org/tiny")
+    assert code == 4 and out == "" and err.count("\n") == 1, err
+    assert f"the Hub at {dead} is unreachable: connection refused" in err
+
+
+def test_hf_hub_offline_is_obeyed_and_points_at_offline(
+        hub: HfHubStandIn, env: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reread_hf_constants(monkeypatch)
+    code, out, err = run_main(capsys, "fetch", "hf:org/tiny")
+    assert code == 4 and out == "" and err.count("\n") == 1, err
+    assert "HF_HUB_OFFLINE is set" in err and "--offline" in err
+    assert not hub.hub.hits()
+
+
+def test_without_huggingface_hub_the_hub_source_names_the_extra(hub: HfHubStandIn,
+                                                                tmp_path: Path) -> None:
+    result = run_ckpt_without(("huggingface_hub",), "fetch", "hf:org/tiny",
+                              "--cache-dir", str(tmp_path / "ckpt"))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "huggingface_hub" in result.stderr and "pip install 'ckptkit[hf]'" in result.stderr
+    assert not hub.hub.hits()
+    # Doctor says so on the row of each Hub source, and goes on with the others.
+    doctor = run_ckpt_without(("huggingface_hub",), "doctor", "loftr", "--offline", "--json",
+                              "-q", "--cache-dir", str(tmp_path / "ckpt"))
+    [model] = json.loads(doctor.stdout)["models"]
+    rows = [s for f in model["files"] for s in f["sources"]]
+    assert {s["reachable"]["detail"] for s in rows if s["type"] == "hf"} == {
+        "huggingface_hub not installed: pip install 'ckptkit[hf]'"}
+    assert {s["type"] for s in rows} > {"hf"}
+
+
+def test_offline_doctor_of_a_hub_source_imports_no_http_stack(hub: HfHubStandIn,
+                                                              tmp_path: Path) -> None:
+    code = ("import sys\nfrom ckptkit.cli.main import main\n"
+            "try:\n    main(['doctor', 'loftr', '--offline', '-q', '--json'])\n"
+            "except SystemExit as exc:\n    code = exc.code\n"
+            "print('loaded', sorted(m for m in ('httpx2', 'httpx', 'requests', 'urllib3') "
+            "if m in sys.modules), 'hf', 'huggingface_hub' in sys.modules, file=sys.stderr)")
+    env = {**hub.client_env(tmp_path / "hf", token=TOKEN), "PYTHONPATH": str(SRC),
+           "CKPTKIT_CACHE": str(tmp_path / "ckpt"), "CKPTKIT_CONFIG": str(tmp_path / "config")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.stderr.strip().splitlines()[-1] == "loaded [] hf True", result.stderr[-2000:]
+    [model] = json.loads(result.stdout)["models"]
+    [row] = [s for f in model["files"] for s in f["sources"] if s["type"] == "hf"]
+    assert row["authenticated"]["status"] == "not_checked" and TOKEN not in result.stdout
 
 
 def test_corrupted_lfs_object_exits_3_and_leaves_no_wrong_bytes(
@@ -359,6 +449,7 @@ def test_mirror_rewrites_the_hub_endpoint_and_datasets_work(
                  repo_type="dataset")
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # for the endpoint; a mirror elsewhere never gets it
+    reread_hf_constants(monkeypatch)
     result = fetch_json(capsys, "hf:org/data", "--repo-type", "dataset", "--mirror",
                         f"https://hub.example.invalid={hub.endpoint}")
     assert result["repo_type"] == "dataset"
@@ -368,6 +459,16 @@ def test_mirror_rewrites_the_hub_endpoint_and_datasets_work(
     assert not [r for r in hub.hub.hits() if r.header("Authorization")]
     again = fetch_json(capsys, "hf:datasets/org/data", "--offline")
     assert again["commit"] == result["commit"]
+
+
+@pytest.mark.parametrize("rule", ["{endpoint}/api/=http://127.0.0.1:9/v1/",
+                                  "{endpoint}=ftp://127.0.0.1:9"])
+def test_a_mirror_that_does_not_move_the_whole_endpoint_is_a_usage_error(
+        hub: HfHubStandIn, env: Path, capsys: pytest.CaptureFixture[str], rule: str) -> None:
+    code, out, err = run_main(capsys, "fetch", "hf:org/tiny", "--mirror",
+                              rule.format(endpoint=hub.endpoint))
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "not an http(s) Hub endpoint" in err and not hub.hub.hits()
 
 
 def test_bad_names_and_flags_are_usage_errors(env: Path,

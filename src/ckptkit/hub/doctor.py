@@ -13,6 +13,7 @@ are :mod:`ckptkit.hub.diagnosis`'s.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,10 +28,12 @@ from ckptkit.config import DOCTOR_TIMEOUT, Settings
 from ckptkit.hub.credentials import KaggleLookup, in_colab, look_up_kaggle_credentials
 from ckptkit.hub.diagnosis import (Check, DoctorReport, FileReport, SourceReport, judge,
                                not_applicable, not_checked)
-from ckptkit.errors import CkptkitError, NotFoundError, UsageError
+from ckptkit.errors import CkptkitError, MissingDependencyError, NotFoundError, UsageError
 from ckptkit.storage.hashing import sha256_and_size, tree_size
 from ckptkit.hub.pins import Pins, PinsSnapshot
 from ckptkit.hub.probes import ProbeRequest, ProbeResult, download_probe, kaggle_probe, send
+from ckptkit.hub.sources.hf_api import HubEnv, resolve_url
+from ckptkit.hub.sources.hf_cache import HubRepoCache
 
 MAX_WORKERS = 8
 _ON_DISK = "on disk"
@@ -168,12 +171,14 @@ def _plan_source(source: SourceSpec, spec: FileSpec, settings: Settings) -> Plan
 
 
 def _plan_hf(source: SourceSpec, settings: Settings) -> PlannedSource:
-    """The file's ``resolve`` on the Hub endpoint (``HF_ENDPOINT``, mirror applied) and its
-    copy in the Hugging Face cache (the snapshot ``refs/<revision>`` points to)."""
-    from ckptkit.hub.sources.hf_api import HubEnv, resolve_url
-    from ckptkit.hub.sources.hf_cache import HubRepoCache
-
-    env = HubEnv.from_environ()
+    """The file's ``resolve`` on the Hub endpoint (``huggingface_hub``'s ``HF_ENDPOINT``,
+    mirror applied) and its copy in the Hugging Face cache (the snapshot ``refs/<revision>``
+    points to)."""
+    try:
+        env = HubEnv.from_environ(with_token=False)  # the token only when probing
+    except MissingDependencyError:
+        return PlannedSource(source, settings.mirrors.rewrite(source.ref),
+                             problem="huggingface_hub not installed: pip install 'ckptkit[hf]'")
     url = settings.mirrors.rewrite(resolve_url(env.endpoint, source.repo_type, source.repo or "",
                                                source.revision, source.filename or ""))
     repo = HubRepoCache(env.hub_cache, source.repo_type, source.repo or "")
@@ -219,9 +224,12 @@ class _Run:
         self.hashes: dict[Path, Future[tuple[str, int]]] = {}  # sha256 and size
         self.verified: dict[str, Future[tuple[CacheEntry, str]]] = {}
         self.copies: dict[tuple[str, SourceSpec], list[Path]] = {}
-        from ckptkit.hub.sources.hf_api import HubEnv
 
-        self.hf_env = HubEnv.from_environ()
+    @functools.cached_property
+    def hf_env(self) -> HubEnv:
+        """The Hub token and endpoint, looked up only when a Hub probe is sent (the lookup
+        imports huggingface_hub's HTTP stack, which an offline doctor never loads)."""
+        return HubEnv.from_environ()
 
     def files(self) -> dict[str, FileReport]:
         try:
@@ -369,11 +377,13 @@ class _Run:
         return not_applicable("not needed")
 
     def _hf_auth(self, s: PlannedSource, result: ProbeResult | None) -> Check:
+        if s.problem is not None:
+            return not_checked("source unusable")
+        if result is None:
+            return not_checked("offline")
         env = self.hf_env
         have = (f"token from {env.token_origin}" if env.token and s.target
                 and env.headers_for(s.target) else "no token")
-        if result is None:
-            return not_checked(f"offline; {have}")
         if result.status in (401, 403):
             return Check("fail", f"HTTP {result.status}, {have}"
                          + ("; set HF_TOKEN or run `hf auth login`" if have == "no token"

@@ -273,12 +273,13 @@ def plan_snapshot(ref: HubRef, settings: Settings, *, include: Sequence[str] = (
     """Resolve ``ref`` and decide which files to fetch.
 
     Raises:
+        MissingDependencyError: huggingface_hub (``ckptkit[hf]``) is not installed.
         AuthError, NotFoundError, SourceError: from the Hub API (see
             :func:`~ckptkit.hub.sources.hf_api.fetch_revision`).
         NotFoundError: offline, and the cache has no snapshot of the revision; or no file of
             the revision matches the patterns.
     """
-    env = env or HubEnv.from_environ()
+    env = env or HubEnv.from_environ(with_token=not settings.offline)
     if settings.offline:
         revision = _offline_revision(ref, env)
     else:
@@ -384,7 +385,7 @@ def deliver(source: Any, staged: Path, settings: Settings, *,
                              repo_type=repo_type,
                              progress=(lambda _n, _t: progress) if progress else None)
     local.place(blob, staged)
-    env = HubEnv.from_environ()
+    env = HubEnv.from_environ(with_token=False)
     return Delivered(resolve_url(env.endpoint, repo_type, source.repo, source.revision,
                                  source.filename), result.size, result.sha256,
                      result.transferred)
