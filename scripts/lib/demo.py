@@ -277,6 +277,12 @@ def steps(demo: Demo) -> None:
                         ("model.safetensors", ("--filter", "encoder.*")),
                         ("flax_params.msgpack", ("--depth", "2"))):
         demo.run(None, "inspect", f"{samples}/{name}", *extra)
+    demo.say("And the formats passed around besides checkpoints: a GGUF for llama.cpp (its "
+             "chat template escaped), an ONNX model with external weights, a Keras archive")
+    demo.run("inspect-gguf", "inspect", f"{samples}/tiny_llama.gguf")
+    demo.run("inspect-onnx", "inspect", f"{samples}/onnx_mlp/mlp.onnx")
+    # Not shown in the docs: without h5py (the core install) the weights are not listed.
+    demo.run(None, "inspect", f"{samples}/keras_mlp.keras")
     _hugging_face(demo)
 
     demo.say("What the demo wrote (kept with --keep DIR; transcript.md is written last)")

@@ -38,6 +38,7 @@ EXTRAS: tuple[tuple[str, str, str], ...] = (
     ("jax", "jax", "jax"),
     ("flax", "flax", "jax"),
     ("safetensors", "safetensors", "safetensors"),
+    ("h5py", "h5py", "keras"),
 )
 #: Variables that change where files go or how the network is reached (values shown).
 SHOWN_VARIABLES = ("TFHUB_CACHE_DIR", "KAGGLEHUB_CACHE", "KAGGLE_CONFIG_DIR", "HF_ENDPOINT",
