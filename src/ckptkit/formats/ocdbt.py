@@ -163,8 +163,20 @@ def _pick(files: list[tuple[str, str]], index: int, r: _Reader) -> tuple[str, st
     return files[index]
 
 
-def read_database(root: Location) -> Database:
+class DataFileError(IntegrityError):
+    """A data file is missing (``kind`` ``missing-file``) or shorter than a record in it needs
+    (``truncated``)."""
+
+    def __init__(self, message: str, *, kind: str, path: str, hint: str):
+        super().__init__(message, hint=hint, path=path)
+        self.kind = kind
+
+
+def read_database(root: Location, problems: list[IntegrityError] | None = None) -> Database:
     """Every key of the latest version of the OCDBT database at ``root``.
+
+    With ``problems`` (a list), a B+tree node that cannot be read is appended there and its
+    subtree left out, so a verifier sees every broken node; without it the first one raises.
 
     Raises:
         NotFoundError: no ``manifest.ocdbt``.
@@ -207,7 +219,7 @@ def read_database(root: Location) -> Database:
     if lengths[latest]:
         path, transitive = _pick(files, ids[latest], r)
         _walk(root, ValueRef(path, offsets[latest], lengths[latest]), transitive,
-              heights[latest], b"", limit, entries, nodes)
+              heights[latest], b"", limit, entries, nodes, problems)
     return Database(entries, tuple(nodes), generations[latest], config)
 
 
@@ -217,23 +229,41 @@ def read_value(root: Location, ref: ValueRef) -> bytes:
     Raises:
         IntegrityError: the data file is missing or too short (its name is in the message).
     """
-    where = root.child(ref.file)
+    check_extent(root, ref.file, ref.offset + ref.length)
+    return root.child(ref.file).read(ref.offset, ref.length)
+
+
+def check_extent(root: Location, file: str, end: int) -> None:
+    """Raise :class:`DataFileError` unless data file ``file`` exists and holds ``end`` bytes."""
+    where = root.child(file)
+    hint = "The checkpoint is incomplete; re-save it or restore the file from a copy"
     try:
         size = where.size()
     except CkptkitError:
-        raise IntegrityError(f"{where}: data file is missing", path=str(where),
-                             hint="The checkpoint is incomplete; re-save it or restore the "
-                                  "file from a copy") from None
-    if ref.offset + ref.length > size:
-        raise IntegrityError(f"{where}: needs bytes {ref.offset:,}..{ref.offset + ref.length:,}"
-                             f" but the file has {size:,} (truncated?)", path=str(where),
-                             hint="The checkpoint is incomplete; re-save it or restore the "
-                                  "file from a copy")
-    return where.read(ref.offset, ref.length)
+        raise DataFileError(f"{where}: data file is missing", kind="missing-file",
+                            path=str(where), hint=hint) from None
+    if end > size:
+        raise DataFileError(f"{where}: records in it reach byte {end:,} but the file has "
+                            f"{size:,} (truncated)", kind="truncated", path=str(where),
+                            hint=hint)
 
 
 def _walk(root: Location, ref: ValueRef, transitive: str, height: int, prefix: bytes,
-          limit: int, entries: dict[bytes, bytes | ValueRef], nodes: list[ValueRef]) -> None:
+          limit: int, entries: dict[bytes, bytes | ValueRef], nodes: list[ValueRef],
+          problems: list[IntegrityError] | None) -> None:
+    """Read the node at ``ref`` and its subtree into ``entries``."""
+    if problems is None:
+        _node(root, ref, transitive, height, prefix, limit, entries, nodes, problems)
+        return
+    try:
+        _node(root, ref, transitive, height, prefix, limit, entries, nodes, problems)
+    except IntegrityError as exc:
+        problems.append(exc)
+
+
+def _node(root: Location, ref: ValueRef, transitive: str, height: int, prefix: bytes,
+          limit: int, entries: dict[bytes, bytes | ValueRef], nodes: list[ValueRef],
+          problems: list[IntegrityError] | None) -> None:
     if height > _MAX_HEIGHT:
         raise IntegrityError(f"{root}: OCDBT tree deeper than {_MAX_HEIGHT} levels")
     nodes.append(ref)
@@ -264,7 +294,7 @@ def _walk(root: Location, ref: ValueRef, transitive: str, height: int, prefix: b
             if common[i] > len(keys[i]):
                 raise r.bad("subtree prefix longer than its key")
             _walk(root, ValueRef(path, offsets[i], lengths[i]), below, height - 1,
-                  prefix + keys[i][:common[i]], limit, entries, nodes)
+                  prefix + keys[i][:common[i]], limit, entries, nodes, problems)
         return
     lengths = r.varints(count)
     kinds = r.varints(count)

@@ -11,6 +11,8 @@ Tensor data is never decoded here: TensorStore reads it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ckptkit.errors import IntegrityError
 
 _MAGIC = 0xFD2FB528
@@ -442,4 +444,44 @@ def _frame(view: memoryview, pos: int, result: bytearray, limit: int) -> int:
     if descriptor & 0x04:
         pos += 4  # content checksum (XXH64); OCDBT records carry their own CRC-32C
     result += out
+    return pos
+
+
+def frames_end(read: Callable[[int, int], bytes], size: int) -> int:
+    """Where the zstd frames of a ``size``-byte file end, from frame and block headers only
+    (``read(offset, length)`` reads the file): equal to ``size`` for a whole file.
+
+    Raises:
+        ZstdError: a header is malformed, or a block runs past ``size`` (truncated).
+    """
+    pos = 0
+    while pos < size:
+        head = read(pos, 14)
+        if len(head) < 5:
+            raise _bad(f"frame header cut off at byte {pos:,}")
+        magic = int.from_bytes(head[:4], "little")
+        if magic & 0xFFFFFFF0 == 0x184D2A50:
+            pos += 8 + int.from_bytes(head[4:8], "little")
+            continue
+        if magic != _MAGIC:
+            raise _bad(f"bad frame magic {magic:#010x} at byte {pos:,}")
+        descriptor = head[4]
+        single = descriptor >> 5 & 1
+        pos += 5 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3] + \
+            (1 if single else 0, 2, 4, 8)[descriptor >> 6]
+        while True:
+            block = read(pos, 3)
+            if len(block) < 3:
+                raise _bad(f"block header cut off at byte {pos:,} of {size:,}")
+            header = int.from_bytes(block, "little")
+            pos += 3 + (1 if (header >> 1) & 3 == 1 else header >> 3)
+            if pos > size:
+                raise _bad(f"a block ends at byte {pos:,} but the data has {size:,} "
+                           "(truncated)")
+            if header & 1:
+                break
+        if descriptor & 0x04:
+            pos += 4
+    if pos != size:
+        raise _bad(f"the last frame ends at byte {pos:,} but the data has {size:,} (truncated)")
     return pos
