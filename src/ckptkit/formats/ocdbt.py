@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from ckptkit.errors import CkptkitError, IntegrityError, NotFoundError
+from ckptkit.errors import CkptkitError, IntegrityError
 from ckptkit.formats.crc32c import crc32c_fast
 from ckptkit.formats.zstd import decompress
 from ckptkit.storage import budget
@@ -179,14 +179,14 @@ def read_database(root: Location, problems: list[IntegrityError] | None = None) 
     subtree left out, so a verifier sees every broken node; without it the first one raises.
 
     Raises:
-        NotFoundError: no ``manifest.ocdbt``.
-        IntegrityError: a record is missing, truncated, fails its CRC or does not decode; the
+        IntegrityError: no ``manifest.ocdbt`` (:class:`DataFileError`), or a record is missing, truncated, fails its CRC or does not decode; the
             message names the file.
     """
     manifest = root.child(MANIFEST)
     if not manifest.is_file():
-        raise NotFoundError(f"{manifest}: no such file", path=str(manifest),
-                            hint="An OCDBT checkpoint needs its manifest.ocdbt")
+        raise DataFileError(f"{manifest}: missing", kind="missing-file", path=str(manifest),
+                            hint="An OCDBT database needs its manifest.ocdbt; the checkpoint "
+                                 "is incomplete")
     size = manifest.size()
     budget.current().check("header", size, "manifest.ocdbt")
     r = _record(manifest.read(0, size), _MANIFEST_MAGIC, str(manifest), _MAX_NODE)

@@ -32,7 +32,7 @@ _ARRAY_TYPES = {"jax.Array", "np.ndarray", "scalar"}
 def _kind(exc: CkptkitError) -> str:
     if isinstance(exc, ocdbt.DataFileError):
         return exc.kind
-    return "missing-file" if "no such file" in exc.message else "corrupt"
+    return "missing-file" if exc.message.endswith(": missing") else "corrupt"
 
 
 def _problem(exc: CkptkitError, default: str) -> Problem:
@@ -91,7 +91,7 @@ def _item(root: Location) -> list[Problem]:
     if use_ocdbt:
         node_problems: list[IntegrityError] = []
         try:
-            if root.child(ocdbt.MANIFEST).exists():
+            if root.child(ocdbt.MANIFEST).exists() or root.child("d").is_dir():
                 database = ocdbt.read_database(root, node_problems)
             else:
                 database = read_databases(root)
@@ -104,8 +104,8 @@ def _item(root: Location) -> list[Problem]:
         if isinstance(meta, dict):
             found.append(Problem(str(meta_file), "corrupt", f"{meta_file}: no tree_metadata"))
         return found
-    if use_ocdbt and database is None:
-        return found  # every array would be reported missing: the manifest says it all
+    if use_ocdbt and (database is None or node_problems):
+        return found  # arrays under a lost node would all be reported again
     zarr3 = bool(meta.get("use_zarr3", False))
     store_fill = bool(meta.get("store_array_data_equal_to_fill_value", False))
     strings_needed = False

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptkit.errors import IntegrityError, NotFoundError
+from ckptkit.errors import IntegrityError
 from ckptkit.formats import ocdbt
 from ckptkit.model import TensorRef, checked_shape, itemsize
 from ckptkit.storage import budget
@@ -82,12 +82,11 @@ def read_json(where: Location, what: str) -> Any:
     """A small JSON metadata file, charged to the reading budget's header limit.
 
     Raises:
-        NotFoundError: the file is missing.
-        IntegrityError: not JSON.
+        IntegrityError: the file is missing (the checkpoint is incomplete) or not JSON.
     """
     if not where.is_file():
-        raise NotFoundError(f"{where}: no such file", path=str(where),
-                            hint=f"An Orbax checkpoint needs its {what}")
+        raise IntegrityError(f"{where}: missing", path=str(where),
+                             hint=f"An Orbax checkpoint needs its {what}; it is incomplete")
     size = where.size()
     budget.current().check("header", size, what)
     raw = where.read(0, size)
@@ -163,8 +162,7 @@ def read_item(root: Location, name: str = "") -> Item:
     """The PyTree item stored in directory ``root``.
 
     Raises:
-        NotFoundError: ``_METADATA`` is missing.
-        IntegrityError: metadata that does not parse, an array without its zarr metadata, or
+        IntegrityError: ``_METADATA`` is missing, metadata that does not parse, an array without its zarr metadata, or
             an OCDBT database that cannot be read (each names its file).
     """
     meta = read_json(root.child(METADATA), f"{METADATA} (the tree of an Orbax item)")
@@ -225,11 +223,11 @@ def read_databases(root: Location) -> ocdbt.Database:
     if root.child(ocdbt.MANIFEST).exists():
         return ocdbt.read_database(root)
     parts = [e.name for e in root.list() if e.is_dir and e.name.startswith("ocdbt.process_")]
-    if not parts:
-        raise NotFoundError(f"{root.child(ocdbt.MANIFEST)}: no such file",
-                            path=str(root.child(ocdbt.MANIFEST)),
-                            hint="This Orbax item is stored with OCDBT but its manifest is "
-                                 "missing; the checkpoint is incomplete")
+    if not parts or root.child("d").is_dir():  # merged (root d/ exists): the manifest is lost
+        raise IntegrityError(f"{root.child(ocdbt.MANIFEST)}: missing",
+                             path=str(root.child(ocdbt.MANIFEST)),
+                             hint="This Orbax item is stored with OCDBT but its manifest is "
+                                  "missing; the checkpoint is incomplete")
     entries: dict[bytes, bytes | ocdbt.ValueRef] = {}
     nodes: list[ocdbt.ValueRef] = []
     for part in parts:
