@@ -44,7 +44,11 @@ def _is_item(loc: Location) -> bool:
 
 
 def _is_step(loc: Location) -> bool:
-    return loc.is_dir() and (loc.child(CHECKPOINT_METADATA).is_file() or _is_item(loc))
+    if not loc.is_dir():
+        return False
+    if loc.child(CHECKPOINT_METADATA).is_file() or _is_item(loc):
+        return True
+    return any(e.is_dir and _is_item(loc.child(e.name)) for e in loc.list())
 
 
 def list_steps(root: str | Path) -> tuple[Step, ...]:
@@ -72,10 +76,7 @@ def sniff(path: Path) -> bool:
         loc = locate(path)
         if not loc.is_dir():
             return False
-        if _is_step(loc):
-            return True
-        return any(_is_item(loc.child(e.name)) for e in loc.list() if e.is_dir) or \
-            bool(list_steps(path))
+        return _is_step(loc) or bool(list_steps(path))
     except (OSError, IntegrityError):
         return False
 
