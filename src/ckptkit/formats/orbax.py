@@ -12,63 +12,21 @@ which names its steps (:func:`list_steps`) instead of picking one.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ckptkit.errors import IntegrityError, MissingDependencyError, UsageError
 from ckptkit.formats import ocdbt
-from ckptkit.formats.orbax_layout import (CHECKPOINT_METADATA, METADATA, TMP_MARK, Array, Item,
+from ckptkit.formats.orbax_layout import (CHECKPOINT_METADATA, METADATA, STEP_NAME, Array,
+                                          Item, Step, is_item, is_step, list_steps,
                                           read_item, read_json)
 from ckptkit.model import Problem, RawCheckpoint
 from ckptkit.storage.budget import metered
 from ckptkit.storage.location import Location, locate
 
 FORMAT = "orbax"
-_STEP = re.compile(r"(?:[A-Za-z][\w]*?_)?(\d+)")
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step directory of an Orbax checkpoint root."""
-
-    step: int
-    path: Path
-    complete: bool
-
-
-def _is_item(loc: Location) -> bool:
-    return loc.child(METADATA).is_file() or loc.child(ocdbt.MANIFEST).is_file()
-
-
-def _is_step(loc: Location) -> bool:
-    if not loc.is_dir():
-        return False
-    if loc.child(CHECKPOINT_METADATA).is_file() or _is_item(loc):
-        return True
-    return any(e.is_dir and _is_item(loc.child(e.name)) for e in loc.list())
-
-
-def list_steps(root: str | Path) -> tuple[Step, ...]:
-    """The step directories (``7/``, ``ckpt_7/``) of an Orbax checkpoint root, by step.
-
-    ``complete`` is False for a step Orbax never finished: a ``.orbax-checkpoint-tmp``
-    directory, or one without ``_CHECKPOINT_METADATA``/``commit_success.txt``.
-    """
-    loc = locate(root)
-    steps = []
-    for entry in loc.list() if loc.is_dir() else []:
-        bare = entry.name.split(TMP_MARK)[0]
-        match = _STEP.fullmatch(bare)
-        if not entry.is_dir or not match or not _is_step(loc.child(entry.name)):
-            continue
-        child = loc.child(entry.name)
-        done = TMP_MARK not in entry.name and (child.child(CHECKPOINT_METADATA).is_file()
-                                               or child.child("commit_success.txt").is_file())
-        steps.append(Step(int(match.group(1)), Path(root) / entry.name, done))
-    return tuple(sorted(steps, key=lambda s: (s.step, s.path.name)))
+__all__ = ["FORMAT", "Step", "iter_arrays", "list_steps", "load", "read_info", "sniff", "verify"]
 
 
 def sniff(path: Path) -> bool:
@@ -76,7 +34,7 @@ def sniff(path: Path) -> bool:
         loc = locate(path)
         if not loc.is_dir():
             return False
-        return _is_step(loc) or bool(list_steps(path))
+        return is_step(loc) or bool(list_steps(path))
     except (OSError, IntegrityError):
         return False
 
@@ -84,14 +42,14 @@ def sniff(path: Path) -> bool:
 def _items(path: Path) -> tuple[list[Item], dict[str, Any]]:
     """The PyTree items of ``path`` and the other items' JSON (``JsonSave``) by name."""
     loc = locate(path)
-    if _is_item(loc):
+    if is_item(loc):
         return [read_item(loc)], {}
     subdirs = [e.name for e in loc.list() if e.is_dir]
-    items = [read_item(loc.child(n), n) for n in subdirs if _is_item(loc.child(n))]
+    items = [read_item(loc.child(n), n) for n in subdirs if is_item(loc.child(n))]
     others: dict[str, Any] = {}
     for name in subdirs:
         meta = loc.child(name).child("metadata")
-        if not _is_item(loc.child(name)) and meta.is_file():
+        if not is_item(loc.child(name)) and meta.is_file():
             try:
                 others[name] = read_json(meta, f"item {name!r} metadata")
             except IntegrityError:
@@ -149,7 +107,7 @@ def read_info(path: Path) -> RawCheckpoint:
         if isinstance(meta, dict):
             details["checkpoint_metadata"] = {k: meta[k] for k in (
                 "commit_timestamp_nsecs", "metrics", "custom_metadata") if meta.get(k)}
-    match = _STEP.fullmatch(loc.name)
+    match = STEP_NAME.fullmatch(loc.name)
     if match:
         details["step"] = int(match.group(1))
     return RawCheckpoint(FORMAT, _tree(items, others), tuple(tensors), details=details,

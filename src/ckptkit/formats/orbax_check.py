@@ -21,8 +21,8 @@ from typing import Any
 
 from ckptkit.errors import CkptkitError, IntegrityError
 from ckptkit.formats import ocdbt, zstd
-from ckptkit.formats.orbax_layout import (METADATA, STRINGS, TMP_MARK, _array, read_databases,
-                                          read_json)
+from ckptkit.formats.orbax_layout import (METADATA, STRINGS, TMP_MARK, describe_array, is_item,
+                                          list_steps, read_databases, read_json)
 from ckptkit.model import Problem
 from ckptkit.storage.location import Location, locate
 
@@ -41,8 +41,6 @@ def _problem(exc: CkptkitError, default: str) -> Problem:
 
 def problems(path: Path) -> list[Problem]:
     """Every problem found in the step or item directory ``path`` (empty: complete)."""
-    from ckptkit.formats.orbax import _is_item, list_steps
-
     loc = locate(path)
     if not loc.is_dir():
         return [Problem(str(path), "missing-file", f"{path}: no such directory")]
@@ -50,11 +48,11 @@ def problems(path: Path) -> list[Problem]:
     if TMP_MARK in loc.name:
         found.append(Problem(str(path), "incomplete", f"{path}: an Orbax temporary directory "
                              "(the save never finished)"))
-    if _is_item(loc):
+    if is_item(loc):
         items = [loc]
     else:
         items = [loc.child(e.name) for e in loc.list() if e.is_dir and (
-            _is_item(loc.child(e.name)) or any(
+            is_item(loc.child(e.name)) or any(
                 c.name.startswith("ocdbt.process_") for c in loc.child(e.name).list()))]
     if not items:
         if list_steps(path):
@@ -122,7 +120,7 @@ def _item(root: Location) -> list[Problem]:
             continue
         param = ".".join(keys)
         try:
-            array = _array(root, database, tuple(keys), param, value_type, zarr3, None)
+            array = describe_array(root, database, tuple(keys), param, value_type, zarr3, None)
         except CkptkitError as exc:
             found.append(Problem(exc.path or str(root), "missing-array"
                                  if "no " in exc.message or "missing" in exc.message

@@ -21,20 +21,24 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ckptkit.errors import IntegrityError
 from ckptkit.formats import ocdbt
 from ckptkit.model import TensorRef, checked_shape, itemsize
 from ckptkit.storage import budget
-from ckptkit.storage.location import Location
+from ckptkit.storage.location import Location, locate
 
 METADATA = "_METADATA"
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 SHARDING = "_sharding"
 STRINGS = "_strings.json"
 TMP_MARK = ".orbax-checkpoint-tmp"
+#: Step directory names: ``7``, ``ckpt_7`` (Orbax's ``step_prefix``).
+STEP_NAME = re.compile(r"(?:[A-Za-z][\w]*?_)?(\d+)")
 _ARRAY_TYPES = {"jax.Array", "np.ndarray", "scalar"}
 _EMPTY = {"None": None, "Dict": {}, "List": [], "Tuple": [], "NamedTuple": {}}
 #: zarr v2 type codes (``<f4``) by kind letter and byte width.
@@ -201,7 +205,7 @@ def read_item(root: Location, name: str = "") -> Item:
         path = tuple(int(k) if kind == 1 else str(k) for k, kind in keys)
         param = _param_name([k for k, _ in keys])
         if value_type in _ARRAY_TYPES:
-            array = _array(root, database, path, param, value_type, zarr3,
+            array = describe_array(root, database, path, param, value_type, zarr3,
                            shardings.get(param))
             arrays.append(array)
             value: Any = array.ref
@@ -268,9 +272,11 @@ def _zarr_meta(root: Location, database: ocdbt.Database | None, param: str,
     return meta, where
 
 
-def _array(root: Location, database: ocdbt.Database | None, path: tuple[str | int, ...],
-           param: str, value_type: str, zarr3: bool,
-           sharding: dict[str, Any] | None) -> Array:
+def describe_array(root: Location, database: ocdbt.Database | None,
+                   path: tuple[str | int, ...], param: str, value_type: str, zarr3: bool,
+                   sharding: dict[str, Any] | None) -> Array:
+    """The :class:`Array` of leaf ``param`` from its zarr metadata (in the OCDBT database
+    ``database``, or in its own directory when that is None)."""
     meta, where = _zarr_meta(root, database, param, zarr3)
     try:
         dtype = zarr_dtype(meta, zarr3)
@@ -307,3 +313,46 @@ def _lists(node: Any) -> Any:
     if all(kind == 1 for kind, _ in node):
         return [_lists(node[k]) for k in sorted(node, key=lambda k: k[1])]
     return {key: _lists(value) for (_kind, key), value in node.items()}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step directory of an Orbax checkpoint root."""
+
+    step: int
+    path: Path
+    complete: bool
+
+
+def is_item(loc: Location) -> bool:
+    """A PyTree item directory: its tree metadata or its OCDBT manifest is there."""
+    return loc.child(METADATA).is_file() or loc.child(ocdbt.MANIFEST).is_file()
+
+
+def is_step(loc: Location) -> bool:
+    """A step directory: an item itself, or Orbax's step metadata or an item inside."""
+    if not loc.is_dir():
+        return False
+    if loc.child(CHECKPOINT_METADATA).is_file() or is_item(loc):
+        return True
+    return any(e.is_dir and is_item(loc.child(e.name)) for e in loc.list())
+
+
+def list_steps(root: str | Path) -> tuple[Step, ...]:
+    """The step directories (``7/``, ``ckpt_7/``) of an Orbax checkpoint root, by step.
+
+    ``complete`` is False for a step Orbax never finished: a ``.orbax-checkpoint-tmp``
+    directory, or one without ``_CHECKPOINT_METADATA``/``commit_success.txt``.
+    """
+    loc = locate(root)
+    steps = []
+    for entry in loc.list() if loc.is_dir() else []:
+        bare = entry.name.split(TMP_MARK)[0]
+        match = STEP_NAME.fullmatch(bare)
+        if not entry.is_dir or not match or not is_step(loc.child(entry.name)):
+            continue
+        child = loc.child(entry.name)
+        done = TMP_MARK not in entry.name and (child.child(CHECKPOINT_METADATA).is_file()
+                                               or child.child("commit_success.txt").is_file())
+        steps.append(Step(int(match.group(1)), Path(root) / entry.name, done))
+    return tuple(sorted(steps, key=lambda s: (s.step, s.path.name)))
