@@ -89,6 +89,9 @@ SEEDS: tuple[Seed, ...] = (
     Seed("tf-index", "tf-checkpoint", "tf_ckpt", "ckpt-1.index"),
     Seed("tf-shard", "tf-checkpoint", "tf_ckpt", "ckpt-1.data-00000-of-00001"),
     Seed("tf-state", "tf-checkpoint", "tf_ckpt", "checkpoint", names_files=True),
+    Seed("orbax-manifest", "orbax", "orbax_step_3", "manifest.ocdbt"),
+    Seed("orbax-node", "orbax", "orbax_step_3", "d/6b50e57efa39c57015b5e3106da316f9"),
+    Seed("orbax-metadata", "orbax", "orbax_step_3", "_METADATA"),
 )
 SEED_BY_NAME = {s.name: s for s in SEEDS}
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ckptkit.errors import IntegrityError, MissingDependencyError, UsageError
+from ckptkit.errors import FormatError, IntegrityError, MissingDependencyError, UsageError
 from ckptkit.formats import ocdbt
 from ckptkit.formats.orbax_layout import (CHECKPOINT_METADATA, METADATA, STEP_NAME, Array,
                                           Item, Step, is_item, is_step, list_steps,
@@ -42,6 +42,9 @@ def sniff(path: Path) -> bool:
 def _items(path: Path) -> tuple[list[Item], dict[str, Any]]:
     """The PyTree items of ``path`` and the other items' JSON (``JsonSave``) by name."""
     loc = locate(path)
+    if not loc.is_dir():
+        raise FormatError(f"{path}: not an Orbax checkpoint (a step or item directory)",
+                          hint="Pass the step directory", path=str(path))
     if is_item(loc):
         return [read_item(loc)], {}
     subdirs = [e.name for e in loc.list() if e.is_dir]
