@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 FormatName = Literal[
     "torch-zip", "torch-legacy", "torchscript", "npz", "safetensors",
-    "savedmodel", "tf-checkpoint", "flax-msgpack", "orbax",
+    "savedmodel", "tf-checkpoint", "flax-msgpack", "orbax", "deepspeed",
 ]
 
 #: Bytes per element for every dtype ckptkit names (numpy spelling).

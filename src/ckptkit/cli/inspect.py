@@ -137,7 +137,7 @@ def _format_facts(info) -> str:
     facts = []
     for key in ("zip_prefix", "byteorder", "protocol_version", "storages", "pickles",
                 "header_bytes", "compressed", "code_files", "num_shards", "tags", "step", "layout",
-                "items", "files", "data_bytes"):
+                "items", "files", "data_bytes", "zero_stage", "world_size"):
         if key in d and d[key] not in (None, "", []):
             if key == "data_bytes":
                 value = render.size(d[key])
