@@ -266,3 +266,14 @@ def test_bundled_sample_reads_without_any_framework() -> None:
     assert {t.name: t.dtype for t in info.tensors}["params/embed/embedding"] == "bfloat16"
     assert "data=4 x model=2" in info.details["placement"]["params/dense/kernel"]
     assert orbax.verify(SAMPLE) == []
+
+
+@needs_orbax
+def test_arrays_one_at_a_time_under_inspect_names(written: Path) -> None:
+    names = [t.name for t in ckptkit.inspect(written / "ocdbt").tensors]
+    expected = _restored(written, "ocdbt")
+    seen = []
+    for name, array in orbax.iter_arrays(written / "ocdbt"):
+        seen.append(name)
+        assert array.tobytes().hex() == expected[name]["hex"], name
+    assert seen == names

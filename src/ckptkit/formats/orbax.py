@@ -23,7 +23,7 @@ from ckptkit.formats.orbax_layout import (CHECKPOINT_METADATA, METADATA, STEP_NA
                                           read_item, read_json)
 from ckptkit.model import Problem, RawCheckpoint
 from ckptkit.storage.budget import metered
-from ckptkit.storage.location import Location, locate
+from ckptkit.storage.location import LocalLocation, Location, locate
 
 FORMAT = "orbax"
 __all__ = ["FORMAT", "Step", "iter_arrays", "list_steps", "load", "read_info", "sniff", "verify"]
@@ -187,7 +187,11 @@ def _tensorstore() -> Any:
 
 
 def _open(ts: Any, item: Item, array: Array) -> Any:
-    root = Path(str(item.root)).resolve()
+    if not isinstance(item.root, LocalLocation):
+        raise UsageError(f"{item.root}: Orbax array data is read from local directories only",
+                         hint="Download the step directory first (its structure can be "
+                              "inspected where it is)")
+    root = item.root.path.resolve()
     base: dict[str, Any] = {"driver": "file", "path": str(root) + "/"}
     kvstore = ({"driver": "ocdbt", "base": base, "path": array.param + "/"} if item.ocdbt
                else {"driver": "file", "path": str(root / array.param) + "/"})
