@@ -36,8 +36,9 @@ def inspect_command(path: Path, as_json: bool, depth: int, pattern: str | None,
     MODEL/FILE for one file of a bundle, e.g. musiq-spaq/spaq_ckpt.npz).
 
     Reads PyTorch (zip and legacy), TorchScript, .npz, safetensors, TensorFlow SavedModel and
-    checkpoints, Flax msgpack and Orbax step directories.  Tensor bytes are never read.  Exits 5 when the file names
-    dangerous callables (it still prints what it could read safely).
+    checkpoints, Flax msgpack, Orbax step directories and DeepSpeed ZeRO checkpoints.  Tensor
+    bytes are never read.  Exits 5 when the file names dangerous callables (it still prints
+    what it could read safely).
     """
     from ckptkit.inspection import inspect
 
