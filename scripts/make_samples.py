@@ -330,21 +330,68 @@ def keras_models() -> None:
                    env={**os.environ, "KERAS_BACKEND": "numpy"})
 
 
+def orbax_step() -> None:
+    """An Orbax step directory (OCDBT, the default) of a Flax-style train state whose arrays
+    are sharded over a 4 x 2 mesh of 8 host devices, as a multi-device JAX job saves it."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if jax.device_count() < 8:
+        raise SystemExit("orbax_step needs 8 devices: run with "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=8 (main sets it)")
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+
+    def put(x, *spec):
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    rng = np.random.default_rng(3)
+    state = {
+        "params": {
+            "embed": {"embedding": put(jnp.asarray(rng.standard_normal((32, 8)),
+                                                   jnp.bfloat16), None, "model")},
+            "dense": {"kernel": put(jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
+                                    "data", "model"),
+                      "bias": put(jnp.zeros(16, jnp.float32), "model")},
+        },
+        "opt_state": {"count": put(jnp.asarray(3, jnp.int32)),
+                      "mu": {"kernel": put(jnp.zeros((8, 16), jnp.float32), "data", "model")}},
+        "step": 3,
+    }
+    target = OUT / "orbax_step_3"
+    shutil.rmtree(target, ignore_errors=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(target.resolve(), state)
+        checkpointer.wait_until_finished()
+    # Orbax records the absolute path it committed to; keep the bundled copy machine-neutral.
+    (target / "commit_success.txt").write_text(
+        "Checkpoint commit was successful to orbax_step_3")
+
+
 MAKERS = {f.__name__: f for f in (
     thinker, jukebox_prior, jukebox_shared, redimnet_epoch, scripted, safetensors_file,
     musiq_npz, saved_model_and_tf_checkpoint, flax_msgpack, gguf_tiny_llama, onnx_mlp,
-    keras_models)}
+    keras_models, orbax_step)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"samples to regenerate (default: all): {', '.join(MAKERS)}")
     parser.add_argument("--only", nargs="+", choices=sorted(MAKERS), metavar="NAME",
-                        help="make only these samples (default: all): " + ", ".join(MAKERS))
+                        help="the same as naming them")
     args = parser.parse_args()
+    names = args.names or args.only or list(MAKERS)
+    unknown = sorted(set(names) - set(MAKERS))
+    if unknown:
+        parser.error(f"unknown sample(s) {', '.join(unknown)}; choose from {', '.join(MAKERS)}")
     OUT.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # JAX reads this once, when it is first imported (by flax_msgpack or orbax_step).
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     (OUT / "jukebox").mkdir(exist_ok=True)
-    for name in args.only or MAKERS:
+    for name in names:
         MAKERS[name]()
         print(f"wrote {name}")
 

@@ -99,6 +99,9 @@ SEEDS: tuple[Seed, ...] = (
     Seed("onnx", "onnx", "onnx_mlp/mlp.onnx", beside=("mlp.onnx.data",)),
     Seed("keras", "keras", "keras_mlp.keras", slow=True),
     Seed("keras-h5", "keras-h5", "keras_mlp.h5", slow=True),
+    Seed("orbax-manifest", "orbax", "orbax_step_3", "manifest.ocdbt"),
+    Seed("orbax-node", "orbax", "orbax_step_3", "d/6b50e57efa39c57015b5e3106da316f9"),
+    Seed("orbax-metadata", "orbax", "orbax_step_3", "_METADATA"),
 )
 SEED_BY_NAME = {s.name: s for s in SEEDS}
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 FormatName = Literal[
     "torch-zip", "torch-legacy", "torchscript", "npz", "safetensors",
     "savedmodel", "tf-checkpoint", "flax-msgpack", "gguf", "onnx", "keras", "keras-h5",
+    "orbax", "deepspeed",
 ]
 
 #: Bytes per element for every dtype ckptkit names (numpy spelling).

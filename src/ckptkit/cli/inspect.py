@@ -37,8 +37,8 @@ def inspect_command(path: Path, as_json: bool, depth: int, pattern: str | None,
     MODEL/FILE for one file of a bundle, e.g. musiq-spaq/spaq_ckpt.npz).
 
     Reads PyTorch (zip and legacy), TorchScript, .npz, safetensors, TensorFlow SavedModel and
-    checkpoints, Flax msgpack, GGUF, ONNX and Keras (.keras, .h5).  Tensor bytes are never
-    read.  Exits 5 when the file names
+    checkpoints, Flax msgpack, GGUF, ONNX, Keras (.keras, .h5), Orbax step directories and
+    DeepSpeed ZeRO checkpoints.  Tensor bytes are never read.  Exits 5 when the file names
     dangerous callables (it still prints what it could read safely).
     """
     from ckptkit.inspection import inspect
@@ -122,7 +122,11 @@ def _human(info, depth: int, pattern: str | None, show_tensors: bool) -> str:
         chosen = info.filtered(pattern) if pattern else info.tensors
         lines.append(render.safe(f"Tensors matching {pattern!r}: {len(chosen)}") if pattern
                      else "Tensor list")
-        lines.append(render.table([(t.name, t.dtype, _shape(t.shape)) for t in chosen]))
+        # Sharded formats say where each tensor lives (chunks, shards, device mesh).
+        placement = info.details.get("placement") or {}
+        lines.append(render.table([(t.name, t.dtype, _shape(t.shape))
+                                   + ((render.safe(placement.get(t.name, "")),) if placement
+                                      else ()) for t in chosen]))
     for key, obj in info.opaque.items():
         state = obj["state"]
         preview = (", ".join(f"{k}={_short(v)}" for k, v in list(state.items())[:8])
@@ -144,9 +148,16 @@ def _format_facts(info) -> str:
     d = info.details
     facts = []
     for key in ("zip_prefix", "byteorder", "protocol_version", "storages", "pickles",
-                "header_bytes", "compressed", "code_files", "num_shards", "tags"):
+                "header_bytes", "compressed", "code_files", "num_shards", "tags", "step", "layout",
+                "items", "files", "data_bytes", "zero_stage", "world_size"):
         if key in d and d[key] not in (None, "", []):
-            facts.append(f"{key.replace('_', ' ')} {_short(d[key])}")
+            if key == "data_bytes":
+                value = render.size(d[key])
+            elif isinstance(d[key], (list, str)) and key in ("layout", "items"):
+                value = render.safe(", ".join(d[key]) if isinstance(d[key], list) else d[key])
+            else:
+                value = _short(d[key])
+            facts.append(f"{key.replace('_', ' ')} {value}")
     return f" ({', '.join(facts)})" if facts else ""
 
 

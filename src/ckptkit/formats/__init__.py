@@ -38,13 +38,16 @@ FORMAT_MODULES: tuple[tuple[str, str], ...] = (
     ("onnx", "ckptkit.formats.onnx"),
     ("keras", "ckptkit.formats.keras"),
     ("keras-h5", "ckptkit.formats.keras_h5"),
+    ("deepspeed", "ckptkit.formats.deepspeed"),
+    ("orbax", "ckptkit.formats.orbax"),
 )
 
 _TF_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
 
 EXPECTED = ("a PyTorch checkpoint (zip or legacy), TorchScript archive, .npz, safetensors, "
             "TensorFlow SavedModel directory or checkpoint (.index), Flax msgpack, GGUF, ONNX, "
-            "or Keras (.keras, .h5)")
+            "Keras (.keras, .h5), an Orbax step directory or a DeepSpeed ZeRO global_stepN "
+            "directory")
 
 
 def module_for(name: str) -> ModuleType:
