@@ -238,14 +238,162 @@ def flax_msgpack() -> None:
     (OUT / "flax_params.msgpack").write_bytes(serialization.to_bytes(params))
 
 
+#: A chat template in the style llama.cpp models ship (Jinja, run by the inference server;
+#: ckptkit only shows it, escaped).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
+def gguf_tiny_llama() -> None:
+    """A two-block llama in GGUF, written by the gguf package: F32 norms, an F16 embedding,
+    Q8_0 and Q4_0 attention weights, a tokenizer and a chat template."""
+    import gguf
+    from gguf.constants import GGMLQuantizationType as Q
+
+    rng = np.random.default_rng(7)
+    vocab, d = 32, 64
+    writer = gguf.GGUFWriter(str(OUT / "tiny_llama.gguf"), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(d)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(2 * d)
+    writer.add_head_count(4)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(7)  # mostly Q8_0
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>"] + [f"tok{i}" for i in range(vocab - 3)])
+    writer.add_token_scores([float(-i) for i in range(vocab)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", weight(vocab, d).astype(np.float16))
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(d, np.float32))
+    writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(weight(d, d), Q.Q8_0),
+                      raw_dtype=Q.Q8_0)
+    writer.add_tensor("blk.0.attn_k.weight", gguf.quants.quantize(weight(d, d), Q.Q4_0),
+                      raw_dtype=Q.Q4_0)
+    writer.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def onnx_mlp() -> None:
+    """A two-layer MLP in ONNX with its weights in an external data file beside it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder = OUT / "onnx_mlp"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    rng = np.random.default_rng(8)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("fc1.weight", (4, 16)), ("fc1.bias", (16,)),
+                          ("fc2.weight", (16, 3)), ("fc2.bias", (3,)))]
+    nodes = [helper.make_node("MatMul", ["x", "fc1.weight"], ["h0"]),
+             helper.make_node("Add", ["h0", "fc1.bias"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "fc2.weight"], ["h3"]),
+             helper.make_node("Add", ["h3", "fc2.bias"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="ckptkit-samples", producer_version="1")
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(folder / "mlp.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="mlp.onnx.data", size_threshold=0)
+
+
+def keras_models() -> None:
+    """A small Keras 3 model as a .keras archive and as a legacy .h5 (numpy backend)."""
+    import subprocess
+
+    code = (
+        "import keras, numpy as np\n"
+        "keras.utils.set_random_seed(9)\n"
+        "m = keras.Sequential([keras.Input((4,), name='pixels'),\n"
+        "    keras.layers.Dense(8, activation='relu', name='hidden'),\n"
+        "    keras.layers.Dense(3, name='logits')], name='classifier')\n"
+        "m.save(%r)\n"
+        "m.save(%r)\n" % (str(OUT / "keras_mlp.keras"), str(OUT / "keras_mlp.h5")))
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   env={**os.environ, "KERAS_BACKEND": "numpy"})
+
+
+def orbax_step() -> None:
+    """An Orbax step directory (OCDBT, the default) of a Flax-style train state whose arrays
+    are sharded over a 4 x 2 mesh of 8 host devices, as a multi-device JAX job saves it."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if jax.device_count() < 8:
+        raise SystemExit("orbax_step needs 8 devices: run with "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=8 (main sets it)")
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+
+    def put(x, *spec):
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    rng = np.random.default_rng(3)
+    state = {
+        "params": {
+            "embed": {"embedding": put(jnp.asarray(rng.standard_normal((32, 8)),
+                                                   jnp.bfloat16), None, "model")},
+            "dense": {"kernel": put(jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
+                                    "data", "model"),
+                      "bias": put(jnp.zeros(16, jnp.float32), "model")},
+        },
+        "opt_state": {"count": put(jnp.asarray(3, jnp.int32)),
+                      "mu": {"kernel": put(jnp.zeros((8, 16), jnp.float32), "data", "model")}},
+        "step": 3,
+    }
+    target = OUT / "orbax_step_3"
+    shutil.rmtree(target, ignore_errors=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(target.resolve(), state)
+        checkpointer.wait_until_finished()
+    # Orbax records the absolute path it committed to; keep the bundled copy machine-neutral.
+    (target / "commit_success.txt").write_text(
+        "Checkpoint commit was successful to orbax_step_3")
+
+
+MAKERS = {f.__name__: f for f in (
+    thinker, jukebox_prior, jukebox_shared, redimnet_epoch, scripted, safetensors_file,
+    musiq_npz, saved_model_and_tf_checkpoint, flax_msgpack, gguf_tiny_llama, onnx_mlp,
+    keras_models, orbax_step)}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"samples to regenerate (default: all): {', '.join(MAKERS)}")
+    parser.add_argument("--only", nargs="+", choices=sorted(MAKERS), metavar="NAME",
+                        help="the same as naming them")
+    args = parser.parse_args()
+    names = args.names or args.only or list(MAKERS)
+    unknown = sorted(set(names) - set(MAKERS))
+    if unknown:
+        parser.error(f"unknown sample(s) {', '.join(unknown)}; choose from {', '.join(MAKERS)}")
     OUT.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # JAX reads this once, when it is first imported (by flax_msgpack or orbax_step).
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     (OUT / "jukebox").mkdir(exist_ok=True)
-    for make in (thinker, jukebox_prior, jukebox_shared, redimnet_epoch, scripted,
-                 safetensors_file, musiq_npz, saved_model_and_tf_checkpoint, flax_msgpack):
-        make()
-        print(f"wrote {make.__name__}")
+    for name in names:
+        MAKERS[name]()
+        print(f"wrote {name}")
 
 
 if __name__ == "__main__":

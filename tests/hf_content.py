@@ -9,7 +9,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from ckptkit.testing.hf_hub import HfHubStandIn
+from ckptkit.testing.hf_hub import HfHubStandIn, client_constants_now
+
+try:  # read now, under the environment pytest started with (what reread_hf_constants restores)
+    import huggingface_hub.constants  # noqa: F401
+except ImportError:
+    pass
 
 CONFIG = json.dumps({"model_type": "tiny", "hidden_size": 64}, indent=2).encode() + b"\n"
 NOTES = b"trained for 3 steps\n"
@@ -28,6 +33,16 @@ def safetensors_bytes(rows: int = 64, seed: int = 0) -> bytes:
 
 
 WEIGHTS = safetensors_bytes()
+
+
+def reread_hf_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``huggingface_hub.constants`` what a process started now would read (the client
+    reads ``HF_*`` variables once, at import): for a test that sets them in this process.
+    Undone with ``monkeypatch``, back to the values read when this module was imported."""
+    from huggingface_hub import constants
+
+    for name, value in client_constants_now().items():
+        monkeypatch.setattr(constants, name, value, raising=False)
 
 
 @pytest.fixture

@@ -47,6 +47,10 @@ class Seed:
     sample: str
     member: str | None = None
     names_files: bool = False
+    #: Files beside the sample file that are copied with it, undamaged (ONNX external data).
+    beside: tuple[str, ...] = ()
+    #: Reading it starts a child process (HDF5): CI runs fewer examples of it.
+    slow: bool = False
 
     @property
     def source(self) -> Path:
@@ -67,6 +71,8 @@ class Seed:
         target = where / Path(self.sample).name
         if self.member is None:
             target.write_bytes(data)
+            for name in self.beside:
+                shutil.copy((SAMPLES / self.sample).parent / name, where / name)
         else:
             shutil.copytree(SAMPLES / self.sample, target)
             (target / self.member).write_bytes(data)
@@ -89,6 +95,13 @@ SEEDS: tuple[Seed, ...] = (
     Seed("tf-index", "tf-checkpoint", "tf_ckpt", "ckpt-1.index"),
     Seed("tf-shard", "tf-checkpoint", "tf_ckpt", "ckpt-1.data-00000-of-00001"),
     Seed("tf-state", "tf-checkpoint", "tf_ckpt", "checkpoint", names_files=True),
+    Seed("gguf", "gguf", "tiny_llama.gguf"),
+    Seed("onnx", "onnx", "onnx_mlp/mlp.onnx", beside=("mlp.onnx.data",)),
+    Seed("keras", "keras", "keras_mlp.keras", slow=True),
+    Seed("keras-h5", "keras-h5", "keras_mlp.h5", slow=True),
+    Seed("orbax-manifest", "orbax", "orbax_step_3", "manifest.ocdbt"),
+    Seed("orbax-node", "orbax", "orbax_step_3", "d/6b50e57efa39c57015b5e3106da316f9"),
+    Seed("orbax-metadata", "orbax", "orbax_step_3", "_METADATA"),
 )
 SEED_BY_NAME = {s.name: s for s in SEEDS}
 

@@ -17,7 +17,7 @@ ALL_SAMPLES = {
     "redimnet_epoch_3.pt": "torch-zip", "encoder_scripted.pt": "torchscript",
     "spaq_ckpt.npz": "npz", "model.safetensors": "safetensors",
     "musiq_saved_model": "savedmodel", "tf_ckpt/ckpt-1.index": "tf-checkpoint",
-    "flax_params.msgpack": "flax-msgpack",
+    "flax_params.msgpack": "flax-msgpack", "orbax_step_3": "orbax",
 }
 
 # Make the frameworks unimportable, then inspect every format: proves no reader needs them.
@@ -25,14 +25,16 @@ NO_FRAMEWORKS = """
 import sys, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'tensorflow', 'jax', 'flax', 'keras', 'safetensors'):
+        if name.split('.')[0] in ('torch', 'tensorflow', 'jax', 'flax', 'keras', 'safetensors',
+                                  'tensorstore', 'orbax'):
             raise ImportError('blocked for this test: ' + name)
 sys.meta_path.insert(0, Block())
 import ckptkit
 for path in sys.argv[1:]:
     info = ckptkit.inspect(path)
     assert info.tensor_count > 0, path
-heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorflow', 'jax'))
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorflow', 'jax',
+                                                              'tensorstore'))
 print('heavy:', heavy)
 """
 

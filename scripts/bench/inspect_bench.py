@@ -1,5 +1,7 @@
-"""`ckpt inspect` on a ~2 GiB, 512-tensor torch zip against torch.load(mmap=True), and on a
-SavedModel against `saved_model_cli show --all`.  Results go to docs/performance.md."""
+"""`ckpt inspect` on a ~2 GiB, 512-tensor torch zip against torch.load(mmap=True), on a
+SavedModel against `saved_model_cli show --all`, and on a ~2 GiB GGUF against the gguf
+package's own `GGUFReader`.  Results go to docs/performance.md (`--only gguf`: the GGUF part
+alone)."""
 
 from __future__ import annotations
 
@@ -44,6 +46,68 @@ def write_saved_model(path: Path) -> None:
     tf.saved_model.save(model, str(path), signatures={"serving_default": model.serve})
 
 
+def write_gguf(path: Path, size_gib: float) -> None:
+    """A llama-shaped GGUF of ``size_gib``: a 32k-token vocabulary and chat template, Q8_0
+    matrices and F32 norms, written tensor by tensor (the writer's streaming mode), so the
+    writer never holds more than one tensor."""
+    import gguf
+    import numpy as np
+    from gguf.constants import GGMLQuantizationType as Q
+
+    rows, blocks = 4096, 64  # 4096 x 2048 elements of Q8_0: 8.5 MiB per matrix
+    matrix = np.random.default_rng(0).integers(0, 255, (rows, blocks * 34), dtype=np.uint8)
+    count = max(1, int(size_gib * 2**30 / matrix.nbytes) + 1)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("bench")
+    writer.add_block_count(count)
+    writer.add_token_list([f"token{i}" for i in range(32000)])
+    writer.add_token_scores([0.0] * 32000)
+    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    norm = np.ones(blocks * 32, np.float32)
+    for i in range(count):
+        writer.add_tensor_info(f"blk.{i}.attn_norm.weight", norm.shape, norm.dtype, norm.nbytes)
+        writer.add_tensor_info(f"blk.{i}.ffn_up.weight", matrix.shape, matrix.dtype,
+                               matrix.nbytes, raw_dtype=Q.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _ in range(count):
+        writer.write_tensor_data(norm)
+        writer.write_tensor_data(matrix)
+    writer.close()
+
+
+def bench_gguf(tmp: str, size_gib: float, repeat: int) -> tuple[str, list[Ratio]]:
+    big = Path(tmp) / "big.gguf"
+    print(f"writing a {size_gib} GiB GGUF ...", file=sys.stderr)
+    subprocess.run([sys.executable, __file__, "--write-gguf", str(big), "--size-gib",
+                    str(size_gib)], check=True)
+    size = big.stat().st_size
+    ours = measure([str(BIN / "ckpt"), "inspect", "--json", str(big)], repeat)
+    # GGUFReader maps the file and builds numpy views of every field and tensor.
+    theirs = measure([sys.executable, "-c", "import sys; from gguf import GGUFReader; "
+                      "GGUFReader(sys.argv[1])", str(big)], repeat)
+    speed, lean = theirs.wall_s / ours.wall_s, theirs.peak_rss_mib / ours.peak_rss_mib
+    body = f"""## `ckpt inspect` on GGUF
+
+Whole-process wall time (median of {repeat} warm runs) and peak RSS on a {size / 2**30:.2f} GiB
+GGUF (llama-shaped: Q8_0 matrices and F32 norms, a 32,000-token vocabulary).
+
+| command | wall | peak RSS |
+|---|---|---|
+{row("`ckpt inspect --json big.gguf`", ours)}
+{row("`python -c 'gguf.GGUFReader(big.gguf)'`", theirs)}
+
+| ratio | value |
+|---|---|
+| GGUFReader wall / ckpt inspect wall | {speed:.1f}× |
+| GGUFReader RSS / ckpt inspect RSS | {lean:.1f}× |
+"""
+    name = f"inspect, {size / 2**30:.2f} GiB GGUF"
+    return body, [Ratio(name, "gguf.GGUFReader", "wall time", speed),
+                  Ratio(name, "gguf.GGUFReader", "peak RSS", lean)]
+
+
 def row(name: str, run: Run) -> str:
     return f"| {name} | {run.wall_s * 1000:.0f} ms | {run.peak_rss_mib:.0f} MiB |"
 
@@ -53,8 +117,21 @@ def main() -> None:
     parser.add_argument("--size-gib", type=float, default=2.0)
     parser.add_argument("--tensors", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--only", choices=["gguf"], help="run only the GGUF part")
     parser.add_argument("--write-fixtures", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--write-gguf", metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_gguf:
+        write_gguf(Path(args.write_gguf), args.size_gib)
+        return
+    if args.only == "gguf" or not args.only:
+        with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
+            gguf_body, gguf_ratios = bench_gguf(tmp, args.size_gib, args.repeat)
+        update_section("inspect-gguf", gguf_body, "scripts/bench/inspect --only gguf")
+        print(gguf_body)
+        if args.only:
+            record("inspect-gguf", gguf_ratios)
+            return
     if args.write_fixtures:
         write_checkpoint(Path(args.write_fixtures) / "big_checkpoint.pt", args.size_gib,
                          args.tensors)
@@ -104,6 +181,7 @@ Whole-process wall time (median of {args.repeat} warm runs) and peak RSS, on a
 | ckpt --help wall | {helps.wall_s:.3f} s | ≤ {TARGET_HELP} s ({verdict(helps.wall_s <= TARGET_HELP)}) |
 """
     update_section("inspect", body, "scripts/bench/inspect")
+    record("inspect-gguf", gguf_ratios)
     big_name = f"inspect, {size / 2**30:.2f} GiB torch zip"
     record("inspect", [
         Ratio(big_name, "torch.load(mmap=True)", "wall time", speed, 10.0),

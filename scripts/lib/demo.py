@@ -3,8 +3,9 @@ README and docs show.
 
     python scripts/lib/demo.py --ckpt PATH [--keep DIR] [--write-docs]
 
-``scripts/demo`` runs this in a light virtualenv (core install: no torch, TensorFlow or JAX)
-with ``--ckpt`` naming its ``ckpt``.  A machine with internet is played by the bundled samples
+``scripts/demo`` runs this in a light virtualenv (core install and huggingface_hub: no torch,
+TensorFlow or JAX) with ``--ckpt`` naming its ``ckpt``.  A machine with internet is played by
+the bundled samples
 (its cache is filled from them with ``--local-dir``); it exports a mirror (``ckpt mirror
 export``), serves it (``ckpt mirror serve``), and everything after fetches from that mirror:
 nothing leaves the machine.
@@ -46,7 +47,9 @@ INHERITED = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "LANG", "LC_ALL", "LC_CTYPE", 
 VOLATILE = [(re.compile(p, re.M), r) for p, r in (
     (r"\b\d+ ms\b", "N ms"), (r"\d{4}-\d\d-\d\d \d\d:\d\d", "DATE"),
     (r"^ckptkit \S+  Python .*$", "VERSIONS"), (r"^extras .*$", "EXTRAS"),
-    (r"[\d.]+ [KMGT]?B free", "N free"), (r"^cache     .*$", "CACHE"))]
+    (r"[\d.]+ [KMGT]?B free", "N free"), (r"^cache     .*$", "CACHE"),
+    # where a kill -9 lands: how much a resumed fetch still had to transfer
+    (r"[\d.]+ [KMGT]?B (transferred|resumed)", r"N \1"))]
 
 
 class Demo:
@@ -136,12 +139,23 @@ class Demo:
     @contextlib.contextmanager
     def _environment(self, extra: dict[str, str] | None) -> Iterator[None]:
         saved, cwd = dict(os.environ), os.getcwd()
+        try:  # imported under the outer environment, so that it can be put back
+            from huggingface_hub import constants
+        except ImportError:
+            constants = None
+        kept = dict(vars(constants)) if constants is not None else {}
         os.environ.clear()
         os.environ.update(self.environment(extra))
         os.chdir(self.work)
         try:
+            if constants is not None:  # read once, at import: as a ckpt process would read it
+                from ckptkit.testing.hf_hub import client_constants_now
+
+                vars(constants).update(client_constants_now())
             yield
         finally:
+            if constants is not None:
+                vars(constants).update({k: v for k, v in kept.items() if k.isupper()})
             os.chdir(cwd)
             os.environ.clear()
             os.environ.update(saved)
@@ -183,7 +197,8 @@ class Demo:
 
 
 def steps(demo: Demo) -> None:
-    """The demo: a site mirror, fetching from it, conversion, a training run, scan, doctor."""
+    """The demo: a site mirror, fetching from it, conversion, a training run, scan, doctor, and
+    a Hugging Face Hub repo."""
     work, samples = demo.work, str(SAMPLES)
     origin = work / "origin"
     demo.say("On a machine with internet: fetch models into its cache, export them as a "
@@ -262,9 +277,29 @@ def steps(demo: Demo) -> None:
                         ("model.safetensors", ("--filter", "encoder.*")),
                         ("flax_params.msgpack", ("--depth", "2"))):
         demo.run(None, "inspect", f"{samples}/{name}", *extra)
+    demo.say("And the formats passed around besides checkpoints: a GGUF for llama.cpp (its "
+             "chat template escaped), an ONNX model with external weights, a Keras archive")
+    demo.run("inspect-gguf", "inspect", f"{samples}/tiny_llama.gguf")
+    demo.run("inspect-onnx", "inspect", f"{samples}/onnx_mlp/mlp.onnx")
+    # Not shown in the docs: without h5py (the core install) the weights are not listed.
+    demo.run(None, "inspect", f"{samples}/keras_mlp.keras")
+    _hugging_face(demo)
+
     demo.say("What the demo wrote (kept with --keep DIR; transcript.md is written last)")
     demo.shell("kept", "ls -1 ~/ckpt-demo", lambda: "".join(
         f"{name}\n" for name in sorted({p.name for p in work.iterdir()} | {"transcript.md"})))
+
+
+def _hugging_face(demo: Demo) -> None:
+    """The Hugging Face Hub steps (scripts/lib/demo_hf.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ckptkit_demo_hf",
+                                                  Path(__file__).with_name("demo_hf.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.steps(demo, SAMPLES)
 
 
 def _remove(folder: Path, *names: str) -> None:

@@ -7,6 +7,7 @@ opaque objects (:class:`Opaque`: a class the file names, recorded instead of con
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from typing import Any, Literal
 
 FormatName = Literal[
     "torch-zip", "torch-legacy", "torchscript", "npz", "safetensors",
-    "savedmodel", "tf-checkpoint", "flax-msgpack",
+    "savedmodel", "tf-checkpoint", "flax-msgpack", "gguf", "onnx", "keras", "keras-h5",
+    "orbax", "deepspeed",
 ]
 
 #: Bytes per element for every dtype ckptkit names (numpy spelling).
@@ -24,17 +26,39 @@ ITEMSIZE: dict[str, float] = {
     "complex32": 4, "complex64": 8, "complex128": 16,
     "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
     "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1, "qint8": 1, "quint8": 1, "qint32": 4,
-    "quint4x2": 1, "quint2x4": 1, "string": 0, "resource": 0, "variant": 0,
+    "quint4x2": 1, "quint2x4": 1, "int4": 0.5, "uint4": 0.5, "int2": 0.25, "uint2": 0.25,
+    "float4_e2m1fn": 0.5, "string": 0, "resource": 0, "variant": 0,
 }
+
+
+@functools.cache
+def packed_types() -> dict[str, tuple[int, int]]:
+    """Packed (block-quantized) dtypes: ``name -> (elements per block, bytes per block)``.
+
+    GGUF's quantized types (``q4_0``, ``q8_0``, ``iq2_xxs``...), read from the table
+    ``data/ggml_types.toml``; a tensor of such a dtype has ``numel`` parameters stored in
+    ``numel / block * size`` bytes.
+    """
+    import tomllib
+    from importlib import resources
+
+    table = tomllib.loads((resources.files("ckptkit") / "data" / "ggml_types.toml").read_text())
+    return {t["dtype"]: (t["block"], t["size"]) for t in table["types"].values()
+            if t["dtype"] not in ITEMSIZE}
 
 
 def itemsize(dtype: str) -> float:
     """Bytes per element of ``dtype``; 0 for dtypes without a fixed size (TF strings).
 
-    numpy's fixed-width names (``str64``, ``bytes8``, ``void128``) carry their width in bits.
+    numpy's fixed-width names (``str64``, ``bytes8``, ``void128``) carry their width in bits;
+    packed types (:func:`packed_types`) take a fraction of a byte per element (``q4_0``: 18
+    bytes per 32 elements).
     """
     if dtype in ITEMSIZE:
         return ITEMSIZE[dtype]
+    packed = packed_types().get(dtype)
+    if packed is not None:
+        return packed[1] / packed[0]
     for prefix in ("str", "bytes", "void"):
         if dtype.startswith(prefix) and dtype[len(prefix):].isdigit():
             return int(dtype[len(prefix):]) / 8
@@ -119,7 +143,10 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return int(self.numel * itemsize(self.dtype))
+        packed = packed_types().get(self.dtype) if self.dtype not in ITEMSIZE else None
+        if packed is not None:  # whole blocks: exact for any size
+            return -(-self.numel // packed[0]) * packed[1]
+        return math.ceil(self.numel * itemsize(self.dtype))  # 4-bit types: whole bytes
 
 
 @dataclass

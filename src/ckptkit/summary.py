@@ -203,6 +203,8 @@ def _kind(raw: RawCheckpoint, root: dict[Any, Any], optimizer: OptimizerSummary 
         return "savedmodel"
     if raw.format == "torchscript":
         return "torchscript-module"
+    if raw.format in ("gguf", "onnx") or raw.details.get("model"):
+        return "model"  # a whole model: architecture or graph, not only weights
     if optimizer is not None:
         return "training-checkpoint"
     if root and all(isinstance(v, TensorRef) for v in root.values()):

@@ -44,6 +44,8 @@ from tests.mutations import SEED_BY_NAME, SEEDS, Mutation, Seed, apply, mutation
 
 #: Examples per seed in CI, for the library checks and for the (slower) CLI checks.
 CI_LIBRARY, CI_CLI = 80, 20
+#: The same for seeds whose reading starts a child process (HDF5), each read ~0.5 s.
+CI_LIBRARY_SLOW, CI_CLI_SLOW = 8, 3
 LONG_TOTAL = int(os.environ.get("CKPTKIT_FUZZ_EXAMPLES", "0") or 0)
 _HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
            HealthCheck.data_too_large]
@@ -144,7 +146,7 @@ def check_cli(code: int, out: str, err: str, allowed: set[int] = CLEAN,
 # --- the checks ----------------------------------------------------------------------------
 
 #: Readers of formats that are directories (or name one); the others only take files.
-DIRECTORY_FORMATS = ("savedmodel", "tf-checkpoint")
+DIRECTORY_FORMATS = ("savedmodel", "tf-checkpoint", "orbax")
 
 
 def reader_inputs(seed: Seed, path: Path, fmt: str) -> list[Path]:
@@ -198,7 +200,11 @@ def check_commands(seed: Seed, path: Path, original: Path, out: Path,
     code, stdout = run("inspect", "--json", str(path))
     if code == ExitCode.OK or stdout:  # exit 5 prints what it read, unless reading failed
         assert json.loads(stdout)["format"]
-    code, stdout = run("diff", "--json", str(path), str(original))
+    # Orbax arrays are read through TensorStore, not by byte span: diff and convert do not
+    # read them yet (the convert work of issue 15 wires them), so only their reading is fuzzed.
+    engine_read = seed.fmt == "orbax"
+    code, stdout = (ExitCode.OK, '{"summary": {}}') if engine_read else run(
+        "diff", "--json", str(path), str(original))
     if code == ExitCode.OK:
         assert "summary" in json.loads(stdout)
     if seed.torch:
@@ -207,7 +213,7 @@ def check_commands(seed: Seed, path: Path, original: Path, out: Path,
         code, _ = run("strip", str(path), "-o", str(stripped), refusal="no optimizer state")
         if code == ExitCode.OK and stripped.exists():
             ckptkit.inspect(stripped)
-    for to, suffix in (("safetensors", ".safetensors"), ("npz", ".npz")):
+    for to, suffix in () if engine_read else (("safetensors", ".safetensors"), ("npz", ".npz")):
         converted = out / f"converted{suffix}"
         # Damage can leave a readable file without tensors, which convert refuses.
         code, _ = run("convert", str(path), "--to", to, "-o", str(converted), "--quiet",
@@ -261,7 +267,7 @@ SEED_IDS = [s.name for s in SEEDS]
 
 @pytest.mark.parametrize("seed", SEEDS, ids=SEED_IDS)
 def test_readers_survive_damage(seed: Seed, tmp_path: Path) -> None:
-    @fuzz_settings(CI_LIBRARY, 0.7)
+    @fuzz_settings(CI_LIBRARY_SLOW if seed.slow else CI_LIBRARY, 0.7)
     @given(mutation=mutations(seed.original))
     def run(mutation: Mutation) -> None:
         _run_library(seed, mutation.data, tmp_path)
@@ -273,7 +279,7 @@ def test_readers_survive_damage(seed: Seed, tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed", SEEDS, ids=SEED_IDS)
 def test_commands_survive_damage(seed: Seed, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    @fuzz_settings(CI_CLI, 0.3)
+    @fuzz_settings(CI_CLI_SLOW if seed.slow else CI_CLI, 0.3)
     @given(mutation=mutations(seed.original))
     def run(mutation: Mutation) -> None:
         _run_commands(seed, mutation.data, tmp_path, capsys)
@@ -450,3 +456,50 @@ def test_real_processes_print_one_line(tmp_path: Path) -> None:
     # One stderr line per unreadable file, and nothing else.
     rows = json.loads(result.stdout)["rows"]
     assert len(result.stderr.splitlines()) == sum(1 for row in rows if row.get("error"))
+
+
+# --- oversized declarations of the GGUF, ONNX and Keras readers ---------------------------------
+
+def _gguf(*parts: bytes, tensors: int = 0, values: int = 1) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, values) + b"".join(parts)
+
+
+def _key(name: bytes) -> bytes:
+    return struct.pack("<Q", len(name)) + name
+
+
+def _keras_config(config: bytes) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("config.json", config)
+        archive.writestr("metadata.json", b"{}")
+    return buffer.getvalue()
+
+
+OVERSIZED: dict[str, tuple[str, bytes]] = {
+    "gguf-string-2**62": ("x.gguf", _gguf(_key(b"k"), struct.pack("<IQ", 8, 1 << 62))),
+    "gguf-strings-2**40": ("x.gguf", _gguf(_key(b"k"), struct.pack("<IIQ", 9, 8, 1 << 40))),
+    "gguf-bytes-2**61": ("x.gguf", _gguf(_key(b"k"), struct.pack("<IIQ", 9, 0, 1 << 61))),
+    "gguf-dims-2**40": ("x.gguf", _gguf(_key(b"w"), struct.pack("<I4QIQ", 4, *[1 << 40] * 4,
+                                                                  0, 0), tensors=1, values=0)),
+    "gguf-1e9-tensors": ("x.gguf", _gguf(values=0, tensors=10**9)),
+    "onnx-graph-2**40": ("x.onnx", b"\x08\x08\x3a" + bytes([0x80] * 5) + b"\x10" + bytes(64)),
+    "keras-3M-brackets": ("x.keras", _keras_config(b"[" * 3_000_000)),
+}
+
+
+@pytest.mark.parametrize("case", OVERSIZED, ids=list(OVERSIZED))
+def test_oversized_declarations_are_one_line_exit_3(case: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Counts and lengths far beyond the file: refused before anything that size is built,
+    inside the reading budget and the memory bound."""
+    name, data = OVERSIZED[case]
+    path = tmp_path / name
+    path.write_bytes(data)
+    with bounded(len(data)):
+        code, _out, err = run_main(capsys, "inspect", str(path))
+    assert code == ExitCode.INTEGRITY, err
+    assert len(err.strip().splitlines()) == 1 and str(path) in err

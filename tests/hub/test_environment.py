@@ -89,3 +89,12 @@ def test_facts_the_caller_read_are_not_read_again() -> None:
     assert broken.pins is None and "not valid JSON" in (broken.pins_problem or "")
     assert (broken.kaggle_credentials, broken.kaggle_credentials_problem) == (
         None, "kaggle.json is bad")
+
+
+def test_the_keras_extra_is_reported_by_h5py() -> None:
+    import importlib.metadata
+
+    extra = next(e for e in find_extras() if e.module == "h5py")
+    assert extra.extra == "keras" and extra.distribution == "h5py"
+    if extra.installed:
+        assert extra.version == importlib.metadata.version("h5py")

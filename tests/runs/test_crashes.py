@@ -568,7 +568,7 @@ def test_kill_9_during_save_leaves_old_or_new_file(tmp_path: Path) -> None:
             in_flight = saved[-1] + 1 if saved else base
             assert tag in {saved[-1] if saved else confirmed, in_flight}, (tag, saved, confirmed)
             temps = {p.name for p in tmp_path.glob(".*.partial")} - before
-            assert all(re.fullmatch(atomic_temp("big_step_1.pt"), n) for n in temps), temps
+            assert all(re.fullmatch(atomic_temp(r"big_step_1\.pt"), n) for n in temps), temps
             newest = ckptkit.latest(tmp_path)
             assert newest is not None and newest.path == path  # never a temp file
             # The rerun: a complete save right after the kill.

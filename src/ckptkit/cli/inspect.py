@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ckptkit.cli import render
+from ckptkit.cli import format_sections, render
 from ckptkit.cli.examples import command
 from ckptkit.cli.options import cache_options, json_option, resolve_checkpoints
 from ckptkit.errors import ExitCode
@@ -16,6 +16,7 @@ EXAMPLES = (
     "ckpt inspect prior_level_2.pth.tar --depth 3",
     "ckpt inspect spaq_ckpt.npz --filter 'opt/target/Transformer/*' --tensors",
     "ckpt inspect saved_model_dir --json | jq .signatures",
+    "ckpt inspect tiny_llama.gguf --json | jq '.details.metadata'",
 )
 
 
@@ -36,7 +37,8 @@ def inspect_command(path: Path, as_json: bool, depth: int, pattern: str | None,
     MODEL/FILE for one file of a bundle, e.g. musiq-spaq/spaq_ckpt.npz).
 
     Reads PyTorch (zip and legacy), TorchScript, .npz, safetensors, TensorFlow SavedModel and
-    checkpoints, and Flax msgpack.  Tensor bytes are never read.  Exits 5 when the file names
+    checkpoints, Flax msgpack, GGUF, ONNX, Keras (.keras, .h5), Orbax step directories and
+    DeepSpeed ZeRO checkpoints.  Tensor bytes are never read.  Exits 5 when the file names
     dangerous callables (it still prints what it could read safely).
     """
     from ckptkit.inspection import inspect
@@ -55,10 +57,19 @@ def inspect_command(path: Path, as_json: bool, depth: int, pattern: str | None,
     if info.unsafe:
         click.echo(f"ckpt: {render.safe(path)}: unsafe content: "
                    f"{render.safe(', '.join(info.unsafe))}. Do not load it "
-                   "with pickle or torch.load(weights_only=False); `ckpt inspect` ran none of it",
-                   err=True)
+                   f"{_LOADERS.get(info.format, _LOADERS['pickle'])}; `ckpt inspect` ran none "
+                   "of it", err=True)
         return ExitCode.UNSAFE
     return ExitCode.OK
+
+
+#: How loading would run what inspect found, per format (the stderr warning).
+_LOADERS = {
+    "pickle": "with pickle or torch.load(weights_only=False)",
+    "keras": "with keras.saving.load_model(safe_mode=False)",
+    "keras-h5": "with keras.saving.load_model(safe_mode=False)",
+    "onnx": "with onnx.load or onnxruntime (they would read files outside its folder)",
+}
 
 
 def _human(info, depth: int, pattern: str | None, show_tensors: bool) -> str:
@@ -68,6 +79,7 @@ def _human(info, depth: int, pattern: str | None, show_tensors: bool) -> str:
     lines.append(render.label("Format", f"{info.format}{_format_facts(info)}   "
                                         "code executed: none"))
     lines.append(render.label("Kind", info.kind.replace("-", " ")))
+    lines.extend(format_sections.sections(info))
     if info.metadata:
         facts = "  ".join(f"{render.safe(k)}={_short(v)}" for k, v in info.metadata.items())
         lines.append(render.label("Training", facts))
@@ -110,7 +122,11 @@ def _human(info, depth: int, pattern: str | None, show_tensors: bool) -> str:
         chosen = info.filtered(pattern) if pattern else info.tensors
         lines.append(render.safe(f"Tensors matching {pattern!r}: {len(chosen)}") if pattern
                      else "Tensor list")
-        lines.append(render.table([(t.name, t.dtype, _shape(t.shape)) for t in chosen]))
+        # Sharded formats say where each tensor lives (chunks, shards, device mesh).
+        placement = info.details.get("placement") or {}
+        lines.append(render.table([(t.name, t.dtype, _shape(t.shape))
+                                   + ((render.safe(placement.get(t.name, "")),) if placement
+                                      else ()) for t in chosen]))
     for key, obj in info.opaque.items():
         state = obj["state"]
         preview = (", ".join(f"{k}={_short(v)}" for k, v in list(state.items())[:8])
@@ -132,9 +148,16 @@ def _format_facts(info) -> str:
     d = info.details
     facts = []
     for key in ("zip_prefix", "byteorder", "protocol_version", "storages", "pickles",
-                "header_bytes", "compressed", "code_files", "num_shards", "tags"):
+                "header_bytes", "compressed", "code_files", "num_shards", "tags", "step", "layout",
+                "items", "files", "data_bytes", "zero_stage", "world_size"):
         if key in d and d[key] not in (None, "", []):
-            facts.append(f"{key.replace('_', ' ')} {_short(d[key])}")
+            if key == "data_bytes":
+                value = render.size(d[key])
+            elif isinstance(d[key], (list, str)) and key in ("layout", "items"):
+                value = render.safe(", ".join(d[key]) if isinstance(d[key], list) else d[key])
+            else:
+                value = _short(d[key])
+            facts.append(f"{key.replace('_', ' ')} {value}")
     return f" ({', '.join(facts)})" if facts else ""
 
 

@@ -46,6 +46,9 @@ from ckptkit.tree import is_scalar, join
 
 #: Formats whose tensors are read by byte range from the file ckptkit parsed.
 _BY_SPAN = ("torch-zip", "torch-legacy", "torchscript", "npz", "safetensors")
+#: Formats whose reader gives each tensor's values itself (``tensor_reader``): GGUF
+#: dequantizes, ONNX decodes varint-coded data, Keras reads HDF5 through its child process.
+_BY_READER = ("gguf", "onnx", "keras", "keras-h5")
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,8 @@ def plan_format_conversion(src: str | os.PathLike[str], to: Fmt,
         plan = _from_bundle(source, name)
     elif name == "flax-msgpack":
         plan = _from_flax(source, reader.read_info(source))
+    elif name in _BY_READER:
+        plan = _from_reader(source, reader, reader.read_info(source))
     else:  # pragma: no cover - every reader is covered above
         raise UsageError(f"{source}: cannot convert {name} files")
     tensors, metadata, left_out, inputs, separator = plan
@@ -230,6 +235,34 @@ def _from_flax(source: Path, raw: RawCheckpoint) -> _Plan:
     metadata = _stringified(summarise(raw, str(source), 0).metadata)
     metadata.update(read_sidecar(source).get("metadata", {}))
     return tensors, metadata, _left_out(raw.tree, "/"), {source}, "/"
+
+
+def _from_reader(source: Path, reader: Any, raw: RawCheckpoint) -> _Plan:
+    array = reader.tensor_reader(source)
+    out_dtype = getattr(reader, "converted_dtype", lambda ref, name: ref.dtype)
+    if raw.safety.unsafe and raw.format == "onnx":
+        raise UsageError(f"{source}: {raw.safety.unsafe[0]} leaves the model's folder; "
+                         "not converted", hint="Move the data beside the model",
+                         path=str(source))
+    tensors, inputs, left_out = [], {source}, []
+    for name, ref in raw.tensors:
+        if ref.dtype == "string":
+            left_out.append(f"{name} (string tensor)")
+            continue
+        dtype = out_dtype(ref, name)  # refuses what cannot be converted, before any write
+        _check_readable(source, name, dtype)
+        if ref.span is not None:
+            inputs.add(Path(ref.span.path))
+        tensors.append(SourceTensor(name, dtype, ref.shape,
+                                    lambda n=name, r=ref: array(n, r)))
+    metadata = {k: v for k, v in _stringified(raw.details.get("metadata", {})).items()
+                if len(v) <= 4096} if raw.format == "gguf" else {}
+    if raw.details.get("missing_extra"):
+        from ckptkit.errors import MissingDependencyError
+
+        raise MissingDependencyError("h5py", raw.details["missing_extra"],
+                                     f"converting the weights of {source}")
+    return tensors, metadata, left_out, inputs, raw.separator
 
 
 def _refuse_overwrite(source: Path, target: Path, inputs: set[Path]) -> None:

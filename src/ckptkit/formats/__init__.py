@@ -35,12 +35,20 @@ FORMAT_MODULES: tuple[tuple[str, str], ...] = (
     ("savedmodel", "ckptkit.formats.savedmodel"),
     ("tf-checkpoint", "ckptkit.formats.tf_checkpoint"),
     ("flax-msgpack", "ckptkit.formats.flax_msgpack"),
+    ("gguf", "ckptkit.formats.gguf"),
+    ("onnx", "ckptkit.formats.onnx"),
+    ("keras", "ckptkit.formats.keras"),
+    ("keras-h5", "ckptkit.formats.keras_h5"),
+    ("deepspeed", "ckptkit.formats.deepspeed"),
+    ("orbax", "ckptkit.formats.orbax"),
 )
 
 _TF_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
 
 EXPECTED = ("a PyTorch checkpoint (zip or legacy), TorchScript archive, .npz, safetensors, "
-            "TensorFlow SavedModel directory or checkpoint (.index), or Flax msgpack")
+            "TensorFlow SavedModel directory or checkpoint (.index), Flax msgpack, GGUF, ONNX, "
+            "Keras (.keras, .h5), an Orbax step directory or a DeepSpeed ZeRO global_stepN "
+            "directory")
 
 
 def module_for(name: str) -> ModuleType:

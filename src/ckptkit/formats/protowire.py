@@ -10,7 +10,7 @@ field (a SavedModel's ``graph_def``) costs nothing.  Every malformed input raise
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ckptkit.errors import IntegrityError
 
@@ -136,3 +136,48 @@ def last(grouped: dict[int, list[Value]], number: int) -> Value | None:
     """The effective value of a singular field: protobuf keeps the last one on the wire."""
     values = grouped.get(number)
     return values[-1] if values else None
+
+
+Span = tuple[int, int]  # (offset, length) of a length-delimited value, in the outer buffer
+
+
+def iter_spans(read: Callable[[int, int], bytes], start: int, end: int
+               ) -> Iterator[tuple[int, int, int | Span]]:
+    """Like :func:`iter_fields`, for a message too large to hold in memory (an ONNX model with
+    its weights inline): ``read(offset, length)`` fetches bytes of the outer buffer, and
+    length-delimited values come back as ``(offset, length)`` spans, unread, so the caller
+    reads only the fields it wants (and descends into sub-messages with another call).
+
+    Raises:
+        IntegrityError: as :func:`iter_fields`, with offsets in the outer buffer.
+    """
+    pos = start
+    while pos < end:
+        head = read(pos, min(_MAX_VARINT_BYTES * 2, end - pos))
+        key, used = read_varint(head, 0)
+        number, wire = key >> 3, key & 7
+        if number == 0 or number > _MAX_FIELD_NUMBER:
+            raise IntegrityError(f"invalid field number {number} at byte {pos}")
+        at = pos
+        pos += used
+        value: int | Span
+        if wire == VARINT:
+            value, used = read_varint(read(pos, min(_MAX_VARINT_BYTES, end - pos)), 0)
+            pos += used
+        elif wire in (FIXED64, FIXED32):
+            width = 8 if wire == FIXED64 else 4
+            if pos + width > end:
+                raise IntegrityError(f"truncated {width * 8}-bit field {number} at byte {at}")
+            value = struct.unpack("<Q" if width == 8 else "<I", read(pos, width))[0]
+            pos += width
+        elif wire == LENGTH:
+            length, used = read_varint(read(pos, min(_MAX_VARINT_BYTES, end - pos)), 0)
+            pos += used
+            if length > end - pos:
+                raise IntegrityError(f"field {number} at byte {at} declares {length} bytes but "
+                                     f"only {end - pos} remain")
+            value = (pos, length)
+            pos += length
+        else:
+            raise IntegrityError(f"unsupported wire type {wire} (field {number}) at byte {at}")
+        yield number, wire, value

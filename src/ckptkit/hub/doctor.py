@@ -13,6 +13,7 @@ are :mod:`ckptkit.hub.diagnosis`'s.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,10 +28,12 @@ from ckptkit.config import DOCTOR_TIMEOUT, Settings
 from ckptkit.hub.credentials import KaggleLookup, in_colab, look_up_kaggle_credentials
 from ckptkit.hub.diagnosis import (Check, DoctorReport, FileReport, SourceReport, judge,
                                not_applicable, not_checked)
-from ckptkit.errors import CkptkitError, NotFoundError, UsageError
+from ckptkit.errors import CkptkitError, MissingDependencyError, NotFoundError, UsageError
 from ckptkit.storage.hashing import sha256_and_size, tree_size
 from ckptkit.hub.pins import Pins, PinsSnapshot
 from ckptkit.hub.probes import ProbeRequest, ProbeResult, download_probe, kaggle_probe, send
+from ckptkit.hub.sources.hf_api import HubEnv, resolve_url
+from ckptkit.hub.sources.hf_cache import HubRepoCache
 
 MAX_WORKERS = 8
 _ON_DISK = "on disk"
@@ -156,6 +159,8 @@ def _plan_source(source: SourceSpec, spec: FileSpec, settings: Settings) -> Plan
     if source.type == "url":
         url = mirrors.rewrite(source.ref)
         return PlannedSource(source, url, None if offline else download_probe(url))
+    if source.type == "hf":
+        return _plan_hf(source, settings)
     if source.type == "tfhub":
         from ckptkit.hub.sources import tfhub
 
@@ -163,6 +168,24 @@ def _plan_source(source: SourceSpec, spec: FileSpec, settings: Settings) -> Plan
         return PlannedSource(source, url, None if offline else download_probe(url),
                              copy=settings.tfhub_cache_dir / tfhub.module_key(source.ref))
     return _plan_kaggle(source, settings)
+
+
+def _plan_hf(source: SourceSpec, settings: Settings) -> PlannedSource:
+    """The file's ``resolve`` on the Hub endpoint (``huggingface_hub``'s ``HF_ENDPOINT``,
+    mirror applied) and its copy in the Hugging Face cache (the snapshot ``refs/<revision>``
+    points to)."""
+    try:
+        env = HubEnv.from_environ(with_token=False)  # the token only when probing
+    except MissingDependencyError:
+        return PlannedSource(source, settings.mirrors.rewrite(source.ref),
+                             problem="huggingface_hub not installed: pip install 'ckptkit[hf]'")
+    url = settings.mirrors.rewrite(resolve_url(env.endpoint, source.repo_type, source.repo or "",
+                                               source.revision, source.filename or ""))
+    repo = HubRepoCache(env.hub_cache, source.repo_type, source.repo or "")
+    commit = repo.read_ref(source.revision) or source.revision
+    copy = repo.snapshot(commit) / (source.filename or "")
+    return PlannedSource(source, url, None if settings.offline else download_probe(url),
+                         copy=copy)
 
 
 def _plan_kaggle(source: SourceSpec, settings: Settings) -> PlannedSource:
@@ -202,6 +225,12 @@ class _Run:
         self.verified: dict[str, Future[tuple[CacheEntry, str]]] = {}
         self.copies: dict[tuple[str, SourceSpec], list[Path]] = {}
 
+    @functools.cached_property
+    def hf_env(self) -> HubEnv:
+        """The Hub token and endpoint, looked up only when a Hub probe is sent (the lookup
+        imports huggingface_hub's HTTP stack, which an offline doctor never loads)."""
+        return HubEnv.from_environ()
+
     def files(self) -> dict[str, FileReport]:
         try:
             self._submit()
@@ -229,11 +258,15 @@ class _Run:
                     # Credentials go with Kaggle API calls only, not to a static mirror.
                     headers = (auth.headers() if auth and s.source.type == "kaggle"
                                and s.probe.method == "POST" else None)
+                    if s.source.type == "hf":  # the Hub token, to the Hub endpoint only
+                        headers = self.hf_env.headers_for(s.probe.url) or None
                     self.probes[s.probe] = self.pool.submit(
                         send, s.probe, timeout=self.plan.timeout, headers=headers)
                 if s.source.type == "local":
                     found = local.candidates(planned.spec, s.source.ref or None,
                                              self.plan.settings.local_dirs)
+                elif s.source.type == "hf":
+                    found = [s.copy] if s.copy is not None and s.copy.is_file() else []
                 else:
                     found = [s.copy] if s.copy is not None and self._present(s) else []
                 self.copies[(planned.spec.id, s.source)] = found
@@ -322,6 +355,8 @@ class _Run:
         kind = s.source.type
         if kind == "local":
             return not_applicable("not needed")
+        if kind == "hf":
+            return self._hf_auth(s, result)
         creds = self.plan.kaggle.credentials if kind == "kaggle" else None
         if kind == "kaggle" and self.plan.kaggle.problem:
             return Check("fail", self.plan.kaggle.problem)
@@ -341,10 +376,28 @@ class _Run:
             return Check("ok", have)
         return not_applicable("not needed")
 
+    def _hf_auth(self, s: PlannedSource, result: ProbeResult | None) -> Check:
+        if s.problem is not None:
+            return not_checked("source unusable")
+        if result is None:
+            return not_checked("offline")
+        env = self.hf_env
+        have = (f"token from {env.token_origin}" if env.token and s.target
+                and env.headers_for(s.target) else "no token")
+        if result.status in (401, 403):
+            return Check("fail", f"HTTP {result.status}, {have}"
+                         + ("; set HF_TOKEN or run `hf auth login`" if have == "no token"
+                            else ""))
+        if result.status is None or not 200 <= result.status < 300:
+            return not_checked("no answer" if result.status is None
+                               else f"HTTP {result.status}")
+        return Check("ok", have) if have != "no token" else not_applicable("not needed")
+
     def _copy(self, kind: str, found: list[Path], expected: str | None,
               what: str | None) -> tuple[Check, Check, Path | None]:
         """(cached, verified, the copy reported) for an origin cache or local source."""
-        where = {"tfhub": "TF Hub cache", "kaggle": "kagglehub cache"}.get(kind, "")
+        where = {"tfhub": "TF Hub cache", "kaggle": "kagglehub cache",
+                 "hf": "Hugging Face cache"}.get(kind, "")
         if kind == "url":
             return not_applicable("no origin cache"), not_applicable("no origin cache"), None
         if not found:
@@ -377,11 +430,13 @@ class _Run:
         has_copy = cached.status == "ok" and verified.status != "fail"
         if kind == "local":
             return has_copy
+        if kind == "hf" and self.offline:
+            return has_copy  # a fetch offline takes hf files from the Hugging Face cache
         if self.offline or s.problem is not None:
             return False  # a fetch offline tries local sources only
         fetchable = reachable.status == "ok" and auth.status != "fail"
-        if kind == "kaggle":
-            return fetchable or has_copy  # kagglehub reuses its cache before any request
+        if kind in ("kaggle", "hf"):
+            return fetchable or has_copy  # the origin cache is reused before any request
         return fetchable
 
 

@@ -32,7 +32,7 @@ from ckptkit.hub.fetch_files import (FetchedFile, Failed, PlannedFile, Progress,
                                      ProgressFactory, Runner, place)
 
 MAX_PARALLEL_FILES = 4
-SOURCE_NAMES = ("tfhub", "kaggle", "url", "local")
+SOURCE_NAMES = ("hf", "tfhub", "kaggle", "url", "local")
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,8 @@ def _eligible(spec: FileSpec, settings: Settings, only: str | None) -> tuple[Sou
     sources = list(spec.sources)
     if settings.local_dirs:
         sources.append(SourceSpec("local", ""))  # "" = search the --local-dir folders
-    if settings.offline:
-        sources = [s for s in sources if s.type == "local"]
+    if settings.offline:  # local folders, and the Hugging Face cache for hf sources
+        sources = [s for s in sources if s.type in ("local", "hf")]
     if only:
         sources = [s for s in sources if s.type == only]
     return tuple(sources)
@@ -179,8 +179,9 @@ def _eligible(spec: FileSpec, settings: Settings, only: str | None) -> tuple[Sou
 def _no_source_message(spec: FileSpec, settings: Settings, only: str | None) -> str:
     kinds = sorted({s.type for s in spec.sources})
     if settings.offline:
-        return (f"{spec.id} is not cached and offline mode allows only local sources "
-                f"(it has: {', '.join(kinds)}); pass --local-dir with the file, or go online")
+        return (f"{spec.id} is not cached and offline mode allows only local sources and the "
+                f"Hugging Face cache (it has: {', '.join(kinds)}); pass --local-dir with the "
+                "file, or go online")
     return f"{spec.id} has no {only} source (it has: {', '.join(kinds)})"
 
 

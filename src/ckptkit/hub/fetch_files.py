@@ -60,7 +60,7 @@ class PlannedFile:
                           if self.probed_size is not None else None),
             "hash_from": "catalogue" if self.spec.sha256 else ("pin" if self.pinned else None),
             "sources": [{"type": s.type, "ref": s.ref,
-                         "url": settings.mirrors.rewrite(s.ref) if s.type in ("url", "tfhub")
+                         "url": settings.mirrors.rewrite(s.ref) if s.type in ("url", "tfhub", "hf")
                          else None} for s in self.sources],
         }
 
@@ -174,6 +174,12 @@ class Runner:
                                           progress=bar, limits=s.limits)
                 return _Delivery(result.url, result.transferred, (result.size, result.sha256),
                                  result.announced)
+            if source.type == "hf":
+                from ckptkit.hub.sources import hf
+
+                _remove(staged)
+                got_h = hf.deliver(source, staged, s, progress=bar)
+                return _Delivery(got_h.url, got_h.transferred, (got_h.size, got_h.sha256), True)
             if source.type == "tfhub":
                 from ckptkit.hub.sources import tfhub
 

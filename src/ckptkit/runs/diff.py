@@ -30,7 +30,7 @@ import numpy as np
 
 from ckptkit.storage import budget
 from ckptkit.runs.diff_names import Entry, Match, Pair, pair
-from ckptkit.model import RawCheckpoint, TensorRef
+from ckptkit.model import RawCheckpoint, TensorRef, packed_types
 
 Status = Literal["changed", "unchanged", "shape_changed", "only_a", "only_b"]
 Section = Literal["weights", "training"]
@@ -222,6 +222,8 @@ def _compare(p: Pair, section: Section, group: str, atol: float,
                 match=p.match)
     if shape_a != shape_b:
         return TensorDiff(status="shape_changed", **base)  # type: ignore[arg-type]
+    if ra.dtype in packed_types() or rb.dtype in packed_types():
+        return _compare_packed(p, base, big, accounts)
     stats = _Stats()
     try:
         for win_a, win_b in _windows(p, big, accounts):
@@ -239,6 +241,26 @@ def _compare(p: Pair, section: Section, group: str, atol: float,
     relative = max_abs / max(stats.max_a, TINY)
     return TensorDiff(status="changed" if changed else "unchanged",  # type: ignore[arg-type]
                       max_abs=float(max_abs), relative=float(relative), **base)
+
+
+def _compare_packed(p: Pair, base: dict[str, Any], big: tuple[bool, bool],
+                    accounts: tuple[budget.Budget, budget.Budget]) -> TensorDiff:
+    """Block-quantized tensors (GGUF Q4_0, Q8_0...): equal when their packed bytes are;
+    a difference has no element-wise size (NaN), the blocks are not decoded."""
+    ra, rb = p.a.ref, p.b.ref
+    same = ra.dtype == rb.dtype and ra.nbytes == rb.nbytes and p.a.transform.name == "none" \
+        and p.b.transform.name == "none"
+    if same:
+        raw_a = TensorRef("uint8", (ra.nbytes,), ra.span)
+        raw_b = TensorRef("uint8", (rb.nbytes,), rb.span)
+        stats = _Stats()
+        for win_a, win_b in zip(_stream(raw_a, False, accounts[0]),
+                                _stream(raw_b, False, accounts[1]), strict=True):
+            stats.add(win_a, win_b)
+        same = stats.max_abs == 0
+    return TensorDiff(status="unchanged" if same else "changed",  # type: ignore[arg-type]
+                      max_abs=0.0 if same else math.nan, relative=0.0 if same else math.nan,
+                      **base)
 
 
 def _windows(p: Pair, big: tuple[bool, bool],

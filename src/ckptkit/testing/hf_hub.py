@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import re
 import sys
@@ -44,7 +45,7 @@ from ckptkit.testing.hf_server import (CdnServer, Denied, HubServer, fault_targe
 from ckptkit.testing.server import (Logged, entry_point_parser, port_number,
                                     serve_until_signalled)
 
-__all__ = ["Fault", "HfHubStandIn", "HubRepo", "main"]
+__all__ = ["Fault", "HfHubStandIn", "HubRepo", "client_constants_now", "main"]
 
 FaultRoute = Literal["api", "resolve", "cdn"]
 _PREFIX = {"model": "", "dataset": "datasets/"}
@@ -258,6 +259,24 @@ class HfHubStandIn:
         if offline:
             env["HF_HUB_OFFLINE"] = "1"
         return env
+
+
+def client_constants_now() -> dict[str, Any]:
+    """The values ``huggingface_hub.constants`` would hold if it were imported now.
+
+    The client reads ``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_TOKEN_PATH``... once,
+    at import; a process that changes them afterwards and runs ckpt in-process (a test, the
+    in-process demo) patches these into the module, as a fresh process would have read them.
+
+    Raises:
+        ImportError: huggingface_hub is not installed.
+    """
+    spec = importlib.util.find_spec("huggingface_hub.constants")
+    if spec is None or spec.loader is None:
+        raise ImportError("huggingface_hub is not installed")
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    return {name: getattr(fresh, name) for name in dir(fresh) if name.isupper()}
 
 
 def _bearer(authorization: str | None) -> str | None:
