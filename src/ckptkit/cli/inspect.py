@@ -131,7 +131,7 @@ def _human(info, depth: int, pattern: str | None, show_tensors: bool) -> str:
 def _format_facts(info) -> str:
     d = info.details
     facts = []
-    for key in ("zip_prefix", "byteorder", "protocol_version", "storages", "pickles",
+    for key in ("zip_prefix", "container", "byteorder", "protocol_version", "storages", "pickles",
                 "header_bytes", "compressed", "code_files", "num_shards", "tags"):
         if key in d and d[key] not in (None, "", []):
             facts.append(f"{key.replace('_', ' ')} {_short(d[key])}")

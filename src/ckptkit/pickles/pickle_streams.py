@@ -36,6 +36,8 @@ class Metered:
         self._buffer, self._pos = b"", 0
         self._read = 0  # position in the (decompressed) stream
         self._pending = 0  # inflated bytes not charged yet
+        #: Where values sit, for readers that record it (see plain_pickle.read_stream).
+        self.payloads: dict[int, tuple[Any, int, int]] | None = None
 
     def more(self) -> bool:
         """True when another byte follows (kept to be read next)."""

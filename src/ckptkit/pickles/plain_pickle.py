@@ -20,11 +20,14 @@ import lzma
 import math
 import pickle
 import pickletools
+import struct
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ckptkit.storage import budget
+from ckptkit.storage.location import locate
 from ckptkit.errors import IntegrityError
 from ckptkit.pickles.pickle_streams import Metered, decompressed
 from ckptkit.pickles.npy_header import MAX_HEADER, NPY_MAGIC, parse_header
@@ -113,19 +116,50 @@ def analyse(path: Path) -> tuple[Findings, str]:
         IntegrityError: a broken stream (an UnsafePickleError when it also names dangerous
             callables).
     """
+    with budget.reading(path):
+        read = read_stream(path)
+    return read.findings, f"{read.compression} pickle".strip()
+
+
+@dataclass
+class StreamRead:
+    """Every pickle of a file as the restricted machine left it, and where array bytes are.
+
+    ``payloads`` (kept only when asked for) maps ``id()`` of a bytes value or a joblib array
+    wrapper to ``(the object, offset, length)``: its bytes' place in the file, or in the
+    stream the file inflates to when ``compression`` is set.  The objects are held so that
+    their ids stay theirs.
+    """
+
+    values: list[Any]
+    findings: Findings
+    compression: str
+    payloads: dict[int, tuple[Any, int, int]] = field(default_factory=dict)
+
+
+def read_stream(path: Path, *, record: bool = False) -> StreamRead:
+    """Read every pickle in ``path`` (inside the caller's budget); ``record`` keeps where
+    each bytes value and joblib array sits, for readers that load them later.
+
+    Raises:
+        IntegrityError: a broken stream (an UnsafePickleError when it also names dangerous
+            callables).
+    """
     findings = Findings()
-    with budget.reading(path), open(path, "rb") as fh, decompressed(fh, path) as stream:
+    values: list[Any] = []
+    with locate(path).open() as fh, decompressed(fh, path) as stream:
         compression = getattr(stream, "compression", "")
         metered = Metered(stream, f"{compression} stream" if compression else "")
-        count = 0
+        metered.payloads = {} if record else None
         while metered.more():
-            count += 1
-            if count > MAX_PICKLES:
+            if len(values) >= MAX_PICKLES:
                 raise IntegrityError(f"{path}: more than {MAX_PICKLES} pickles in one file")
-            read_pickle(metered, findings, what=f"pickle {count}",  # type: ignore[arg-type]
-                        context=CONTEXT, location=f"pickle {count}", machine=_JoblibMachine)
+            count = len(values) + 1
+            values.append(read_pickle(metered, findings,  # type: ignore[arg-type]
+                                      what=f"pickle {count}", context=CONTEXT,
+                                      location=f"pickle {count}", machine=_JoblibMachine))
         metered.settle()
-    return findings, f"{compression} pickle".strip()
+    return StreamRead(values, findings, compression, metered.payloads or {})
 
 
 class _JoblibMachine(InertUnpickler):
@@ -164,7 +198,35 @@ class _JoblibMachine(InertUnpickler):
             if len(pad) != 1:
                 raise EOFError
             self._skip(pad[0])
-        self._skip(math.prod(shape) * max(1, int(itemsize(dtype))))
+        size = math.prod(shape) * max(1, int(itemsize(dtype)))
+        self._record(self.stack[-1], self._stream.tell(), size)
+        self._skip(size)
+
+    def _record(self, value: Any, offset: int, length: int) -> None:
+        payloads = self._stream.payloads
+        if payloads is not None:
+            payloads[id(value)] = (value, offset, length)
+
+    # Bytes values: numpy arrays pickled without joblib carry their data in one of these.
+    def _bytes_of(self, width: int, fmt: str, kind: type) -> None:
+        (size,) = struct.unpack(fmt, self.read(width))
+        start = self._stream.tell()
+        value = self._counted(size)
+        value = kind(value) if kind is not bytes else value
+        self._record(value, start, len(value))
+        self.append(value)
+
+    def _short_binbytes(self) -> None:
+        self._bytes_of(1, "<B", bytes)
+
+    def _binbytes(self) -> None:
+        self._bytes_of(4, "<I", bytes)
+
+    def _binbytes8(self) -> None:
+        self._bytes_of(8, "<Q", bytes)
+
+    def _bytearray8(self) -> None:
+        self._bytes_of(8, "<Q", bytearray)
 
     def _skip(self, count: int) -> None:
         if self._stream.skip(count) != count:
@@ -176,6 +238,10 @@ class _JoblibMachine(InertUnpickler):
         self._depth = 0
 
     dispatch[pickle.BUILD[0]] = _joblib_build
+    dispatch[pickle.SHORT_BINBYTES[0]] = _short_binbytes
+    dispatch[pickle.BINBYTES[0]] = _binbytes
+    dispatch[pickle.BINBYTES8[0]] = _binbytes8
+    dispatch[pickle.BYTEARRAY8[0]] = _bytearray8
 
 
 def _dtype_name(dtype: Any) -> str:
