@@ -134,7 +134,8 @@ def _format_facts(info) -> str:
     for key in ("zip_prefix", "container", "byteorder", "protocol_version", "storages", "pickles",
                 "header_bytes", "compressed", "code_files", "num_shards", "tags"):
         if key in d and d[key] not in (None, "", []):
-            facts.append(f"{key.replace('_', ' ')} {_short(d[key])}")
+            shown = render.safe(d[key]) if key == "container" else _short(d[key])
+            facts.append(f"{key.replace('_', ' ')} {shown}")
     return f" ({', '.join(facts)})" if facts else ""
 
 

@@ -55,10 +55,10 @@ def read_info(path: Path) -> RawCheckpoint:
     findings = read.findings
     joblib = any(o.qualname == plain_pickle.WRAPPER for o, _s, _l in read.payloads.values()
                  if hasattr(o, "qualname"))
-    details: dict[str, Any] = {
-        "container": " ".join(p for p in (read.compression, "joblib" if joblib else "pickle")
-                              if p),
-        "pickles": findings.pickles, **findings.details()}
+    container = " ".join(p for p in (read.compression, "joblib" if joblib else "pickle") if p)
+    details: dict[str, Any] = {"pickles": findings.pickles, **findings.details()}
+    if container != "pickle":  # joblib, or a compressed stream: say which
+        details["container"] = container
     safety = SafetyReport(tuple(sorted(findings.objects)), tuple(sorted(findings.unsafe)),
                           findings.pickles)
     return RawCheckpoint(FORMAT, tree, tuple(iter_tensors(tree)), safety, details)
