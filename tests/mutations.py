@@ -89,6 +89,9 @@ SEEDS: tuple[Seed, ...] = (
     Seed("tf-index", "tf-checkpoint", "tf_ckpt", "ckpt-1.index"),
     Seed("tf-shard", "tf-checkpoint", "tf_ckpt", "ckpt-1.data-00000-of-00001"),
     Seed("tf-state", "tf-checkpoint", "tf_ckpt", "checkpoint", names_files=True),
+    Seed("pickle", "pickle", "params.pkl"),
+    Seed("joblib", "pickle", "probe_head.joblib"),
+    Seed("npy", "npy", "embeddings.npy"),
 )
 SEED_BY_NAME = {s.name: s for s in SEEDS}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ckptkit.errors import FormatError, IntegrityError, UnsafeContentError, UsageError
+from ckptkit.errors import FormatError, IntegrityError, UnsafeContentError, UsageError, naming
 from ckptkit.formats.tensor_io import read_tensor
 from ckptkit.model import ByteSpan, Opaque, RawCheckpoint, SafetyReport, TensorRef, checked_shape
 from ckptkit.pickles import plain_pickle
@@ -37,6 +37,11 @@ def name_of(path: Path) -> str:
 
 @metered
 def read_info(path: Path) -> RawCheckpoint:
+    with naming(path):
+        return _read(path)
+
+
+def _read(path: Path) -> RawCheckpoint:
     location = locate(path)
     size = location.size()
     header, start = parse_header(location.read(0, MAX_HEADER + 12), str(path))

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ckptkit.errors import UnsafeContentError, UsageError
+from ckptkit.errors import UnsafeContentError, UsageError, naming
 from ckptkit.formats.tensor_io import materialise
 from ckptkit.model import ByteSpan, RawCheckpoint, SafetyReport
 from ckptkit.pickles import plain_pickle
@@ -38,7 +38,8 @@ def sniff(path: Path) -> bool:
 
 @metered
 def read_info(path: Path) -> RawCheckpoint:
-    read = plain_pickle.read_stream(path, record=True)
+    with naming(path):
+        read = plain_pickle.read_stream(path, record=True)
     compression = read.compression or None
 
     def payload_span(raw: Any) -> ByteSpan | None:
@@ -48,7 +49,8 @@ def read_info(path: Path) -> RawCheckpoint:
         return ByteSpan(str(path), found[1], found[2], compression=compression)
 
     resolver = Resolver(payload_span=payload_span)
-    values = [resolver.resolve(v) for v in read.values]
+    with naming(path):
+        values = [resolver.resolve(v) for v in read.values]
     # pickle.load reads the first pickle; later ones (rare) are shown beside it, numbered.
     tree = values[0] if len(values) == 1 else {f"pickle {i + 1}": v
                                                 for i, v in enumerate(values)}
