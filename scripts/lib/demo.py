@@ -260,8 +260,11 @@ def steps(demo: Demo) -> None:
                         ("tf_ckpt/ckpt-1.index", ("--depth", "2")),
                         ("encoder_scripted.pt", ("--depth", "1")),
                         ("model.safetensors", ("--filter", "encoder.*")),
-                        ("flax_params.msgpack", ("--depth", "2"))):
+                        ("flax_params.msgpack", ("--depth", "2")),
+                        ("probe_head.joblib", ()), ("embeddings.npy", ())):
         demo.run(None, "inspect", f"{samples}/{name}", *extra)
+    # A JAX project's params.pkl: a plain pickle, read without unpickling it.
+    demo.run("inspect-params-pkl", "inspect", f"{samples}/params.pkl", "--depth", "3")
     demo.say("What the demo wrote (kept with --keep DIR; transcript.md is written last)")
     demo.shell("kept", "ls -1 ~/ckpt-demo", lambda: "".join(
         f"{name}\n" for name in sorted({p.name for p in work.iterdir()} | {"transcript.md"})))
