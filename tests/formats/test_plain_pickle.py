@@ -214,3 +214,55 @@ def test_samples_convert_to_safetensors_and_diff_unchanged(
     summary = json.loads(out_text)["summary"]
     assert summary["changed"] == summary["only_a"] == summary["only_b"] == 0
     assert summary["unchanged"] == len(flat)
+
+
+# --- oversized: headers and lengths that promise far more than the file holds ----------------
+
+def _npy_with_header(path: Path, header: str) -> Path:
+    text = header.encode("latin1")
+    text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + b"\0" * 8)
+    return path
+
+
+def _oversized(kind: str, tmp_path: Path) -> Path:
+    if kind == "npy-shape":
+        return _npy_with_header(tmp_path / "huge.npy", "{'descr': '<f4', 'fortran_order': False, "
+                                                       "'shape': (1099511627776,), }")
+    if kind == "npy-impossible":
+        return _npy_with_header(tmp_path / "inf.npy", "{'descr': '<f8', 'fortran_order': False, "
+                                                      "'shape': (4611686018427387904, 17), }")
+    if kind == "pickle-bytes8":  # BINBYTES8 of 2**40 bytes, 9 bytes present
+        data = b"\x80\x04\x8e" + (1 << 40).to_bytes(8, "little") + b"x" * 9 + b"."
+        (tmp_path / "len.pkl").write_bytes(data)
+        return tmp_path / "len.pkl"
+    if kind == "joblib-shape":  # a wrapper promising 8 GB of array data after it
+        path = tmp_path / "huge.joblib"
+        joblib.dump({"w": np.zeros(4, np.float64)}, path)
+        data = path.read_bytes()
+        marker = b"K\x04\x85"  # shape (4,) as joblib pickles it: BININT1 4, TUPLE1
+        assert data.count(marker) == 1
+        path.write_bytes(data.replace(marker, b"J\x00\x00\x00\x40\x85"))
+        return path
+    if kind == "gzip-bomb":  # 40 MB of zeros inside a bytes value, in a 40 KB file
+        path = tmp_path / "bomb.pkl"
+        path.write_bytes(gzip.compress(pickle.dumps(bytes(40 << 20), protocol=4), 9))
+        return path
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["npy-shape", "npy-impossible", "pickle-bytes8",
+                                  "joblib-shape", "gzip-bomb"])
+def test_oversized_inputs_are_one_line_integrity_errors(
+        kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CKPTKIT_MAX_BYTES", str(8 << 20))  # the gzip bomb passes this
+    monkeypatch.setenv("CKPTKIT_MAX_RATIO", "16")
+    path = _oversized(kind, tmp_path)
+    for command in (("inspect", str(path)), ("convert", str(path), "--to", "safetensors",
+                                             "-o", str(tmp_path / "out.safetensors"))):
+        code, _out, err = run_main(capsys, *command)
+        assert code == 3, (command, err)
+        assert err.count("\n") == 1 and err.startswith("ckpt: ") and "Traceback" not in err
+        assert path.name in err
+    assert not (tmp_path / "out.safetensors").exists()
