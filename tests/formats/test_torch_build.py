@@ -184,3 +184,27 @@ def test_hostile_files_are_refused_and_nothing_runs(tmp_path: Path, make: Any,
     code, _out, err = run_main(capsys, "inspect", str(path))
     assert code == 5 and "Traceback" not in err
     assert not sentinel.exists()
+
+
+def test_legacy_tar_layout_of_cve_2025_32434_is_not_loaded(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The pre-1.0 tar layout, the route of CVE-2025-32434 past weights_only: ckptkit reads no
+    such format, so load refuses it (nothing runs) and scan names the payload."""
+    import tarfile
+
+    sentinel = tmp_path / "pwned"
+    members = {"sys_info": pickle.dumps({"protocol_version": 1001, "little_endian": True}),
+               "storages": pickle.dumps(0, protocol=2) + pickle.dumps([], protocol=2),
+               "tensors": pickle.dumps(0, protocol=2),
+               "pickle": pickle.dumps({"hps": _Touch(sentinel)}, protocol=2)}
+    path = tmp_path / "legacy.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(FormatError, match="not a checkpoint format"):
+        ckptkit.load(path, framework="torch")
+    code, out, _err = run_main(capsys, "scan", str(path))
+    assert code == 5 and "unsafe" in out
+    assert not sentinel.exists()
