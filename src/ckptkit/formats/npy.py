@@ -98,4 +98,5 @@ def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
         raise FormatError(f"{path}: an object array; loading it runs its pickle",
                           hint="np.load(..., allow_pickle=True) it yourself only if you trust "
                                "the file", path=str(path))
-    return read_tensor(value, big_endian=raw.details.get("byteorder") == "big")
+    with naming(path):
+        return read_tensor(value, big_endian=raw.details.get("byteorder") == "big")

@@ -81,4 +81,5 @@ def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
     if framework not in ("numpy", "jax", "flax"):
         raise UsageError(f"{path}: cannot load a pickle as {framework!r}",
                          hint="Use framework='numpy'")
-    return materialise(raw.tree)
+    with naming(path):
+        return materialise(raw.tree)

@@ -135,7 +135,8 @@ class Metered:
         here = self._stream.tell()
         try:
             self._stream.seek(start)
-            return self._stream.read(limit)
+            # A buffered read allocates all it is asked for: ask for what the file has.
+            return self._stream.read(max(0, min(limit, (self._size or 0) - start)))
         finally:
             self._stream.seek(here)
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from ckptkit.storage import budget
 from ckptkit.errors import IntegrityError
-from ckptkit.model import ByteSpan, Opaque, TensorRef, checked_shape
+from ckptkit.model import ByteSpan, Opaque, TensorRef, checked_shape, itemsize
 from ckptkit.pickles.pickle_globals import DType, PendingTensor, StorageRef, StorageType, numpy_dtype_name
 
 _STRUCT_CODES = {"int8": "b", "uint8": "B", "int16": "h", "uint16": "H", "int32": "i",
@@ -234,9 +234,11 @@ def _joblib_array(obj: Opaque, payload_span: PayloadResolver) -> Any:
     return _array(name, shape, state.get("order") == "F", payload_span(obj))
 
 
-def _array(dtype: str, dims: Any, fortran: bool, span: ByteSpan | None) -> TensorRef:
+def _array(dtype: str, dims: Any, fortran: bool, span: ByteSpan | None) -> TensorRef | Opaque:
     """A numpy array as a TensorRef; its bytes are kept only when they are exactly the
     array's (a shorter or longer payload is what numpy would refuse to load)."""
+    if not itemsize(dtype):  # a dtype this reader cannot name (a damaged or exotic record)
+        return Opaque("numpy.ndarray", (dtype,))
     shape = checked_shape(dims, "a numpy array", dtype)
     ref = TensorRef(dtype, shape, None, fortran_order=fortran)
     if span is not None and span.length == ref.nbytes and not dtype.endswith(">"):

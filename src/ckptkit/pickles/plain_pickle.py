@@ -68,7 +68,7 @@ def sniff(path: Path) -> bool:
                         return first in (b"\x80",) + _TEXT_OPCODES
                 fh.seek(0)
             return head[:1] in _TEXT_OPCODES and _parses(fh.read(SNIFF_BYTES))
-    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError):
+    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, pickle.UnpicklingError):
         return False
 
 
@@ -151,13 +151,17 @@ def read_stream(path: Path, *, record: bool = False) -> StreamRead:
         compression = getattr(stream, "compression", "")
         metered = Metered(stream, f"{compression} stream" if compression else "")
         metered.payloads = {} if record else None
-        while metered.more():
-            if len(values) >= MAX_PICKLES:
-                raise IntegrityError(f"{path}: more than {MAX_PICKLES} pickles in one file")
-            count = len(values) + 1
-            values.append(read_pickle(metered, findings,  # type: ignore[arg-type]
-                                      what=f"pickle {count}", context=CONTEXT,
-                                      location=f"pickle {count}", machine=_JoblibMachine))
+        try:
+            while metered.more():
+                if len(values) >= MAX_PICKLES:
+                    raise IntegrityError(f"{path}: more than {MAX_PICKLES} pickles in one file")
+                count = len(values) + 1
+                values.append(read_pickle(metered, findings,  # type: ignore[arg-type]
+                                          what=f"pickle {count}", context=CONTEXT,
+                                          location=f"pickle {count}", machine=_JoblibMachine))
+        except pickle.UnpicklingError as exc:  # the decompressor, between two pickles
+            raise IntegrityError(f"{path}: {exc}", hint="The file is truncated or corrupt",
+                                 path=str(path)) from None
         metered.settle()
     return StreamRead(values, findings, compression, metered.payloads or {})
 
