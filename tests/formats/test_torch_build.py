@@ -116,6 +116,23 @@ def test_nested_containers_and_optimizer_state(tmp_path: Path, legacy: bool) -> 
     assert ours["optimizer"]["param_groups"][0]["momentum"] == 0.9
 
 
+def test_torch_unpickler_is_never_called(tmp_path: Path, legacy: bool,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save_torch(tiny_training_state(), tmp_path / "s.pt", legacy=legacy)
+    expected = torch.load(path, weights_only=True)
+
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("torch's loader was called")
+
+    import torch._weights_only_unpickler as wou
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(torch.serialization, "load", refuse)
+    monkeypatch.setattr(wou, "load", refuse)
+    monkeypatch.setattr(wou.Unpickler, "load", refuse)
+    assert_same(ckptkit.load(path, framework="torch"), expected)
+
+
 def test_zip_storages_are_memory_mapped_copy_on_write(tmp_path: Path) -> None:
     path = save_torch({"w": torch.arange(16, dtype=torch.float32)}, tmp_path / "w.pt")
     before = path.read_bytes()

@@ -87,8 +87,10 @@ class TorchBuilder:
                 f"{self.path}: a {ref.dtype}{list(ref.shape)} value has no storage in the file "
                 "(a numpy array pickled inside it)",
                 hint="Use framework='numpy' to read it", path=str(self.path))
-        storage = self._storage(ref.span, ref.storage_key, int(itemsize(ref.dtype)))
         size = int(itemsize(ref.dtype))
+        # Byte order is per scalar: a complex number is two of them.
+        storage = self._storage(ref.span, ref.storage_key,
+                                size // 2 if ref.dtype.startswith("complex") else size)
         last = ref.element_offset + sum((n - 1) * s for n, s in zip(ref.shape, stride,
                                                                     strict=True))
         if ref.numel and (min(stride, default=0) < 0
