@@ -3,8 +3,9 @@ README and docs show.
 
     python scripts/lib/demo.py --ckpt PATH [--keep DIR] [--write-docs]
 
-``scripts/demo`` runs this in a light virtualenv (core install: no torch, TensorFlow or JAX)
-with ``--ckpt`` naming its ``ckpt``.  A machine with internet is played by the bundled samples
+``scripts/demo`` runs this in a light virtualenv (core install and huggingface_hub: no torch,
+TensorFlow or JAX) with ``--ckpt`` naming its ``ckpt``.  A machine with internet is played by
+the bundled samples
 (its cache is filled from them with ``--local-dir``); it exports a mirror (``ckpt mirror
 export``), serves it (``ckpt mirror serve``), and everything after fetches from that mirror:
 nothing leaves the machine.
@@ -46,7 +47,9 @@ INHERITED = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "LANG", "LC_ALL", "LC_CTYPE", 
 VOLATILE = [(re.compile(p, re.M), r) for p, r in (
     (r"\b\d+ ms\b", "N ms"), (r"\d{4}-\d\d-\d\d \d\d:\d\d", "DATE"),
     (r"^ckptkit \S+  Python .*$", "VERSIONS"), (r"^extras .*$", "EXTRAS"),
-    (r"[\d.]+ [KMGT]?B free", "N free"), (r"^cache     .*$", "CACHE"))]
+    (r"[\d.]+ [KMGT]?B free", "N free"), (r"^cache     .*$", "CACHE"),
+    # where a kill -9 lands: how much a resumed fetch still had to transfer
+    (r"[\d.]+ [KMGT]?B (transferred|resumed)", r"N \1"))]
 
 
 class Demo:
@@ -183,7 +186,8 @@ class Demo:
 
 
 def steps(demo: Demo) -> None:
-    """The demo: a site mirror, fetching from it, conversion, a training run, scan, doctor."""
+    """The demo: a site mirror, fetching from it, conversion, a training run, scan, doctor, and
+    a Hugging Face Hub repo."""
     work, samples = demo.work, str(SAMPLES)
     origin = work / "origin"
     demo.say("On a machine with internet: fetch models into its cache, export them as a "
@@ -265,9 +269,23 @@ def steps(demo: Demo) -> None:
         demo.run(None, "inspect", f"{samples}/{name}", *extra)
     # A JAX project's params.pkl: a plain pickle, read without unpickling it.
     demo.run("inspect-params-pkl", "inspect", f"{samples}/params.pkl", "--depth", "3")
+    _hugging_face(demo)
+
     demo.say("What the demo wrote (kept with --keep DIR; transcript.md is written last)")
     demo.shell("kept", "ls -1 ~/ckpt-demo", lambda: "".join(
         f"{name}\n" for name in sorted({p.name for p in work.iterdir()} | {"transcript.md"})))
+
+
+def _hugging_face(demo: Demo) -> None:
+    """The Hugging Face Hub steps (scripts/lib/demo_hf.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ckptkit_demo_hf",
+                                                  Path(__file__).with_name("demo_hf.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.steps(demo, SAMPLES)
 
 
 def _remove(folder: Path, *names: str) -> None:

@@ -182,7 +182,7 @@ def output_progress(target: Path, size: int, ignore: frozenset[str] = frozenset(
 
 
 def atomic_temp(name: str) -> str:
-    """The names convert/writers.atomic_file gives the temporary files of ``name`` (a regex)."""
+    """The names storage/atomic.atomic_file gives the temporary files of ``name`` (a regex)."""
     return rf"\.{name}\.\d+\.[0-9a-f]{{8}}\.partial"
 
 
@@ -557,7 +557,7 @@ def test_kill_9_during_save_leaves_old_or_new_file(tmp_path: Path) -> None:
             assert attempts < 3 * KILLS + 10, "too many saves finished before their kill"
             base = attempts * 1000
             log = tmp_path / f"round-{attempts}.log"
-            before = frozenset(p.name for p in tmp_path.glob(".*.tmp"))
+            before = frozenset(p.name for p in tmp_path.glob(".*.partial"))
             progress = output_progress(path, size, ignore=before)
             pid = saver.begin(path, base, 1000, log)
             kill_at(_Forked(pid), next(points), progress)  # 1000 saves: it never ends first
@@ -567,9 +567,8 @@ def test_kill_9_during_save_leaves_old_or_new_file(tmp_path: Path) -> None:
             tag = read_tag(path)
             in_flight = saved[-1] + 1 if saved else base
             assert tag in {saved[-1] if saved else confirmed, in_flight}, (tag, saved, confirmed)
-            temps = {p.name for p in tmp_path.glob(".*.tmp")} - before
-            assert all(re.fullmatch(r"\.big_step_1\.pt\.[0-9a-f]{32}\.tmp", n)
-                       for n in temps), temps
+            temps = {p.name for p in tmp_path.glob(".*.partial")} - before
+            assert all(re.fullmatch(atomic_temp(r"big_step_1\.pt"), n) for n in temps), temps
             newest = ckptkit.latest(tmp_path)
             assert newest is not None and newest.path == path  # never a temp file
             # The rerun: a complete save right after the kill.
@@ -577,7 +576,7 @@ def test_kill_9_during_save_leaves_old_or_new_file(tmp_path: Path) -> None:
             assert saver.status() == 0 and read_tag(path) == base + 500
             confirmed = base + 500
             # Keep a few leftovers for the checks below; the rest would only fill the disk.
-            for leftover in sorted(tmp_path.glob(".*.tmp"), key=os.path.getmtime)[:-3]:
+            for leftover in sorted(tmp_path.glob(".*.partial"), key=os.path.getmtime)[:-3]:
                 leftover.unlink()
             kills += 1
             mid_write += bool(temps)
@@ -585,7 +584,7 @@ def test_kill_9_during_save_leaves_old_or_new_file(tmp_path: Path) -> None:
     finally:
         saver.close()
     assert mid_write > 0, "no kill landed while a save was being written"
-    leftovers = sorted(tmp_path.glob(".big_step_1.pt.*.tmp"))
+    leftovers = sorted(tmp_path.glob(".big_step_1.pt.*.partial"))
     assert leftovers  # the three newest were kept
     # Fresh leftovers are ignored: cleanup keeps them (explained), latest never returns them.
     plan = plan_cleanup(tmp_path, keep_last=1)
@@ -597,7 +596,7 @@ def test_kill_9_during_save_leaves_old_or_new_file(tmp_path: Path) -> None:
     for leftover in leftovers:
         os.utime(leftover, (time.time() - 3600, time.time() - 3600))
     ckptkit.save({"tag": 1}, path)
-    assert list(tmp_path.glob(".*.tmp")) == []
+    assert list(tmp_path.glob(".*.partial")) == []
     assert torch.load(path, weights_only=True) == {"tag": 1}
 
 

@@ -34,23 +34,37 @@ def _open(cache_dir: Path | None, catalogs: tuple[Path, ...]):
 @json_option
 def ls_command(cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool) -> None:
     """List cached files with size, source and date."""
+    from ckptkit.hub.sources import hf_cache
+
     conf, cache, cat = _open(cache_dir, catalogs)
     entries = cache.entries()
+    snapshots = hf_cache.records(conf.cache_dir)
     if as_json:
         render.emit_json([{"name": e.id, "path": e.path, "bytes": e.size, "sha256": e.sha256,
                            "source": e.source, "url": e.url, "fetched_at": e.fetched_at,
-                           "models": list(cat.users_of(e.id))} for e in entries])
+                           "models": list(cat.users_of(e.id))} for e in entries]
+                         + [{"name": r.name, "path": str(r.snapshot), "bytes": r.size,
+                             "sha256": None, "source": "hf", "url": None,
+                             "fetched_at": r.fetched_at, "models": [],
+                             "files": len(r.files)} for r in snapshots])
         return
-    if not entries:
+    if not entries and not snapshots:
         click.echo(f"cache {render.safe(conf.cache_dir)} is empty")
         return
-    click.echo(render.table(
-        [("FILE", "SIZE", "SOURCE", "FETCHED", "MODELS")]
-        + [(e.id, render.size(e.size), e.source,
-            dt.datetime.fromtimestamp(e.fetched_at).strftime("%Y-%m-%d %H:%M"),
-            ", ".join(cat.users_of(e.id)) or "-") for e in entries], indent=0, right=(1,)))
-    click.echo(f"{len(entries)} file(s), {render.size(sum(e.size for e in entries))} "
-               f"in {render.safe(conf.cache_dir)}")
+    if entries:
+        click.echo(render.table(
+            [("FILE", "SIZE", "SOURCE", "FETCHED", "MODELS")]
+            + [(e.id, render.size(e.size), e.source,
+                dt.datetime.fromtimestamp(e.fetched_at).strftime("%Y-%m-%d %H:%M"),
+                ", ".join(cat.users_of(e.id)) or "-") for e in entries], indent=0, right=(1,)))
+        click.echo(f"{len(entries)} file(s), {render.size(sum(e.size for e in entries))} "
+                   f"in {render.safe(conf.cache_dir)}")
+    if snapshots:  # what ckpt fetch hf: wrote into the Hugging Face cache
+        click.echo(render.table(
+            [("HUB SNAPSHOT", "SIZE", "FILES", "FETCHED", "FOLDER")]
+            + [(r.name, render.size(r.size), len(r.files),
+                dt.datetime.fromtimestamp(r.fetched_at).strftime("%Y-%m-%d %H:%M"),
+                render.safe(r.snapshot)) for r in snapshots], indent=0, right=(1, 2)))
 
 
 @cache_group.command("verify", examples=("ckpt cache verify",
@@ -70,7 +84,8 @@ def verify_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tup
     conf, cache, cat = _open(cache_dir, catalogs)
     pins = Pins(conf.pins_path)
     recorded = dict(cache.status())
-    ids = _file_ids(cat, names) if names else sorted(recorded)
+    catalogued = tuple(n for n in names if not n.startswith("hf:"))
+    ids = _file_ids(cat, catalogued) if catalogued else [] if names else sorted(recorded)
     rows = []
     for file_id in ids:
         state = recorded.get(file_id)
@@ -87,18 +102,39 @@ def verify_command(names: tuple[str, ...], cache_dir: Path | None, catalogs: tup
             pin.sha256 if pin else entry.sha256)
         rows.append({"name": file_id, "status": "ok" if actual == expected else "CHANGED",
                      "expected": expected, "actual": actual})
+    if not names or any(n.startswith("hf:") for n in names):
+        rows.extend(_verify_snapshots(conf.cache_dir, [n for n in names if n.startswith("hf:")]))
     if as_json:
         render.emit_json(rows)
     else:
         for row in rows:
             click.echo(f"{row['status']:<11}{render.safe(row['name'])}")
     bad = [r["name"] for r in rows if r["status"] in ("CHANGED", "MISSING")]
+    ours = [n for n in bad if not n.startswith("hf:")]
+    hub = sorted({n.split("/")[0] + "/" + n.split("/")[1] for n in bad if n.startswith("hf:")})
     if bad:
+        again = ([f"ckpt cache rm {render.safe(' '.join(ours))} --yes && ckpt fetch <model>"]
+                 if ours else []) + [f"ckpt fetch {render.safe(h)}" for h in hub]
         click.echo(f"ckpt: {len(bad)} cached file(s) changed or missing; fetch them again: "
-                   f"ckpt cache rm {render.safe(' '.join(bad))} --yes && ckpt fetch <model>",
-                   err=True)
+                   + "; ".join(again), err=True)
         return ExitCode.INTEGRITY
     return ExitCode.OK
+
+
+def _verify_snapshots(cache_dir: Path, wanted: list[str]) -> list[dict]:
+    """Rows for the files of the Hub snapshots ckpt wrote (those named ``hf:ORG/REPO``, or
+    all): each blob re-hashed against the sha256 verified when it was fetched."""
+    from ckptkit.hub.sources import hf_cache
+
+    rows = []
+    for record in hf_cache.records(cache_dir):
+        repo = record.name.split("@")[0]
+        if wanted and not any(w.split("@")[0] == repo for w in wanted):
+            continue
+        for file, state in hf_cache.verify_record(record):
+            rows.append({"name": f"{repo}/{file.path}", "status": state,
+                         "expected": file.sha256, "path": str(record.snapshot / file.path)})
+    return rows
 
 
 @cache_group.command("rm", examples=("ckpt cache rm jukebox-5b --dry-run",

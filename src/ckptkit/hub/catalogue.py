@@ -23,10 +23,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-SourceType = Literal["tfhub", "kaggle", "url", "local"]
+SourceType = Literal["hf", "tfhub", "kaggle", "url", "local"]
 FileKind = Literal["file", "savedmodel"]
-SOURCE_TYPES: tuple[SourceType, ...] = ("tfhub", "kaggle", "url", "local")
+SOURCE_TYPES: tuple[SourceType, ...] = ("hf", "tfhub", "kaggle", "url", "local")
 _REF_KEY = {"tfhub": "handle", "kaggle": "handle", "url": "url", "local": "path"}
+#: The Hub a ``type = "hf"`` source names (its ``ref`` is the file's URL there, which mirror
+#: rules and ``ckpt mirror export`` see; fetching asks ``HF_ENDPOINT`` instead when set).
+HF_HUB = "https://huggingface.co"
+_HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _KAGGLE_HANDLE = re.compile(r"[^/\s]+/[^/\s]+/[^/\s]+/[^/\s]+/[1-9][0-9]*", re.ASCII)
 
@@ -36,10 +40,25 @@ class SourceSpec:
     """One place a file can come from."""
 
     type: SourceType
-    ref: str  # the TF Hub or Kaggle handle, the URL, or the local path
+    ref: str  # the TF Hub or Kaggle handle, the URL, or the local path (hf: the resolve URL)
+    #: hf sources: the repo (ORG/NAME), its revision, the file in it and the kind of repo
+    repo: str | None = None
+    revision: str = "main"
+    filename: str | None = None
+    repo_type: Literal["model", "dataset"] = "model"
 
     def __str__(self) -> str:
         return f"{self.type}:{self.ref}"
+
+
+def hf_source(repo: str, filename: str, revision: str = "main",
+              repo_type: Literal["model", "dataset"] = "model") -> SourceSpec:
+    """A ``type = "hf"`` source; its ``ref`` is the file's ``resolve`` URL on the Hub."""
+    from urllib.parse import quote
+
+    prefix = "datasets/" if repo_type == "dataset" else ""
+    ref = f"{HF_HUB}/{prefix}{repo}/resolve/{quote(revision, safe='')}/{quote(filename)}"
+    return SourceSpec("hf", ref, repo, revision, filename, repo_type)
 
 
 @dataclass(frozen=True)
@@ -266,6 +285,8 @@ def _source(entry: Any, origin: str, where: str) -> SourceSpec:
     if not isinstance(entry, dict) or entry.get("type") not in SOURCE_TYPES:
         raise _bad(origin, where, f"{_show(entry)} needs type = one of {list(SOURCE_TYPES)}")
     kind = entry["type"]
+    if kind == "hf":
+        return _hf_source(entry, origin, where)
     key = _REF_KEY[kind]
     ref = entry.get(key)
     if not isinstance(ref, str) or not ref:
@@ -282,6 +303,29 @@ def _source(entry: Any, origin: str, where: str) -> SourceSpec:
         if problem is not None:
             raise _bad(origin, f"{where}: {key}", f"{_show(ref)} {problem}")
     return SourceSpec(kind, ref)
+
+
+def _hf_source(entry: dict[str, Any], origin: str, where: str) -> SourceSpec:
+    """``{type = "hf", repo = "ORG/NAME", filename = "path/in/repo"[, revision = "main"]
+    [, repo_type = "model"|"dataset"]}``."""
+    repo, filename = entry.get("repo"), entry.get("filename")
+    revision, repo_type = entry.get("revision", "main"), entry.get("repo_type", "model")
+    if not isinstance(repo, str) or not _HF_REPO.fullmatch(repo) or len(repo) > 200:
+        raise _bad(origin, f"{where}: repo", f"an hf source needs repo = \"ORG/NAME\", not "
+                                             f"{_show(repo)}")
+    if not isinstance(filename, str) or not _is_inside(filename) or len(filename) > _MAX_REF \
+            or not filename.isprintable():
+        raise _bad(origin, f"{where}: filename", f"an hf source needs filename = a path in the "
+                                                 f"repo (no '..', no leading '/'), not "
+                                                 f"{_show(filename)}")
+    if not isinstance(revision, str) or not revision or len(revision) > 200 \
+            or not revision.isprintable() or any(c.isspace() for c in revision):
+        raise _bad(origin, f"{where}: revision", f"{_show(revision)} is not a branch, tag or "
+                                                 "commit id")
+    if repo_type not in ("model", "dataset"):
+        raise _bad(origin, f"{where}: repo_type", f"{_show(repo_type)} is not 'model' or "
+                                                  "'dataset'")
+    return hf_source(repo, filename, revision, repo_type)
 
 
 def _url_problem(url: str) -> str | None:

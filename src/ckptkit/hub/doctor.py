@@ -156,6 +156,8 @@ def _plan_source(source: SourceSpec, spec: FileSpec, settings: Settings) -> Plan
     if source.type == "url":
         url = mirrors.rewrite(source.ref)
         return PlannedSource(source, url, None if offline else download_probe(url))
+    if source.type == "hf":
+        return _plan_hf(source, settings)
     if source.type == "tfhub":
         from ckptkit.hub.sources import tfhub
 
@@ -163,6 +165,22 @@ def _plan_source(source: SourceSpec, spec: FileSpec, settings: Settings) -> Plan
         return PlannedSource(source, url, None if offline else download_probe(url),
                              copy=settings.tfhub_cache_dir / tfhub.module_key(source.ref))
     return _plan_kaggle(source, settings)
+
+
+def _plan_hf(source: SourceSpec, settings: Settings) -> PlannedSource:
+    """The file's ``resolve`` on the Hub endpoint (``HF_ENDPOINT``, mirror applied) and its
+    copy in the Hugging Face cache (the snapshot ``refs/<revision>`` points to)."""
+    from ckptkit.hub.sources.hf_api import HubEnv, resolve_url
+    from ckptkit.hub.sources.hf_cache import HubRepoCache
+
+    env = HubEnv.from_environ()
+    url = settings.mirrors.rewrite(resolve_url(env.endpoint, source.repo_type, source.repo or "",
+                                               source.revision, source.filename or ""))
+    repo = HubRepoCache(env.hub_cache, source.repo_type, source.repo or "")
+    commit = repo.read_ref(source.revision) or source.revision
+    copy = repo.snapshot(commit) / (source.filename or "")
+    return PlannedSource(source, url, None if settings.offline else download_probe(url),
+                         copy=copy)
 
 
 def _plan_kaggle(source: SourceSpec, settings: Settings) -> PlannedSource:
@@ -201,6 +219,9 @@ class _Run:
         self.hashes: dict[Path, Future[tuple[str, int]]] = {}  # sha256 and size
         self.verified: dict[str, Future[tuple[CacheEntry, str]]] = {}
         self.copies: dict[tuple[str, SourceSpec], list[Path]] = {}
+        from ckptkit.hub.sources.hf_api import HubEnv
+
+        self.hf_env = HubEnv.from_environ()
 
     def files(self) -> dict[str, FileReport]:
         try:
@@ -229,11 +250,15 @@ class _Run:
                     # Credentials go with Kaggle API calls only, not to a static mirror.
                     headers = (auth.headers() if auth and s.source.type == "kaggle"
                                and s.probe.method == "POST" else None)
+                    if s.source.type == "hf":  # the Hub token, to the Hub endpoint only
+                        headers = self.hf_env.headers_for(s.probe.url) or None
                     self.probes[s.probe] = self.pool.submit(
                         send, s.probe, timeout=self.plan.timeout, headers=headers)
                 if s.source.type == "local":
                     found = local.candidates(planned.spec, s.source.ref or None,
                                              self.plan.settings.local_dirs)
+                elif s.source.type == "hf":
+                    found = [s.copy] if s.copy is not None and s.copy.is_file() else []
                 else:
                     found = [s.copy] if s.copy is not None and self._present(s) else []
                 self.copies[(planned.spec.id, s.source)] = found
@@ -322,6 +347,8 @@ class _Run:
         kind = s.source.type
         if kind == "local":
             return not_applicable("not needed")
+        if kind == "hf":
+            return self._hf_auth(s, result)
         creds = self.plan.kaggle.credentials if kind == "kaggle" else None
         if kind == "kaggle" and self.plan.kaggle.problem:
             return Check("fail", self.plan.kaggle.problem)
@@ -341,10 +368,26 @@ class _Run:
             return Check("ok", have)
         return not_applicable("not needed")
 
+    def _hf_auth(self, s: PlannedSource, result: ProbeResult | None) -> Check:
+        env = self.hf_env
+        have = (f"token from {env.token_origin}" if env.token and s.target
+                and env.headers_for(s.target) else "no token")
+        if result is None:
+            return not_checked(f"offline; {have}")
+        if result.status in (401, 403):
+            return Check("fail", f"HTTP {result.status}, {have}"
+                         + ("; set HF_TOKEN or run `hf auth login`" if have == "no token"
+                            else ""))
+        if result.status is None or not 200 <= result.status < 300:
+            return not_checked("no answer" if result.status is None
+                               else f"HTTP {result.status}")
+        return Check("ok", have) if have != "no token" else not_applicable("not needed")
+
     def _copy(self, kind: str, found: list[Path], expected: str | None,
               what: str | None) -> tuple[Check, Check, Path | None]:
         """(cached, verified, the copy reported) for an origin cache or local source."""
-        where = {"tfhub": "TF Hub cache", "kaggle": "kagglehub cache"}.get(kind, "")
+        where = {"tfhub": "TF Hub cache", "kaggle": "kagglehub cache",
+                 "hf": "Hugging Face cache"}.get(kind, "")
         if kind == "url":
             return not_applicable("no origin cache"), not_applicable("no origin cache"), None
         if not found:
@@ -377,11 +420,13 @@ class _Run:
         has_copy = cached.status == "ok" and verified.status != "fail"
         if kind == "local":
             return has_copy
+        if kind == "hf" and self.offline:
+            return has_copy  # a fetch offline takes hf files from the Hugging Face cache
         if self.offline or s.problem is not None:
             return False  # a fetch offline tries local sources only
         fetchable = reachable.status == "ok" and auth.status != "fail"
-        if kind == "kaggle":
-            return fetchable or has_copy  # kagglehub reuses its cache before any request
+        if kind in ("kaggle", "hf"):
+            return fetchable or has_copy  # the origin cache is reused before any request
         return fetchable
 
 

@@ -40,11 +40,13 @@ EXTRAS: tuple[tuple[str, str, str], ...] = (
     ("safetensors", "safetensors", "safetensors"),
 )
 #: Variables that change where files go or how the network is reached (values shown).
-SHOWN_VARIABLES = ("TFHUB_CACHE_DIR", "KAGGLEHUB_CACHE", "KAGGLE_CONFIG_DIR", "HTTP_PROXY",
+SHOWN_VARIABLES = ("TFHUB_CACHE_DIR", "KAGGLEHUB_CACHE", "KAGGLE_CONFIG_DIR", "HF_ENDPOINT",
+                   "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HTTP_PROXY",
                    "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
                    "all_proxy", "no_proxy", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
 #: Variables holding secrets (only "set" is shown).
-SECRET_VARIABLES = ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY")
+SECRET_VARIABLES = ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "HF_TOKEN",
+                    "HUGGING_FACE_HUB_TOKEN")
 HIDDEN = "(set, hidden)"
 
 

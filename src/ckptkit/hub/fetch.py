@@ -33,7 +33,7 @@ from ckptkit.hub.pins import Pins
 from ckptkit.hub.reasons import sha256_mismatch, shorten
 
 MAX_PARALLEL_FILES = 4
-SOURCE_NAMES = ("tfhub", "kaggle", "url", "local")
+SOURCE_NAMES = ("hf", "tfhub", "kaggle", "url", "local")
 
 
 class Progress(Protocol):
@@ -74,7 +74,7 @@ class PlannedFile:
                           if self.probed_size is not None else None),
             "hash_from": "catalogue" if self.spec.sha256 else ("pin" if self.pinned else None),
             "sources": [{"type": s.type, "ref": s.ref,
-                         "url": settings.mirrors.rewrite(s.ref) if s.type in ("url", "tfhub")
+                         "url": settings.mirrors.rewrite(s.ref) if s.type in ("url", "tfhub", "hf")
                          else None} for s in self.sources],
         }
 
@@ -229,8 +229,8 @@ def _eligible(spec: FileSpec, settings: Settings, only: str | None) -> tuple[Sou
     sources = list(spec.sources)
     if settings.local_dirs:
         sources.append(SourceSpec("local", ""))  # "" = search the --local-dir folders
-    if settings.offline:
-        sources = [s for s in sources if s.type == "local"]
+    if settings.offline:  # local folders, and the Hugging Face cache for hf sources
+        sources = [s for s in sources if s.type in ("local", "hf")]
     if only:
         sources = [s for s in sources if s.type == only]
     return tuple(sources)
@@ -239,8 +239,9 @@ def _eligible(spec: FileSpec, settings: Settings, only: str | None) -> tuple[Sou
 def _no_source_message(spec: FileSpec, settings: Settings, only: str | None) -> str:
     kinds = sorted({s.type for s in spec.sources})
     if settings.offline:
-        return (f"{spec.id} is not cached and offline mode allows only local sources "
-                f"(it has: {', '.join(kinds)}); pass --local-dir with the file, or go online")
+        return (f"{spec.id} is not cached and offline mode allows only local sources and the "
+                f"Hugging Face cache (it has: {', '.join(kinds)}); pass --local-dir with the "
+                "file, or go online")
     return f"{spec.id} has no {only} source (it has: {', '.join(kinds)})"
 
 
@@ -337,6 +338,12 @@ class _Runner:
                                           progress=bar, limits=s.limits)
                 return _Delivery(result.url, result.transferred, (result.size, result.sha256),
                                  result.announced)
+            if source.type == "hf":
+                from ckptkit.hub.sources import hf
+
+                _remove(staged)
+                got_h = hf.deliver(source, staged, s, progress=bar)
+                return _Delivery(got_h.url, got_h.transferred, (got_h.size, got_h.sha256), True)
             if source.type == "tfhub":
                 from ckptkit.hub.sources import tfhub
 

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Literal
 
+from urllib.parse import urlsplit
+
 import requests
 import urllib3
 
@@ -33,6 +35,7 @@ from ckptkit.hub.download.stalls import HeaderTimeout, deadline_session
 from ckptkit.hub.download.transfer_plan import Probe, html_expected, parse_content_range, parse_retry_after
 
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
 _NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError,
                    http.client.HTTPException, OSError)
@@ -63,6 +66,13 @@ class Restart(Exception):
     def __init__(self, changed: bool) -> None:
         super().__init__("file changed" if changed else "range ignored")
         self.changed = changed
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port (the default one when not written)."""
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or {
+        "http": 80, "https": 443}.get(parts.scheme)
 
 
 def new_session(connections: int, max_redirects: int,
@@ -143,9 +153,18 @@ class Transport:
                 self.close(resp, drain=True)
 
     def open(self, url: str, extra: dict[str, str]) -> requests.Response:
-        """GET ``url`` streamed, with ``extra`` headers; the caller must :meth:`close` it."""
+        """GET ``url`` streamed, with ``extra`` headers; the caller must :meth:`close` it.
+
+        Credentials go only to the origin of the URL the download was asked for: pieces
+        fetched straight from where it redirected (a CDN) are sent without them, as requests
+        drops them on the redirect itself.
+        """
+        headers = {**self.headers, **extra}
+        if _origin(url) != _origin(self.url):
+            headers = {k: v for k, v in headers.items()
+                       if k.lower() not in _CREDENTIAL_HEADERS}
         try:
-            resp = self.http.get(url, headers={**self.headers, **extra}, stream=True,
+            resp = self.http.get(url, headers=headers, stream=True,
                                  timeout=(self.timeout, self.timeout), allow_redirects=True)
         except HeaderTimeout as exc:
             # Not retried: a server that trickles its headers would do it again.
