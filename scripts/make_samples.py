@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import shutil
 import sys
 import types
@@ -369,13 +370,51 @@ def orbax_step() -> None:
         "Checkpoint commit was successful to orbax_step_3")
 
 
+def jax_params_pickle() -> None:
+    """A JAX project's ``params.pkl``: ``pickle.dump(jax.device_get(state))`` of Flax params
+    (numpy arrays in nested dicts), the step and the Adam moments, as training scripts do."""
+    import flax.linen as nn
+    import jax
+    import optax
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="head")(nn.relu(nn.Dense(8, name="hidden")(x)))
+
+    params = MLP().init(jax.random.PRNGKey(1), np.zeros((1, 4), np.float32))["params"]
+    opt_state = optax.adam(1e-3).init(params)
+    state = jax.device_get({"params": params, "opt_state": {"mu": opt_state[0].mu,
+                                                            "nu": opt_state[0].nu},
+                            "step": 1500, "config": {"lr": 1e-3, "hidden": 8}})
+    with open(OUT / "params.pkl", "wb") as fh:
+        pickle.dump(state, fh, protocol=4)
+
+
+def npy_array() -> None:
+    """``np.save`` of an embedding table."""
+    rng = np.random.default_rng(3)
+    np.save(OUT / "embeddings.npy", rng.standard_normal((16, 8)).astype(np.float32))
+
+
+def joblib_file() -> None:
+    """A linear probe head saved with ``joblib.dump(..., compress=3)`` (zlib)."""
+    import joblib
+
+    rng = np.random.default_rng(4)
+    joblib.dump({"coef": rng.standard_normal((3, 8)).astype(np.float32),
+                 "intercept": np.zeros(3, np.float32), "classes": np.arange(3, dtype=np.int64),
+                 "n_iter": 25}, OUT / "probe_head.joblib", compress=3)
+
+
 MAKERS = {f.__name__: f for f in (
     thinker, jukebox_prior, jukebox_shared, redimnet_epoch, scripted, safetensors_file,
     musiq_npz, saved_model_and_tf_checkpoint, flax_msgpack, gguf_tiny_llama, onnx_mlp,
-    keras_models, orbax_step)}
+    keras_models, orbax_step, jax_params_pickle, npy_array, joblib_file)}
 
 
 def main() -> None:
+    """Write every sample, or only those named on the command line (``npy_array ...``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"samples to regenerate (default: all): {', '.join(MAKERS)}")

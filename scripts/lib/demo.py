@@ -275,7 +275,8 @@ def steps(demo: Demo) -> None:
                         ("tf_ckpt/ckpt-1.index", ("--depth", "2")),
                         ("encoder_scripted.pt", ("--depth", "1")),
                         ("model.safetensors", ("--filter", "encoder.*")),
-                        ("flax_params.msgpack", ("--depth", "2"))):
+                        ("flax_params.msgpack", ("--depth", "2")),
+                        ("probe_head.joblib", ()), ("embeddings.npy", ())):
         demo.run(None, "inspect", f"{samples}/{name}", *extra)
     demo.say("And the formats passed around besides checkpoints: a GGUF for llama.cpp (its "
              "chat template escaped), an ONNX model with external weights, a Keras archive")
@@ -283,6 +284,8 @@ def steps(demo: Demo) -> None:
     demo.run("inspect-onnx", "inspect", f"{samples}/onnx_mlp/mlp.onnx")
     # Not shown in the docs: without h5py (the core install) the weights are not listed.
     demo.run(None, "inspect", f"{samples}/keras_mlp.keras")
+    # A JAX project's params.pkl: a plain pickle, read without unpickling it.
+    demo.run("inspect-params-pkl", "inspect", f"{samples}/params.pkl", "--depth", "3")
     _hugging_face(demo)
 
     demo.say("What the demo wrote (kept with --keep DIR; transcript.md is written last)")

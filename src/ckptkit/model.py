@@ -16,7 +16,7 @@ from typing import Any, Literal
 FormatName = Literal[
     "torch-zip", "torch-legacy", "torchscript", "npz", "safetensors",
     "savedmodel", "tf-checkpoint", "flax-msgpack", "gguf", "onnx", "keras", "keras-h5",
-    "orbax", "deepspeed",
+    "orbax", "deepspeed", "pickle", "npy",
 ]
 
 #: Bytes per element for every dtype ckptkit names (numpy spelling).
@@ -112,12 +112,15 @@ def checked_shape(dims: Any, what: str, dtype: str | None = None) -> tuple[int, 
 
 @dataclass(frozen=True)
 class ByteSpan:
-    """Where a tensor's bytes live: a byte range of a file, or of a member inside a zip."""
+    """Where a tensor's bytes live: a byte range of a file, of a member inside a zip, or of
+    the stream a compressed file (joblib's zlib, gzip, ...) inflates to (``compression``
+    names the codec; ``offset`` then counts inflated bytes)."""
 
     path: str
     offset: int
     length: int
     member: str | None = None
+    compression: str | None = None
 
 
 @dataclass(frozen=True)

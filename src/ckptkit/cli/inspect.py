@@ -147,12 +147,14 @@ def _human(info, depth: int, pattern: str | None, show_tensors: bool) -> str:
 def _format_facts(info) -> str:
     d = info.details
     facts = []
-    for key in ("zip_prefix", "byteorder", "protocol_version", "storages", "pickles",
+    for key in ("zip_prefix", "container", "byteorder", "protocol_version", "storages", "pickles",
                 "header_bytes", "compressed", "code_files", "num_shards", "tags", "step", "layout",
                 "items", "files", "data_bytes", "zero_stage", "world_size"):
         if key in d and d[key] not in (None, "", []):
             if key == "data_bytes":
                 value = render.size(d[key])
+            elif key == "container":
+                value = render.safe(d[key])
             elif isinstance(d[key], (list, str)) and key in ("layout", "items"):
                 value = render.safe(", ".join(d[key]) if isinstance(d[key], list) else d[key])
             else:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 #: Suffixes dropped from the input's name to build the default output name.
 _SUFFIXES = (".pth.tar", ".safetensors", ".msgpack", ".ckpt", ".pth", ".pt", ".bin", ".npz",
-             ".tar", ".flax", ".torch")
+             ".tar", ".flax", ".torch", ".npy", ".pkl", ".pickle", ".joblib")
 _EXTENSIONS = {"flax": ".flax.npz", "npz": ".npz", "safetensors": ".safetensors",
                "torch": ".torch.pt"}
 #: The layout an output format implies; npz and safetensors hold either.

@@ -45,10 +45,10 @@ from ckptkit.formats.tensor_io import materialised, numpy_dtype
 from ckptkit.tree import is_scalar, join
 
 #: Formats whose tensors are read by byte range from the file ckptkit parsed.
-_BY_SPAN = ("torch-zip", "torch-legacy", "torchscript", "npz", "safetensors")
 #: Formats whose reader gives each tensor's values itself (``tensor_reader``): GGUF
 #: dequantizes, ONNX decodes varint-coded data, Keras reads HDF5 through its child process.
 _BY_READER = ("gguf", "onnx", "keras", "keras-h5")
+_BY_SPAN = ("torch-zip", "torch-legacy", "torchscript", "npz", "safetensors", "pickle", "npy")
 
 
 @dataclass(frozen=True)
@@ -288,9 +288,9 @@ def _check_readable(source: Path, name: str, dtype: str) -> None:
 
 def _span_reader(ref: TensorRef, name: str, big_endian: bool) -> Callable[[], np.ndarray]:
     span = ref.span
-    if (span is None or span.member is not None or big_endian or not _contiguous(ref)
+    if (span is None or span.member is not None or span.compression is not None or big_endian or not _contiguous(ref)
             or numpy_dtype(ref.dtype).itemsize != itemsize(ref.dtype)):
-        # Views, deflated members and byte swaps: the general reader (reads the storage).
+        # Views, deflated members or streams and byte swaps: the general reader.
         return lambda: materialised(ref, name, big_endian=big_endian)
 
     def read() -> np.ndarray:

@@ -24,7 +24,10 @@ from ckptkit.errors import FormatError, IntegrityError, NotFoundError, UsageErro
 #: Detection order: the common PyTorch formats first, so that inspecting a .pt file imports
 #: no other reader.  Formats cannot be mistaken for each other in this order: torch-zip
 #: excludes TorchScript archives itself, npz members are all .npy, and the TensorFlow readers
-#: only claim directories, SSTable index files and their shards.
+#: only claim directories, SSTable index files and their shards.  Plain pickles come after
+#: torch-legacy, which claims the pickles that carry torch's magic number, and after
+#: safetensors, whose header length can start like a pickle; before Flax msgpack, whose
+#: sniff takes 0x80 (an empty map) for a map header, while 0x80 0x02-0x05 is a pickle.
 FORMAT_MODULES: tuple[tuple[str, str], ...] = (
     ("torch-zip", "ckptkit.formats.torch_zip"),
     ("torchscript", "ckptkit.formats.torchscript"),
@@ -33,6 +36,8 @@ FORMAT_MODULES: tuple[tuple[str, str], ...] = (
     ("safetensors", "ckptkit.formats.safetensors"),
     ("savedmodel", "ckptkit.formats.savedmodel"),
     ("tf-checkpoint", "ckptkit.formats.tf_checkpoint"),
+    ("npy", "ckptkit.formats.npy"),
+    ("pickle", "ckptkit.formats.pickle_file"),
     ("flax-msgpack", "ckptkit.formats.flax_msgpack"),
     ("gguf", "ckptkit.formats.gguf"),
     ("onnx", "ckptkit.formats.onnx"),
@@ -44,10 +49,10 @@ FORMAT_MODULES: tuple[tuple[str, str], ...] = (
 
 _TF_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
 
-EXPECTED = ("a PyTorch checkpoint (zip or legacy), TorchScript archive, .npz, safetensors, "
-            "TensorFlow SavedModel directory or checkpoint (.index), Flax msgpack, GGUF, ONNX, "
-            "Keras (.keras, .h5), an Orbax step directory or a DeepSpeed ZeRO global_stepN "
-            "directory")
+EXPECTED = ("a PyTorch checkpoint (zip or legacy), TorchScript archive, .npz, .npy, "
+            "safetensors, TensorFlow SavedModel directory or checkpoint (.index), Flax msgpack, "
+            "a pickle/joblib file, GGUF, ONNX, Keras (.keras, .h5), an Orbax step directory or "
+            "a DeepSpeed ZeRO global_stepN directory")
 
 
 def module_for(name: str) -> ModuleType:

@@ -18,7 +18,7 @@ import numpy as np
 from ckptkit.storage import budget
 from ckptkit.errors import IntegrityError, MissingDependencyError
 from ckptkit.formats.ziparchive import ZIP_ERRORS
-from ckptkit.model import TensorRef, itemsize
+from ckptkit.model import ByteSpan, TensorRef, itemsize
 
 _NATIVE = {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
            "float16", "float32", "float64", "complex64", "complex128"}
@@ -39,11 +39,19 @@ def numpy_dtype(name: str) -> np.dtype:
 
 def read_bytes(ref: TensorRef) -> bytes | memoryview:
     """The raw bytes of the tensor's whole span (a storage, for torch tensors)."""
-    span = ref.span
-    if span is None:
+    if ref.span is None:
         raise IntegrityError("tensor has no bytes in the file (meta tensor or inline value)",
                              hint="Leave that tensor out: there are no values to read")
-    if span.member is None:
+    return read_span(ref.span)
+
+
+def read_span(span: ByteSpan) -> bytes | memoryview:
+    """The bytes ``span`` names: in a file, a zip member or a compressed stream."""
+    if span.compression is not None:
+        from ckptkit.pickles.pickle_streams import read_inflated
+
+        data = read_inflated(span.path, span.offset, span.length)
+    elif span.member is None:
         with open(span.path, "rb") as fh:
             # A buffered read allocates all it is asked for before it reads: ask only for
             # what the file holds, so a damaged length costs nothing.

@@ -31,7 +31,9 @@ def refuse_unsafe(path: Path, raw: RawCheckpoint) -> None:
 
 def load(path: Path, framework: str, *, unsafe: bool,
          reader: Callable[[Path], RawCheckpoint]) -> Any:
-    """Load a torch-format file: ``numpy`` never runs code, ``torch`` uses weights_only."""
+    """Load a torch-format file: ``numpy`` and ``torch`` never run code (torch tensors are
+    built from the restricted reader's tree, see :mod:`torch_build`); ``unsafe=True`` hands
+    the file to ``torch.load`` itself."""
     raw = reader(path)
     if framework == "numpy":
         big = raw.details.get("byteorder") == "big"
@@ -51,12 +53,19 @@ def load(path: Path, framework: str, *, unsafe: bool,
                 unsafe=["torch.jit.load"], path=str(path),
                 hint="Pass unsafe=True to torch.jit.load it, or framework='numpy' for its weights")
         return torch.jit.load(str(path), map_location="cpu")
+    if not unsafe:
+        # Built from what the restricted reader parsed: torch allocates, never unpickles.
+        from ckptkit.formats.torch_build import TorchBuilder
+
+        builder = TorchBuilder(torch, path, big_endian=raw.details.get("byteorder") == "big",
+                               mmap=raw.format == "torch-zip")
+        return builder.build(raw.tree)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=not unsafe,
+        return torch.load(str(path), map_location="cpu", weights_only=False,
                           mmap=raw.format == "torch-zip")
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise FormatError(
-            f"{path}: torch.load(weights_only=True) refused it: {first}",
-            hint="The file holds custom classes; use framework='numpy' to read its tensors "
-                 "safely, or unsafe=True only if you trust the file", path=str(path)) from exc
+            f"{path}: torch.load could not read it: {first}",
+            hint="Use framework='numpy' to read its tensors with ckptkit's own reader",
+            path=str(path)) from exc

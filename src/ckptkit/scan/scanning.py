@@ -125,6 +125,8 @@ def _scan_file(path: Path, name: str, explicit: bool, depth: int,
         return _not_a_checkpoint(path, name, explicit, depth, exc, options)
     except CkptkitError as exc:  # empty, vanished, a broken link
         return unreadable(name, exc) if explicit else Skipped(name, _skip_reason(path, exc))
+    if reader.FORMAT in ("pickle", "npy"):  # read as scan always read them: every pickle
+        return _plain(path, name, npy=reader.FORMAT == "npy")
     fmt = reader.__name__.rpartition(".")[2].replace("_", "-")
     try:
         raw = reader.read_info(path)
