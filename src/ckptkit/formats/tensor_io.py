@@ -11,7 +11,7 @@ member are charged as ``decompressed``.
 from __future__ import annotations
 
 import zipfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -19,6 +19,11 @@ from ckptkit.storage import budget
 from ckptkit.errors import IntegrityError, MissingDependencyError
 from ckptkit.formats.ziparchive import ZIP_ERRORS
 from ckptkit.model import TensorRef, itemsize
+
+#: Reads a tensor stored in chunks (:attr:`TensorRef.chunks`) into one array.  The reader of
+#: the format that stores tensors so (:mod:`ckptkit.formats.torch_dcp`) sets it when imported,
+#: which it is whenever such a TensorRef exists; this module does not import it.
+chunk_reader: Callable[[TensorRef], np.ndarray] | None = None
 
 _NATIVE = {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
            "float16", "float32", "float64", "complex64", "complex128"}
@@ -78,6 +83,10 @@ def read_tensor(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
 def tensor_view(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
     """``ref`` as a read-only view, in native byte order, of its storage's bytes (read whole
     from the file; swapped whole first for a big-endian file)."""
+    if ref.chunks:
+        view = _gathered(ref)
+        view.flags.writeable = False
+        return view
     dtype = numpy_dtype(ref.dtype)
     if big_endian:
         dtype = dtype.newbyteorder(">")
@@ -93,6 +102,12 @@ def tensor_view(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
         raise IntegrityError(f"{_where(ref)}tensor of {count} elements overruns its storage "
                              f"of {flat.size}")
     return flat[start:start + count].reshape(ref.shape, order="F" if ref.fortran_order else "C")
+
+
+def _gathered(ref: TensorRef) -> np.ndarray:
+    if chunk_reader is None:
+        raise IntegrityError("tensor is stored in chunks and no reader for them is loaded")
+    return chunk_reader(ref)
 
 
 def expansion(ref: TensorRef) -> int:
@@ -130,9 +145,14 @@ def _strided(flat: np.ndarray, ref: TensorRef) -> np.ndarray:
         raise IntegrityError(f"{_where(ref)}tensor view (offset {ref.element_offset}, stride "
                              f"{ref.stride}) reaches outside its storage of {flat.size} elements")
     size = int(itemsize(ref.dtype))
-    return np.lib.stride_tricks.as_strided(
-        flat[ref.element_offset:], shape=ref.shape,
+    base = flat[ref.element_offset:]
+    # as_strided goes through the array interface, which cannot spell ml_dtypes' types
+    # (bfloat16, float8): stride over same-width integers and view the result back.
+    plain = ref.dtype in _NATIVE
+    strided = np.lib.stride_tricks.as_strided(
+        base if plain else base.view(f"u{size}"), shape=ref.shape,
         strides=tuple(st * size for st in stride), writeable=False)
+    return strided if plain else strided.view(flat.dtype)
 
 
 def _where(ref: TensorRef) -> str:
