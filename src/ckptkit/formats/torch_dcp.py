@@ -53,8 +53,14 @@ def root_of(path: Path) -> Path:
 
 
 def sniff(path: Path) -> bool:
-    meta = root_of(path) / METADATA
+    """A directory whose ``.metadata`` is DCP's, or one holding ``__R_N.distcp`` files and
+    no ``.metadata`` (a save that never finished: reading it says so)."""
+    root = root_of(path)
+    meta = root / METADATA
     try:
+        if not meta.exists():
+            return root.is_dir() and any(_DATA_FILE.fullmatch(e.name)
+                                         for e in locate(root).list() if not e.is_dir)
         head = locate(meta).read(0, 4096) if meta.is_file() else b""
     except OSError:
         return False
@@ -99,8 +105,9 @@ def read_metadata(path: Path) -> Metadata:
     meta = root / METADATA
     where = locate(meta)
     if not where.is_file():
-        raise IntegrityError(f"{root}: no {METADATA} (DCP writes it last: the save did not "
-                             "finish?)", path=str(root))
+        raise IntegrityError(f"{root}: .distcp data files but no {METADATA} (DCP writes it "
+                             "last: the save did not finish)", path=str(root),
+                             hint="Use an earlier checkpoint, or save this one again")
     findings = Findings()
     with budget.reading(meta):
         top = read_pickle(where.read(0, where.size()), findings, what=f"{meta}",
@@ -210,6 +217,8 @@ def read_info(path: Path) -> RawCheckpoint:
     tree: dict[Any, Any] = {}
     tensors = []
     per_file: dict[str, list[int]] = {f: [0, 0] for f in meta.files}
+    for name in meta.files:  # before any item is read, so a short file gets one clear error
+        _check_extent(meta, name)
     for entry in meta.entries:
         for chunk in entry.chunks:
             stats = per_file.setdefault(chunk.file, [0, 0])
@@ -235,6 +244,22 @@ def read_info(path: Path) -> RawCheckpoint:
     safety = SafetyReport(tuple(sorted(findings.objects)), tuple(sorted(findings.unsafe)),
                           findings.pickles)
     return RawCheckpoint(FORMAT, tree, tuple(tensors), safety, details)
+
+
+def _check_extent(meta: Metadata, name: str) -> None:
+    """Inspect reads no data, but a missing or short data file is one stat away."""
+    size = _size(meta.root / name)
+    if size is None:
+        raise IntegrityError(f"{meta.root / name}: DCP data file missing (.metadata stores "
+                             "items in it)", hint="`ckpt verify` lists every problem",
+                             path=str(meta.root / name))
+    ends = [c.span.offset + c.span.length for e in meta.entries for c in e.chunks
+            if c.file == name]
+    if ends and max(ends) > size:
+        raise IntegrityError(f"{meta.root / name}: truncated: .metadata places items up to "
+                             f"byte {max(ends)}, the file has {size}",
+                             hint="`ckpt verify` lists every problem",
+                             path=str(meta.root / name))
 
 
 def _size(path: Path) -> int | None:
@@ -351,6 +376,9 @@ def verify(path: Path, *, hashes: bool = False) -> list[Problem]:
 def _verify(root: Path, hashes: bool) -> list[Problem]:
     from ckptkit.formats.completeness import hash_problems
 
+    if not (root / METADATA).exists():
+        return [Problem(str(root / METADATA), "missing-metadata",
+                        ".distcp data files without .metadata (the save did not finish)")]
     try:
         meta = read_metadata(root)
     except CkptkitError as exc:
