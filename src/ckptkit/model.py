@@ -103,13 +103,14 @@ class Chunk:
     ``offsets`` and ``sizes`` place the piece in the global tensor (elements per dimension);
     ``span`` is the stored item (a whole ``torch.save`` file, or the raw elements);
     ``transforms`` the stream transforms DCP applied to it (``stream.zstd/1``...), outermost
-    first, empty when stored as is.
+    first, empty when stored as is; ``name`` the key it is stored under (DCP's flattened name).
     """
 
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     span: ByteSpan
     transforms: tuple[str, ...] = ()
+    name: str = ""
 
     @property
     def file(self) -> str:

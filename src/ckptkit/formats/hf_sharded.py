@@ -25,7 +25,7 @@ from ckptkit.model import Problem, RawCheckpoint, SafetyReport, TensorRef
 from ckptkit.storage import budget
 from ckptkit.storage.budget import metered
 from ckptkit.storage.location import locate
-from ckptkit.tree import iter_tensors, join
+from ckptkit.tree import join
 
 FORMAT = "hf-sharded"
 #: Index names, preferred first when a directory holds both.

@@ -14,23 +14,21 @@ directory: ``.metadata``, a pickle of DCP's dataclasses, and data files ``__<ran
 The pickle is read by the restricted unpickler: these classes are data records
 (``data/pickle_allowlist.toml``), recorded and never constructed.  Each stored item is what
 the writing torch version's ``FileSystemWriter`` wrote: a whole ``torch.save`` file per tensor
-chunk and per bytes item (torch 2.x's default), or a chunk's raw elements; it is told apart
-by content (a zip starts with ``PK``), and read with the torch zip reader on its byte range.
+chunk and per bytes item (the default, read with the torch zip reader on its byte range), or,
+with ``SerializationFormat.SAFETENSORS``, the file's tensors in one safetensors blob after its
+bytes items; told apart by content (a zip starts with ``PK``).
 Items DCP stored through stream transforms (``stream.zstd/1``) are listed, not decoded.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ckptkit.errors import CkptkitError, IntegrityError, UsageError
-from ckptkit.formats import tensor_io
+from ckptkit.formats import dcp_chunks
 from ckptkit.model import (ByteSpan, Chunk, Opaque, Problem, RawCheckpoint, SafetyReport,
                            TensorRef, checked_shape, itemsize)
 from ckptkit.pickles.pickle_globals import DType
@@ -152,7 +150,7 @@ def read_metadata(path: Path) -> Metadata:
         what = f"{meta}: entry {fqn!r}"
         if isinstance(record, Opaque) and record.qualname.endswith("BytesStorageMetadata"):
             place = spans.get((fqn, None))
-            chunks = () if place is None else (Chunk((), (), place[0], place[1]),)
+            chunks = () if place is None else (Chunk((), (), place[0], place[1], fqn),)
             entries.append(Entry(fqn, path, None, (), chunks))
             continue
         body = _state(record, what)
@@ -171,7 +169,7 @@ def read_metadata(path: Path) -> Metadata:
             if place is None:
                 raise IntegrityError(f"{what}: chunk at {list(offsets)} has no stored place in "
                                      "the storage table", path=str(meta))
-            chunks.append(Chunk(offsets, sizes, place[0], place[1]))
+            chunks.append(Chunk(offsets, sizes, place[0], place[1], fqn))
         entries.append(Entry(fqn, path, dtype, shape, tuple(chunks)))
     version = state.get("version")
     return Metadata(root, tuple(entries), tuple(files),
@@ -292,50 +290,6 @@ def _bytes_item(entry: Entry, findings: Findings) -> Any:
                              hint="`ckpt verify` lists every problem", path=span.path) from None
 
 
-def read_chunk(chunk: Chunk, dtype: str) -> np.ndarray:
-    """One stored chunk as an array of ``chunk.sizes``: a ``torch.save`` file on the chunk's
-    byte range (what ``FileSystemWriter`` writes) or its raw elements."""
-    from ckptkit.formats.torch_zip import TorchArchive
-
-    span = chunk.span
-    if chunk.transforms:
-        raise UsageError(f"{span.path}: chunk stored through {'+'.join(chunk.transforms)}, "
-                         "which ckptkit does not decode",
-                         hint="Load it with torch.distributed.checkpoint instead")
-    head = locate(span.path).read(span.offset, 4)
-    if head == b"PK\x03\x04":
-        try:
-            with TorchArchive(Path(span.path), "DCP chunk",
-                              window=(span.offset, span.length)) as archive:
-                inner = archive.read_object("data.pkl", "data")
-        except FileNotFoundError:
-            raise IntegrityError(f"{span.path}: DCP data file missing", path=span.path) from None
-        if not isinstance(inner, TensorRef) or inner.shape != chunk.sizes or (
-                inner.dtype != dtype):
-            got = (f"{inner.dtype}{list(inner.shape)}" if isinstance(inner, TensorRef)
-                   else type(inner).__name__)
-            raise IntegrityError(f"{span.path}: chunk at byte {span.offset} holds {got}, the "
-                                 f"metadata says {dtype}{list(chunk.sizes)}", path=span.path)
-        return tensor_io.read_tensor(inner)
-    need = math.prod(chunk.sizes) * int(itemsize(dtype))
-    if span.length != need:
-        raise IntegrityError(f"{span.path}: chunk at byte {span.offset} is {span.length} bytes, "
-                             f"neither a torch.save file nor the {need} raw bytes of "
-                             f"{dtype}{list(chunk.sizes)}", path=span.path)
-    raw = tensor_io.read_bytes(TensorRef("uint8", (need,), span))
-    return np.frombuffer(raw, dtype=tensor_io.numpy_dtype(dtype)).reshape(chunk.sizes).copy()
-
-
-def assemble(ref: TensorRef) -> np.ndarray:
-    """The global tensor of ``ref``, its chunks read one at a time into one array."""
-    out = np.empty(ref.shape, dtype=tensor_io.numpy_dtype(ref.dtype))
-    for chunk in ref.chunks:
-        window = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))
-        out[window] = read_chunk(chunk, ref.dtype)
-    return out
-
-
-tensor_io.chunk_reader = assemble
 
 
 @metered
@@ -350,6 +304,7 @@ def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
                          hint="Use framework='numpy' or framework='torch'")
     if not unsafe:
         torch_common.refuse_unsafe(path, raw)
+    assemble = dcp_chunks.assemble
     convert = (lambda ref: torch_common.to_torch(assemble(ref), ref.dtype)) \
         if framework == "torch" else assemble
     return _map(raw.tree, convert)
@@ -403,7 +358,7 @@ def _verify(root: Path, hashes: bool) -> list[Problem]:
                 problems.append(Problem(str(root / METADATA), "missing-item",
                                         f"item {entry.fqn!r} has no stored place"))
             continue
-        tiling = _tiling(entry)
+        tiling = dcp_chunks.tiling_problem(entry.fqn, entry.shape, entry.chunks)
         if tiling:
             problems.append(Problem(str(root / METADATA), "not-tiled", tiling))
     for item in locate(root).list():
@@ -423,40 +378,4 @@ def _label(entry: Entry, chunk: Chunk) -> str:
     return f"chunk {list(chunk.offsets)} of {entry.fqn!r}"
 
 
-def _tiling(entry: Entry) -> str | None:
-    """Why the chunks of ``entry`` do not cover its shape exactly once, or None."""
-    shape, total = entry.shape, 0
-    boxes = []
-    for chunk in entry.chunks:
-        if len(chunk.offsets) != len(shape) or len(chunk.sizes) != len(shape):
-            return f"{entry.fqn!r}: chunk {list(chunk.offsets)} has another rank than {list(shape)}"
-        if any(o + s > d for o, s, d in zip(chunk.offsets, chunk.sizes, shape, strict=True)):
-            return (f"{entry.fqn!r}: chunk at {list(chunk.offsets)} of size "
-                    f"{list(chunk.sizes)} reaches outside {list(shape)}")
-        boxes.append(chunk)
-        total += math.prod(chunk.sizes)
-    budget.current().charge("opcodes", len(boxes) * len(boxes) // 2, "DCP chunk overlap checks")
-    for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
-            if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(
-                    a.offsets, a.sizes, b.offsets, b.sizes, strict=True)):
-                if math.prod(a.sizes) and math.prod(b.sizes):
-                    return (f"{entry.fqn!r}: chunks at {list(a.offsets)} and {list(b.offsets)} "
-                            "overlap")
-    # Disjoint boxes inside the shape cover it exactly when their volumes add up to it.
-    if total != math.prod(shape):
-        return (f"{entry.fqn!r}: chunks cover {total:,} of {math.prod(shape):,} elements of "
-                f"{list(shape)}")
-    return None
-
-
-def placement(ref: TensorRef) -> list[dict[str, Any]]:
-    """Per-chunk placement for ``ckpt inspect --json``."""
-    return [{"offsets": list(c.offsets), "sizes": list(c.sizes), "file": c.file,
-             "offset": c.span.offset, "length": c.span.length}
-            | ({"transforms": list(c.transforms)} if c.transforms else {})
-            for c in ref.chunks]
-
-
-__all__ = ["assemble", "load", "placement", "read_chunk", "read_info", "read_metadata",
-           "sniff", "verify"]
+__all__ = ["load", "read_info", "read_metadata", "sniff", "verify"]
