@@ -1,9 +1,9 @@
 """The chunks of a tensor stored in pieces (PyTorch DCP): reading each stored piece, gathering
 them into the global tensor one tensor at a time, and checking that they tile its shape.
 
-Importing this module makes :func:`ckptkit.formats.tensor_io.read_tensor` read such tensors
-(:attr:`~ckptkit.model.TensorRef.chunks`), so every consumer of tensors (load, convert) gets
-the global tensor without knowing how it was stored.
+:mod:`ckptkit.formats.torch_dcp` registers :func:`assemble` with
+:mod:`~ckptkit.formats.tensor_hooks`, so that :func:`ckptkit.formats.tensor_io.read_tensor`
+gives every consumer of tensors (load, convert) the global tensor.
 """
 
 from __future__ import annotations
@@ -104,7 +104,6 @@ def assemble(ref: TensorRef) -> np.ndarray:
     return out
 
 
-tensor_io.chunk_reader = assemble
 
 
 def tiling_problem(name: str, shape: tuple[int, ...], chunks: tuple[Chunk, ...]) -> str | None:

@@ -11,7 +11,7 @@ member are charged as ``decompressed``.
 from __future__ import annotations
 
 import zipfile
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -19,11 +19,6 @@ from ckptkit.storage import budget
 from ckptkit.errors import IntegrityError, MissingDependencyError
 from ckptkit.formats.ziparchive import ZIP_ERRORS
 from ckptkit.model import TensorRef, itemsize
-
-#: Reads a tensor stored in chunks (:attr:`TensorRef.chunks`) into one array.  The reader of
-#: the format that stores tensors so (:mod:`ckptkit.formats.torch_dcp`) sets it when imported,
-#: which it is whenever such a TensorRef exists; this module does not import it.
-chunk_reader: Callable[[TensorRef], np.ndarray] | None = None
 
 _NATIVE = {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
            "float16", "float32", "float64", "complex64", "complex128"}
@@ -105,9 +100,11 @@ def tensor_view(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
 
 
 def _gathered(ref: TensorRef) -> np.ndarray:
-    if chunk_reader is None:
+    from ckptkit.formats import tensor_hooks
+
+    if tensor_hooks.chunk_reader is None:
         raise IntegrityError("tensor is stored in chunks and no reader for them is loaded")
-    return chunk_reader(ref)
+    return tensor_hooks.chunk_reader(ref)
 
 
 def expansion(ref: TensorRef) -> int:

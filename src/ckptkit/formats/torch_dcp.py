@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptkit.errors import CkptkitError, IntegrityError, UsageError
-from ckptkit.formats import dcp_chunks
+from ckptkit.formats import tensor_hooks
 from ckptkit.model import (ByteSpan, Chunk, Opaque, Problem, RawCheckpoint, SafetyReport,
                            TensorRef, checked_shape, itemsize)
 from ckptkit.pickles.pickle_globals import DType
@@ -304,7 +304,8 @@ def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
                          hint="Use framework='numpy' or framework='torch'")
     if not unsafe:
         torch_common.refuse_unsafe(path, raw)
-    assemble = dcp_chunks.assemble
+    from ckptkit.formats.dcp_chunks import assemble
+
     convert = (lambda ref: torch_common.to_torch(assemble(ref), ref.dtype)) \
         if framework == "torch" else assemble
     return _map(raw.tree, convert)
@@ -320,6 +321,15 @@ def _map(tree: Any, convert: Any) -> Any:
     return tree
 
 
+def _assemble(ref: TensorRef) -> Any:
+    from ckptkit.formats.dcp_chunks import assemble
+
+    return assemble(ref)
+
+
+tensor_hooks.chunk_reader = _assemble
+
+
 def verify(path: Path, *, hashes: bool = False) -> list[Problem]:
     """Every chunk's byte range inside its file, chunks tiling each tensor exactly, every
     data file present, no stray ``.distcp`` files."""
@@ -329,6 +339,7 @@ def verify(path: Path, *, hashes: bool = False) -> list[Problem]:
 
 
 def _verify(root: Path, hashes: bool) -> list[Problem]:
+    from ckptkit.formats.dcp_chunks import tiling_problem
     from ckptkit.formats.completeness import hash_problems
 
     if not (root / METADATA).exists():
@@ -358,7 +369,7 @@ def _verify(root: Path, hashes: bool) -> list[Problem]:
                 problems.append(Problem(str(root / METADATA), "missing-item",
                                         f"item {entry.fqn!r} has no stored place"))
             continue
-        tiling = dcp_chunks.tiling_problem(entry.fqn, entry.shape, entry.chunks)
+        tiling = tiling_problem(entry.fqn, entry.shape, entry.chunks)
         if tiling:
             problems.append(Problem(str(root / METADATA), "not-tiled", tiling))
     for item in locate(root).list():
