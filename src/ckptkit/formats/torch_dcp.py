@@ -215,8 +215,12 @@ def read_info(path: Path) -> RawCheckpoint:
     tree: dict[Any, Any] = {}
     tensors = []
     per_file: dict[str, list[int]] = {f: [0, 0] for f in meta.files}
+    ends: dict[str, int] = {}
+    for entry in meta.entries:
+        for chunk in entry.chunks:
+            ends[chunk.file] = max(ends.get(chunk.file, 0), chunk.span.offset + chunk.span.length)
     for name in meta.files:  # before any item is read, so a short file gets one clear error
-        _check_extent(meta, name)
+        _check_extent(meta.root / name, ends.get(name, 0))
     for entry in meta.entries:
         for chunk in entry.chunks:
             stats = per_file.setdefault(chunk.file, [0, 0])
@@ -244,20 +248,16 @@ def read_info(path: Path) -> RawCheckpoint:
     return RawCheckpoint(FORMAT, tree, tuple(tensors), safety, details)
 
 
-def _check_extent(meta: Metadata, name: str) -> None:
+def _check_extent(path: Path, end: int) -> None:
     """Inspect reads no data, but a missing or short data file is one stat away."""
-    size = _size(meta.root / name)
+    size = _size(path)
     if size is None:
-        raise IntegrityError(f"{meta.root / name}: DCP data file missing (.metadata stores "
-                             "items in it)", hint="`ckpt verify` lists every problem",
-                             path=str(meta.root / name))
-    ends = [c.span.offset + c.span.length for e in meta.entries for c in e.chunks
-            if c.file == name]
-    if ends and max(ends) > size:
-        raise IntegrityError(f"{meta.root / name}: truncated: .metadata places items up to "
-                             f"byte {max(ends)}, the file has {size}",
-                             hint="`ckpt verify` lists every problem",
-                             path=str(meta.root / name))
+        raise IntegrityError(f"{path}: DCP data file missing (.metadata stores items in it)",
+                             hint="`ckpt verify` lists every problem", path=str(path))
+    if end > size:
+        raise IntegrityError(f"{path}: truncated: .metadata places items up to byte {end}, "
+                             f"the file has {size}", hint="`ckpt verify` lists every problem",
+                             path=str(path))
 
 
 def _size(path: Path) -> int | None:
