@@ -190,3 +190,28 @@ def test_safetensors_serialization(tmp_path: Path) -> None:
         assert _same(loaded["model"][name], tensor), name
     assert ckptkit.verify(tmp_path / "st").ok
     assert isinstance(loaded["model"]["embed.weight"], torch.Tensor)
+
+
+def test_diff_against_its_consolidated_file(fsdp_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Each DCP tensor is gathered from its chunks, then compared element by element."""
+    import json
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from tests.conftest import run_main
+
+    whole = tmp_path / "whole.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_to_torch_save(fsdp_dir, whole)
+    code, out, _err = run_main(capsys, "diff", str(fsdp_dir), str(whole), "--json")
+    assert code == 0 and json.loads(out)["summary"]["changed"] == 0
+    assert json.loads(out)["summary"]["unchanged"] == 24
+    state = torch.load(whole, weights_only=False)
+    state["model"]["0.weight"][40, 3] += 1  # a row rank 1 holds
+    torch.save(state, whole)
+    code, out, _err = run_main(capsys, "diff", str(fsdp_dir), str(whole), "--json")
+    changed = [t["name"] for t in json.loads(out)["tensors"] if t["status"] == "changed"]
+    assert changed == ["model.0.weight"]
