@@ -170,3 +170,25 @@ def test_bundled_sample_reads_without_torch() -> None:
     result = run_python(code, str(sample))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["3", "False"]
+
+
+class _Shell:
+    """Pickles as a call to os.system (written here, never loaded)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_unsafe_bin_shard_is_reported_with_its_shard(hf_bin_dir: Path, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    folder = _copy(hf_bin_dir, tmp_path)
+    shard = sorted(folder.glob("pytorch_model-*.bin"))[0]
+    torch.save({**torch.load(shard, weights_only=True), "hook": _Shell()}, shard)
+    info = ckptkit.inspect(folder)
+    [name] = info.unsafe
+    assert name.endswith(".system")
+    assert info.details["unsafe_where"][name].startswith(shard.name)
+    with pytest.raises(ckptkit.UnsafeContentError):
+        ckptkit.load(folder, framework="torch")

@@ -132,6 +132,7 @@ def read_info(path: Path) -> RawCheckpoint:
     shards = []
     unindexed: list[str] = []
     formats_seen = set()
+    unsafe_details: dict[str, dict[str, str]] = {}
     for shard in index.shards():
         wanted = {k for k, v in index.weight_map.items() if v == shard}
         file = index.root / shard
@@ -143,6 +144,11 @@ def read_info(path: Path) -> RawCheckpoint:
             raw = read_shard(file)
         formats_seen.add(raw.format)
         safety = safety.merged(raw.safety)
+        for key in ("unsafe_via", "unsafe_where"):
+            for qualname, value in (raw.details.get(key) or {}).items():
+                found = unsafe_details.setdefault(key, {})
+                found.setdefault(qualname, f"{shard}: {value}" if key == "unsafe_where"
+                                 else value)
         held = shard_tensors(raw)
         names = {name for name, _ in held}
         absent = sorted(wanted - names)
@@ -169,6 +175,7 @@ def read_info(path: Path) -> RawCheckpoint:
         "shard_format": "/".join(sorted(formats_seen)), "metadata": dict(index.metadata)}
     if unindexed:
         details["unindexed_tensors"] = unindexed[:20]
+    details.update(unsafe_details)
     return RawCheckpoint(FORMAT, tree, tuple(tensors), safety, details)
 
 

@@ -146,7 +146,8 @@ def read_metadata(path: Path) -> Metadata:
     for fqn, record in described.items():
         fqn = str(fqn)
         keys = planner.get(fqn)
-        path = tuple(keys) if isinstance(keys, (tuple, list)) and keys else tuple(fqn.split("."))
+        path = (tuple(k if isinstance(k, (str, int)) else str(k) for k in keys)
+                if isinstance(keys, (tuple, list)) and keys else tuple(fqn.split(".")))
         what = f"{meta}: entry {fqn!r}"
         if isinstance(record, Opaque) and record.qualname.endswith("BytesStorageMetadata"):
             place = spans.get((fqn, None))
