@@ -168,6 +168,8 @@ def test_chunks_that_do_not_tile_the_tensor(fsdp_dir: Path, tmp_path: Path) -> N
     problems = [p for p in ckptkit.verify(folder).problems if p.kind == "not-tiled"]
     assert len(problems) == 1 and "'model.1.weight'" in problems[0].message
     assert "192 of 384" in problems[0].message
+    with pytest.raises(IntegrityError, match="192 of 384"):  # never uninitialised memory
+        ckptkit.load(folder)
 
 
 def test_safetensors_serialization(tmp_path: Path) -> None:

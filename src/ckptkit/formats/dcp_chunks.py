@@ -97,6 +97,10 @@ def _safetensors_chunk(chunk: Chunk, dtype: str, length: int) -> TensorRef:
 
 def assemble(ref: TensorRef) -> np.ndarray:
     """The global tensor of ``ref``, its chunks read one at a time into one array."""
+    problem = tiling_problem(_name(ref), ref.shape, ref.chunks)
+    if problem:  # np.empty below: every element must come from exactly one chunk
+        where = ref.chunks[0].span.path if ref.chunks else "DCP checkpoint"
+        raise IntegrityError(f"{where}: {problem}", hint="`ckpt verify` lists every problem")
     out = np.empty(ref.shape, dtype=tensor_io.numpy_dtype(ref.dtype))
     for chunk in ref.chunks:
         window = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))
@@ -104,6 +108,8 @@ def assemble(ref: TensorRef) -> np.ndarray:
     return out
 
 
+def _name(ref: TensorRef) -> str:
+    return ref.chunks[0].name if ref.chunks else "tensor"
 
 
 def tiling_problem(name: str, shape: tuple[int, ...], chunks: tuple[Chunk, ...]) -> str | None:

@@ -291,8 +291,6 @@ def _bytes_item(entry: Entry, findings: Findings) -> Any:
                              hint="`ckpt verify` lists every problem", path=span.path) from None
 
 
-
-
 @metered
 def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
     """The saved state dict, each tensor consolidated from its chunks (one at a time):
@@ -305,10 +303,10 @@ def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
                          hint="Use framework='numpy' or framework='torch'")
     if not unsafe:
         torch_common.refuse_unsafe(path, raw)
-    from ckptkit.formats.dcp_chunks import assemble
+    from ckptkit.formats.tensor_io import read_tensor  # gathers chunked tensors
 
-    convert = (lambda ref: torch_common.to_torch(assemble(ref), ref.dtype)) \
-        if framework == "torch" else assemble
+    convert = (lambda ref: torch_common.to_torch(read_tensor(ref), ref.dtype)) \
+        if framework == "torch" else read_tensor
     return _map(raw.tree, convert)
 
 
