@@ -19,7 +19,8 @@ SAMPLES = Path(ckptkit.__file__).parent / "samples"
 
 def test_verify_complete_samples(capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("fsdp_step_200", "hf_sharded", "thinker_step_200.pt", "model.safetensors",
-                 "hf_sharded/model.safetensors.index.json", "tf_ckpt/ckpt-1.index"):
+                 "hf_sharded/model.safetensors.index.json", "tf_ckpt/ckpt-1.index",
+                 "tf_ckpt/ckpt-1"):
         code, out, err = run_main(capsys, "verify", str(SAMPLES / name))
         assert code == 0, (name, out, err)
         assert out.startswith(f"{SAMPLES / name}: complete (")
@@ -68,6 +69,10 @@ def test_verify_single_file_truncated(tmp_path: Path, capsys: pytest.CaptureFixt
     empty.write_bytes(b"")
     assert run_main(capsys, "verify", str(empty))[0] == 3
     assert run_main(capsys, "verify", str(tmp_path / "nothing.pt"))[0] == 4
+    for name in ("ckpt-1.index", "checkpoint"):  # a TF checkpoint named by its prefix
+        shutil.copy(SAMPLES / "tf_ckpt" / name, tmp_path / name)
+    code, out, _err = run_main(capsys, "verify", str(tmp_path / "ckpt-1"), "--json")
+    assert code == 3 and json.loads(out)["problems"][0]["kind"] == "missing-shard"
 
 
 def test_inspect_shows_shards_and_placement(capsys: pytest.CaptureFixture[str]) -> None:

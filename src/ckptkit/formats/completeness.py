@@ -27,6 +27,8 @@ def check_file(path: Path) -> str:
     """
     from ckptkit import formats
 
+    if not path.exists():  # a TF checkpoint named by its prefix (ckpt-1: ckpt-1.index, ...)
+        return check_tf(path)
     if path.stat().st_size == 0:
         raise IntegrityError(f"{path}: file is empty", path=str(path))
     reader = formats.detect(path)
@@ -85,7 +87,8 @@ def file_problems(path: Path) -> list[Problem]:
     except (CkptkitError, OSError, ValueError) as exc:
         text = exc.message if isinstance(exc, CkptkitError) else f"{type(exc).__name__}: {exc}"
         text = " ".join(text.removeprefix(f"{path}: ").split())
-        kind = "truncated" if "truncat" in text or "past the end" in text else "unreadable"
+        kind = ("truncated" if "truncat" in text or "past the end" in text else
+                "missing-shard" if "shard" in text and "missing" in text else "unreadable")
         return [Problem(str(path), kind, text)]
     return []
 
