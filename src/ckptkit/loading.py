@@ -23,6 +23,10 @@ def load(path: str | os.PathLike[str], framework: Framework = "numpy", *,
     MUSIQ-style ``.npz`` the tree under ``opt/target``); ``tf`` gives ``tf.saved_model.load`` /
     ``tf.train.load_checkpoint``.
 
+    A sharded Hugging Face checkpoint (its directory or ``*.index.json``) loads as one state
+    dict; a PyTorch DCP directory as its nested state dict with every tensor consolidated from
+    its chunks, one tensor at a time (what ``dcp_to_torch_save`` then ``torch.load`` give).
+
     Args:
         path: the checkpoint.
         framework: which library's objects to return.

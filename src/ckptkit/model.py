@@ -16,7 +16,7 @@ from typing import Any, Literal
 FormatName = Literal[
     "torch-zip", "torch-legacy", "torchscript", "npz", "safetensors",
     "savedmodel", "tf-checkpoint", "flax-msgpack", "gguf", "onnx", "keras", "keras-h5",
-    "orbax", "deepspeed", "pickle", "npy",
+    "orbax", "deepspeed", "pickle", "npy", "hf-sharded", "torch-dcp",
 ]
 
 #: Bytes per element for every dtype ckptkit names (numpy spelling).
@@ -124,11 +124,37 @@ class ByteSpan:
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a tensor split across files (a DCP chunk written by one rank).
+
+    ``offsets`` and ``sizes`` place the piece in the global tensor (elements per dimension);
+    ``span`` is the stored item (a whole ``torch.save`` file, or the raw elements);
+    ``transforms`` the stream transforms DCP applied to it (``stream.zstd/1``...), outermost
+    first, empty when stored as is; ``name`` the key it is stored under (DCP's flattened name).
+    """
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    span: ByteSpan
+    transforms: tuple[str, ...] = ()
+    name: str = ""
+
+    @property
+    def file(self) -> str:
+        """The name of the file holding the chunk (``__1_0.distcp``)."""
+        return self.span.path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
 class TensorRef:
     """A tensor known by its metadata only; the bytes stay on disk until asked for.
 
     ``stride`` and ``element_offset`` are in elements (PyTorch semantics); ``None`` stride means
     C-contiguous.  ``storage_key`` names the storage shared by views of one buffer.
+
+    Tensors of multi-file checkpoints say where they live: ``file`` is the shard holding the
+    tensor, relative to the checkpoint (``model-00002-of-00005.safetensors``); a tensor stored
+    in pieces has no ``span`` but ``chunks`` (see :class:`Chunk`), which tile its shape.
     """
 
     dtype: str
@@ -139,6 +165,8 @@ class TensorRef:
     storage_key: str | None = None
     device: str | None = None
     fortran_order: bool = False
+    file: str | None = None
+    chunks: tuple[Chunk, ...] = ()
 
     @property
     def numel(self) -> int:

@@ -7,6 +7,12 @@
     Read structure and metadata without reading tensor bytes and without running code.
 ``load(path, framework, *, unsafe=False)``
     Load for real use (see :func:`ckptkit.load`).
+``verify(path, *, hashes=False) -> list[Problem]`` (optional)
+    Everything that makes the checkpoint incomplete, each :class:`~ckptkit.model.Problem`
+    naming its file; ``[]`` when complete.  Formats spread over several files implement it
+    (index against shards, chunks against files); without it, ``ckpt verify`` runs the
+    single-file checks of :mod:`ckptkit.formats.completeness`.  ``hashes`` re-hashes files
+    whose sha256 is known.
 
 Modules are imported lazily so that sniffing one format never imports another format's
 dependencies.
@@ -34,6 +40,8 @@ FORMAT_MODULES: tuple[tuple[str, str], ...] = (
     ("npz", "ckptkit.formats.npz"),
     ("torch-legacy", "ckptkit.formats.torch_legacy"),
     ("safetensors", "ckptkit.formats.safetensors"),
+    ("hf-sharded", "ckptkit.formats.hf_sharded"),
+    ("torch-dcp", "ckptkit.formats.torch_dcp"),
     ("savedmodel", "ckptkit.formats.savedmodel"),
     ("tf-checkpoint", "ckptkit.formats.tf_checkpoint"),
     ("npy", "ckptkit.formats.npy"),
@@ -50,9 +58,10 @@ FORMAT_MODULES: tuple[tuple[str, str], ...] = (
 _TF_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
 
 EXPECTED = ("a PyTorch checkpoint (zip or legacy), TorchScript archive, .npz, .npy, "
-            "safetensors, TensorFlow SavedModel directory or checkpoint (.index), Flax msgpack, "
-            "a pickle/joblib file, GGUF, ONNX, Keras (.keras, .h5), an Orbax step directory or "
-            "a DeepSpeed ZeRO global_stepN directory")
+            "safetensors, a sharded Hugging Face checkpoint (*.index.json), a PyTorch DCP "
+            "directory (.metadata), TensorFlow SavedModel directory or checkpoint (.index), Flax "
+            "msgpack, a pickle/joblib file, GGUF, ONNX, Keras (.keras, .h5), an Orbax step "
+            "directory or a DeepSpeed ZeRO global_stepN directory")
 
 
 def module_for(name: str) -> ModuleType:

@@ -86,6 +86,10 @@ def read_tensor(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
 def tensor_view(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
     """``ref`` as a read-only view, in native byte order, of its storage's bytes (read whole
     from the file; swapped whole first for a big-endian file)."""
+    if ref.chunks:
+        view = _gathered(ref)
+        view.flags.writeable = False
+        return view
     dtype = numpy_dtype(ref.dtype)
     if big_endian:
         dtype = dtype.newbyteorder(">")
@@ -101,6 +105,14 @@ def tensor_view(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
         raise IntegrityError(f"{_where(ref)}tensor of {count} elements overruns its storage "
                              f"of {flat.size}")
     return flat[start:start + count].reshape(ref.shape, order="F" if ref.fortran_order else "C")
+
+
+def _gathered(ref: TensorRef) -> np.ndarray:
+    from ckptkit.formats import tensor_hooks
+
+    if tensor_hooks.chunk_reader is None:
+        raise IntegrityError("tensor is stored in chunks and no reader for them is loaded")
+    return tensor_hooks.chunk_reader(ref)
 
 
 def expansion(ref: TensorRef) -> int:
@@ -138,9 +150,14 @@ def _strided(flat: np.ndarray, ref: TensorRef) -> np.ndarray:
         raise IntegrityError(f"{_where(ref)}tensor view (offset {ref.element_offset}, stride "
                              f"{ref.stride}) reaches outside its storage of {flat.size} elements")
     size = int(itemsize(ref.dtype))
-    return np.lib.stride_tricks.as_strided(
-        flat[ref.element_offset:], shape=ref.shape,
+    base = flat[ref.element_offset:]
+    # as_strided goes through the array interface, which cannot spell ml_dtypes' types
+    # (bfloat16, float8): stride over same-width integers and view the result back.
+    plain = ref.dtype in _NATIVE
+    strided = np.lib.stride_tricks.as_strided(
+        base if plain else base.view(f"u{size}"), shape=ref.shape,
         strides=tuple(st * size for st in stride), writeable=False)
+    return strided if plain else strided.view(flat.dtype)
 
 
 def _where(ref: TensorRef) -> str:

@@ -20,6 +20,16 @@ def import_torch() -> Any:
     return torch
 
 
+def to_torch(array: Any, dtype: str) -> Any:
+    """A numpy array as a torch tensor of ckptkit dtype ``dtype`` (bfloat16 and float8 go
+    through an integer view: numpy's ml_dtypes and torch share the bit layout)."""
+    torch = import_torch()
+    if dtype == "bfloat16" or dtype.startswith("float8"):
+        width = {1: "uint8", 2: "int16"}[array.dtype.itemsize]
+        return torch.from_numpy(array.view(width)).view(getattr(torch, dtype))
+    return torch.from_numpy(array)
+
+
 def refuse_unsafe(path: Path, raw: RawCheckpoint) -> None:
     if raw.safety.unsafe:
         raise UnsafeContentError(

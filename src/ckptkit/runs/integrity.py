@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptkit import formats
+from ckptkit.formats import completeness
 from ckptkit.errors import CkptkitError, UnsafeContentError
 
 #: Files whose presence completes an Orbax step directory (atomic-rename and commit-file modes).
@@ -79,53 +80,11 @@ def _one_line(exc: BaseException, path: Path) -> str:
 
 
 def _check_file(path: Path) -> Completeness:
-    if path.stat().st_size == 0:
-        return Completeness(False, "file is empty")
-    reader = formats.detect(path)
-    fmt = reader.FORMAT
-    if fmt in ("torch-zip", "torchscript", "npz"):
-        _check_zip(path)
-        if fmt == "npz":
-            reader.read_info(path)  # array headers are small and say how long each array is
-        return Completeness(True, "complete (zip central directory and local headers in bounds)")
-    if fmt == "safetensors":
-        return _check_safetensors(path)
-    if fmt == "tf-checkpoint":
-        return _check_tf(path)
-    # Legacy torch streams, Flax msgpack: their readers walk the structure without tensor
-    # bytes and raise IntegrityError when the file ends early (or runs on past its end).
-    reader.read_info(path)
-    return Completeness(True, f"complete ({fmt} structure reads to the end)")
-
-
-def _check_zip(path: Path) -> None:
-    from ckptkit.formats import ziparchive
-
-    size = path.stat().st_size
-    with ziparchive.open_zip(path, "zip archive") as archive, open(path, "rb") as fh:
-        for info in archive.infolist():
-            ziparchive.data_offset(fh, info, size)
-
-
-def _check_safetensors(path: Path) -> Completeness:
-    from ckptkit.formats import safetensors
-
-    header, start = safetensors.read_header(path)
-    end = max((int(v["data_offsets"][1]) for k, v in header.items()
-               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v),
-              default=0)
-    size = path.stat().st_size
-    if start + end > size:
-        return Completeness(False, f"truncated: tensors need {start + end} bytes, "
-                                   f"the file has {size}")
-    return Completeness(True, "complete (safetensors header and data length agree)")
+    return Completeness(True, completeness.check_file(path))
 
 
 def _check_tf(path: Path) -> Completeness:
-    from ckptkit.formats import tf_checkpoint
-
-    index, _found = tf_checkpoint.read_index(path)  # read_index also runs check_shards
-    return Completeness(True, f"complete (index and {index.header.num_shards} data shard(s))")
+    return Completeness(True, completeness.check_tf(path))
 
 
 def _check_dir(path: Path) -> Completeness:
