@@ -36,6 +36,7 @@ import numpy as np
 
 from ckptkit.storage import budget
 from ckptkit import formats
+from ckptkit.formats.chunked import ChunkedCheckpoint, whole
 from ckptkit.formats.writers import Fmt, LayoutEntry, WriteResult, check_dtype, read_sidecar, write
 from ckptkit.formats.zip_writer import TORCH_METADATA_RECORD
 from ckptkit.errors import IntegrityError, UsageError
@@ -106,19 +107,7 @@ def plan_format_conversion(src: str | os.PathLike[str], to: Fmt,
         NotFoundError, FormatError, IntegrityError: from reading ``src``.
     """
     source, target = Path(src), Path(out)
-    reader = formats.detect(source)
-    name = reader.FORMAT
-    if name in _BY_SPAN:
-        plan = _from_spans(source, reader.read_info(source))
-    elif name in ("tf-checkpoint", "savedmodel"):
-        plan = _from_bundle(source, name)
-    elif name == "flax-msgpack":
-        plan = _from_flax(source, reader.read_info(source))
-    elif name in _BY_READER:
-        plan = _from_reader(source, reader, reader.read_info(source))
-    else:  # pragma: no cover - every reader is covered above
-        raise UsageError(f"{source}: cannot convert {name} files")
-    tensors, metadata, left_out, inputs, separator = plan
+    name, (tensors, metadata, left_out, inputs, separator) = _read(source)
     _refuse_overwrite(source, target, inputs)
     if not tensors:
         raise UsageError(f"{source}: holds no tensors to convert; converting to 0 tensors is "
@@ -128,6 +117,31 @@ def plan_format_conversion(src: str | os.PathLike[str], to: Fmt,
         check_dtype(to, tensor.name, tensor.dtype)
     return FormatConversion(source, name, to, target, tuple(tensors), metadata,
                             tuple(left_out), separator)
+
+
+def _read(source: Path) -> tuple[str, _Plan]:
+    reader = formats.detect(source)
+    name = reader.FORMAT
+    if name in _BY_SPAN:
+        return name, _from_spans(source, reader.read_info(source))
+    if name in ("tf-checkpoint", "savedmodel"):
+        return name, _from_bundle(source, name)
+    if name == "flax-msgpack":
+        return name, _from_flax(source, reader.read_info(source))
+    if name in _BY_READER:
+        return name, _from_reader(source, reader, reader.read_info(source))
+    raise UsageError(f"{source}: cannot convert {name} files")  # pragma: no cover
+
+
+def chunked_source(src: str | os.PathLike[str]) -> ChunkedCheckpoint:
+    """A single-file checkpoint (any format above) as global tensors of one chunk each, read
+    the way :func:`plan_format_conversion` reads them; what the consolidation engine takes."""
+    source = Path(src)
+    name, (tensors, metadata, left_out, inputs, separator) = _read(source)
+    return ChunkedCheckpoint(
+        source, name, tuple(whole(t.name, t.dtype, t.shape, t.read, source.name)
+                            for t in tensors),
+        metadata, tuple(left_out), frozenset(inputs), separator)
 
 
 def convert_format(src: str | os.PathLike[str], to: Fmt,
