@@ -66,7 +66,9 @@ class Consolidation:
         by_name = {t.name: t for t in tensors}
         # Generators hold no reference to the array they last yielded: each is freed by the
         # writer before the next tensor is gathered.
-        stream = ((t.name, assemble(t)) for t in tensors)
+        order = ([by_name[e[0]] for _f, entries in self.shards.files for e in entries]
+                 if self.shards is not None else tensors)  # a big tensor's shard comes early
+        stream = ((t.name, assemble(t)) for t in order)
         meta = self.source.metadata or None
         with budget.reading(self.source.path):
             if self.target == "dcp":

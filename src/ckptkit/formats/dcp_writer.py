@@ -2,13 +2,15 @@
 
 ``torch.distributed.checkpoint.save`` runs in this one process, without a process group, with
 ``FileSystemWriter``: the result is what a one-rank training job would have saved
-(``.metadata`` plus ``__0_0.distcp``), and ``torch.distributed.checkpoint.load`` restores it
+(``.metadata`` plus ``__0_N.distcp``, one data file per tensor), and ``torch.distributed.checkpoint.load`` restores it
 exactly, into any sharding.  Names are the flattened state-dict keys given
 (``model.layers.0.weight``).
 
 Tensors stream: torch plans the save from meta tensors (dtype and shape only), then asks for
 each tensor's data as it writes it, in plan order; the planner below reads that one tensor
-then, so one tensor is alive at a time.  The checkpoint is built in a temporary directory
+then.  torch holds every tensor of a data file until the file is complete, so each tensor gets
+a file of its own (``single_file_per_rank=False``, a layout DCP loads like any other): one
+tensor is alive at a time.  The checkpoint is built in a temporary directory
 beside the target and renamed into place once torch has written ``.metadata``, so the target
 never holds a partial checkpoint.
 """
@@ -104,7 +106,10 @@ def write_dcp(directory: str | os.PathLike[str], layout: Sequence[LayoutEntry],
             # "assuming the intent is to save in a single process": it is.
             warnings.filterwarnings("ignore", message=".*single process.*")
             try:
-                dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp),
+                # One file per tensor: torch keeps every tensor of a file alive until the file
+                # is done, so one tensor per file is what keeps one tensor in memory.
+                writer = dcp.FileSystemWriter(tmp, single_file_per_rank=False)
+                dcp.save(state, storage_writer=writer,
                          planner=_planner(read, dtypes), no_dist=True)
             except dcp.api.CheckpointException as exc:
                 raise _original(exc) from None
