@@ -179,6 +179,8 @@ def test_refusals_are_usage_errors(source, tmp_path: Path, capsys) -> None:
     code, err = convert("--to", "safetensors", "--max-shard-size", "10MB", "-o",
                         str(path.parent))  # one shard: model.safetensors... is not the input
     assert code == 0, err
+    code, err = convert("--to", "safetensors", "--max-shard-size", "1MB", "-o", str(path))
+    assert code == 2 and "is a file; --max-shard-size writes a directory" in err
     code, err = convert("--to", "dcp", "--recipe", "loftr", "-o", str(tmp_path / "y"))
     assert code == 2 and "--recipe renames tensors of one file" in err
 

@@ -149,6 +149,9 @@ def plan_consolidation(src: str | os.PathLike[str], to: Target, out: str | os.Pa
             check_dtype(to, tensor.name, tensor.dtype)
     shards = None
     if max_shard_size is not None:
+        if target.exists() and not target.is_dir():
+            raise UsageError(f"{target} is a file; --max-shard-size writes a directory of shards",
+                             hint="Pass -o with a new or empty directory", path=str(target))
         shards = plan_shards([(t.name, t.dtype, t.shape) for t in source.tensors], to,  # type: ignore[arg-type]
                              max_shard_size)
         stale = conflicts(target, shards)
