@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from ckptkit.errors import IntegrityError
 from ckptkit.formats import chunked, safetensors
-from ckptkit.formats.chunked import Chunk, ChunkedTensor, assemble, check_tiling
+from ckptkit.formats.chunked import ChunkedTensor, Piece, assemble, check_tiling
 
 
 def blocks(array: np.ndarray, cuts: list[list[int]]) -> list[tuple[tuple[int, ...], np.ndarray]]:
@@ -32,7 +32,7 @@ def stored(tmp_path: Path, name: str, array: np.ndarray,
     path = tmp_path / f"{name}.safetensors"
     save_file({f"part{i}": np.ascontiguousarray(b) for i, (_o, b) in enumerate(pieces)}, path)
     refs = {"".join(where): ref for where, ref in safetensors.read_info(path).tensors}
-    chunks = tuple(Chunk(off, tuple(b.shape), span=refs[f"part{i}"].span, file=path.name)
+    chunks = tuple(Piece(off, tuple(b.shape), span=refs[f"part{i}"].span, file=path.name)
                    for i, (off, b) in enumerate(pieces))
     return ChunkedTensor(name, array.dtype.name, tuple(array.shape), chunks)
 
@@ -63,7 +63,7 @@ def test_float8_and_zero_dimensional_tensors(tmp_path: Path) -> None:
 
 def test_decoded_chunks_and_a_whole_tensor() -> None:
     array = np.arange(12, dtype=np.int32).reshape(3, 4)
-    parts = tuple(Chunk((0, c), (3, 2), read=lambda c=c: array[:, c:c + 2].copy())
+    parts = tuple(Piece((0, c), (3, 2), read=lambda c=c: array[:, c:c + 2].copy())
                   for c in (0, 2))
     assert np.array_equal(assemble(ChunkedTensor("x", "int32", (3, 4), parts)), array)
     one = chunked.whole("x", "int32", (3, 4), lambda: array)
@@ -77,11 +77,11 @@ def test_a_chunk_decoded_with_another_shape_is_refused() -> None:
 
 
 @pytest.mark.parametrize("chunks, why", [
-    ([Chunk((0,), (6,)), Chunk((6,), (4,))], "outside"),
-    ([Chunk((0,), (4,)), Chunk((2,), (4,))], "overlapping"),
-    ([Chunk((0,), (4,)), Chunk((5,), (3,))], "7 of 8 elements"),
-    ([Chunk((0,), (4,)), Chunk((4,), (3,)), Chunk((3,), (1,))], "overlapping"),
-    ([Chunk((0, 0), (8, 1))], "outside"),
+    ([Piece((0,), (6,)), Piece((6,), (4,))], "outside"),
+    ([Piece((0,), (4,)), Piece((2,), (4,))], "overlapping"),
+    ([Piece((0,), (4,)), Piece((5,), (3,))], "7 of 8 elements"),
+    ([Piece((0,), (4,)), Piece((4,), (3,)), Piece((3,), (1,))], "overlapping"),
+    ([Piece((0, 0), (8, 1))], "outside"),
 ])
 def test_chunks_that_do_not_tile_the_tensor_are_refused(chunks, why) -> None:
     tensor = ChunkedTensor("layer.weight", "float32", (8,), tuple(chunks))

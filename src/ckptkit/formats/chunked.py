@@ -33,10 +33,11 @@ from ckptkit.storage.location import locate
 
 
 @dataclass(frozen=True)
-class Chunk:
-    """One stored box of a global tensor: ``offsets`` and ``sizes`` per dimension.
+class Piece:
+    """One chunk of a global tensor, ready to read: ``offsets`` and ``sizes`` per dimension.
 
-    Exactly one of ``span`` (raw little-endian C-order bytes of the box) and ``read`` (returns
+    (A format's own record of a chunk, such as DCP's :class:`ckptkit.model.Chunk`, says how it
+    is stored; a piece says how to read it.)  Exactly one of ``span`` (raw little-endian C-order bytes of the box) and ``read`` (returns
     the box as an array of shape ``sizes``) is set.  ``file`` names where it lives, for
     messages and for ``ckpt inspect``.
     """
@@ -60,7 +61,7 @@ class ChunkedTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    chunks: tuple[Chunk, ...]
+    chunks: tuple[Piece, ...]
 
     @property
     def numel(self) -> int:
@@ -94,7 +95,7 @@ def whole(name: str, dtype: str, shape: tuple[int, ...], read: Callable[[], np.n
           file: str = "") -> ChunkedTensor:
     """A tensor stored whole: one chunk covering it, read by ``read``."""
     return ChunkedTensor(name, dtype, tuple(shape),
-                         (Chunk((0,) * len(shape), tuple(shape), read=read, file=file),))
+                         (Piece((0,) * len(shape), tuple(shape), read=read, file=file),))
 
 
 def check_tiling(tensor: ChunkedTensor) -> None:
@@ -118,7 +119,7 @@ def check_tiling(tensor: ChunkedTensor) -> None:
                              hint="A rank's data is missing or duplicated; run `ckpt verify`")
 
 
-def _overlap(chunks: tuple[Chunk, ...]) -> bool:
+def _overlap(chunks: tuple[Piece, ...]) -> bool:
     # Sorted by the first offset, a chunk can only overlap the ones that start before its end.
     boxes = sorted((c for c in chunks if c.numel), key=lambda c: c.offsets)
     for i, a in enumerate(boxes):
@@ -159,7 +160,7 @@ def assemble(tensor: ChunkedTensor) -> np.ndarray:
     return out
 
 
-def _decoded(tensor: ChunkedTensor, chunk: Chunk, dtype: np.dtype) -> np.ndarray:
+def _decoded(tensor: ChunkedTensor, chunk: Piece, dtype: np.dtype) -> np.ndarray:
     array = np.asarray(chunk.read())  # type: ignore[misc]
     if tuple(array.shape) != tuple(chunk.sizes) or array.dtype != dtype:
         raise IntegrityError(f"{tensor.name}: a chunk read as {array.dtype.name}"
@@ -169,7 +170,7 @@ def _decoded(tensor: ChunkedTensor, chunk: Chunk, dtype: np.dtype) -> np.ndarray
     return array
 
 
-def _read_span(tensor: ChunkedTensor, chunk: Chunk, span: ByteSpan, region: np.ndarray) -> None:
+def _read_span(tensor: ChunkedTensor, chunk: Piece, span: ByteSpan, region: np.ndarray) -> None:
     want = chunk.numel * region.dtype.itemsize
     if span.length != want:
         raise IntegrityError(f"{span.path}: {tensor.name} chunk at {list(chunk.offsets)} "
@@ -214,8 +215,8 @@ def _fill(fh, view: memoryview, span: ByteSpan) -> None:
         got += n
 
 
-def _where(chunk: Chunk) -> str:
+def _where(chunk: Piece) -> str:
     return f" (in {chunk.file})" if chunk.file else ""
 
 
-__all__ = ["Chunk", "ChunkedCheckpoint", "ChunkedTensor", "assemble", "check_tiling", "whole"]
+__all__ = ["ChunkedCheckpoint", "ChunkedTensor", "Piece", "assemble", "check_tiling", "whole"]
