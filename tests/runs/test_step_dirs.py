@@ -41,8 +41,9 @@ def dcp_run(tmp_path: Path) -> Path:
 def test_latest_skips_a_dcp_step_without_metadata(dcp_run: Path) -> None:
     result = find_latest(dcp_run)
     assert result.checkpoint is not None and result.checkpoint.path.name == "step-300"
-    assert [(c.path.name, why) for c, why in result.skipped] == [
-        ("step-400", "DCP directory without .metadata (save not finished)")]
+    # The DCP reader's verify verb says it, or (without one) the layout check does.
+    assert [c.path.name for c, _why in result.skipped] == ["step-400"]
+    assert "without .metadata" in result.skipped[0][1]
     assert ckptkit.latest(dcp_run).step == 300
 
 
