@@ -1,8 +1,9 @@
 """Consolidate and reshard: any checkpoint to one file, to Hugging Face shards, or to DCP.
 
-The source is read as global tensors made of chunks (:mod:`ckptkit.formats.chunked`): a
-sharded or distributed format's reader provides them through its ``read_chunks`` verb, and a
-single file is one chunk per tensor.  :func:`plan_consolidation` decides everything from
+The source is read as global tensors made of chunks (:mod:`ckptkit.formats.chunked`): a DCP
+tensor has one chunk per rank that saved a piece of it, a tensor of a single file or of a
+Hugging Face shard is one chunk, read from the file's structure
+(:func:`ckptkit.convert.passthrough.chunked_source`).  :func:`plan_consolidation` decides everything from
 structure alone (names, dtypes, shapes, which file each tensor goes to) and returns a frozen
 :class:`Consolidation`; :meth:`Consolidation.execute` gathers one global tensor at a time and
 hands it to the writer, so peak memory is about the largest tensor plus a small constant,
@@ -24,11 +25,13 @@ from ckptkit import formats
 from ckptkit.errors import IntegrityError, UsageError, naming
 from ckptkit.formats.chunked import ChunkedCheckpoint, ChunkedTensor, assemble
 from ckptkit.formats.shard_writer import ShardPlan, conflicts, plan_shards, write_shards
-from ckptkit.formats.writers import FORMATS, Fmt, LayoutEntry, WriteResult, check_dtype, write
+from ckptkit.formats.writers import FORMATS, LayoutEntry, WriteResult, check_dtype, write
 from ckptkit.storage import budget
 
 Target = Literal["npz", "safetensors", "torch", "flax", "dcp"]
 TARGETS: tuple[Target, ...] = (*FORMATS, "dcp")
+#: Formats whose checkpoint is several files (their readers' FORMAT names).
+MULTI_FILE = ("hf-sharded", "torch-dcp", "orbax")
 
 
 @dataclass(frozen=True)
@@ -85,24 +88,20 @@ class Consolidation:
 
 
 def open_source(src: str | os.PathLike[str]) -> ChunkedCheckpoint:
-    """``src`` as global tensors: through its reader's ``read_chunks`` verb when the format is
-    sharded or distributed, else one chunk per tensor of the file."""
-    path = Path(src)
-    with naming(path):
-        reader = formats.detect(path)
-        chunked = getattr(reader, "read_chunks", None)
-        if chunked is not None:
-            return chunked(path)
+    """``src`` as global tensors, each with the chunks it is stored in (structure only)."""
     from ckptkit.convert.passthrough import chunked_source
 
-    return chunked_source(path)
+    path = Path(src)
+    with naming(path):
+        return chunked_source(path)
 
 
 def is_chunked(src: str | os.PathLike[str]) -> bool:
-    """Whether ``src``'s format stores tensors as chunks (DCP, Orbax, Hugging Face shards)."""
+    """Whether ``src`` is a checkpoint of several files (DCP, Orbax, Hugging Face shards),
+    which converting always consolidates."""
     path = Path(src)
     with naming(path):
-        return hasattr(formats.detect(path), "read_chunks")
+        return formats.detect(path).FORMAT in MULTI_FILE
 
 
 def plan_consolidation(src: str | os.PathLike[str], to: Target, out: str | os.PathLike[str], *,

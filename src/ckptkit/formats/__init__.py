@@ -14,16 +14,14 @@
     single-file checks of :mod:`ckptkit.formats.completeness`.  ``hashes`` re-hashes files
     whose sha256 is known.
 
-Sharded and distributed formats (Hugging Face shards, PyTorch DCP, Orbax) add two verbs:
+Sharded and distributed formats (Hugging Face shards, PyTorch DCP, Orbax) add a verb:
 
-``read_chunks(path) -> ChunkedCheckpoint``
-    Every global tensor with its chunks: offsets, sizes and where each chunk's bytes are (a
-    byte range, or a callable that decodes it), reading no tensor byte
-    (:mod:`ckptkit.formats.chunked`).  ``ckpt convert`` consolidates and reshards through it,
-    and :func:`ckptkit.formats.chunked.assemble` gathers one tensor from it.
 ``verify(path, *, hashes=False) -> list[Problem]``
     What is wrong with the checkpoint (:class:`ckptkit.model.Problem`); ``ckpt verify``,
     ``ckpt latest`` and ``ckpt cleanup`` use it.
+
+A tensor stored in chunks is gathered one global tensor at a time by
+:func:`ckptkit.formats.chunked.assemble`.
 
 Modules are imported lazily so that sniffing one format never imports another format's
 dependencies.

@@ -2,11 +2,10 @@
 
 Sharded and distributed checkpoints (PyTorch DCP, Orbax, Hugging Face shards) keep a tensor
 as one or more *chunks*: boxes of the global tensor, each at its ``offsets`` with its
-``sizes``, each stored somewhere.  A reader of such a format describes the checkpoint with a
-:class:`ChunkedCheckpoint` (its ``read_chunks(path)`` verb) and reads no tensor byte doing so;
-:func:`assemble` then builds one global tensor at a time, which is what ``ckpt convert`` and
-``ckptkit.load`` need.  A single-file checkpoint fits the same model: every tensor is one
-chunk that covers it.
+``sizes``, each stored somewhere.  A :class:`ChunkedCheckpoint` describes such a checkpoint
+without reading any tensor byte; :func:`assemble` then builds one global tensor at a time,
+which is what ``ckpt convert`` and ``ckptkit.load`` need.  A single-file checkpoint fits the
+same model: every tensor is one chunk that covers it.
 
 A chunk's data is either a byte range of a file (:class:`~ckptkit.model.ByteSpan`) holding the
 chunk's elements raw, little-endian and in C order, which :func:`assemble` reads straight into
@@ -74,7 +73,7 @@ class ChunkedTensor:
 
 @dataclass(frozen=True)
 class ChunkedCheckpoint:
-    """A checkpoint as global tensors, what a sharded format's ``read_chunks`` returns.
+    """A checkpoint as global tensors and their chunks (what ``ckpt convert`` consolidates).
 
     ``metadata`` holds plain top-level facts (``step``) as strings, ``left_out`` names the
     non-tensor entries no tensor format can carry, ``inputs`` every file the tensors are read
