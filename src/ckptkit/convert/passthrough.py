@@ -48,7 +48,7 @@ from ckptkit.tree import is_scalar, join
 #: Formats whose tensors are read by byte range from the file ckptkit parsed.
 #: Formats whose reader gives each tensor's values itself (``tensor_reader``): GGUF
 #: dequantizes, ONNX decodes varint-coded data, Keras reads HDF5 through its child process.
-_BY_READER = ("gguf", "onnx", "keras", "keras-h5")
+_BY_READER = ("gguf", "onnx", "keras", "keras-h5", "orbax")
 _BY_SPAN = ("torch-zip", "torch-legacy", "torchscript", "npz", "safetensors", "pickle", "npy")
 
 
