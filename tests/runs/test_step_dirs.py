@@ -106,3 +106,21 @@ def test_global_step_dirs_and_layouts(tmp_path: Path) -> None:
     assert integrity.directory_layout(tmp_path) is None
     assert not integrity.check_complete(run / "global_step30")
     assert find_latest(run, prefix="global_step").checkpoint.step == 20
+
+
+def test_deepspeed_global_step_dirs(tmp_path: Path) -> None:
+    samples = Path(__file__).resolve().parents[1] / "formats" / "deepspeed_samples"
+    run = tmp_path / "ds_run"
+    run.mkdir()
+    for stage in (1, 2, 3):  # real ZeRO saves of 2-rank jobs, one per stage
+        shutil.copytree(samples / f"zero{stage}" / "global_step2",
+                        run / f"global_step{stage}")
+    rank1 = next((run / "global_step3").glob("*rank_1_*optim_states.pt"))
+    rank1.unlink()  # one rank's optimizer states never arrived
+    assert integrity.directory_layout(run / "global_step1") == "deepspeed"
+    verdict = integrity.check_complete(run / "global_step3")
+    assert not verdict and "rank" in verdict.reason
+    assert find_latest(run).checkpoint.path.name == "global_step2"
+    plan = plan_cleanup(run, keep_last=1)
+    assert {i.path.name: i.action for i in plan.items} == {
+        "global_step1": "delete", "global_step2": "keep", "global_step3": "keep"}

@@ -31,7 +31,7 @@ from ckptkit.storage import budget
 Target = Literal["npz", "safetensors", "torch", "flax", "dcp"]
 TARGETS: tuple[Target, ...] = (*FORMATS, "dcp")
 #: Formats whose checkpoint is several files (their readers' FORMAT names).
-MULTI_FILE = ("hf-sharded", "torch-dcp", "orbax")
+MULTI_FILE = ("hf-sharded", "torch-dcp", "orbax", "deepspeed")
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,11 @@ from ckptkit.summary import summarise
 from ckptkit.formats.tensor_io import materialised, numpy_dtype
 from ckptkit.tree import is_scalar, join
 
-#: Formats whose tensors are read by byte range from the file ckptkit parsed.
 #: Formats whose reader gives each tensor's values itself (``tensor_reader``): GGUF
-#: dequantizes, ONNX decodes varint-coded data, Keras reads HDF5 through its child process.
-_BY_READER = ("gguf", "onnx", "keras", "keras-h5", "orbax")
+#: dequantizes, ONNX decodes varint-coded data, Keras reads HDF5 through its child process,
+#: Orbax reads through TensorStore, DeepSpeed puts each parameter's ZeRO partitions together.
+_BY_READER = ("gguf", "onnx", "keras", "keras-h5", "orbax", "deepspeed")
+#: Formats whose tensors are read by byte range from the file ckptkit parsed.
 _BY_SPAN = ("torch-zip", "torch-legacy", "torchscript", "npz", "safetensors", "pickle", "npy")
 
 
@@ -259,7 +260,8 @@ def _from_reader(source: Path, reader: Any, raw: RawCheckpoint) -> _Plan:
                          "not converted", hint="Move the data beside the model",
                          path=str(source))
     tensors, inputs, left_out = [], {source}, []
-    for name, ref in raw.tensors:
+    for where, ref in raw.tensors:
+        name = where if isinstance(where, str) else join(where, raw.separator)
         if ref.dtype == "string":
             left_out.append(f"{name} (string tensor)")
             continue
@@ -270,7 +272,7 @@ def _from_reader(source: Path, reader: Any, raw: RawCheckpoint) -> _Plan:
         tensors.append(SourceTensor(name, dtype, ref.shape,
                                     lambda n=name, r=ref: array(n, r)))
     metadata = {k: v for k, v in _stringified(raw.details.get("metadata", {})).items()
-                if len(v) <= 4096} if raw.format == "gguf" else {}
+                if len(v) <= 4096} if raw.format in ("gguf", "deepspeed") else {}
     if raw.details.get("missing_extra"):
         from ckptkit.errors import MissingDependencyError
 

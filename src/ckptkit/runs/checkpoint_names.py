@@ -182,7 +182,7 @@ def _scan_one(directory: Path, root: Path) -> tuple[list[Checkpoint], list[Path]
                                         (path,)))
             elif parsed and _STEP_DIR.fullmatch(e.name):
                 # A step-N/ folder is a checkpoint only if it holds one (DCP, Orbax, HF
-                # weights): an empty or unrelated folder is never deleted.
+                # weights, DeepSpeed ranks): an empty or unrelated folder is never deleted.
                 if integrity.directory_layout(path) is not None:
                     found.append(Checkpoint(path, f"{rel}{parsed[0]}", parsed[1], parsed[2],
                                             "dir", (path,)))
@@ -231,7 +231,7 @@ def scan(directory: str | os.PathLike[str], recursive: bool = False) -> list[Che
     .pt, .pth, .pth.tar, .ckpt, .bin or .safetensors; ``{N}.pt``, ``{prefix}{N}.pt`` only as
     a run of two or more; Lightning ``epoch={E}-step={S}[-...].ckpt``; HF ``checkpoint-{N}/``;
     step directories ``[prefix_]step-{N}/``, ``global_step{N}/``, ``epoch_{N}/`` that hold a
-    DCP, Orbax or Hugging Face checkpoint;
+    DCP, Orbax, Hugging Face or DeepSpeed checkpoint;
     Orbax ``{N}/`` or ``{prefix}_{N}/`` (when a marker file shows the group is Orbax's); TF
     ``{prefix}-{N}.index`` with exactly its ``.data-NNNNN-of-NNNNN`` shards.  Symlinks are
     never followed and, like names containing best/last/latest, never periodic.  Sorted by

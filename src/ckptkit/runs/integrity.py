@@ -29,8 +29,10 @@ _HF_DIR = re.compile(r"checkpoint-\d+")
 #: PyTorch Distributed Checkpoint: torch renames ``.metadata`` into place after every data file.
 DCP_METADATA = ".metadata"
 _HF_SHARD = re.compile(r".+-\d{5,}-of-\d{5,}\.(?:safetensors|bin)")
+#: DeepSpeed's per-rank files in a ``global_stepN/`` directory.
+_DEEPSPEED = re.compile(r"(?:zero_pp_rank_\d+_)?mp_rank_\d+_(?:model|optim)_states\.pt")
 
-Layout = str  # "dcp" | "orbax" | "hf"
+Layout = str  # "dcp" | "orbax" | "hf" | "deepspeed"
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ def _check_tf(path: Path) -> Completeness:
 def directory_layout(path: Path) -> Layout | None:
     """Which sharded or distributed checkpoint ``path`` holds, judged by its file names only:
     ``dcp`` (``.metadata`` or ``*.distcp``), ``orbax`` (commit markers, ``_METADATA``, an
-    OCDBT manifest), ``hf`` (an index, weights, or ``*-NNNNN-of-NNNNN`` shards), or None.  A save cut short still shows its layout; it
+    OCDBT manifest), ``hf`` (an index, weights, or ``*-NNNNN-of-NNNNN`` shards), ``deepspeed``
+    (``*mp_rank_NN_model_states.pt``, ``*_optim_states.pt``), or None.  A save cut short still shows its layout; it
     is :func:`check_complete` that says whether it finished."""
     try:
         names = {e.name for e in os.scandir(path)}
@@ -107,6 +110,8 @@ def directory_layout(path: Path) -> Layout | None:
         return "orbax"
     if names & {*HF_INDEXES, *HF_WEIGHTS} or any(_HF_SHARD.fullmatch(n) for n in names):
         return "hf"
+    if any(_DEEPSPEED.fullmatch(n) for n in names):
+        return "deepspeed"
     return None
 
 
