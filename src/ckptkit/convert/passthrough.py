@@ -36,7 +36,7 @@ import numpy as np
 
 from ckptkit.storage import budget
 from ckptkit import formats
-from ckptkit.formats.chunked import ChunkedCheckpoint, whole
+from ckptkit.formats.chunked import ChunkedCheckpoint, ChunkedTensor, Piece, whole
 from ckptkit.formats.writers import Fmt, LayoutEntry, WriteResult, check_dtype, read_sidecar, write
 from ckptkit.formats.zip_writer import TORCH_METADATA_RECORD
 from ckptkit.errors import IntegrityError, UsageError
@@ -50,7 +50,8 @@ from ckptkit.tree import is_scalar, join
 #: Orbax reads through TensorStore, DeepSpeed puts each parameter's ZeRO partitions together.
 _BY_READER = ("gguf", "onnx", "keras", "keras-h5", "orbax", "deepspeed")
 #: Formats whose tensors are read by byte range from the file ckptkit parsed.
-_BY_SPAN = ("torch-zip", "torch-legacy", "torchscript", "npz", "safetensors", "pickle", "npy")
+_BY_SPAN = ("torch-zip", "torch-legacy", "torchscript", "npz", "safetensors", "pickle", "npy",
+            "hf-sharded", "torch-dcp")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class SourceTensor:
     dtype: str
     shape: tuple[int, ...]
     read: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    #: for a tensor stored in chunks (DCP), each chunk ready to read into its place.
+    pieces: tuple[Piece, ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,8 @@ def chunked_source(src: str | os.PathLike[str]) -> ChunkedCheckpoint:
     source = Path(src)
     name, (tensors, metadata, left_out, inputs, separator) = _read(source)
     return ChunkedCheckpoint(
-        source, name, tuple(whole(t.name, t.dtype, t.shape, t.read, source.name)
+        source, name, tuple(ChunkedTensor(t.name, t.dtype, t.shape, t.pieces) if t.pieces
+                            else whole(t.name, t.dtype, t.shape, t.read, source.name)
                             for t in tensors),
         metadata, tuple(left_out), frozenset(inputs), separator)
 
@@ -176,6 +180,13 @@ def _from_spans(source: Path, raw: RawCheckpoint) -> _Plan:
     tensors, inputs = [], {source}
     for where, ref in raw.tensors:
         name = where if isinstance(where, str) else join(where, raw.separator)
+        if ref.chunks:
+            inputs.update(Path(c.span.path) for c in ref.chunks)
+            _check_readable(source, name, ref.dtype)
+            tensors.append(SourceTensor(name, ref.dtype, ref.shape,
+                                        lambda ref=ref: materialised(ref, name),
+                                        _pieces(ref)))
+            continue
         if ref.span is None:
             continue  # a meta tensor: no data anywhere; listed in left_out by _left_out
         inputs.add(Path(ref.span.path))
@@ -190,6 +201,14 @@ def _from_spans(source: Path, raw: RawCheckpoint) -> _Plan:
     if raw.format == "torch-zip":
         metadata.update(_torch_metadata(source, raw.details.get("zip_prefix", "")))
     return tensors, metadata, _left_out(raw.tree, raw.separator), inputs, raw.separator
+
+
+def _pieces(ref: TensorRef) -> tuple[Piece, ...]:
+    """A chunked tensor's chunks, each read straight from its raw bytes where they are stored
+    so, else decoded by the format's chunk reader."""
+    from ckptkit.formats import dcp_chunks
+
+    return tuple(dcp_chunks.piece(chunk, ref.dtype) for chunk in ref.chunks)
 
 
 def _from_bundle(source: Path, name: str) -> _Plan:
