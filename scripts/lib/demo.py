@@ -277,6 +277,11 @@ def steps(demo: Demo) -> None:
                "step_200/__1_0.distcp", lambda: _truncated_copy(
                    SAMPLES / "fsdp_step_200", work / "step_200", "__1_0.distcp", 70000))
     demo.run("verify-dcp-broken", "verify", "step_200", ok=(3,))
+    demo.say("Consolidated into one safetensors file, one global tensor at a time (still no "
+             "torch); diff then finds every tensor of the step unchanged in it")
+    demo.run("convert-dcp", "convert", f"{samples}/fsdp_step_200", "--to", "safetensors", "-o",
+             "step_200.safetensors")
+    demo.run("diff-dcp", "diff", f"{samples}/fsdp_step_200", "step_200.safetensors")
     demo.run("inspect-hf-sharded", "inspect", f"{samples}/hf_sharded", "--tensors")
 
     demo.say("Inspect any format without its framework")

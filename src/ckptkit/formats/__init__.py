@@ -14,6 +14,15 @@
     single-file checks of :mod:`ckptkit.formats.completeness`.  ``hashes`` re-hashes files
     whose sha256 is known.
 
+Sharded and distributed formats (Hugging Face shards, PyTorch DCP, Orbax) add a verb:
+
+``verify(path, *, hashes=False) -> list[Problem]``
+    What is wrong with the checkpoint (:class:`ckptkit.model.Problem`); ``ckpt verify``,
+    ``ckpt latest`` and ``ckpt cleanup`` use it.
+
+A tensor stored in chunks is gathered one global tensor at a time by
+:func:`ckptkit.formats.chunked.assemble`.
+
 Modules are imported lazily so that sniffing one format never imports another format's
 dependencies.
 """

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ckptkit.errors import IntegrityError, UsageError
-from ckptkit.formats import tensor_io
+from ckptkit.formats import chunked, tensor_io
+from ckptkit.formats.chunked import ChunkedTensor, Piece
 from ckptkit.model import ByteSpan, Chunk, TensorRef
 from ckptkit.storage import budget
 from ckptkit.storage.location import locate
@@ -44,7 +45,37 @@ def read_chunk(chunk: Chunk, dtype: str) -> np.ndarray:
                          "neither a torch.save file nor in a safetensors blob", path=span.path)
 
 
+def raw_span(chunk: Chunk, dtype: str) -> ByteSpan | None:
+    """The byte range holding the chunk's elements raw, little-endian and in C order: inside
+    its ``torch.save`` item (a stored, uncompressed zip record) or its safetensors blob.  None
+    when only decoding can read it (stream transforms, a view into a larger storage), and then
+    :func:`read_chunk` does.  What lets a consolidation read each chunk straight into its place
+    in the global tensor, without holding the chunk twice."""
+    from ckptkit.formats.chunks import is_contiguous, tensor_range
+
+    span = chunk.span
+    if chunk.transforms:
+        return None
+    head = locate(span.path).read(span.offset, 9)
+    if head[:4] == b"PK\x03\x04":
+        inner = _torch_save_ref(chunk, dtype)
+    elif head[8:9] == b"{":
+        inner = _safetensors_chunk(chunk, dtype, int.from_bytes(head[:8], "little"))
+    else:
+        return None
+    if inner.span is None or inner.span.member is not None or not is_contiguous(inner):
+        return None
+    start, length = tensor_range(inner)
+    if start + length > inner.span.length:
+        return None  # a view reaching outside its storage: read_chunk names the damage
+    return ByteSpan(inner.span.path, inner.span.offset + start, length)
+
+
 def _torch_save_chunk(chunk: Chunk, dtype: str) -> np.ndarray:
+    return tensor_io.read_tensor(_torch_save_ref(chunk, dtype))
+
+
+def _torch_save_ref(chunk: Chunk, dtype: str) -> TensorRef:
     from ckptkit.formats.torch_zip import TorchArchive
 
     span = chunk.span
@@ -60,7 +91,7 @@ def _torch_save_chunk(chunk: Chunk, dtype: str) -> np.ndarray:
         raise IntegrityError(f"{span.path}: the chunk of {chunk.name!r} at byte {span.offset} "
                              f"holds {got}, .metadata says {dtype}{list(chunk.sizes)}",
                              path=span.path)
-    return tensor_io.read_tensor(inner)
+    return inner
 
 
 def _safetensors_chunk(chunk: Chunk, dtype: str, length: int) -> TensorRef:
@@ -95,17 +126,25 @@ def _safetensors_chunk(chunk: Chunk, dtype: str, length: int) -> TensorRef:
     return TensorRef(dtype, shape, ByteSpan(span.path, start + length + begin, end - begin))
 
 
+def piece(chunk: Chunk, dtype: str) -> Piece:
+    """``chunk`` ready to read: by its raw byte range when it has one (:func:`raw_span`), else
+    through :func:`read_chunk`."""
+    span = raw_span(chunk, dtype)
+    if span is not None:
+        return Piece(chunk.offsets, chunk.sizes, span=span, file=chunk.file)
+    return Piece(chunk.offsets, chunk.sizes, read=lambda: read_chunk(chunk, dtype),
+                 file=chunk.file)
+
+
 def assemble(ref: TensorRef) -> np.ndarray:
-    """The global tensor of ``ref``, its chunks read one at a time into one array."""
+    """The global tensor of ``ref``, its chunks read one at a time straight into their place
+    where they are stored raw (:func:`ckptkit.formats.chunked.assemble`), else decoded."""
     problem = tiling_problem(_name(ref), ref.shape, ref.chunks)
-    if problem:  # np.empty below: every element must come from exactly one chunk
+    if problem:  # every element must come from exactly one chunk
         where = ref.chunks[0].span.path if ref.chunks else "DCP checkpoint"
         raise IntegrityError(f"{where}: {problem}", hint="`ckpt verify` lists every problem")
-    out = np.empty(ref.shape, dtype=tensor_io.numpy_dtype(ref.dtype))
-    for chunk in ref.chunks:
-        window = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))
-        out[window] = read_chunk(chunk, ref.dtype)
-    return out
+    pieces = tuple(piece(chunk, ref.dtype) for chunk in ref.chunks)
+    return chunked.assemble(ChunkedTensor(_name(ref), ref.dtype, ref.shape, pieces))
 
 
 def _name(ref: TensorRef) -> str:
