@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import shutil
 import sys
 import types
@@ -369,19 +370,136 @@ def orbax_step() -> None:
         "Checkpoint commit was successful to orbax_step_3")
 
 
+def jax_params_pickle() -> None:
+    """A JAX project's ``params.pkl``: ``pickle.dump(jax.device_get(state))`` of Flax params
+    (numpy arrays in nested dicts), the step and the Adam moments, as training scripts do."""
+    import flax.linen as nn
+    import jax
+    import optax
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="head")(nn.relu(nn.Dense(8, name="hidden")(x)))
+
+    params = MLP().init(jax.random.PRNGKey(1), np.zeros((1, 4), np.float32))["params"]
+    opt_state = optax.adam(1e-3).init(params)
+    state = jax.device_get({"params": params, "opt_state": {"mu": opt_state[0].mu,
+                                                            "nu": opt_state[0].nu},
+                            "step": 1500, "config": {"lr": 1e-3, "hidden": 8}})
+    with open(OUT / "params.pkl", "wb") as fh:
+        pickle.dump(state, fh, protocol=4)
+
+
+def npy_array() -> None:
+    """``np.save`` of an embedding table."""
+    rng = np.random.default_rng(3)
+    np.save(OUT / "embeddings.npy", rng.standard_normal((16, 8)).astype(np.float32))
+
+
+def joblib_file() -> None:
+    """A linear probe head saved with ``joblib.dump(..., compress=3)`` (zlib)."""
+    import joblib
+
+    rng = np.random.default_rng(4)
+    joblib.dump({"coef": rng.standard_normal((3, 8)).astype(np.float32),
+                 "intercept": np.zeros(3, np.float32), "classes": np.arange(3, dtype=np.int64),
+                 "n_iter": 25}, OUT / "probe_head.joblib", compress=3)
+
+
+def hf_sharded() -> None:
+    """A Hugging Face sharded checkpoint: huggingface_hub's own shards and index, mixed dtypes
+    (bfloat16, float8 included)."""
+    import torch
+    from huggingface_hub import save_torch_state_dict
+
+    g = torch.Generator().manual_seed(6)
+    state = {"embed_tokens.weight": torch.randn(64, 16, generator=g),
+             "layers.0.attn.weight": torch.randn(16, 16, generator=g).bfloat16(),
+             "layers.0.mlp.weight": torch.randn(32, 16, generator=g).half(),
+             "layers.1.attn.weight": torch.randn(16, 16, generator=g).to(torch.float8_e4m3fn),
+             "layers.1.mlp.weight": torch.randn(32, 16, generator=g).half(),
+             "norm.weight": torch.ones(16)}
+    out = OUT / "hf_sharded"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    save_torch_state_dict(state, out, max_shard_size=2048)
+    for shard in out.iterdir():
+        shard.chmod(0o644)  # written through a private temporary file
+
+
+def dcp_fsdp() -> None:
+    """A PyTorch DCP checkpoint written by a real 2-rank FSDP2 job (gloo on 127.0.0.1): each
+    rank saves its half of every parameter and of the AdamW state, plus the step."""
+    import socket
+    import subprocess
+
+    out = OUT / "fsdp_step_200"
+    shutil.rmtree(out, ignore_errors=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, __file__, "--fsdp-rank", str(out)],
+        env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+             "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"})
+        for rank in range(2)]
+    if any(p.wait(timeout=300) for p in procs):
+        raise SystemExit("the FSDP job failed")
+    for item in out.iterdir():
+        item.chmod(0o644)
+
+
+def _fsdp_rank(out: Path) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32),
+                          nn.Linear(32, 64, bias=False))
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    for _ in range(2):
+        ids = torch.randint(0, 64, (2, 5))
+        loss = model(ids).logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    os.chdir(out.parent)  # .metadata records the checkpoint id: keep this machine's path out
+    dcp.save({"model": model_sd, "optim": optim_sd, "step": 200}, checkpoint_id=out.name)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 MAKERS = {f.__name__: f for f in (
     thinker, jukebox_prior, jukebox_shared, redimnet_epoch, scripted, safetensors_file,
     musiq_npz, saved_model_and_tf_checkpoint, flax_msgpack, gguf_tiny_llama, onnx_mlp,
-    keras_models, orbax_step)}
+    keras_models, orbax_step, jax_params_pickle, npy_array, joblib_file, hf_sharded, dcp_fsdp)}
 
 
 def main() -> None:
+    """Write every sample, or only those named on the command line (``npy_array ...``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"samples to regenerate (default: all): {', '.join(MAKERS)}")
     parser.add_argument("--only", nargs="+", choices=sorted(MAKERS), metavar="NAME",
                         help="the same as naming them")
+    parser.add_argument("--fsdp-rank", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fsdp_rank:  # one rank of dcp_fsdp's job
+        _fsdp_rank(args.fsdp_rank)
+        return
     names = args.names or args.only or list(MAKERS)
     unknown = sorted(set(names) - set(MAKERS))
     if unknown:

@@ -91,3 +91,40 @@ def run_ckpt_without(blocked: tuple[str, ...], *args: str,
     return subprocess.run([sys.executable, "-c", _BLOCKED_CKPT, ",".join(blocked), *args],
                           capture_output=True, text=True, cwd=cwd, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(SRC)})
+
+
+# Sharded and distributed checkpoints written by the real libraries, once per session (the
+# 2-process FSDP job takes seconds); tests copy one before breaking it.
+
+@pytest.fixture(scope="session")
+def hf_safetensors_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("huggingface_hub")
+    from tests.distributed_checkpoints import hf_sharded
+
+    return hf_sharded(tmp_path_factory.mktemp("hf") / "safetensors")
+
+
+@pytest.fixture(scope="session")
+def hf_bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("huggingface_hub")
+    from tests.distributed_checkpoints import hf_sharded
+
+    return hf_sharded(tmp_path_factory.mktemp("hf") / "bin", safe=False)
+
+
+@pytest.fixture(scope="session")
+def dcp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    from tests.distributed_checkpoints import dcp_single
+
+    return dcp_single(tmp_path_factory.mktemp("dcp") / "step-210")
+
+
+@pytest.fixture(scope="session")
+def fsdp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    from tests.distributed_checkpoints import dcp_fsdp
+
+    return dcp_fsdp(tmp_path_factory.mktemp("fsdp") / "step-2")

@@ -102,6 +102,9 @@ SEEDS: tuple[Seed, ...] = (
     Seed("orbax-manifest", "orbax", "orbax_step_3", "manifest.ocdbt"),
     Seed("orbax-node", "orbax", "orbax_step_3", "d/6b50e57efa39c57015b5e3106da316f9"),
     Seed("orbax-metadata", "orbax", "orbax_step_3", "_METADATA"),
+    Seed("pickle", "pickle", "params.pkl"),
+    Seed("joblib", "pickle", "probe_head.joblib"),
+    Seed("npy", "npy", "embeddings.npy"),
 )
 SEED_BY_NAME = {s.name: s for s in SEEDS}
 

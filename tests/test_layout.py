@@ -155,6 +155,7 @@ READERS = sorted(m for m in MODULES if m.startswith(("ckptkit.formats", "ckptkit
 NOT_A_CHECKPOINT = {
     ("ckptkit.pickles.pickle_globals", "read_text"): "the allowlist shipped in ckptkit/data",
     ("ckptkit.scan.checkpoint_dirs", "zipfile.ZipFile"): "a window over a Location's open file",
+    ("ckptkit.formats.ziparchive", "zipfile.ZipFile"): "a window over a Location's open file",
     ("ckptkit.formats.gguf_header", "read_text"): "the GGML type table shipped in ckptkit/data",
     ("ckptkit.formats.keras_config", "read_text"): "the safe-mode rules shipped in ckptkit/data",
 }

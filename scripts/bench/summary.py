@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import DOC, ROOT
 
-AREAS = ("inspect", "fetch", "convert", "lifecycle", "scan", "adversarial")
+AREAS = ("inspect", "fetch", "convert", "sharded", "lifecycle", "scan", "adversarial")
 #: What a ratio above 1 means, per measure.
 BETTER = {"wall time": "faster", "peak RSS": "less memory", "throughput": "more throughput"}
 PACKAGES = ("torch", "tensorflow", "numpy", "safetensors")

@@ -268,6 +268,22 @@ def steps(demo: Demo) -> None:
     # A generous --timeout: the answer must not depend on how loaded the machine is.
     demo.run("doctor", "doctor", "musiq-spaq", "--timeout", "60", ok=(1,))
 
+    demo.say("A training step saved by a 2-rank FSDP2 job with torch.distributed.checkpoint: "
+             "one checkpoint, each tensor in two chunks, read without torch")
+    demo.run("inspect-dcp", "inspect", f"{samples}/fsdp_step_200", "--filter", "model.*")
+    demo.run("verify-dcp", "verify", f"{samples}/fsdp_step_200")
+    demo.say("A copy whose rank-1 file was cut short: verify names each chunk it lost (exit 3)")
+    demo.shell("dcp-truncate", f"cp -r {samples}/fsdp_step_200 step_200 && truncate -s 70000 "
+               "step_200/__1_0.distcp", lambda: _truncated_copy(
+                   SAMPLES / "fsdp_step_200", work / "step_200", "__1_0.distcp", 70000))
+    demo.run("verify-dcp-broken", "verify", "step_200", ok=(3,))
+    demo.say("Consolidated into one safetensors file, one global tensor at a time (still no "
+             "torch); diff then finds every tensor of the step unchanged in it")
+    demo.run("convert-dcp", "convert", f"{samples}/fsdp_step_200", "--to", "safetensors", "-o",
+             "step_200.safetensors")
+    demo.run("diff-dcp", "diff", f"{samples}/fsdp_step_200", "step_200.safetensors")
+    demo.run("inspect-hf-sharded", "inspect", f"{samples}/hf_sharded", "--tensors")
+
     demo.say("Inspect any format without its framework")
     demo.run("inspect", "inspect", f"{samples}/thinker_step_200.pt")
     for name, extra in (("redimnet_epoch_3.pt", ("--depth", "1")),
@@ -275,7 +291,8 @@ def steps(demo: Demo) -> None:
                         ("tf_ckpt/ckpt-1.index", ("--depth", "2")),
                         ("encoder_scripted.pt", ("--depth", "1")),
                         ("model.safetensors", ("--filter", "encoder.*")),
-                        ("flax_params.msgpack", ("--depth", "2"))):
+                        ("flax_params.msgpack", ("--depth", "2")),
+                        ("probe_head.joblib", ()), ("embeddings.npy", ())):
         demo.run(None, "inspect", f"{samples}/{name}", *extra)
     demo.say("And the formats passed around besides checkpoints: a GGUF for llama.cpp (its "
              "chat template escaped), an ONNX model with external weights, a Keras archive")
@@ -283,6 +300,8 @@ def steps(demo: Demo) -> None:
     demo.run("inspect-onnx", "inspect", f"{samples}/onnx_mlp/mlp.onnx")
     # Not shown in the docs: without h5py (the core install) the weights are not listed.
     demo.run(None, "inspect", f"{samples}/keras_mlp.keras")
+    # A JAX project's params.pkl: a plain pickle, read without unpickling it.
+    demo.run("inspect-params-pkl", "inspect", f"{samples}/params.pkl", "--depth", "3")
     _hugging_face(demo)
 
     demo.say("What the demo wrote (kept with --keep DIR; transcript.md is written last)")
@@ -300,6 +319,12 @@ def _hugging_face(demo: Demo) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.steps(demo, SAMPLES)
+
+
+def _truncated_copy(source: Path, target: Path, name: str, size: int) -> None:
+    shutil.copytree(source, target)
+    with open(target / name, "r+b") as fh:
+        fh.truncate(size)
 
 
 def _remove(folder: Path, *names: str) -> None:

@@ -16,7 +16,7 @@ __all__ = [
     "CheckpointInfo", "CkptkitError", "DiskFullError", "ExitCode", "FormatError",
     "IntegrityError", "MissingDependencyError", "NotFoundError", "UnsafeContentError",
     "UsageError",
-    "__version__", "inspect", "latest", "load", "resume", "save",
+    "__version__", "inspect", "latest", "load", "resume", "save", "verify",
 ]
 
 if TYPE_CHECKING:
@@ -26,10 +26,12 @@ if TYPE_CHECKING:
     from ckptkit.runs.resuming import resume
     from ckptkit.runs.saving import latest, save
     from ckptkit.summary import CheckpointInfo
+    from ckptkit.verification import verify
 
 _LAZY = {"inspect": "ckptkit.inspection", "load": "ckptkit.loading",
          "CheckpointInfo": "ckptkit.summary", "resume": "ckptkit.runs.resuming",
-         "save": "ckptkit.runs.saving", "latest": "ckptkit.runs.saving"}
+         "save": "ckptkit.runs.saving", "latest": "ckptkit.runs.saving",
+         "verify": "ckptkit.verification"}
 
 
 def _package_version() -> str:

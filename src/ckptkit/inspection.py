@@ -16,7 +16,9 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
     never imports or calls anything the file names; tensor bytes are never read.
 
     Args:
-        path: a checkpoint file, a SavedModel directory, or a TF checkpoint prefix/directory.
+        path: a checkpoint file, a SavedModel directory, a TF checkpoint prefix/directory, a
+            sharded Hugging Face checkpoint (its directory or ``*.index.json``) or a PyTorch
+            DCP directory.
 
     Returns:
         The checkpoint's :class:`CheckpointInfo` (``.to_dict()`` is ``ckpt inspect --json``).
@@ -34,7 +36,10 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
     target = locate(path)  # one location for sniffing and reading: its first read is shared
     with naming(target):
         raw = formats.detect(target).read_info(target)
-    return summarise(raw, str(target), _size(target))
+    size = _size(target)
+    if raw.format == "hf-sharded" and target.is_file():  # the index file names the checkpoint
+        size += sum(int(s.get("size") or 0) for s in raw.details.get("shards", ()))
+    return summarise(raw, str(target), size)
 
 
 def _size(path: Location) -> int:

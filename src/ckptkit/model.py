@@ -16,7 +16,7 @@ from typing import Any, Literal
 FormatName = Literal[
     "torch-zip", "torch-legacy", "torchscript", "npz", "safetensors",
     "savedmodel", "tf-checkpoint", "flax-msgpack", "gguf", "onnx", "keras", "keras-h5",
-    "orbax", "deepspeed",
+    "orbax", "deepspeed", "pickle", "npy", "hf-sharded", "torch-dcp",
 ]
 
 #: Bytes per element for every dtype ckptkit names (numpy spelling).
@@ -112,12 +112,37 @@ def checked_shape(dims: Any, what: str, dtype: str | None = None) -> tuple[int, 
 
 @dataclass(frozen=True)
 class ByteSpan:
-    """Where a tensor's bytes live: a byte range of a file, or of a member inside a zip."""
+    """Where a tensor's bytes live: a byte range of a file, of a member inside a zip, or of
+    the stream a compressed file (joblib's zlib, gzip, ...) inflates to (``compression``
+    names the codec; ``offset`` then counts inflated bytes)."""
 
     path: str
     offset: int
     length: int
     member: str | None = None
+    compression: str | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a tensor split across files (a DCP chunk written by one rank).
+
+    ``offsets`` and ``sizes`` place the piece in the global tensor (elements per dimension);
+    ``span`` is the stored item (a whole ``torch.save`` file, or the raw elements);
+    ``transforms`` the stream transforms DCP applied to it (``stream.zstd/1``...), outermost
+    first, empty when stored as is; ``name`` the key it is stored under (DCP's flattened name).
+    """
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    span: ByteSpan
+    transforms: tuple[str, ...] = ()
+    name: str = ""
+
+    @property
+    def file(self) -> str:
+        """The name of the file holding the chunk (``__1_0.distcp``)."""
+        return self.span.path.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -126,6 +151,10 @@ class TensorRef:
 
     ``stride`` and ``element_offset`` are in elements (PyTorch semantics); ``None`` stride means
     C-contiguous.  ``storage_key`` names the storage shared by views of one buffer.
+
+    Tensors of multi-file checkpoints say where they live: ``file`` is the shard holding the
+    tensor, relative to the checkpoint (``model-00002-of-00005.safetensors``); a tensor stored
+    in pieces has no ``span`` but ``chunks`` (see :class:`Chunk`), which tile its shape.
     """
 
     dtype: str
@@ -136,6 +165,8 @@ class TensorRef:
     storage_key: str | None = None
     device: str | None = None
     fortran_order: bool = False
+    file: str | None = None
+    chunks: tuple[Chunk, ...] = ()
 
     @property
     def numel(self) -> int:

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ckptkit.model import Opaque, RawCheckpoint, Signature, TensorRef
+from ckptkit.model import Chunk, Opaque, RawCheckpoint, Signature, TensorRef
 from ckptkit.tree import is_scalar, join
 
 OPTIMIZER_KEYS = ("optimizer", "opt", "optim", "optimizer_state", "optimizer_state_dict",
@@ -47,10 +47,23 @@ class OptimizerSummary:
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor; ``file`` and ``chunks`` say where it lives in a multi-file checkpoint
+    (``chunks``: ``{"offsets", "sizes", "file", "offset", "length"}`` per stored piece)."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    file: str | None = None
+    chunks: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.file is not None:
+            out["file"] = self.file
+        if self.chunks:
+            out["chunks"] = [dict(c) for c in self.chunks]
+        return out
 
 
 @dataclass(frozen=True)
@@ -94,8 +107,7 @@ class CheckpointInfo:
             "param_count": self.param_count, "tensor_bytes": self.tensor_bytes,
             "groups": [asdict(g) for g in self.groups],
             "metadata": {k: _jsonable(v) for k, v in self.metadata.items()},
-            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
-                        for t in self.tensors],
+            "tensors": [t.to_dict() for t in self.tensors],
             "objects": list(self.objects), "unsafe": list(self.unsafe),
             "optimizer": asdict(self.optimizer) if self.optimizer else None,
             "scheduler": self.scheduler, "scaler": self.scaler, "opaque": self.opaque,
@@ -154,7 +166,8 @@ def summarise(raw: RawCheckpoint, path: str, size_bytes: int) -> CheckpointInfo:
     for where, ref in raw.tensors:
         parts = tuple(where.split(raw.separator)) if isinstance(where, str) else tuple(where)
         name = where if isinstance(where, str) else join(parts, raw.separator)
-        tensors.append(TensorInfo(name, ref.dtype, ref.shape, ref.nbytes))
+        tensors.append(TensorInfo(name, ref.dtype, ref.shape, ref.nbytes, ref.file,
+                                  tuple(_chunk(c) for c in ref.chunks)))
         parts = _without_tf_suffix(parts)
         group = str(parts[0]) if len(parts) > 1 else ""
         stats = group_stats.setdefault(group, [0, 0, 0])
@@ -183,6 +196,15 @@ def summarise(raw: RawCheckpoint, path: str, size_bytes: int) -> CheckpointInfo:
                 for k, v in root.items()
                 if isinstance(v, Opaque) and not v.qualname.startswith("__torch__")},
         tree=raw.tree)
+
+
+def _chunk(chunk: Chunk) -> dict[str, Any]:
+    out: dict[str, Any] = {"offsets": list(chunk.offsets), "sizes": list(chunk.sizes),
+                           "file": chunk.file, "offset": chunk.span.offset,
+                           "length": chunk.span.length}
+    if chunk.transforms:
+        out["transforms"] = list(chunk.transforms)
+    return out
 
 
 def plain_state(obj: Opaque) -> Any:

@@ -341,6 +341,14 @@ REGRESSIONS: list[tuple[str, tuple[tuple[Any, ...], ...], str]] = [
     ("torch-legacy", (("truncate", 0), ("insert", 0, "savedmodel-index", 0, 245)), "none: "
      "a TF index under another name is read as one; its missing shard is named (kept as the "
      "case that showed errors may name a file beside the damaged one)"),
+    ("pickle", (("delete", 162, 1),),
+     "frames that loaders read differently: the re-read asked a buffered file for 64 MiB"),
+    ("pickle", (("duplicate", 236, 3),),
+     "the same re-read in the torch-legacy reader given a plain pickle: 64 MiB"),
+    ("pickle", (("duplicate", 160, 2),),
+     "an array of a dtype no reader names: 'dtype unknown cannot be read', no file named"),
+    ("joblib", (("duplicate", 0, 2),),
+     "a zlib error between two pickles escaped as UnpicklingError: 'internal error'"),
 ]
 
 

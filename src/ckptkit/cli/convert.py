@@ -18,6 +18,8 @@ EXAMPLES = (
     "ckpt convert outdoor_ds.ckpt --recipe loftr --target ifvit.json --layers 0-3 --to flax",
     "ckpt convert model.flax.npz --to torch -o model.pt",
     "ckpt convert thinker_step_200.pt --to safetensors",
+    "ckpt convert big.safetensors --to safetensors --max-shard-size 500MB -o big-sharded",
+    "ckpt convert model.safetensors --to dcp -o model.dcp",
 )
 #: Shown per list in the human report; --json always has everything.
 SHOWN = 5
@@ -26,11 +28,15 @@ SHOWN = 5
 @command("convert", EXAMPLES)
 @click.argument("src")
 @click.option("--to", "to", required=True,
-              type=click.Choice(["flax", "npz", "safetensors", "torch"]),
+              type=click.Choice(["flax", "npz", "safetensors", "torch", "dcp"]),
               help="Output: flax (.npz with / keys; .msgpack if -o ends so), npz, safetensors, "
-                   "torch.")
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path, dir_okay=False),
-              help="Output file [default: ./<stem>[.<prefix>]<ext>].")
+                   "torch, dcp (a PyTorch Distributed Checkpoint directory).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
+              help="Output file, or directory for dcp and --max-shard-size "
+                   "[default: ./<stem>[.<prefix>]<ext>].")
+@click.option("--max-shard-size", metavar="SIZE",
+              help="Write Hugging Face shards of at most SIZE (500MB, 5GB, 2GiB) plus "
+                   "model.safetensors.index.json into the output directory.")
 @click.option("--recipe", metavar="NAME|FILE",
               help="Built-in recipe (loftr) or a recipe .toml [default: the model's, else the "
                    "generic rules].")
@@ -46,15 +52,19 @@ SHOWN = 5
 @cache_options
 @output_options
 def convert_command(src: str, to: str, out: Path | None, recipe: str | None, prefix: str | None,
-                    target: Path | None, layers: str | None, allow_partial: bool, dry_run: bool,
+                    target: Path | None, layers: str | None, allow_partial: bool,
+                    max_shard_size: str | None, dry_run: bool,
                     offline: bool | None, mirror: str | None, local_dirs: tuple[Path, ...],
                     cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool,
                     quiet: bool) -> None:
-    """Convert checkpoint SRC (a file or a catalogue name) to another framework or format.
+    """Convert checkpoint SRC (a file, a sharded or distributed checkpoint, or a catalogue
+    name) to another framework or format; consolidate or reshard it.
 
     Renames and re-lays tensors by a recipe (default: generic PyTorch <-> Flax rules), streams
     them one at a time into an atomically written file, never over the input, and re-reads the
-    result.  Prints the coverage report: target params filled and unfilled, source tensors
+    result.  A sharded source (DCP, Orbax, Hugging Face shards) is consolidated one global
+    tensor at a time; --max-shard-size writes Hugging Face shards, --to dcp a DCP checkpoint.
+    Prints the coverage report: target params filled and unfilled, source tensors
     unused, shape mismatches (with --quiet only the file written).  Exits 1 on unfilled or
     mismatched target params (unless --allow-partial) or an empty result, 2 on bad options (a
     --prefix that matches nothing lists the prefixes that exist).
@@ -63,6 +73,9 @@ def convert_command(src: str, to: str, out: Path | None, recipe: str | None, pre
     from ckptkit.config import settings
     from ckptkit.convert.engine import convert
     from ckptkit.convert.plan import CoverageError
+    from ckptkit.formats.shard_writer import parse_size
+
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
 
     conf = settings(cache_dir=cache_dir, offline=offline, mirror=mirror, local_dirs=local_dirs,
                     catalogs=catalogs)
@@ -74,7 +87,8 @@ def convert_command(src: str, to: str, out: Path | None, recipe: str | None, pre
         if recipe is None and to == "flax":
             recipe = model_recipe  # a catalogue model's own recipe (loftr)
         report = convert(path, to, out, recipe=recipe, prefix=prefix, target=target,
-                         layers=layers, allow_partial=allow_partial, dry_run=dry_run)
+                         layers=layers, allow_partial=allow_partial,
+                         max_shard_size=shard_bytes, dry_run=dry_run)
     except CoverageError as exc:
         if exc.plan is not None:
             from ckptkit.convert.engine import ConversionReport
@@ -122,11 +136,15 @@ def report_text(report: dict[str, Any], *, dry_run: bool = False) -> str:
     if report.get("excluded"):
         lines.append(_label("Excluded", f"{render.count(report['excluded'])} source tensor(s) "
                                         "outside the selection"))
+    shards = report.get("shards")
     if report["output"] is not None:
+        what = f"{shards} shards + index, " if shards and shards > 1 else ""
         lines.append(_label("Output", f"{render.safe(report['output'])}  ({report['format']}, "
-                                      f"{render.size(report['bytes'])})"))
+                                      f"{what}{render.size(report['bytes'])})"))
     elif not dry_run:
         lines.append(_label("Output", "none"))
+    elif shards and shards > 1:
+        lines.append(_label("Shards", f"{shards} would be written, plus the index"))
     return "\n".join(lines)
 
 

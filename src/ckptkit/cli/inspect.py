@@ -17,6 +17,8 @@ EXAMPLES = (
     "ckpt inspect spaq_ckpt.npz --filter 'opt/target/Transformer/*' --tensors",
     "ckpt inspect saved_model_dir --json | jq .signatures",
     "ckpt inspect tiny_llama.gguf --json | jq '.details.metadata'",
+    "ckpt inspect step-1000/ --tensors   # a DCP directory: chunks per rank",
+    "ckpt inspect model.safetensors.index.json",
 )
 
 
@@ -36,8 +38,9 @@ def inspect_command(path: Path, as_json: bool, depth: int, pattern: str | None,
     PATH is a file or directory, or a catalogue name of a cached model (loftr, or
     MODEL/FILE for one file of a bundle, e.g. musiq-spaq/spaq_ckpt.npz).
 
-    Reads PyTorch (zip and legacy), TorchScript, .npz, safetensors, TensorFlow SavedModel and
-    checkpoints, Flax msgpack, GGUF, ONNX, Keras (.keras, .h5), Orbax step directories and
+    Reads PyTorch (zip and legacy), TorchScript, .npz, safetensors, sharded Hugging Face
+    checkpoints (directory or *.index.json), PyTorch DCP directories, TensorFlow SavedModel
+    and checkpoints, Flax msgpack, GGUF, ONNX, Keras (.keras, .h5), Orbax step directories and
     DeepSpeed ZeRO checkpoints.  Tensor bytes are never read.  Exits 5 when the file names
     dangerous callables (it still prints what it could read safely).
     """
@@ -93,6 +96,17 @@ def _human(info, depth: int, pattern: str | None, show_tensors: bool) -> str:
         "Tensors", f"{render.count(info.tensor_count)}  {render.count(info.param_count)} params  "
                    f"{render.size(info.tensor_bytes)}  dtypes "
                    + " ".join(f"{d}×{n}" for d, n in info.dtype_breakdown().items())))
+    shards = info.details.get("shards")
+    if isinstance(shards, list) and shards:
+        lines.append(render.label("Shards", _shard_summary(info, shards)))
+        lines.append(render.table(
+            [(render.safe(s["file"]), render.size(s.get("size") or 0),
+              f"{render.count(s.get('tensors', s.get('items', 0)))} "
+              f"{'tensors' if 'tensors' in s else 'items'}",
+              render.size(s.get("tensor_bytes", s.get("bytes", 0))))
+             for s in shards[:64]], right=(1, 2, 3)))
+        if len(shards) > 64:
+            lines.append(f"  … {len(shards) - 64} more shards (--json lists them all)")
     if info.groups:
         lines.append("Groups")
         lines.append(render.table(
@@ -122,9 +136,9 @@ def _human(info, depth: int, pattern: str | None, show_tensors: bool) -> str:
         chosen = info.filtered(pattern) if pattern else info.tensors
         lines.append(render.safe(f"Tensors matching {pattern!r}: {len(chosen)}") if pattern
                      else "Tensor list")
-        # Sharded formats say where each tensor lives (chunks, shards, device mesh).
+        # Sharded formats say where each tensor lives (shard, chunks, device mesh).
         placement = info.details.get("placement") or {}
-        lines.append(render.table([(t.name, t.dtype, _shape(t.shape))
+        lines.append(render.table([(t.name, t.dtype, _shape(t.shape), *_placement(t))
                                    + ((render.safe(placement.get(t.name, "")),) if placement
                                       else ()) for t in chosen]))
     for key, obj in info.opaque.items():
@@ -144,15 +158,38 @@ def _human(info, depth: int, pattern: str | None, show_tensors: bool) -> str:
     return "\n".join(lines)
 
 
+def _shard_summary(info, shards) -> str:
+    world = info.details.get("world_size")
+    text = f"{len(shards)} file(s)"
+    if world:
+        text += f", world size {world}"
+    if info.details.get("index"):
+        text += f", index {render.safe(info.details['index'])}"
+    return text
+
+
+def _placement(t) -> tuple[str, ...]:
+    """Where a tensor of a multi-file checkpoint lives: its shard, or its chunks."""
+    if len(t.chunks) > 1:
+        return (render.safe("  ".join(
+            f"{c['file']}@{list(c['offsets'])}" for c in t.chunks[:4])
+            + (f"  … {len(t.chunks) - 4} more" if len(t.chunks) > 4 else "")),)
+    if t.file is not None:
+        return (render.safe(t.file),)
+    return ()
+
+
 def _format_facts(info) -> str:
     d = info.details
     facts = []
-    for key in ("zip_prefix", "byteorder", "protocol_version", "storages", "pickles",
+    for key in ("zip_prefix", "container", "byteorder", "protocol_version", "storages", "pickles",
                 "header_bytes", "compressed", "code_files", "num_shards", "tags", "step", "layout",
                 "items", "files", "data_bytes", "zero_stage", "world_size"):
         if key in d and d[key] not in (None, "", []):
             if key == "data_bytes":
                 value = render.size(d[key])
+            elif key == "container":
+                value = render.safe(d[key])
             elif isinstance(d[key], (list, str)) and key in ("layout", "items"):
                 value = render.safe(", ".join(d[key]) if isinstance(d[key], list) else d[key])
             else:

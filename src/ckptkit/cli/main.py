@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("ckptkit.cli.doctor", "doctor_command"),
     "mirror": ("ckptkit.cli.mirror", "mirror_group"),
     "completion": ("ckptkit.cli.completion", "completion_command"),
+    "verify": ("ckptkit.cli.verify", "verify_command"),
 }
 
 

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ckptkit.storage import budget
+from ckptkit.convert.consolidate import TARGETS, Target, is_chunked
 from ckptkit.convert.plan import (ConversionPlan, LayerSpec, Mismatch, TargetSpec, Unused,
                                   plan_conversion, source_layout)
 from ckptkit.convert.recipes import Layout, Recipe, load_recipe
-from ckptkit.formats.writers import FORMATS, Fmt, WriteResult, sidecar_path, write
+from ckptkit.formats.writers import Fmt, WriteResult, sidecar_path, write
 from ckptkit.errors import IntegrityError, NotFoundError, UsageError, naming
 from ckptkit.model import RawCheckpoint
 from ckptkit.tree import is_scalar, join
@@ -31,10 +32,13 @@ if TYPE_CHECKING:
     from ckptkit.config import Settings
 
 #: Suffixes dropped from the input's name to build the default output name.
-_SUFFIXES = (".pth.tar", ".safetensors", ".msgpack", ".ckpt", ".pth", ".pt", ".bin", ".npz",
-             ".tar", ".flax", ".torch")
+_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".pth.tar", ".safetensors",
+             ".msgpack", ".ckpt", ".pth", ".pt", ".bin", ".npz", ".tar", ".flax", ".torch",
+             ".npy", ".pkl", ".pickle", ".joblib")
 _EXTENSIONS = {"flax": ".flax.npz", "npz": ".npz", "safetensors": ".safetensors",
-               "torch": ".torch.pt"}
+               "torch": ".torch.pt", "dcp": ".dcp"}
+#: The directory a --max-shard-size output gets by default: ``<stem>.shards/``.
+_SHARDS_EXTENSION = ".shards"
 #: The layout an output format implies; npz and safetensors hold either.
 _LAYOUT_OF: dict[str, Layout] = {"flax": "flax", "torch": "torch"}
 #: Training facts carried from the source's top level into the output's metadata.
@@ -68,6 +72,7 @@ class ConversionReport:
     tied: int = 0
     excluded: int = 0
     base: str = ""
+    shards: int | None = None
 
     @classmethod
     def from_plan(cls, plan: ConversionPlan, source: Path,
@@ -97,13 +102,14 @@ class ConversionReport:
             "unused": [{"name": u.name, "reason": u.reason} for u in self.unused],
             "mismatched": [{"source": m.source, "target": m.target, "shape": list(m.shape),
                             "target_shape": list(m.target_shape)} for m in self.mismatched],
-            "tied": self.tied, "excluded": self.excluded, "base": self.base}
+            "tied": self.tied, "excluded": self.excluded, "base": self.base,
+            "shards": self.shards}
 
 
-def convert(src: str | Path, to: Fmt, out: str | Path | None = None, *,
+def convert(src: str | Path, to: Target, out: str | Path | None = None, *,
             recipe: str | Path | Recipe | None = None, prefix: str | None = None,
             target: TargetSpec = None, layers: LayerSpec = None, allow_partial: bool = False,
-            dry_run: bool = False) -> ConversionReport:
+            max_shard_size: int | None = None, dry_run: bool = False) -> ConversionReport:
     """Convert the checkpoint file ``src`` to ``to``.
 
     With no recipe, prefix, target or layers, and no change of layout, this is a plain format
@@ -113,11 +119,18 @@ def convert(src: str | Path, to: Fmt, out: str | Path | None = None, *,
     is passed as ``recipe`` by the caller that resolved the name
     (:func:`ckptkit.hub.resolver.checkpoint_source`).
 
+    A sharded or distributed source (DCP, Orbax, Hugging Face shards), ``to="dcp"`` and
+    ``max_shard_size`` go through :mod:`ckptkit.convert.consolidate` instead: one global
+    tensor gathered at a time, names kept.
+
     Args:
-        src: a checkpoint path.
+        src: a checkpoint path (a file, or a sharded checkpoint's directory).
         to: ``flax`` (an ``.npz`` with ``/`` keys, or Flax msgpack when ``out`` ends with
-            ``.msgpack``), ``npz``, ``safetensors`` or ``torch``.
-        out: output file; default ``./<stem>[.<prefix>]<ext>`` (see docs/convert.md).
+            ``.msgpack``), ``npz``, ``safetensors``, ``torch`` or ``dcp`` (a directory).
+        out: output file (directory for ``dcp`` and shards); default
+            ``./<stem>[.<prefix>]<ext>`` (see docs/convert.md).
+        max_shard_size: write Hugging Face shards of at most this many bytes plus
+            ``model.safetensors.index.json`` into the directory ``out``.
         dry_run: plan and report only; nothing is written.
 
     Returns:
@@ -135,12 +148,23 @@ def convert(src: str | Path, to: Fmt, out: str | Path | None = None, *,
         >>> convert("outdoor_ds.ckpt", "flax", recipe="loftr").param_count  # doctest: +SKIP
         5251072
     """
-    if to not in FORMATS:
-        raise UsageError(f"--to {to!r} is not one of {', '.join(FORMATS)}",
-                         hint=f"Pass one of: {', '.join(FORMATS)}")
+    if to not in TARGETS:
+        raise UsageError(f"--to {to!r} is not one of {', '.join(TARGETS)}",
+                         hint=f"Pass one of: {', '.join(TARGETS)}")
     out = Path(out) if out is not None else None
     path = Path(src).expanduser()
     from ckptkit import formats
+
+    if to == "dcp" or max_shard_size is not None or is_chunked(path):
+        chosen_by = [flag for flag, value in (("--recipe", recipe), ("--prefix", prefix),
+                                              ("--target", target), ("--layers", layers))
+                     if value is not None]
+        if chosen_by:
+            raise UsageError(f"{chosen_by[0]} renames tensors of one file; it does not combine "
+                             "with consolidating or resharding",
+                             hint="Consolidate first (ckpt convert SRC --to safetensors), then "
+                                  f"convert that file with {chosen_by[0]}")
+        return _consolidated(path, to, out, max_shard_size, dry_run)
 
     with naming(path):
         raw = formats.detect(path).read_info(path)
@@ -165,7 +189,7 @@ def convert(src: str | Path, to: Fmt, out: str | Path | None = None, *,
     return ConversionReport.from_plan(plan, path, result)
 
 
-def default_output(src: Path, to: Fmt, tag: str | None = None,
+def default_output(src: Path, to: Target, tag: str | None = None,
                    directory: Path | None = None) -> Path:
     """``<dir>/<stem>[.<tag>]<ext>``: in the current directory, the input's name without its
     checkpoint suffixes, the selected prefix, and ``.flax.npz`` / ``.npz`` / ``.safetensors``
@@ -204,6 +228,34 @@ def refuse_overwrite(src: Path, out: Path) -> None:
     if same:
         raise UsageError(f"refusing to write the output over the input {src}",
                          hint="Choose another output with -o", path=str(out))
+
+
+def _consolidated(path: Path, to: Target, out: Path | None, max_shard_size: int | None,
+                  dry_run: bool) -> ConversionReport:
+    from ckptkit.convert.consolidate import plan_consolidation
+
+    if out is None:
+        if max_shard_size is not None:
+            out = default_output(path, to if to != "dcp" else "safetensors").with_suffix("")
+            out = out.with_name(out.name + _SHARDS_EXTENSION)
+        else:
+            out = default_output(path, to)
+        if out.exists():
+            raise UsageError(f"{out} already exists",
+                             hint=f"Pass -o {out.name} to replace it, or -o with another name",
+                             path=str(out))
+    target: Target = ("flax" if to == "flax" and out.suffix == ".msgpack" else
+                      "npz" if to == "flax" else to)
+    decided = plan_consolidation(path, target, out, max_shard_size=max_shard_size)
+    shards = len(decided.shards.files) if decided.shards is not None else None
+    count = len(decided.source.tensors)
+    if dry_run:
+        return ConversionReport(str(path), None, target, None, None, None, None, None, count,
+                                decided.param_count, 0, count, shards=shards)
+    result = decided.execute()
+    return ConversionReport(str(path), str(result.path), result.format, None, None, None, None,
+                            None, result.tensor_count, result.param_count, result.bytes,
+                            result.tensor_count, shards=shards)
 
 
 def _plain(path: Path, to: Fmt, out: Path | None, dry_run: bool) -> ConversionReport:

@@ -36,6 +36,7 @@ import numpy as np
 
 from ckptkit.storage import budget
 from ckptkit import formats
+from ckptkit.formats.chunked import ChunkedCheckpoint, ChunkedTensor, Piece, whole
 from ckptkit.formats.writers import Fmt, LayoutEntry, WriteResult, check_dtype, read_sidecar, write
 from ckptkit.formats.zip_writer import TORCH_METADATA_RECORD
 from ckptkit.errors import IntegrityError, UsageError
@@ -44,11 +45,13 @@ from ckptkit.summary import summarise
 from ckptkit.formats.tensor_io import materialised, numpy_dtype
 from ckptkit.tree import is_scalar, join
 
-#: Formats whose tensors are read by byte range from the file ckptkit parsed.
-_BY_SPAN = ("torch-zip", "torch-legacy", "torchscript", "npz", "safetensors")
 #: Formats whose reader gives each tensor's values itself (``tensor_reader``): GGUF
-#: dequantizes, ONNX decodes varint-coded data, Keras reads HDF5 through its child process.
-_BY_READER = ("gguf", "onnx", "keras", "keras-h5")
+#: dequantizes, ONNX decodes varint-coded data, Keras reads HDF5 through its child process,
+#: Orbax reads through TensorStore, DeepSpeed puts each parameter's ZeRO partitions together.
+_BY_READER = ("gguf", "onnx", "keras", "keras-h5", "orbax", "deepspeed")
+#: Formats whose tensors are read by byte range from the file ckptkit parsed.
+_BY_SPAN = ("torch-zip", "torch-legacy", "torchscript", "npz", "safetensors", "pickle", "npy",
+            "hf-sharded", "torch-dcp")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class SourceTensor:
     dtype: str
     shape: tuple[int, ...]
     read: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    #: for a tensor stored in chunks (DCP), each chunk ready to read into its place.
+    pieces: tuple[Piece, ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -106,19 +111,7 @@ def plan_format_conversion(src: str | os.PathLike[str], to: Fmt,
         NotFoundError, FormatError, IntegrityError: from reading ``src``.
     """
     source, target = Path(src), Path(out)
-    reader = formats.detect(source)
-    name = reader.FORMAT
-    if name in _BY_SPAN:
-        plan = _from_spans(source, reader.read_info(source))
-    elif name in ("tf-checkpoint", "savedmodel"):
-        plan = _from_bundle(source, name)
-    elif name == "flax-msgpack":
-        plan = _from_flax(source, reader.read_info(source))
-    elif name in _BY_READER:
-        plan = _from_reader(source, reader, reader.read_info(source))
-    else:  # pragma: no cover - every reader is covered above
-        raise UsageError(f"{source}: cannot convert {name} files")
-    tensors, metadata, left_out, inputs, separator = plan
+    name, (tensors, metadata, left_out, inputs, separator) = _read(source)
     _refuse_overwrite(source, target, inputs)
     if not tensors:
         raise UsageError(f"{source}: holds no tensors to convert; converting to 0 tensors is "
@@ -128,6 +121,32 @@ def plan_format_conversion(src: str | os.PathLike[str], to: Fmt,
         check_dtype(to, tensor.name, tensor.dtype)
     return FormatConversion(source, name, to, target, tuple(tensors), metadata,
                             tuple(left_out), separator)
+
+
+def _read(source: Path) -> tuple[str, _Plan]:
+    reader = formats.detect(source)
+    name = reader.FORMAT
+    if name in _BY_SPAN:
+        return name, _from_spans(source, reader.read_info(source))
+    if name in ("tf-checkpoint", "savedmodel"):
+        return name, _from_bundle(source, name)
+    if name == "flax-msgpack":
+        return name, _from_flax(source, reader.read_info(source))
+    if name in _BY_READER:
+        return name, _from_reader(source, reader, reader.read_info(source))
+    raise UsageError(f"{source}: cannot convert {name} files")  # pragma: no cover
+
+
+def chunked_source(src: str | os.PathLike[str]) -> ChunkedCheckpoint:
+    """A single-file checkpoint (any format above) as global tensors of one chunk each, read
+    the way :func:`plan_format_conversion` reads them; what the consolidation engine takes."""
+    source = Path(src)
+    name, (tensors, metadata, left_out, inputs, separator) = _read(source)
+    return ChunkedCheckpoint(
+        source, name, tuple(ChunkedTensor(t.name, t.dtype, t.shape, t.pieces) if t.pieces
+                            else whole(t.name, t.dtype, t.shape, t.read, source.name)
+                            for t in tensors),
+        metadata, tuple(left_out), frozenset(inputs), separator)
 
 
 def convert_format(src: str | os.PathLike[str], to: Fmt,
@@ -161,6 +180,13 @@ def _from_spans(source: Path, raw: RawCheckpoint) -> _Plan:
     tensors, inputs = [], {source}
     for where, ref in raw.tensors:
         name = where if isinstance(where, str) else join(where, raw.separator)
+        if ref.chunks:
+            inputs.update(Path(c.span.path) for c in ref.chunks)
+            _check_readable(source, name, ref.dtype)
+            tensors.append(SourceTensor(name, ref.dtype, ref.shape,
+                                        lambda ref=ref: materialised(ref, name),
+                                        _pieces(ref)))
+            continue
         if ref.span is None:
             continue  # a meta tensor: no data anywhere; listed in left_out by _left_out
         inputs.add(Path(ref.span.path))
@@ -175,6 +201,14 @@ def _from_spans(source: Path, raw: RawCheckpoint) -> _Plan:
     if raw.format == "torch-zip":
         metadata.update(_torch_metadata(source, raw.details.get("zip_prefix", "")))
     return tensors, metadata, _left_out(raw.tree, raw.separator), inputs, raw.separator
+
+
+def _pieces(ref: TensorRef) -> tuple[Piece, ...]:
+    """A chunked tensor's chunks, each read straight from its raw bytes where they are stored
+    so, else decoded by the format's chunk reader."""
+    from ckptkit.formats import dcp_chunks
+
+    return tuple(dcp_chunks.piece(chunk, ref.dtype) for chunk in ref.chunks)
 
 
 def _from_bundle(source: Path, name: str) -> _Plan:
@@ -245,7 +279,8 @@ def _from_reader(source: Path, reader: Any, raw: RawCheckpoint) -> _Plan:
                          "not converted", hint="Move the data beside the model",
                          path=str(source))
     tensors, inputs, left_out = [], {source}, []
-    for name, ref in raw.tensors:
+    for where, ref in raw.tensors:
+        name = where if isinstance(where, str) else join(where, raw.separator)
         if ref.dtype == "string":
             left_out.append(f"{name} (string tensor)")
             continue
@@ -256,7 +291,7 @@ def _from_reader(source: Path, reader: Any, raw: RawCheckpoint) -> _Plan:
         tensors.append(SourceTensor(name, dtype, ref.shape,
                                     lambda n=name, r=ref: array(n, r)))
     metadata = {k: v for k, v in _stringified(raw.details.get("metadata", {})).items()
-                if len(v) <= 4096} if raw.format == "gguf" else {}
+                if len(v) <= 4096} if raw.format in ("gguf", "deepspeed") else {}
     if raw.details.get("missing_extra"):
         from ckptkit.errors import MissingDependencyError
 
@@ -288,9 +323,9 @@ def _check_readable(source: Path, name: str, dtype: str) -> None:
 
 def _span_reader(ref: TensorRef, name: str, big_endian: bool) -> Callable[[], np.ndarray]:
     span = ref.span
-    if (span is None or span.member is not None or big_endian or not _contiguous(ref)
+    if (span is None or span.member is not None or span.compression is not None or big_endian or not _contiguous(ref)
             or numpy_dtype(ref.dtype).itemsize != itemsize(ref.dtype)):
-        # Views, deflated members and byte swaps: the general reader (reads the storage).
+        # Views, deflated members or streams and byte swaps: the general reader.
         return lambda: materialised(ref, name, big_endian=big_endian)
 
     def read() -> np.ndarray:

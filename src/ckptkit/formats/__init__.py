@@ -7,6 +7,21 @@
     Read structure and metadata without reading tensor bytes and without running code.
 ``load(path, framework, *, unsafe=False)``
     Load for real use (see :func:`ckptkit.load`).
+``verify(path, *, hashes=False) -> list[Problem]`` (optional)
+    Everything that makes the checkpoint incomplete, each :class:`~ckptkit.model.Problem`
+    naming its file; ``[]`` when complete.  Formats spread over several files implement it
+    (index against shards, chunks against files); without it, ``ckpt verify`` runs the
+    single-file checks of :mod:`ckptkit.formats.completeness`.  ``hashes`` re-hashes files
+    whose sha256 is known.
+
+Sharded and distributed formats (Hugging Face shards, PyTorch DCP, Orbax) add a verb:
+
+``verify(path, *, hashes=False) -> list[Problem]``
+    What is wrong with the checkpoint (:class:`ckptkit.model.Problem`); ``ckpt verify``,
+    ``ckpt latest`` and ``ckpt cleanup`` use it.
+
+A tensor stored in chunks is gathered one global tensor at a time by
+:func:`ckptkit.formats.chunked.assemble`.
 
 Modules are imported lazily so that sniffing one format never imports another format's
 dependencies.
@@ -25,15 +40,22 @@ from ckptkit.storage.location import Location, locate
 #: Detection order: the common PyTorch formats first, so that inspecting a .pt file imports
 #: no other reader.  Formats cannot be mistaken for each other in this order: torch-zip
 #: excludes TorchScript archives itself, npz members are all .npy, and the TensorFlow readers
-#: only claim directories, SSTable index files and their shards.
+#: only claim directories, SSTable index files and their shards.  Plain pickles come after
+#: torch-legacy, which claims the pickles that carry torch's magic number, and after
+#: safetensors, whose header length can start like a pickle; before Flax msgpack, whose
+#: sniff takes 0x80 (an empty map) for a map header, while 0x80 0x02-0x05 is a pickle.
 FORMAT_MODULES: tuple[tuple[str, str], ...] = (
     ("torch-zip", "ckptkit.formats.torch_zip"),
     ("torchscript", "ckptkit.formats.torchscript"),
     ("npz", "ckptkit.formats.npz"),
     ("torch-legacy", "ckptkit.formats.torch_legacy"),
     ("safetensors", "ckptkit.formats.safetensors"),
+    ("hf-sharded", "ckptkit.formats.hf_sharded"),
+    ("torch-dcp", "ckptkit.formats.torch_dcp"),
     ("savedmodel", "ckptkit.formats.savedmodel"),
     ("tf-checkpoint", "ckptkit.formats.tf_checkpoint"),
+    ("npy", "ckptkit.formats.npy"),
+    ("pickle", "ckptkit.formats.pickle_file"),
     ("flax-msgpack", "ckptkit.formats.flax_msgpack"),
     ("gguf", "ckptkit.formats.gguf"),
     ("onnx", "ckptkit.formats.onnx"),
@@ -45,10 +67,11 @@ FORMAT_MODULES: tuple[tuple[str, str], ...] = (
 
 _TF_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
 
-EXPECTED = ("a PyTorch checkpoint (zip or legacy), TorchScript archive, .npz, safetensors, "
-            "TensorFlow SavedModel directory or checkpoint (.index), Flax msgpack, GGUF, ONNX, "
-            "Keras (.keras, .h5), an Orbax step directory or a DeepSpeed ZeRO global_stepN "
-            "directory")
+EXPECTED = ("a PyTorch checkpoint (zip or legacy), TorchScript archive, .npz, .npy, "
+            "safetensors, a sharded Hugging Face checkpoint (*.index.json), a PyTorch DCP "
+            "directory (.metadata), TensorFlow SavedModel directory or checkpoint (.index), Flax "
+            "msgpack, a pickle/joblib file, GGUF, ONNX, Keras (.keras, .h5), an Orbax step "
+            "directory or a DeepSpeed ZeRO global_stepN directory")
 
 
 def module_for(name: str) -> ModuleType:

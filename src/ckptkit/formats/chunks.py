@@ -8,6 +8,7 @@ their peak memory does not grow with the tensor.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Iterator
 
 from ckptkit.storage import budget
@@ -34,6 +35,15 @@ def iter_bytes(span: ByteSpan, start: int = 0, length: int | None = None,
     if start < 0 or remaining < 0 or start + remaining > span.length:
         raise IntegrityError(f"{span.path}: byte range {start}+{remaining} is outside its "
                              f"storage of {span.length} bytes")
+    if span.compression is not None:
+        # A compressed stream (joblib): inflated up to the range, charged to the budget.
+        from ckptkit.pickles.pickle_streams import read_inflated
+
+        with budget.using(account) if account is not None else nullcontext():
+            data = read_inflated(span.path, span.offset + start, remaining)
+        for at in range(0, len(data), chunk):
+            yield data[at:at + chunk]
+        return
     if span.member is None:
         with locate(span.path).open() as fh:
             fh.seek(span.offset + start)

@@ -226,6 +226,19 @@ def _assemble(pieces: list[Piece], shape: tuple) -> Any:
     return np.concatenate(parts).reshape(shape) if parts else np.zeros(shape, np.float32)
 
 
+def tensor_reader(path: Path) -> Any:
+    """A function reading one consolidated fp32 parameter (or buffer) by name, as
+    :func:`load` gives it: what ``ckpt convert`` asks for, one tensor at a time."""
+    from ckptkit.formats.tensor_io import read_tensor
+
+    _states, pieces, shapes, *_ = _layout(path)
+
+    def read(name: str, ref: TensorRef) -> Any:
+        return _assemble(pieces[name], shapes[name]) if name in pieces else read_tensor(ref)
+
+    return read
+
+
 @metered
 def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
     """``numpy``: the consolidated fp32 state dict (``{name: array}``, names as DeepSpeed's

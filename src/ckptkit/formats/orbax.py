@@ -12,7 +12,7 @@ which names its steps (:func:`list_steps`) instead of picking one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,12 @@ from ckptkit.formats import ocdbt
 from ckptkit.formats.orbax_layout import (CHECKPOINT_METADATA, METADATA, STEP_NAME, Array,
                                           Item, Step, is_item, is_step, list_steps,
                                           read_item, read_json)
-from ckptkit.model import Problem, RawCheckpoint
+from ckptkit.model import Problem, RawCheckpoint, TensorRef
 from ckptkit.storage.budget import metered
 from ckptkit.storage.location import LocalLocation, Location, locate
 
 FORMAT = "orbax"
-__all__ = ["FORMAT", "Step", "iter_arrays", "list_steps", "load", "read_info", "sniff", "verify"]
+__all__ = ["FORMAT", "Step", "iter_arrays", "tensor_reader", "list_steps", "load", "read_info", "sniff", "verify"]
 
 
 def sniff(path: Path) -> bool:
@@ -218,6 +218,21 @@ def iter_arrays(path: str | Path) -> Iterator[tuple[str, Any]]:
         for array in item.arrays:
             name = "/".join(str(p) for p in (*_prefix(item, items, others), *array.path))
             yield name, _read(ts, item, array)
+
+
+def tensor_reader(path: str | Path) -> Callable[[str, TensorRef], Any]:
+    """A function reading one array by its name (as :func:`read_info` names it) through
+    TensorStore, in any order: what ``ckpt convert`` asks for, one tensor at a time.
+    TensorStore is needed only when it reads (extra ``orbax``)."""
+    items, others = _items(Path(path))
+    where = {"/".join(str(p) for p in (*_prefix(item, items, others), *array.path)):
+             (item, array) for item in items for array in item.arrays}
+
+    def read(name: str, ref: TensorRef) -> Any:
+        item, array = where[name]
+        return _read(_tensorstore(), item, array)
+
+    return read
 
 
 def _read(ts: Any, item: Item, array: Array) -> Any:

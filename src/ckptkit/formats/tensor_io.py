@@ -18,7 +18,7 @@ from ckptkit.storage import budget
 from ckptkit.errors import IntegrityError, MissingDependencyError
 from ckptkit.formats.ziparchive import ZIP_ERRORS, zip_of
 from ckptkit.storage.location import locate
-from ckptkit.model import TensorRef, itemsize
+from ckptkit.model import ByteSpan, TensorRef, itemsize
 
 _NATIVE = {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
            "float16", "float32", "float64", "complex64", "complex128"}
@@ -39,11 +39,19 @@ def numpy_dtype(name: str) -> np.dtype:
 
 def read_bytes(ref: TensorRef) -> bytes | memoryview:
     """The raw bytes of the tensor's whole span (a storage, for torch tensors)."""
-    span = ref.span
-    if span is None:
+    if ref.span is None:
         raise IntegrityError("tensor has no bytes in the file (meta tensor or inline value)",
                              hint="Leave that tensor out: there are no values to read")
-    if span.member is None:
+    return read_span(ref.span)
+
+
+def read_span(span: ByteSpan) -> bytes | memoryview:
+    """The bytes ``span`` names: in a file, a zip member or a compressed stream."""
+    if span.compression is not None:
+        from ckptkit.pickles.pickle_streams import read_inflated
+
+        data = read_inflated(span.path, span.offset, span.length)
+    elif span.member is None:
         loc = locate(span.path)
         # A read allocates all it is asked for before it reads: ask only for what the file
         # holds, so a damaged length costs nothing.
@@ -77,6 +85,10 @@ def read_tensor(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
 def tensor_view(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
     """``ref`` as a read-only view, in native byte order, of its storage's bytes (read whole
     from the file; swapped whole first for a big-endian file)."""
+    if ref.chunks:
+        view = _gathered(ref)
+        view.flags.writeable = False
+        return view
     dtype = numpy_dtype(ref.dtype)
     if big_endian:
         dtype = dtype.newbyteorder(">")
@@ -92,6 +104,14 @@ def tensor_view(ref: TensorRef, *, big_endian: bool = False) -> np.ndarray:
         raise IntegrityError(f"{_where(ref)}tensor of {count} elements overruns its storage "
                              f"of {flat.size}")
     return flat[start:start + count].reshape(ref.shape, order="F" if ref.fortran_order else "C")
+
+
+def _gathered(ref: TensorRef) -> np.ndarray:
+    from ckptkit.formats import tensor_hooks
+
+    if tensor_hooks.chunk_reader is None:
+        raise IntegrityError("tensor is stored in chunks and no reader for them is loaded")
+    return tensor_hooks.chunk_reader(ref)
 
 
 def expansion(ref: TensorRef) -> int:
@@ -129,9 +149,14 @@ def _strided(flat: np.ndarray, ref: TensorRef) -> np.ndarray:
         raise IntegrityError(f"{_where(ref)}tensor view (offset {ref.element_offset}, stride "
                              f"{ref.stride}) reaches outside its storage of {flat.size} elements")
     size = int(itemsize(ref.dtype))
-    return np.lib.stride_tricks.as_strided(
-        flat[ref.element_offset:], shape=ref.shape,
+    base = flat[ref.element_offset:]
+    # as_strided goes through the array interface, which cannot spell ml_dtypes' types
+    # (bfloat16, float8): stride over same-width integers and view the result back.
+    plain = ref.dtype in _NATIVE
+    strided = np.lib.stride_tricks.as_strided(
+        base if plain else base.view(f"u{size}"), shape=ref.shape,
         strides=tuple(st * size for st in stride), writeable=False)
+    return strided if plain else strided.view(flat.dtype)
 
 
 def _where(ref: TensorRef) -> str:

@@ -21,6 +21,16 @@ def import_torch() -> Any:
     return torch
 
 
+def to_torch(array: Any, dtype: str) -> Any:
+    """A numpy array as a torch tensor of ckptkit dtype ``dtype`` (bfloat16 and float8 go
+    through an integer view: numpy's ml_dtypes and torch share the bit layout)."""
+    torch = import_torch()
+    if dtype == "bfloat16" or dtype.startswith("float8"):
+        width = {1: "uint8", 2: "int16"}[array.dtype.itemsize]
+        return torch.from_numpy(array.view(width)).view(getattr(torch, dtype))
+    return torch.from_numpy(array)
+
+
 def refuse_unsafe(path: Path, raw: RawCheckpoint) -> None:
     if raw.safety.unsafe:
         raise UnsafeContentError(
@@ -32,7 +42,9 @@ def refuse_unsafe(path: Path, raw: RawCheckpoint) -> None:
 
 def load(path: Path, framework: str, *, unsafe: bool,
          reader: Callable[[Path], RawCheckpoint]) -> Any:
-    """Load a torch-format file: ``numpy`` never runs code, ``torch`` uses weights_only."""
+    """Load a torch-format file: ``numpy`` and ``torch`` never run code (torch tensors are
+    built from the restricted reader's tree, see :mod:`torch_build`); ``unsafe=True`` hands
+    the file to ``torch.load`` itself."""
     raw = reader(path)
     if framework == "numpy":
         big = raw.details.get("byteorder") == "big"
@@ -54,15 +66,22 @@ def load(path: Path, framework: str, *, unsafe: bool,
         with locate(path).open() as fh:
             return torch.jit.load(fh, map_location="cpu")
     loc = locate(path)
+    if not unsafe:
+        # Built from what the restricted reader parsed: torch allocates, never unpickles.
+        from ckptkit.formats.torch_build import TorchBuilder
+
+        builder = TorchBuilder(torch, path, big_endian=raw.details.get("byteorder") == "big",
+                               mmap=raw.format == "torch-zip" and isinstance(loc, LocalLocation))
+        return builder.build(raw.tree)
     try:
         if isinstance(loc, LocalLocation):  # mmap needs a file name, not a file object
-            return torch.load(loc.path, map_location="cpu", weights_only=not unsafe,
+            return torch.load(loc.path, map_location="cpu", weights_only=False,
                               mmap=raw.format == "torch-zip")
         with loc.open() as fh:
-            return torch.load(fh, map_location="cpu", weights_only=not unsafe)
+            return torch.load(fh, map_location="cpu", weights_only=False)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise FormatError(
-            f"{path}: torch.load(weights_only=True) refused it: {first}",
-            hint="The file holds custom classes; use framework='numpy' to read its tensors "
-                 "safely, or unsafe=True only if you trust the file", path=str(path)) from exc
+            f"{path}: torch.load could not read it: {first}",
+            hint="Use framework='numpy' to read its tensors with ckptkit's own reader",
+            path=str(path)) from exc

@@ -26,16 +26,26 @@ MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 
 
+#: The first pickle ``torch.save`` writes: the magic number as a 10-byte LONG1.
+MAGIC_OPERAND = b"\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
+#: How far into the file the magic number is looked for (a payload may sit before it).
+MAGIC_WINDOW = 64 << 10
+
+
 def sniff(path: Path | Location) -> bool:
-    # Any binary pickle stream is claimed, not only one whose first pickle is the magic number:
-    # torch.load runs whatever the first pickle says before it compares the magic, so a payload
-    # there must be read (and reported) here rather than waved off as an unknown format.
+    # A binary pickle stream that carries torch's magic number near its start, not only one
+    # whose first pickle is exactly it: torch.load runs whatever the first pickle says
+    # before it compares the magic, so a payload there is read (and reported) as part of a
+    # torch file.  Pickles without the magic are plain pickles (formats.pickle_file).
     path = locate(path)
     try:
+        # Two bytes first: most files are not pickles, and a remote file costs a request.
         head = path.read(0, 2)
+        if is_binary_pickle(head):
+            head = path.read(0, MAGIC_WINDOW)
     except (OSError, CkptkitError):
         return False
-    if not is_binary_pickle(head):
+    if not is_binary_pickle(head) or MAGIC_OPERAND not in head:
         return False
     return not _complete_safetensors(path)
 

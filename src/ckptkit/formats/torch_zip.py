@@ -66,27 +66,41 @@ def _looks_like_torch_zip_start(path: Location) -> bool:
 class TorchArchive:
     """An open torch zip: resolves storages to byte spans and interprets its pickles."""
 
-    def __init__(self, path: Path | Location, what: str = "PyTorch zip checkpoint"):
+    def __init__(self, path: Path | Location, what: str = "PyTorch zip checkpoint", *,
+                 window: tuple[int, int] | None = None):
+        """``window=(offset, length)``: the archive is that byte range of ``path`` (a DCP
+        item); spans still count from the start of ``path``."""
         self.path = path = locate(path)
-        self.size = path.size()
-        self.zip = ziparchive.open_zip(path, what, duplicates=True)
+        self.base = window[0] if window else 0
+        self._file = path.open()
+        self.fh: Any = self._file
+        if window:
+            self.fh = ziparchive.Window(self._file, *window)
+            self.size = window[1]
+        else:
+            self.size = path.size()
+        try:
+            self.zip = ziparchive.open_zip(path, what, duplicates=True,
+                                           window=self.fh if window else None)
+        except BaseException:
+            self._file.close()
+            raise
         self.names = self.zip.namelist()
         prefix = find_prefix(self.names)
         if prefix is None:
-            self.zip.close()
+            self.close()
             raise IntegrityError(
                 f"{path}: zip needs exactly one '<folder>/data.pkl' record",
                 hint="Two or more make loaders disagree on which one counts; do not load it",
                 path=str(path))
         self.prefix = prefix
         self.findings = Findings()
-        self.fh = path.open()
         self._spans: dict[tuple[str, str], ByteSpan] = {}
         self.referenced: set[str] = set()
         self.crc_mismatch: list[str] = []  # records torch.load reads although their CRC fails
 
     def close(self) -> None:
-        self.fh.close()
+        self._file.close()
         self.zip.close()
 
     def __enter__(self) -> TorchArchive:
@@ -137,8 +151,13 @@ class TorchArchive:
                 path=str(self.path))
         self.referenced.add(member)
         if info.compress_type == zipfile.ZIP_STORED:
-            span = ByteSpan(str(self.path), ziparchive.data_offset(self.fh, info, self.size),
-                            length)
+            span = ByteSpan(str(self.path),
+                            self.base + ziparchive.data_offset(self.fh, info, self.size), length)
+        elif self.base or isinstance(self.fh, ziparchive.Window):
+            raise IntegrityError(f"{self.path}: compressed storage {member!r} inside a stored "
+                                 "item (torch.save never compresses)",
+                                 hint="The file is corrupt or crafted; do not load it",
+                                 path=str(self.path))
         else:
             span = ByteSpan(str(self.path), 0, length, member)
         self._spans[(storage.key, storage.dtype)] = span

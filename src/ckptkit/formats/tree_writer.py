@@ -72,9 +72,12 @@ def _write_zip(fh: BinaryIO, out: Path, emitter: _TreeEmitter, big_endian: bool)
                            ("byteorder", "little")):
             add_member(archive, f"{stem}/{name}", (text.encode("ascii"),), align=ALIGNMENT)
         add_member(archive, f"{stem}/data.pkl", (emitter.payload(),), align=ALIGNMENT)
-        for key, (span, dtype) in emitter.storages.items():
-            add_member(archive, f"{stem}/data/{key}", _storage_bytes(span, dtype, big_endian),
-                       align=ALIGNMENT, size=span.length)
+        for key, (where, dtype) in emitter.storages.items():
+            if isinstance(where, TensorRef):  # stored in chunks: gathered as it is written
+                data, length = _gathered_bytes(where), where.nbytes
+            else:
+                data, length = _storage_bytes(where, dtype, big_endian), where.length
+            add_member(archive, f"{stem}/data/{key}", data, align=ALIGNMENT, size=length)
         add_member(archive, f"{stem}/version", (b"3\n",), align=ALIGNMENT)
         archive.close()
     except BaseException:
@@ -97,13 +100,22 @@ def _storage_bytes(span: ByteSpan, dtype: str, big_endian: bool):
             yield data
 
 
+def _gathered_bytes(ref: TensorRef):
+    """A tensor stored in chunks (DCP), gathered into one array only while it is written."""
+    from ckptkit.formats.streams import raw_bytes
+    from ckptkit.formats.tensor_io import tensor_view
+
+    yield raw_bytes(tensor_view(ref))
+
+
 class _TreeEmitter(_Emitter):
     """Pickle opcodes for a tree; collects the storages the tensors use, each once."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.storages: dict[str, tuple[ByteSpan, str]] = {}
+        self.storages: dict[str, tuple[ByteSpan | TensorRef, str]] = {}
         self._keys: dict[Any, str] = {}
+        self._chunked: dict[str, TensorRef] = {}
         self.tensor_count = 0
 
     def emit_root(self, tree: Any) -> None:
@@ -162,6 +174,9 @@ class _TreeEmitter(_Emitter):
             self.op(opcode)
 
     def tensor(self, ref: TensorRef, path: tuple[Any, ...]) -> None:
+        if ref.chunks:
+            # Written as one contiguous storage of its own, gathered from its chunks.
+            ref = self._gathered(ref, path)
         if ref.span is None:
             raise FormatError(f"tensor {join(path)} has no bytes in the file (a meta tensor)",
                               hint="Leave that entry out of the stripped file")
@@ -173,7 +188,7 @@ class _TreeEmitter(_Emitter):
         key = self._keys.get(ident)
         if key is None:
             key = self._keys[ident] = str(len(self._keys))
-            self.storages[key] = (ref.span, ref.dtype)
+            self.storages[key] = (self._chunked.get(ident, ref.span), ref.dtype)
         size = itemsize(ref.dtype)
         legacy = LEGACY_STORAGES.get(ref.dtype)
         stride = ref.stride or _contiguous(ref.shape)
@@ -203,6 +218,15 @@ class _TreeEmitter(_Emitter):
         self.tensor_count += 1
 
 
+    def _gathered(self, ref: TensorRef, path: tuple[Any, ...]) -> TensorRef:
+        """A contiguous stand-in for a chunked tensor: its storage is the gathered tensor."""
+        ident = f"chunked:{join(path)}"
+        stand_in = TensorRef(ref.dtype, ref.shape, ByteSpan(ident, 0, ref.nbytes),
+                             storage_key=ident)
+        self._chunked[ident] = ref
+        return stand_in
+
+
 def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
@@ -217,7 +241,9 @@ def storage_bytes(tree: Any) -> int:
     stack = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, TensorRef) and node.span is not None:
+        if isinstance(node, TensorRef) and node.chunks:
+            seen[id(node)] = node.nbytes
+        elif isinstance(node, TensorRef) and node.span is not None:
             seen[node.storage_key or (node.span.path, node.span.offset)] = node.span.length
         elif isinstance(node, dict):
             stack.extend(node.values())

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import lzma
 import struct
 import zipfile
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ckptkit.errors import CkptkitError, IntegrityError
 from ckptkit.storage.location import Location, locate
@@ -56,19 +57,60 @@ def zip_of(path: Path | Location) -> zipfile.ZipFile:
     return _OwnedZip(locate(path).open())
 
 
-def open_zip(path: Path | Location, what: str, *, duplicates: bool = False) -> zipfile.ZipFile:
+class Window(io.RawIOBase):
+    """Bytes ``offset .. offset + length`` of an open file, as a seekable file of their own:
+    a zip stored inside another file (a DCP item inside a ``.distcp``) is opened through it,
+    and nothing outside the window is ever read."""
+
+    def __init__(self, fh: BinaryIO, offset: int, length: int):
+        self._fh, self._offset, self._length, self._pos = fh, offset, length, 0
+        self.name = getattr(fh, "name", "window")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = min(max(0, base + pos), self._length)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        n = self._length - self._pos if n is None or n < 0 else min(n, self._length - self._pos)
+        self._fh.seek(self._offset + self._pos)
+        data = self._fh.read(n)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def open_zip(path: Path | Location, what: str, *, duplicates: bool = False,
+             window: Window | None = None) -> zipfile.ZipFile:
     """Open ``path`` as a zip, turning a missing central directory into an IntegrityError.
 
     Every member's compressed bytes must lie inside the file: zipfile reads a member in
     pieces of up to its declared compressed size, and a buffered read allocates the whole
     piece before it reads, so a damaged size of gigabytes would cost gigabytes.  Two members
     of one name are refused unless ``duplicates`` (the reader then reads every one of them:
-    loaders disagree on which one counts).
+    loaders disagree on which one counts).  ``window``: the zip is that part of ``path``.
     """
     loc = locate(path)
     try:
-        archive = zip_of(loc)
-        size = loc.size()
+        if window is not None:
+            archive = zipfile.ZipFile(window)
+            size = window.seek(0, io.SEEK_END)
+        else:
+            archive = zip_of(loc)
+            size = loc.size()
     except (*ZIP_ERRORS, ValueError) as exc:
         raise IntegrityError(
             f"{path}: {what} is truncated or corrupt ({exc})",

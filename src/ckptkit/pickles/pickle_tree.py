@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from ckptkit.storage import budget
 from ckptkit.errors import IntegrityError
-from ckptkit.model import ByteSpan, Opaque, TensorRef, checked_shape
+from ckptkit.model import ByteSpan, Opaque, TensorRef, checked_shape, itemsize
 from ckptkit.pickles.pickle_globals import DType, PendingTensor, StorageRef, StorageType, numpy_dtype_name
 
 _STRUCT_CODES = {"int8": "b", "uint8": "B", "int16": "h", "uint16": "H", "int32": "i",
@@ -20,6 +20,11 @@ _STRUCT_CODES = {"int8": "b", "uint8": "B", "int16": "h", "uint16": "H", "int32"
                  "float64": "d", "bool": "?"}
 
 SpanResolver = Callable[[StorageRef], ByteSpan | None]
+#: The bytes of an array pickled inline: given the raw bytes value (or joblib's array
+#: wrapper), where they sit in the file, if the reader recorded it.
+PayloadResolver = Callable[[Any], ByteSpan | None]
+#: joblib's record of an array whose bytes follow it in the stream.
+JOBLIB_WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
 
 
 class Resolver:
@@ -32,8 +37,10 @@ class Resolver:
     walk the result as a tree, so a "billion laughs" (lists of the same list, nine levels
     deep) must fail here, not hang there."""
 
-    def __init__(self, span_for: SpanResolver | None = None):
+    def __init__(self, span_for: SpanResolver | None = None,
+                 payload_span: PayloadResolver | None = None):
         self.span_for = span_for
+        self.payload_span = payload_span or (lambda _raw: None)
         self.nodes = 0
         self._account = budget.current()
         self._max_nodes = self._account.room("tree")
@@ -151,9 +158,11 @@ class Resolver:
         if name.endswith("multiarray.scalar"):
             return _numpy_scalar(obj)
         if name.endswith("multiarray._reconstruct"):
-            return _numpy_array(obj)
+            return _numpy_array(obj, self.payload_span)
         if name.endswith("numeric._frombuffer"):  # numpy arrays pickled at protocol 5
-            return _numpy_frombuffer(obj)
+            return _numpy_frombuffer(obj, self.payload_span)
+        if name == JOBLIB_WRAPPER:
+            return _joblib_array(obj, self.payload_span)
         if name == "numpy.dtype":
             return f"dtype:{_dtype_of(obj)}"
         resolved = Opaque(name)
@@ -188,19 +197,19 @@ def _numpy_scalar(obj: Opaque) -> Any:
     return Opaque("numpy.generic", (), None)
 
 
-def _numpy_frombuffer(obj: Opaque) -> Any:
+def _numpy_frombuffer(obj: Opaque, payload_span: PayloadResolver) -> Any:
     """``_frombuffer(buffer, dtype, shape, order)``: an array whose bytes are in the pickle."""
     if len(obj.args) >= 3 and isinstance(obj.args[2], tuple):
         try:
             dims = tuple(int(s) for s in obj.args[2])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return Opaque("numpy.ndarray")
-        return TensorRef(_dtype_of(obj.args[1]), dims, None,
-                         fortran_order=len(obj.args) > 3 and obj.args[3] == "F")
+        return _array(_dtype_of(obj.args[1]), dims, len(obj.args) > 3 and obj.args[3] == "F",
+                      payload_span(obj.args[0]))
     return Opaque("numpy.ndarray")
 
 
-def _numpy_array(obj: Opaque) -> Any:
+def _numpy_array(obj: Opaque, payload_span: PayloadResolver) -> Any:
     state = obj.state
     if isinstance(state, tuple) and len(state) == 5:
         _version, shape, dtype, fortran, raw = state
@@ -211,5 +220,27 @@ def _numpy_array(obj: Opaque) -> Any:
             return Opaque("numpy.ndarray")
         if name == "object":
             return Opaque("numpy.ndarray[object]", (dims,))
-        return TensorRef(name, dims, None, fortran_order=bool(fortran))
+        return _array(name, dims, bool(fortran), payload_span(raw))
     return Opaque("numpy.ndarray")
+
+
+def _joblib_array(obj: Opaque, payload_span: PayloadResolver) -> Any:
+    """joblib's wrapper: dtype, shape and order in its state, the bytes right after it."""
+    state = obj.state if isinstance(obj.state, dict) else {}
+    name = _dtype_of(state.get("dtype"))
+    shape = state.get("shape")
+    if name == "object" or not isinstance(shape, tuple):
+        return Opaque("numpy.ndarray[object]" if name == "object" else "numpy.ndarray")
+    return _array(name, shape, state.get("order") == "F", payload_span(obj))
+
+
+def _array(dtype: str, dims: Any, fortran: bool, span: ByteSpan | None) -> TensorRef | Opaque:
+    """A numpy array as a TensorRef; its bytes are kept only when they are exactly the
+    array's (a shorter or longer payload is what numpy would refuse to load)."""
+    if not itemsize(dtype):  # a dtype this reader cannot name (a damaged or exotic record)
+        return Opaque("numpy.ndarray", (dtype,))
+    shape = checked_shape(dims, "a numpy array", dtype)
+    ref = TensorRef(dtype, shape, None, fortran_order=fortran)
+    if span is not None and span.length == ref.nbytes and not dtype.endswith(">"):
+        return TensorRef(dtype, shape, span, fortran_order=fortran)
+    return ref

@@ -15,21 +15,21 @@ charged to the reading budget (:mod:`ckptkit.storage.budget`), as the opcodes ar
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import io
 import lzma
 import math
-import os
 import pickle
 import pickletools
+import struct
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from ckptkit.storage import budget
 from ckptkit.errors import CkptkitError, IntegrityError
 from ckptkit.storage.location import Location, locate
+from ckptkit.pickles.pickle_streams import Metered, decompressed
 from ckptkit.pickles.npy_header import MAX_HEADER, NPY_MAGIC, parse_header
 from ckptkit.model import Opaque, itemsize
 from ckptkit.pickles.pickle_globals import allowed, numpy_dtype_name
@@ -63,13 +63,14 @@ def sniff(path: Path | Location) -> bool:
             head = fh.read(2)
             fh.seek(0)
             if any(s in SUFFIXES for s in Path(loc.name).suffixes):
-                with _decompressed(fh, path) as stream:
+                with decompressed(fh, path) as stream:
                     first = stream.read(1)
                     if getattr(stream, "compression", ""):
                         return first in (b"\x80",) + _TEXT_OPCODES
                 fh.seek(0)
             return head[:1] in _TEXT_OPCODES and _parses(fh.read(SNIFF_BYTES))
-    except (OSError, CkptkitError, EOFError, ValueError, zlib.error, lzma.LZMAError):
+    except (OSError, CkptkitError, EOFError, ValueError, zlib.error, lzma.LZMAError,
+            pickle.UnpicklingError):
         return False
 
 
@@ -116,19 +117,54 @@ def analyse(path: Path | Location) -> tuple[Findings, str]:
         IntegrityError: a broken stream (an UnsafePickleError when it also names dangerous
             callables).
     """
+    with budget.reading(path):
+        read = read_stream(path)
+    return read.findings, f"{read.compression} pickle".strip()
+
+
+@dataclass
+class StreamRead:
+    """Every pickle of a file as the restricted machine left it, and where array bytes are.
+
+    ``payloads`` (kept only when asked for) maps ``id()`` of a bytes value or a joblib array
+    wrapper to ``(the object, offset, length)``: its bytes' place in the file, or in the
+    stream the file inflates to when ``compression`` is set.  The objects are held so that
+    their ids stay theirs.
+    """
+
+    values: list[Any]
+    findings: Findings
+    compression: str
+    payloads: dict[int, tuple[Any, int, int]] = field(default_factory=dict)
+
+
+def read_stream(path: Path, *, record: bool = False) -> StreamRead:
+    """Read every pickle in ``path`` (inside the caller's budget); ``record`` keeps where
+    each bytes value and joblib array sits, for readers that load them later.
+
+    Raises:
+        IntegrityError: a broken stream (an UnsafePickleError when it also names dangerous
+            callables).
+    """
     findings = Findings()
-    with budget.reading(path), locate(path).open() as fh, _decompressed(fh, path) as stream:
+    values: list[Any] = []
+    with locate(path).open() as fh, decompressed(fh, path) as stream:
         compression = getattr(stream, "compression", "")
-        metered = _Metered(stream, f"{compression} stream" if compression else "")
-        count = 0
-        while metered.more():
-            count += 1
-            if count > MAX_PICKLES:
-                raise IntegrityError(f"{path}: more than {MAX_PICKLES} pickles in one file")
-            read_pickle(metered, findings, what=f"pickle {count}",  # type: ignore[arg-type]
-                        context=CONTEXT, location=f"pickle {count}", machine=_JoblibMachine)
+        metered = Metered(stream, f"{compression} stream" if compression else "")
+        metered.payloads = {} if record else None
+        try:
+            while metered.more():
+                if len(values) >= MAX_PICKLES:
+                    raise IntegrityError(f"{path}: more than {MAX_PICKLES} pickles in one file")
+                count = len(values) + 1
+                values.append(read_pickle(metered, findings,  # type: ignore[arg-type]
+                                          what=f"pickle {count}", context=CONTEXT,
+                                          location=f"pickle {count}", machine=_JoblibMachine))
+        except pickle.UnpicklingError as exc:  # the decompressor, between two pickles
+            raise IntegrityError(f"{path}: {exc}", hint="The file is truncated or corrupt",
+                                 path=str(path)) from None
         metered.settle()
-    return findings, f"{compression} pickle".strip()
+    return StreamRead(values, findings, compression, metered.payloads or {})
 
 
 class _JoblibMachine(InertUnpickler):
@@ -167,18 +203,50 @@ class _JoblibMachine(InertUnpickler):
             if len(pad) != 1:
                 raise EOFError
             self._skip(pad[0])
-        self._skip(math.prod(shape) * max(1, int(itemsize(dtype))))
+        size = math.prod(shape) * max(1, int(itemsize(dtype)))
+        self._record(self.stack[-1], self._stream.tell(), size)
+        self._skip(size)
+
+    def _record(self, value: Any, offset: int, length: int) -> None:
+        payloads = self._stream.payloads
+        if payloads is not None:
+            payloads[id(value)] = (value, offset, length)
+
+    # Bytes values: numpy arrays pickled without joblib carry their data in one of these.
+    def _bytes_of(self, width: int, fmt: str, kind: type) -> None:
+        (size,) = struct.unpack(fmt, self.read(width))
+        start = self._stream.tell()
+        value = self._counted(size)
+        value = kind(value) if kind is not bytes else value
+        self._record(value, start, len(value))
+        self.append(value)
+
+    def _short_binbytes(self) -> None:
+        self._bytes_of(1, "<B", bytes)
+
+    def _binbytes(self) -> None:
+        self._bytes_of(4, "<I", bytes)
+
+    def _binbytes8(self) -> None:
+        self._bytes_of(8, "<Q", bytes)
+
+    def _bytearray8(self) -> None:
+        self._bytes_of(8, "<Q", bytearray)
 
     def _skip(self, count: int) -> None:
         if self._stream.skip(count) != count:
             raise pickle.UnpicklingError("joblib array data is truncated")
 
-    def __init__(self, file: _Metered, *args: Any, **kwargs: Any):
+    def __init__(self, file: Metered, *args: Any, **kwargs: Any):
         super().__init__(file, *args, **kwargs)
         self._stream = file
         self._depth = 0
 
     dispatch[pickle.BUILD[0]] = _joblib_build
+    dispatch[pickle.SHORT_BINBYTES[0]] = _short_binbytes
+    dispatch[pickle.BINBYTES[0]] = _binbytes
+    dispatch[pickle.BINBYTES8[0]] = _binbytes8
+    dispatch[pickle.BYTEARRAY8[0]] = _bytearray8
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -189,223 +257,3 @@ def _dtype_name(dtype: Any) -> str:
     return "object" if code in ("O", "O8", "O4") else numpy_dtype_name(code)
 
 
-class _Metered:
-    """A read-only stream for the pickle machine: buffered (one opcode is one slice, not a
-    trip through the decompressor), able to peek for another pickle, and charging what a
-    decompressing stream inflates to the reading budget (``what`` names the stream; empty
-    for a plain file, whose bytes are on disk already)."""
-
-    def __init__(self, stream: BinaryIO, what: str):
-        self._stream, self._what = stream, what
-        self._account = budget.current()
-        self._size = None if what else os.fstat(stream.fileno()).st_size
-        self._buffer, self._pos = b"", 0
-        self._read = 0  # position in the (decompressed) stream
-        self._pending = 0  # inflated bytes not charged yet
-
-    def more(self) -> bool:
-        """True when another byte follows (kept to be read next)."""
-        return self._pos < len(self._buffer) or self._fill()
-
-    def read(self, n: int = -1) -> bytes:
-        buffer, pos = self._buffer, self._pos
-        if 0 <= n <= len(buffer) - pos:
-            self._pos = pos + n
-            self._read += n
-            return buffer[pos:pos + n]
-        data = buffer[pos:]
-        self._buffer, self._pos = b"", 0
-        if n < 0 or n - len(data) > _BLOCK:
-            data += self._claim(n - len(data) if n >= 0 else -1)
-        else:
-            while len(data) < n and self._fill():
-                take = min(n - len(data), len(self._buffer))
-                data += self._buffer[:take]
-                self._pos = take
-        self._read += len(data)
-        return data
-
-    def _claim(self, n: int) -> bytes:
-        # Length prefixes (BINBYTES8, BINUNICODE8) can ask for anything, and one read call
-        # allocates what it is asked for: a plain file is asked only for what it has left, a
-        # decompressing stream only for what the budget has left (a larger claim is refused
-        # before a byte is inflated).
-        if self._size is not None:
-            left = self._size - self._read
-            want = left if n < 0 else min(n, left)
-        else:
-            room = self._account.room("decompressed") - self._pending
-            want = room + 1 if n < 0 else n
-            if want > room:
-                self.settle()
-                raise self._account.over("decompressed", f"the {self._what}, for a value of "
-                                                         f"{want:,} bytes")
-        data = self._stream.read(max(0, want))
-        self._inflated(len(data))
-        return data
-
-    def skip(self, n: int) -> int:
-        """Pass over ``n`` bytes (joblib array data) without keeping them; how many there were."""
-        skipped = min(n, len(self._buffer) - self._pos)
-        self._pos += skipped
-        while skipped < n:
-            part = self._stream.read(min(n - skipped, 1 << 20))
-            if not part:
-                break
-            skipped += len(part)
-            self._inflated(len(part))
-        self._read += skipped
-        return skipped
-
-    def readline(self, limit: int = 1 << 20) -> bytes:
-        limit = limit if 0 < limit < 1 << 20 else 1 << 20
-        line = b""
-        while not line.endswith(b"\n") and len(line) < limit:
-            end = self._buffer.find(b"\n", self._pos)
-            stop = len(self._buffer) if end < 0 else end + 1
-            line += self._buffer[self._pos:stop]
-            self._pos = stop
-            if end < 0 and not self._fill():
-                break
-        self._read += len(line)
-        return line
-
-    def settle(self) -> None:
-        """Charge what was inflated since the last charge."""
-        if self._what and self._pending:
-            pending, self._pending = self._pending, 0
-            self._account.charge("decompressed", pending, self._what)
-
-    def _fill(self) -> bool:
-        """Replace the (used up) buffer with the next block; False at the end."""
-        self._buffer, self._pos = self._stream.read(_BLOCK), 0
-        self._inflated(len(self._buffer))
-        return bool(self._buffer)
-
-    def _inflated(self, n: int) -> None:
-        self._pending += n
-        if self._pending >= _BLOCK:
-            self.settle()
-
-    def tell(self) -> int:
-        return self._read
-
-    def reread(self, start: int, limit: int) -> bytes:
-        """Up to ``limit`` bytes from ``start`` of a file that is not decompressed, leaving the
-        stream where it is (pickles whose frames loaders read differently are read again);
-        nothing for a compressed one."""
-        if self._what:
-            return b""
-        here = self._stream.tell()
-        try:
-            self._stream.seek(start)
-            return self._stream.read(limit)
-        finally:
-            self._stream.seek(here)
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        # Only read_pickle's fallback scan of a broken pickle seeks: to the end to learn how
-        # much is left, then back to the pickle's start.  On a decompressing stream, seeking
-        # would inflate everything again (a bomb's whole payload), so it is refused.
-        if self._what:
-            raise OSError("cannot seek in a compressed stream")
-        where = self._stream.seek(pos, whence)
-        self._buffer, self._pos = b"", 0
-        self._read = where
-        return where
-
-
-#: Bytes taken from the (decompressed) stream at a time.
-_BLOCK = 1 << 16
-
-
-class _decompressed:  # noqa: N801 - used as a context manager, like open()
-    """The pickle stream inside ``fh``: as is, or through the decompressor its magic names."""
-
-    def __init__(self, fh: BinaryIO, path: Path | Location):
-        self._fh, self._path = fh, path
-        self._stream: Any = None
-
-    def __enter__(self) -> Any:
-        head = self._fh.read(6)
-        self._fh.seek(0)
-        if head.startswith(b"\x1f\x8b"):
-            self._stream, name = gzip.GzipFile(fileobj=self._fh, mode="rb"), "gzip"
-        elif head.startswith(b"BZh"):
-            self._stream, name = bz2.BZ2File(self._fh, "rb"), "bz2"
-        elif head.startswith(b"\xfd7zXZ"):
-            self._stream, name = lzma.LZMAFile(self._fh, "rb"), "xz"
-        elif head.startswith(b"\x5d\x00\x00"):
-            self._stream = lzma.LZMAFile(self._fh, "rb", format=lzma.FORMAT_ALONE)
-            name = "lzma"
-        elif head[:1] == b"\x78" and len(head) > 1 and (head[0] << 8 | head[1]) % 31 == 0:
-            self._stream, name = _ZlibStream(self._fh), "zlib"
-        else:
-            self._stream, name = self._fh, ""
-        if name:
-            self._stream = _Named(self._stream, name)
-        return self._stream
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._stream is not None and self._stream is not self._fh:
-            self._stream.close()
-
-
-class _Named:
-    """A decompressing stream that also says which compression it undoes."""
-
-    def __init__(self, stream: Any, compression: str):
-        self._stream, self.compression = stream, compression
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            return self._stream.read(n)
-        except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
-            raise pickle.UnpicklingError(f"{self.compression} stream: {exc}") from exc
-
-    def readline(self, limit: int = -1) -> bytes:
-        try:
-            return self._stream.readline(limit)
-        except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
-            raise pickle.UnpicklingError(f"{self.compression} stream: {exc}") from exc
-
-    def seek(self, pos: int) -> None:
-        self._stream.seek(pos)
-
-    def close(self) -> None:
-        self._stream.close()
-
-
-class _ZlibStream:
-    """A raw zlib stream (joblib's default compressor) read incrementally."""
-
-    def __init__(self, fh: BinaryIO):
-        self._fh = fh
-        self._z = zlib.decompressobj()
-        self._buf = b""
-
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
-            want = 0 if n < 0 else n - len(self._buf)
-            if self._z.unconsumed_tail:  # input left over from a bounded call comes first
-                self._buf += self._z.decompress(self._z.unconsumed_tail, want)
-                continue
-            chunk = self._fh.read(1 << 16)
-            if not chunk:
-                self._buf += self._z.flush()
-                break
-            self._buf += self._z.decompress(chunk, want)
-        data, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
-        return data
-
-    def readline(self, limit: int = -1) -> bytes:
-        out = b""
-        while not out.endswith(b"\n") and (limit < 0 or len(out) < limit):
-            c = self.read(1)
-            if not c:
-                break
-            out += c
-        return out
-
-    def close(self) -> None:
-        pass

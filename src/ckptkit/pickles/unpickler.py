@@ -399,8 +399,9 @@ def _reread(stream: Any, start: int) -> bytes:
         return stream.reread(start, MAX_STATIC_SCAN)
     try:
         here = stream.tell()
+        end = stream.seek(0, io.SEEK_END)  # a buffered read allocates all it is asked for
         stream.seek(start)
-        rest = stream.read(MAX_STATIC_SCAN)
+        rest = stream.read(min(MAX_STATIC_SCAN, max(0, end - start)))
         stream.seek(here)
     except (AttributeError, OSError, ValueError):
         return b""

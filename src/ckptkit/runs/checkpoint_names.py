@@ -58,6 +58,10 @@ SCHEMES: tuple[NamingScheme, ...] = (
                  lambda p, e: f"{p}{{N}}{e}", False),
 )
 _HF_DIR = re.compile(r"checkpoint-(?P<step>\d+)")
+#: Step directories of sharded and distributed saves: torchtitan ``step-N/``, DeepSpeed
+#: ``global_stepN/``, torchtune ``epoch_N/`` (with an optional ``{prefix}_`` or ``{prefix}-``).
+_STEP_DIR = re.compile(r"(?P<prefix>[A-Za-z][\w.]*?[-_])??(?P<word>global_step|step|epoch)"
+                       r"(?P<sep>[-_]?)(?P<step>\d+)")
 _ORBAX_DIR = re.compile(r"(?:(?P<prefix>[A-Za-z][\w]*?)_)?(?P<step>0|[1-9]\d*)")
 _TF_INDEX = re.compile(r"(?P<prefix>.+)-(?P<step>\d+)\.index", re.DOTALL)
 #: What TensorFlow names the data shards of checkpoint PREFIX (``%s.data-%05d-of-%05d``).
@@ -117,6 +121,10 @@ def parse_name(name: str, is_dir: bool = False, in_run: bool = False) -> Parsed 
         m = _HF_DIR.fullmatch(name)
         if m:
             return "checkpoint-{N}/", "checkpoint", int(m["step"]), None
+        m = _STEP_DIR.fullmatch(name)
+        if m:
+            prefix = (m["prefix"] or "") + m["word"]
+            return f"{prefix}{m['sep']}{{N}}/", prefix, int(m["step"]), None
         m = _ORBAX_DIR.fullmatch(name)
         if m:
             prefix = m["prefix"] or ""
@@ -172,6 +180,14 @@ def _scan_one(directory: Path, root: Path) -> tuple[list[Checkpoint], list[Path]
             if parsed and parsed[0] == "checkpoint-{N}/":
                 found.append(Checkpoint(path, f"{rel}{parsed[0]}", parsed[1], parsed[2], "dir",
                                         (path,)))
+            elif parsed and _STEP_DIR.fullmatch(e.name):
+                # A step-N/ folder is a checkpoint only if it holds one (DCP, Orbax, HF
+                # weights, DeepSpeed ranks): an empty or unrelated folder is never deleted.
+                if integrity.directory_layout(path) is not None:
+                    found.append(Checkpoint(path, f"{rel}{parsed[0]}", parsed[1], parsed[2],
+                                            "dir", (path,)))
+                elif not e.name.startswith("."):
+                    subdirs.append(path)
             elif parsed:
                 orbax_candidates.append((path, parsed))
             elif not e.name.startswith("."):
@@ -214,6 +230,8 @@ def scan(directory: str | os.PathLike[str], recursive: bool = False) -> list[Che
     ``[prefix]epoch_{N}`` / ``epoch{N}``, ``{prefix}_{N}`` (``model_100``, ``iter_3000``) with
     .pt, .pth, .pth.tar, .ckpt, .bin or .safetensors; ``{N}.pt``, ``{prefix}{N}.pt`` only as
     a run of two or more; Lightning ``epoch={E}-step={S}[-...].ckpt``; HF ``checkpoint-{N}/``;
+    step directories ``[prefix_]step-{N}/``, ``global_step{N}/``, ``epoch_{N}/`` that hold a
+    DCP, Orbax, Hugging Face or DeepSpeed checkpoint;
     Orbax ``{N}/`` or ``{prefix}_{N}/`` (when a marker file shows the group is Orbax's); TF
     ``{prefix}-{N}.index`` with exactly its ``.data-NNNNN-of-NNNNN`` shards.  Symlinks are
     never followed and, like names containing best/last/latest, never periodic.  Sorted by

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptkit import formats
+from ckptkit.formats import completeness
 from ckptkit.errors import CkptkitError, UnsafeContentError
 from ckptkit.storage.location import Location, locate
 
@@ -26,6 +27,13 @@ HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetenso
               "adapter_model.bin", "tf_model.h5", "flax_model.msgpack")
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _HF_DIR = re.compile(r"checkpoint-\d+")
+#: PyTorch Distributed Checkpoint: torch renames ``.metadata`` into place after every data file.
+DCP_METADATA = ".metadata"
+_HF_SHARD = re.compile(r".+-\d{5,}-of-\d{5,}\.(?:safetensors|bin)")
+#: DeepSpeed's per-rank files in a ``global_stepN/`` directory.
+_DEEPSPEED = re.compile(r"(?:zero_pp_rank_\d+_)?mp_rank_\d+_(?:model|optim)_states\.pt")
+
+Layout = str  # "dcp" | "orbax" | "hf" | "deepspeed"
 
 
 @dataclass(frozen=True)
@@ -80,54 +88,32 @@ def _one_line(exc: BaseException, path: Path) -> str:
 
 
 def _check_file(path: Path) -> Completeness:
-    loc = locate(path)  # sniffing and reading share its first, coalesced read
-    if loc.size() == 0:
-        return Completeness(False, "file is empty")
-    reader = formats.detect(loc)
-    fmt = reader.FORMAT
-    if fmt in ("torch-zip", "torchscript", "npz"):
-        _check_zip(loc)
-        if fmt == "npz":
-            reader.read_info(loc)  # array headers are small and say how long each array is
-        return Completeness(True, "complete (zip central directory and local headers in bounds)")
-    if fmt == "safetensors":
-        return _check_safetensors(loc)
-    if fmt == "tf-checkpoint":
-        return _check_tf(loc)
-    # Legacy torch streams, Flax msgpack: their readers walk the structure without tensor
-    # bytes and raise IntegrityError when the file ends early (or runs on past its end).
-    reader.read_info(loc)
-    return Completeness(True, f"complete ({fmt} structure reads to the end)")
+    return Completeness(True, completeness.check_file(path))
 
 
-def _check_zip(path: Location) -> None:
-    from ckptkit.formats import ziparchive
-
-    size = path.size()
-    with ziparchive.open_zip(path, "zip archive") as archive, path.open() as fh:
-        for info in archive.infolist():
-            ziparchive.data_offset(fh, info, size)
+def _check_tf(path: Path) -> Completeness:
+    return Completeness(True, completeness.check_tf(path))
 
 
-def _check_safetensors(path: Location) -> Completeness:
-    from ckptkit.formats import safetensors
-
-    header, start = safetensors.read_header(path)
-    end = max((int(v["data_offsets"][1]) for k, v in header.items()
-               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v),
-              default=0)
-    size = path.size()
-    if start + end > size:
-        return Completeness(False, f"truncated: tensors need {start + end} bytes, "
-                                   f"the file has {size}")
-    return Completeness(True, "complete (safetensors header and data length agree)")
-
-
-def _check_tf(path: Location) -> Completeness:
-    from ckptkit.formats import tf_checkpoint
-
-    index, _found = tf_checkpoint.read_index(path)  # read_index also runs check_shards
-    return Completeness(True, f"complete (index and {index.header.num_shards} data shard(s))")
+def directory_layout(path: Path) -> Layout | None:
+    """Which sharded or distributed checkpoint ``path`` holds, judged by its file names only:
+    ``dcp`` (``.metadata`` or ``*.distcp``), ``orbax`` (commit markers, ``_METADATA``, an
+    OCDBT manifest), ``hf`` (an index, weights, or ``*-NNNNN-of-NNNNN`` shards), ``deepspeed``
+    (``*mp_rank_NN_model_states.pt``, ``*_optim_states.pt``), or None.  A save cut short still shows its layout; it
+    is :func:`check_complete` that says whether it finished."""
+    try:
+        names = {e.name for e in os.scandir(path)}
+    except OSError:
+        return None
+    if DCP_METADATA in names or any(n.endswith(".distcp") for n in names):
+        return "dcp"
+    if names & {*ORBAX_MARKERS, "_METADATA", "manifest.ocdbt", "_sharding"}:
+        return "orbax"
+    if names & {*HF_INDEXES, *HF_WEIGHTS} or any(_HF_SHARD.fullmatch(n) for n in names):
+        return "hf"
+    if any(_DEEPSPEED.fullmatch(n) for n in names):
+        return "deepspeed"
+    return None
 
 
 def _check_dir(path: Path) -> Completeness:
@@ -136,15 +122,57 @@ def _check_dir(path: Path) -> Completeness:
         return Completeness(False, f"Orbax temporary directory ({ORBAX_TMP}): save never finished")
     if _HF_DIR.fullmatch(name):
         return _check_hf(path)
-    if any((path / m).exists() for m in ORBAX_MARKERS) or name.isdigit():
+    layout = directory_layout(path)
+    if layout == "orbax" or name.isdigit():
         markers = [m for m in ORBAX_MARKERS if (path / m).is_file()]
         if not markers:
             return Completeness(False, "Orbax step directory without _CHECKPOINT_METADATA or "
                                        "commit_success.txt (save not committed)")
-        return Completeness(True, f"complete (Orbax marker {markers[0]})")
+        return _verified(path) or Completeness(True, f"complete (Orbax marker {markers[0]})")
+    verdict = _verified(path)
+    if verdict is not None:
+        return verdict
+    if layout == "dcp":
+        return _check_dcp(path)
+    if layout == "hf":
+        return _check_hf_weights(path, "")
     reader = formats.detect(path)
     reader.read_info(path)
     return Completeness(True, "complete (directory checkpoint reads)")
+
+
+def _verified(path: Path) -> Completeness | None:
+    """The verdict of the format's own ``verify`` verb, or None when its reader has none.
+
+    This is the one place a reader's verification takes over from the layout checks below
+    (which only look at which files exist and how long they are)."""
+    try:
+        reader = formats.detect(path)
+    except CkptkitError:
+        return None
+    verify = getattr(reader, "verify", None)
+    if verify is None:
+        return None
+    problems = verify(path)
+    if problems:
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        where = Path(first.file).name if first.file else ""
+        return Completeness(False, f"{where + ': ' if where else ''}{first.message}{more}")
+    return Completeness(True, f"complete ({reader.FORMAT}, verified)")
+
+
+def _check_dcp(path: Path) -> Completeness:
+    metadata = path / DCP_METADATA
+    if not metadata.is_file():
+        # torch writes every .distcp file first and renames .metadata into place last.
+        return Completeness(False, "DCP directory without .metadata (save not finished)")
+    if metadata.stat().st_size == 0:
+        return Completeness(False, ".metadata is empty")
+    shards = [p for p in path.iterdir() if p.name.endswith(".distcp")]
+    if not shards:
+        return Completeness(False, ".metadata but no .distcp data file")
+    return Completeness(True, f"complete (DCP .metadata and {len(shards)} data file(s))")
 
 
 def _check_hf(path: Path) -> Completeness:
@@ -156,6 +184,11 @@ def _check_hf(path: Path) -> Completeness:
         json.loads(_text(state))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return Completeness(False, f"trainer_state.json is not valid JSON ({exc})")
+    return _verified(path) or _check_hf_weights(path, ", trainer_state")
+
+
+def _check_hf_weights(path: Path, also: str) -> Completeness:
+    """An index with every shard it names complete, or one complete weights file."""
     for name in HF_INDEXES:
         index = path / name
         if index.is_file():
@@ -171,16 +204,19 @@ def _check_hf(path: Path) -> Completeness:
                 verdict = check_complete(path / shard)
                 if not verdict:
                     return Completeness(False, f"{shard}: {verdict.reason}")
-            return Completeness(True, f"complete ({len(shards)} weight shard(s), trainer_state)")
+            return Completeness(True, f"complete ({len(shards)} weight shard(s){also})")
     for name in HF_WEIGHTS:
         weights = path / name
         if weights.is_file():
             if name.endswith((".h5", ".msgpack")):
-                return Completeness(True, f"complete ({name}, trainer_state.json)")
+                return Completeness(True, f"complete ({name}{also})")
             verdict = check_complete(weights)
             if not verdict:
                 return Completeness(False, f"{name}: {verdict.reason}")
-            return Completeness(True, f"complete ({name}, trainer_state.json)")
+            return Completeness(True, f"complete ({name}{also})")
+    if any(_HF_SHARD.fullmatch(p.name) for p in path.iterdir()):
+        return Completeness(False, "shards but no index (model.safetensors.index.json is "
+                                   "written last)")
     return Completeness(False, "no model weights (model.safetensors, pytorch_model.bin or a "
                                "sharded index)")
 
@@ -191,4 +227,4 @@ def _text(path: Path) -> str:
     return loc.read(0, loc.size()).decode("utf-8")
 
 
-__all__ = ["Completeness", "check_complete"]
+__all__ = ["Completeness", "check_complete", "directory_layout"]

@@ -122,7 +122,8 @@ def plan_strip(src: str | os.PathLike[str], out: str | os.PathLike[str] | None =
     """Decide what stripping ``src`` keeps and drops, and where the result goes.
 
     Args:
-        src: a PyTorch checkpoint (zip or legacy format).
+        src: a PyTorch checkpoint (zip or legacy format, or a DCP directory: its tensors are
+            gathered from their chunks, one at a time, into a torch zip).
         out: the output file [default: ``<dir of src>/<stem>.stripped.pt``; a default name
             never replaces an existing file].
         keep: top-level keys to keep even though they are training state.
@@ -154,7 +155,7 @@ def plan_strip(src: str | os.PathLike[str], out: str | os.PathLike[str] | None =
                          hint="Pass one of them")
     with naming(source):
         raw = formats.detect(source).read_info(source)
-    if raw.format not in ("torch-zip", "torch-legacy"):
+    if raw.format not in ("torch-zip", "torch-legacy", "torch-dcp"):
         raise UsageError(f"{source}: a {raw.format} file holds no optimizer state to strip",
                          hint="`ckpt strip` works on PyTorch training checkpoints; use "
                               "`ckpt convert` to change formats", path=str(source))
@@ -168,7 +169,8 @@ def plan_strip(src: str | os.PathLike[str], out: str | os.PathLike[str] | None =
         raise FormatError(f"{source}: the top level is a {type(root).__name__}, not a dict of "
                           "entries", hint="Nothing ckpt strip can select from", path=str(source))
     kept, dropped = _classify(source, root, set(keep))
-    size = source.stat().st_size
+    size = (sum(p.stat().st_size for p in source.iterdir() if p.is_file()) if source.is_dir()
+            else source.stat().st_size)  # a DCP step is a directory of data files
     bare = bool(root) and all(isinstance(v, TensorRef) for v in root.values())
     note = None
     if not dropped:

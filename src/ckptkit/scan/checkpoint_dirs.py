@@ -6,17 +6,23 @@
   ``pickle.load``; every item it lists is a ``torch.save`` file at an offset of a ``.distcp``
   file, loaded with ``torch.load`` (``weights_only=False`` for items that are not tensors).
   All of them are read, each as its loader reads it.
+  Tensor items written with ``SerializationFormat.SAFETENSORS`` are a safetensors blob, no
+  pickle.  Directories are recognised as the DCP reader recognises them
+  (:func:`ckptkit.formats.torch_dcp.sniff`): data files without ``.metadata`` are a save that
+  never finished, reported as such rather than scanned as loose files.
 - **Orbax** step or item directories (``_CHECKPOINT_METADATA``, ``_METADATA``): JSON metadata
   and TensorStore arrays, no pickles by design; any file inside that could hold one is scanned.
+- **Hugging Face sharded** checkpoints: the index (``model.safetensors.index.json``,
+  ``pytorch_model.bin.index.json``) is the unit, and every shard it names is scanned as part of
+  it (each as a file of its own format); the shards are not listed again on their own.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 from ckptkit.scan import archive_members
 from ckptkit.pickles import plain_pickle
@@ -27,22 +33,43 @@ from ckptkit.model import Opaque
 from ckptkit.pickles.unpickler import MAX_STATIC_SCAN, Findings, is_binary_pickle, read_pickle
 
 #: Unit kind -> the format a scan result names.
-FORMATS = {"savedmodel": "savedmodel", "dcp": "torch-dcp", "orbax": "orbax"}
+FORMATS = {"savedmodel": "savedmodel", "dcp": "torch-dcp", "orbax": "orbax",
+           "hf-sharded": "hf-sharded"}
 _DCP = "torch.distributed.checkpoint."
 
 
 def unit_kind(path: Path) -> str | None:
-    """``savedmodel``, ``dcp``, ``orbax``, or None for a folder that is not one checkpoint."""
+    """``savedmodel``, ``dcp``, ``orbax``, or None for a folder that is not one checkpoint;
+    ``hf-sharded`` for a shard index file."""
+    from ckptkit.formats import hf_sharded, torch_dcp
+
     loc = locate(path)
+    if loc.is_file():
+        return "hf-sharded" if loc.name in hf_sharded.INDEXES and hf_sharded.sniff(
+            path) else None
     if not loc.is_dir():
         return None
     if loc.child("saved_model.pb").is_file():
         return "savedmodel"
-    if loc.child(".metadata").is_file() and any(e.name.endswith(".distcp") for e in loc.list()):
+    if torch_dcp.sniff(path):
         return "dcp"
     if loc.child("_CHECKPOINT_METADATA").is_file() or loc.child("_METADATA").is_file():
         return "orbax"
     return None
+
+
+def sharded_members(folder: Path) -> set[str]:
+    """Names of the shards an index in ``folder`` names (scanned through their index)."""
+    from ckptkit.formats import hf_sharded
+
+    names: set[str] = set()
+    for index in hf_sharded.INDEXES:
+        if (folder / index).is_file() and hf_sharded.sniff(folder / index):
+            try:
+                names |= set(hf_sharded.read_index(folder / index).weight_map.values())
+            except CkptkitError:
+                pass  # a broken index is scanned (and reported) itself; its shards as files
+    return names
 
 
 def part_of_a_tf_checkpoint(path: Path) -> bool:
@@ -66,6 +93,8 @@ def scan_unit(root: Path, kind: str, scan_member: Callable[[Path, str], Any]
     """
     if kind == "dcp":
         return _scan_dcp(root, scan_member)
+    if kind == "hf-sharded":
+        return _scan_sharded(root, scan_member)
     findings = Findings()
     files, vetted = _files(root), 0
     for path in files:
@@ -80,8 +109,27 @@ def scan_unit(root: Path, kind: str, scan_member: Callable[[Path, str], Any]
     return findings, note
 
 
+def _scan_sharded(index: Path, scan_member: Callable[[Path, str], Any]
+                  ) -> tuple[Findings, str]:
+    from ckptkit.formats import hf_sharded
+
+    findings = Findings()
+    parsed = hf_sharded.read_index(index)
+    shards = parsed.shards()
+    for shard in shards:
+        path = index.parent / shard
+        if not path.is_file():
+            raise IntegrityError(f"{path}: shard missing (named by {index.name})",
+                                 hint="`ckpt verify` lists every problem", path=str(path))
+        _absorb(findings, scan_member(path, str(path)), f"{shard}: ")
+    return findings, f"sharded checkpoint: {index.name} and {len(shards)} shard(s) scanned"
+
+
 def _scan_dcp(root: Path, scan_member: Callable[[Path, str], Any]) -> tuple[Findings, str]:
     findings = Findings()
+    if not locate(root / ".metadata").is_file():
+        raise IntegrityError(f"{root}: .distcp data files but no .metadata (DCP writes it "
+                             "last: the save did not finish)", path=str(root))
     with locate(root / ".metadata").open() as fh:
         metadata = read_pickle(fh, findings, what=f"DCP metadata {root / '.metadata'}",
                                location=".metadata")
@@ -110,7 +158,8 @@ def _scan_dcp(root: Path, scan_member: Callable[[Path, str], Any]) -> tuple[Find
                       loads_code)
             unvetted += 1
             continue
-        problem = _read_item(root / relative, offset, length, where, findings)
+        problem = _read_item(root / relative, offset, length, where, findings,
+                             tensor=not loads_code)
         if problem:
             _not_read(findings, where, problem, loads_code)
     others = [p for p in _files(root) if p.name != ".metadata"
@@ -163,10 +212,10 @@ def _not_read(findings: Findings, where: str, why: str, loads_code: bool) -> Non
         findings.objects.add(f"<DCP tensor item {where} not read: {why[:150]}>")
 
 
-def _read_item(path: Path, offset: int, length: int, where: str, findings: Findings
-               ) -> str | None:
-    """One item: a torch.save file at ``offset`` in ``path``, read for its pickles; why it
-    cannot be read, or None."""
+def _read_item(path: Path, offset: int, length: int, where: str, findings: Findings, *,
+               tensor: bool = False) -> str | None:
+    """One item: a torch.save file at ``offset`` in ``path``, read for its pickles (or, for a
+    ``tensor`` chunk, a safetensors blob); why it cannot be read, or None."""
     from ckptkit.formats import embedded
 
     loc = locate(path)
@@ -178,10 +227,16 @@ def _read_item(path: Path, offset: int, length: int, where: str, findings: Findi
     if offset + length > size:
         raise IntegrityError(f"{path}: DCP item at bytes {offset}-{offset + length} runs past "
                              f"the end of the {size}-byte file", path=str(path))
-    with loc.open() as fh:
-        window = _Window(fh, offset, length)
-        if window.read(4) != ziparchive.ZIP_MAGIC:
-            window.seek(0)
+    with locate(path).open() as fh:
+        fh.seek(offset)
+        head = fh.read(9)  # a blob's header starts here, whatever the item's own length
+        window = ziparchive.Window(fh, offset, length)
+        if head[:4] != ziparchive.ZIP_MAGIC and head[8:9] == b"{" and tensor:
+            # SerializationFormat.SAFETENSORS: the file's tensors are one safetensors blob
+            # (JSON header, raw elements), no pickle; what DCP would run on it is
+            # torch.load(weights_only=True), which runs no code.
+            return None
+        if head[:4] != ziparchive.ZIP_MAGIC:
             if length > MAX_STATIC_SCAN:
                 return f"{length} bytes that are not a torch zip"
             return embedded.read_embedded_torch_file(window.read(length), findings, where)
@@ -196,40 +251,6 @@ def _read_item(path: Path, offset: int, length: int, where: str, findings: Findi
             raise IntegrityError(f"{path}: DCP item {where} is not a readable torch file "
                                  f"({exc})", path=str(path)) from exc
     return None
-
-
-class _Window(io.RawIOBase):
-    """Bytes ``offset .. offset + length`` of an open file, as a file of their own."""
-
-    def __init__(self, fh: BinaryIO, offset: int, length: int):
-        self._fh, self._offset, self._length, self._pos = fh, offset, length, 0
-        self.name = getattr(fh, "name", "dcp item")
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = min(max(0, base + pos), self._length)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def read(self, n: int = -1) -> bytes:
-        n = self._length - self._pos if n is None or n < 0 else min(n, self._length - self._pos)
-        self._fh.seek(self._offset + self._pos)
-        data = self._fh.read(n)
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
 
 def _files(root: Path) -> list[Path]:

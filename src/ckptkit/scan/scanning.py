@@ -106,8 +106,8 @@ def scan_file(path: Path, *, explicit: bool = True, label: str | None = None, de
 
 def _scan_file(path: Path, name: str, explicit: bool, depth: int,
                options: ScanOptions) -> ScanResult | Skipped:
-    kind = checkpoint_dirs.unit_kind(path) if path.is_dir() else None
-    if kind in ("dcp", "orbax"):
+    kind = checkpoint_dirs.unit_kind(path)
+    if kind in ("dcp", "orbax", "hf-sharded"):
         fmt = checkpoint_dirs.FORMATS[kind]
         try:
             findings, note = checkpoint_dirs.scan_unit(path, kind, _member_scanner(depth, options))
@@ -126,6 +126,8 @@ def _scan_file(path: Path, name: str, explicit: bool, depth: int,
         return _not_a_checkpoint(path, name, explicit, depth, exc, options)
     except CkptkitError as exc:  # empty, vanished, a broken link
         return unreadable(name, exc) if explicit else Skipped(name, _skip_reason(path, exc))
+    if reader.FORMAT in ("pickle", "npy"):  # read as scan always read them: every pickle
+        return _plain(path, name, npy=reader.FORMAT == "npy")
     fmt = reader.__name__.rpartition(".")[2].replace("_", "-")
     try:
         raw = reader.read_info(path)
@@ -206,6 +208,7 @@ def _walk(root: Path) -> Iterator[Path | ScanResult | Skipped]:
                              note=f"cannot list the folder ({error.strerror or error})",
                              exit_code=ExitCode.ERROR)
         here = Path(folder)
+        shards = checkpoint_dirs.sharded_members(here)  # scanned through their index
         dirs.sort()
         for d in list(dirs):
             if (here / d).is_symlink():
@@ -216,7 +219,7 @@ def _walk(root: Path) -> Iterator[Path | ScanResult | Skipped]:
                 yield here / d
         for f in sorted(files):
             path = here / f
-            if not checkpoint_dirs.part_of_a_tf_checkpoint(path):
+            if not checkpoint_dirs.part_of_a_tf_checkpoint(path) and f not in shards:
                 yield path
     for error in errors:  # the root itself could not be listed
         yield ScanResult(str(error.filename or root), "unreadable",

@@ -205,3 +205,19 @@ def locate(value: str | os.PathLike[str] | Location) -> Location:
                          hint="Use a local path, or install the extra that reads this scheme "
                               "(docs/remote.md)")
     return opener(text)
+
+
+def local_path(value: str | os.PathLike[str] | Location) -> Path:
+    """The local path of ``value``, for readers that walk a directory with ``pathlib``
+    (sharded and distributed layouts).
+
+    Raises:
+        UsageError: ``value`` is a remote location.
+    """
+    loc = locate(value)
+    if isinstance(loc, LocalLocation):
+        return loc.path
+    from ckptkit.errors import UsageError
+
+    raise UsageError(f"{loc}: this layout is read from a local directory only",
+                     hint="Download the checkpoint's directory first (or mount it)")
