@@ -141,5 +141,73 @@ def test_there_are_no_import_cycles() -> None:
 def test_the_rules_see_real_imports() -> None:
     """The parser is not vacuous: a known import and a lazy one are both found."""
     assert "ckptkit.pickles.pickle_globals" in imports_of("ckptkit.pickles.unpickler")
-    assert "ckptkit.hub.sources.tfhub" in imports_of("ckptkit.hub.fetch")  # inside a function
+    assert "ckptkit.hub.sources.tfhub" in imports_of("ckptkit.hub.fetch_files")  # in a function
     assert layer_of("ckptkit.hub.download.transfer") == "hub"
+
+
+# --- readers get their bytes through storage/location.py ---------------------------------------
+
+#: Modules that read checkpoints: every byte they read comes through a Location.
+READERS = sorted(m for m in MODULES if m.startswith(("ckptkit.formats", "ckptkit.pickles",
+                                                     "ckptkit.scan"))
+                 or m in READ_VERBS or m == "ckptkit.runs.integrity")
+#: Reads that are not of a checkpoint, each with why it may open its file directly.
+NOT_A_CHECKPOINT = {
+    ("ckptkit.pickles.pickle_globals", "read_text"): "the allowlist shipped in ckptkit/data",
+    ("ckptkit.scan.checkpoint_dirs", "zipfile.ZipFile"): "a window over a Location's open file",
+    ("ckptkit.formats.ziparchive", "zipfile.ZipFile"): "a window over a Location's open file",
+    ("ckptkit.formats.gguf_header", "read_text"): "the GGML type table shipped in ckptkit/data",
+    ("ckptkit.formats.keras_config", "read_text"): "the safe-mode rules shipped in ckptkit/data",
+}
+_WRITE_MODES = set("wax+")
+
+
+def _mode(call: ast.Call, position: int) -> str | None:
+    node = call.args[position] if len(call.args) > position else next(
+        (k.value for k in call.keywords if k.arg == "mode"), None)
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def direct_reads(module: str) -> list[str]:
+    """``open()`` (for reading), ``Path.read_bytes``/``read_text``, ``tarfile.open(name)`` and
+    ``zipfile.ZipFile(...)`` (for reading) calls in ``module``: ways around a Location."""
+    found = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = None
+        if isinstance(func, ast.Name) and func.id == "open":
+            mode = _mode(node, 1)
+            if mode is None or not _WRITE_MODES & set(mode):
+                name = "open"
+        elif isinstance(func, ast.Attribute) and func.attr in ("read_bytes", "read_text"):
+            name = func.attr
+        elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            dotted = f"{func.value.id}.{func.attr}"
+            if dotted == "io.open":
+                name = dotted
+            elif dotted == "tarfile.open" and (node.args or any(k.arg == "name"
+                                                                for k in node.keywords)):
+                name = dotted
+            elif dotted == "zipfile.ZipFile":
+                mode = _mode(node, 1)
+                if mode is None or not _WRITE_MODES & set(mode):
+                    name = dotted
+        if name and (module, name) not in NOT_A_CHECKPOINT:
+            found.append(f"{name} at line {node.lineno}")
+    return found
+
+
+@pytest.mark.parametrize("module", READERS)
+def test_readers_open_no_checkpoint_themselves(module: str) -> None:
+    """Only storage/ opens files for reading: readers ask ``locate(path)`` for bytes, so a
+    remote backend registered in ``location.OPENERS`` serves every reader unchanged."""
+    assert direct_reads(module) == [], f"{module} reads around storage.location"
+
+
+def test_the_direct_read_check_is_not_vacuous() -> None:
+    """The check finds what it looks for: storage/location.py itself opens files."""
+    assert any(r.startswith("open") for r in direct_reads("ckptkit.storage.location"))
+    assert direct_reads("ckptkit.storage.archives")  # tarfile.is_tarfile aside, it opens zips
+    assert "ckptkit.formats.safetensors" in READERS and "ckptkit.scan.scanning" in READERS

@@ -47,7 +47,7 @@ class CkptkitError(Exception):
 
 
 @contextmanager
-def naming(path: str | os.PathLike[str]) -> Iterator[None]:
+def naming(path: object) -> Iterator[None]:
     """Name ``path`` in any ckptkit error raised inside that does not name a file yet.
 
     Deep readers (pickle walking, protobuf, tensor views) do not know which file they read;
@@ -59,7 +59,7 @@ def naming(path: str | os.PathLike[str]) -> Iterator[None]:
     try:
         yield
     except CkptkitError as exc:
-        where = os.fspath(path)
+        where = str(path)  # a path, or a storage Location (which prints as its path or URL)
         if exc.path is None and where not in exc.message:
             exc.message = f"{where}: {exc.message}"
             exc.args = (exc.message, *exc.args[1:])

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 from ckptkit import formats
+from ckptkit.storage.location import LocalLocation, Location, locate
 from ckptkit.errors import naming
 from ckptkit.summary import CheckpointInfo, summarise
 
@@ -34,7 +33,7 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
         >>> info.groups[0].name, info.metadata["step"]    # doctest: +SKIP
         ('model', 210000)
     """
-    target = Path(path)
+    target = locate(path)  # one location for sniffing and reading: its first read is shared
     with naming(target):
         raw = formats.detect(target).read_info(target)
     size = _size(target)
@@ -43,10 +42,30 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
     return summarise(raw, str(target), size)
 
 
-def _size(path: Path) -> int:
+def _size(path: Location) -> int:
     if path.is_file():
-        return path.stat().st_size
+        return path.size()
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return _tree_size(path)
     # A TF checkpoint prefix: the index and its shards.
-    return sum(p.stat().st_size for p in path.parent.glob(path.name + ".*") if p.is_file())
+    prefix = path.name + "."
+    return sum(e.size or 0 for e in path.parent().list()
+               if not e.is_dir and e.name.startswith(prefix))
+
+
+def _tree_size(directory: Location, depth: int = 0) -> int:
+    if isinstance(directory, LocalLocation):
+        # rglob does not descend into linked folders: a link loop cannot make this endless.
+        return sum(p.stat().st_size for p in directory.path.rglob("*") if p.is_file())
+    total = 0
+    for entry in directory.list():
+        if entry.is_dir and depth < _MAX_DEPTH:
+            total += _tree_size(directory.child(entry.name), depth + 1)
+        elif not entry.is_dir:
+            total += entry.size or 0
+    return total
+
+
+#: Folder levels counted below a remote checkpoint directory (object stores have no links,
+#: but a listing that claims endless nesting must not make the count endless).
+_MAX_DEPTH = 16

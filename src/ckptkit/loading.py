@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 from ckptkit import formats
+from ckptkit.storage.location import locate
 
 Framework = Literal["torch", "numpy", "flax", "jax", "tf"]
 
@@ -39,5 +39,5 @@ def load(path: str | os.PathLike[str], framework: Framework = "numpy", *,
         MissingDependencyError: the framework is not installed.
         UsageError: the format cannot be loaded into that framework.
     """
-    target = Path(path)
+    target = locate(path)
     return formats.detect(target).load(target, framework, unsafe=unsafe)

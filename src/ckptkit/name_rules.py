@@ -389,7 +389,10 @@ def read_target(spec: TargetSpec) -> dict[str, tuple[int, ...]]:
                             path=str(path))
     if path.suffix.lower() == ".json":
         try:
-            layout = _flatten_json(json.loads(path.read_text(encoding="utf-8")), "")
+            from ckptkit.storage.location import locate
+
+            loc = locate(path)
+            layout = _flatten_json(json.loads(loc.read(0, loc.size()).decode("utf-8")), "")
         except (ValueError, TypeError) as exc:
             raise UsageError(f"--target {path}: not a JSON layout ({exc})",
                              hint='Expected {"name": [dim, ...], ...}') from None

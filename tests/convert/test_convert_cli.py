@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from tests.conftest import run_ckpt
-from tests.convert.reference_models import loftr_ckpt  # noqa: F401 (fixture)
 from tests.convert.test_convert_target import ifvit_layout
 
 

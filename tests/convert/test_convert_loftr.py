@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_ckpt
-from tests.convert.reference_models import (COARSE, FINE, FlaxLoFTR,  # noqa: F401 (fixture)
-                                            assert_agree, load_npz, loftr_ckpt, loftr_state,
-                                            torch, unflatten)
+from tests.convert.reference_models import (COARSE, FINE, FlaxLoFTR, assert_agree, load_npz,
+                                            loftr_state, torch, unflatten)
 from tests.servers.http import HTTPTestServer, http_server  # noqa: F401 (fixture)
 
 LAYER_KEYS = ("q_proj/kernel", "k_proj/kernel", "v_proj/kernel", "merge/kernel", "mlp.0/kernel",

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from tests.conftest import run_ckpt
-from tests.convert.reference_models import (COARSE, FlaxEncoderLayer,  # noqa: F401 (fixture)
-                                            LocalFeatureTransformer, assert_agree, fnn, jax,
-                                            load_npz, loftr_ckpt, unflatten)
+from tests.convert.reference_models import (COARSE, FlaxEncoderLayer, LocalFeatureTransformer,
+                                            assert_agree, fnn, jax, load_npz, unflatten)
 from tests.convert.test_convert_loftr import LAYER_KEYS
 
 SHAPES = {"q_proj/kernel": [256, 256], "k_proj/kernel": [256, 256], "v_proj/kernel": [256, 256],

@@ -18,7 +18,7 @@ from ckptkit.errors import ExitCode, UsageError
 from ckptkit.hub.fetch import plan_fetch
 from ckptkit.testing.hubs import KaggleStub, MirrorServer, tree_files
 from tests.conftest import SRC
-from tests.servers.http import Fault, HTTPTestServer, http_server  # noqa: F401 (fixture)
+from tests.servers.http import Fault, HTTPTestServer
 
 SAMPLES = SRC / "ckptkit" / "samples"
 GCS = "https://storage.googleapis.com"

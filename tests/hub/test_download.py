@@ -29,7 +29,7 @@ from ckptkit.hub.download.transfer_plan import (ContentRange, PieceSizing, Probe
                                    parse_content_range, parse_retry_after, plan_pieces)
 from tests import figures
 from tests.conftest import SRC
-from tests.servers.http import HTML_PAGE, Fault, HTTPTestServer, http_server  # noqa: F401
+from tests.servers.http import HTML_PAGE, Fault, HTTPTestServer
 
 KiB, MiB = 1 << 10, 1 << 20
 DEFAULT_SIZING = PieceSizing(min_size=dl.MIN_PIECE_SIZE, max_size=dl.MAX_PIECE_SIZE,

@@ -24,7 +24,7 @@ from ckptkit.hub.fetch import FetchError, plan_fetch
 from ckptkit.hub.pins import Pins
 from tests import figures
 from tests.conftest import SRC, run_ckpt, run_main
-from tests.servers.http import Fault, HTTPTestServer, http_server  # noqa: F401 (fixture)
+from tests.servers.http import Fault, HTTPTestServer
 
 torch = pytest.importorskip("torch")
 

@@ -22,10 +22,9 @@ from ckptkit.hub.fetch import FetchPlan, plan_fetch
 from ckptkit.hub.sources.tfhub import module_key
 from tests import figures
 from tests.conftest import SRC, run_ckpt
-from tests.servers.http import Fault, HTTPTestServer, http_server  # noqa: F401 (fixture)
+from tests.servers.http import Fault, HTTPTestServer
 from tests.hub.sources.hubs import (HANDLE, KAGGLE_HANDLE, SAMPLE_INPUT, SAMPLE_SCORE, KaggleStub,
-                                TFHubStub, saved_model, tfhub_archive,
-                                tree_files)  # noqa: F401 (fixture)
+                                TFHubStub, tfhub_archive, tree_files)
 
 SAMPLES = SRC / "ckptkit" / "samples"
 GCS = "https://storage.googleapis.com"
@@ -127,7 +126,8 @@ def test_hostile_tf_hub_archive_is_refused_and_kaggle_used(
     assert not outside.exists()
     assert [p for p in tmp_path.rglob("*") if p.name in ("escape.txt", "abs.txt")] == []
     cache = Path(os.environ["CKPTKIT_CACHE"])
-    assert [p.name for p in cache.rglob("*") if p.name.endswith((".extract", ".tmp", ".tar.gz"))
+    assert [p.name for p in cache.rglob("*") if p.name.endswith((".extract", ".tmp", ".partial",
+                                                                 ".tar.gz"))
             or not (p.is_file() or p.is_dir())] == []  # no temp tree, archive, link or fifo left
     assert not (Path(os.environ["TFHUB_CACHE_DIR"]) / module_key(HANDLE)).exists()
     figures.count("archive-attacks")

@@ -107,7 +107,7 @@ def test_export_lays_each_source_out_at_its_url(site: Path, tree: Path) -> None:
     kaggle = (tree / "www.kaggle.com" / "api" / "v1" / "models" / "google" / "musiq"
               / "tensorFlow2" / "spaq" / "1" / "download")
     assert hub.read_bytes()[:2] == b"\x1f\x8b" and os.path.samefile(hub, kaggle)
-    assert not [p for p in tree.rglob("*") if p.name.endswith(".tmp")]
+    assert not [p for p in tree.rglob("*") if p.name.endswith((".tmp", ".partial"))]
 
 
 def test_export_again_keeps_what_is_there(site: Path, tree: Path) -> None:

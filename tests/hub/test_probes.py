@@ -10,8 +10,7 @@ import pytest
 
 from ckptkit.hub.probes import KAGGLE_RPC, ProbeRequest, download_probe, kaggle_probe, send
 from ckptkit.testing.hubs import KaggleStub, StubHandler, StubServer
-from tests.servers.http import (UNRESOLVABLE, Fault, HTTPTestServer,  # noqa: F401 (fixture)
-                                http_server)
+from tests.servers.http import UNRESOLVABLE, Fault, HTTPTestServer
 
 PAYLOAD = bytes(range(256)) * 40
 

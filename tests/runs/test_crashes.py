@@ -592,7 +592,8 @@ def test_kill_9_during_save_leaves_old_or_new_file(tmp_path: Path) -> None:
     for item in plan.items:
         if item.path in leftovers:
             assert "interrupted ckptkit.save" in item.reason
-    # A later successful save removes leftovers once they are stale.
+    # A later successful save removes leftovers of dead writers once they are stale
+    # (storage.atomic: dead pid and ABANDONED_AFTER seconds untouched).
     for leftover in leftovers:
         os.utime(leftover, (time.time() - 3600, time.time() - 3600))
     ckptkit.save({"tag": 1}, path)

@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 
 from ckptkit.testing.hf_hub import Fault, HfHubStandIn
-from tests.hf_content import (CONFIG, NOTES, TOKEN, WEIGHTS, hub,  # noqa: F401  (fixture)
-                              safetensors_bytes)
+from tests.hf_content import CONFIG, NOTES, TOKEN, WEIGHTS, safetensors_bytes
 from tests.testing.test_testing_hf_hub import git_blob_id
 
 pytest.importorskip("huggingface_hub")

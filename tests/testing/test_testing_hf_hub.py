@@ -20,7 +20,7 @@ import pytest
 
 from ckptkit.testing.hf_hub import Fault, HfHubStandIn
 from tests.conftest import SRC
-from tests.hf_content import CONFIG, NOTES, TOKEN, WEIGHTS, hub  # noqa: F401  (fixture)
+from tests.hf_content import CONFIG, NOTES, TOKEN, WEIGHTS
 from tests.testing.test_testing_hubs import get, serving_line, start_cli
 
 SHA256 = hashlib.sha256(WEIGHTS).hexdigest()

@@ -222,7 +222,7 @@ def _from_bundle(source: Path, name: str) -> _Plan:
     else:
         index, _found = tf_checkpoint.read_index(source)
     tensors, left_out = [], []
-    inputs = {source, tensor_bundle.index_path(index.prefix)}
+    inputs = {source, Path(str(tensor_bundle.index_path(index.prefix)))}
     for entry in index.entries:
         if entry.name == tensor_bundle.OBJECT_GRAPH_KEY:
             continue  # TensorFlow's own bookkeeping, not a weight

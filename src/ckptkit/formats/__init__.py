@@ -35,6 +35,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ckptkit.errors import FormatError, IntegrityError, NotFoundError, UsageError
+from ckptkit.storage.location import Location, locate
 
 #: Detection order: the common PyTorch formats first, so that inspecting a .pt file imports
 #: no other reader.  Formats cannot be mistaken for each other in this order: torch-zip
@@ -82,8 +83,11 @@ def module_for(name: str) -> ModuleType:
                       hint="Use one of: " + ", ".join(f for f, _ in FORMAT_MODULES))
 
 
-def detect(path: Path) -> ModuleType:
+def detect(path: Path | Location) -> ModuleType:
     """Return the reader module for ``path``, judged by content.
+
+    Pass a :class:`~ckptkit.storage.location.Location` (and then read through the same one)
+    so that every sniff shares its first, coalesced read.
 
     Raises:
         NotFoundError: ``path`` does not exist.
@@ -91,27 +95,29 @@ def detect(path: Path) -> ModuleType:
     """
     if not str(path) or str(path) == ".":
         raise UsageError("no checkpoint path given", hint="Pass a file or directory")
-    if not path.exists():
+    loc = locate(path)
+    exists = loc.exists()
+    if not exists:
         # A TF checkpoint is named by its prefix (ckpt-1 for ckpt-1.index + data shards).
-        if not path.with_name(path.name + ".index").is_file():
+        if not loc.sibling(loc.name + ".index").is_file():
             raise NotFoundError(f"{path}: no such file or directory",
                                 hint="Check the path, or run `ckpt list` for catalogue names",
                                 path=str(path))
-    elif not (path.is_file() or path.is_dir()):
+    elif not (loc.is_file() or loc.is_dir()):
         raise FormatError(f"{path}: not a regular file or directory (a pipe or device?)",
                           hint="Pass the checkpoint file itself", path=str(path))
     order = FORMAT_MODULES
-    if path.suffix == ".index" or _TF_SHARD.search(path.name) or not path.exists():
+    if loc.name.endswith(".index") or _TF_SHARD.search(loc.name) or not exists:
         # Named like a TF checkpoint: its shards hold raw bytes that could look like anything.
         order = tuple(sorted(FORMAT_MODULES, key=lambda f: f[0] != "tf-checkpoint"))
     for _fmt, name in order:
         module = importlib.import_module(name)
-        if module.sniff(path):
+        if module.sniff(loc):
             return module
-    if path.is_file() and path.stat().st_size == 0:
+    if loc.is_file() and loc.size() == 0:
         raise IntegrityError(f"{path}: file is empty", hint="Re-download or re-save it",
                              path=str(path))
-    kind = "directory" if path.is_dir() else "file"
+    kind = "directory" if loc.is_dir() else "file"
     raise FormatError(f"{path}: not a checkpoint format ckptkit knows ({kind})",
                       hint=f"Expected {EXPECTED}", path=str(path))
 

@@ -12,6 +12,7 @@ import struct
 from typing import Any, BinaryIO
 
 from ckptkit.errors import FormatError, IntegrityError, MissingDependencyError
+from ckptkit.storage.location import locate
 from ckptkit.formats import protowire
 from ckptkit.formats.crc32c import crc32c, crc32c_fast, unmask_crc
 from ckptkit.formats.tensor_bundle import OBJECT_GRAPH_KEY, BundleEntry, BundleIndex, check_shards
@@ -106,7 +107,7 @@ class _ShardReader:
         shard = self.index.shard_path(entry.shard_id)
         fh = self.handles.get(entry.shard_id)
         if fh is None:
-            fh = self.handles[entry.shard_id] = self.files.enter_context(open(shard, "rb"))
+            fh = self.handles[entry.shard_id] = self.files.enter_context(locate(shard).open())
         fh.seek(entry.offset)
         buf = fh.read(entry.size)
         if len(buf) != entry.size:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-import zipfile
 from typing import Iterator
 
 from ckptkit.storage import budget
 from ckptkit.errors import IntegrityError
-from ckptkit.formats.ziparchive import ZIP_ERRORS
+from ckptkit.formats.ziparchive import ZIP_ERRORS, zip_of
+from ckptkit.storage.location import locate
 from ckptkit.model import ByteSpan, TensorRef, itemsize
 
 #: Bytes per read: big enough for sequential I/O at full speed, small next to a large tensor.
@@ -45,7 +45,7 @@ def iter_bytes(span: ByteSpan, start: int = 0, length: int | None = None,
             yield data[at:at + chunk]
         return
     if span.member is None:
-        with open(span.path, "rb") as fh:
+        with locate(span.path).open() as fh:
             fh.seek(span.offset + start)
             yield from _pump(fh, remaining, chunk, span)
         return
@@ -53,7 +53,7 @@ def iter_bytes(span: ByteSpan, start: int = 0, length: int | None = None,
     (account or budget.current()).charge("decompressed", span.offset + start + remaining,
                                          f"member {span.member!r}")
     try:
-        with zipfile.ZipFile(span.path) as archive, archive.open(span.member) as member:
+        with zip_of(span.path) as archive, archive.open(span.member) as member:
             skip = span.offset + start
             while skip:  # compressed members cannot seek; discard in bounded pieces
                 got = member.read(min(skip, chunk))

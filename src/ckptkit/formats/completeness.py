@@ -15,11 +15,12 @@ from pathlib import Path
 
 from ckptkit.errors import CkptkitError, IntegrityError, UnsafeContentError
 from ckptkit.model import Problem
+from ckptkit.storage.location import Location, locate
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def check_file(path: Path) -> str:
+def check_file(path: Path | Location) -> str:
     """Why the file at ``path`` is complete (one line).
 
     Raises:
@@ -27,9 +28,10 @@ def check_file(path: Path) -> str:
     """
     from ckptkit import formats
 
+    path = locate(path)  # sniffing and reading share its first, coalesced read
     if not path.exists():  # a TF checkpoint named by its prefix (ckpt-1: ckpt-1.index, ...)
         return check_tf(path)
-    if path.stat().st_size == 0:
+    if path.size() == 0:
         raise IntegrityError(f"{path}: file is empty", path=str(path))
     reader = formats.detect(path)
     fmt = reader.FORMAT
@@ -48,30 +50,32 @@ def check_file(path: Path) -> str:
     return f"complete ({fmt} structure reads to the end)"
 
 
-def check_zip(path: Path) -> None:
+def check_zip(path: Path | Location) -> None:
     from ckptkit.formats import ziparchive
 
-    size = path.stat().st_size
-    with ziparchive.open_zip(path, "zip archive") as archive, open(path, "rb") as fh:
+    path = locate(path)
+    size = path.size()
+    with ziparchive.open_zip(path, "zip archive") as archive, path.open() as fh:
         for info in archive.infolist():
             ziparchive.data_offset(fh, info, size)
 
 
-def check_safetensors(path: Path) -> str:
+def check_safetensors(path: Path | Location) -> str:
     from ckptkit.formats import safetensors
 
+    path = locate(path)
     header, start = safetensors.read_header(path)
     end = max((int(v["data_offsets"][1]) for k, v in header.items()
                if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v),
               default=0)
-    size = path.stat().st_size
+    size = path.size()
     if start + end > size:
         raise IntegrityError(f"{path}: truncated: tensors need {start + end} bytes, the file "
                              f"has {size}", path=str(path))
     return "complete (safetensors header and data length agree)"
 
 
-def check_tf(path: Path) -> str:
+def check_tf(path: Path | Location) -> str:
     from ckptkit.formats import tf_checkpoint
 
     index, _found = tf_checkpoint.read_index(path)  # read_index also runs check_shards

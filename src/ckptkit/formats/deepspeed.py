@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptkit.errors import FormatError, IntegrityError, UsageError
+from ckptkit.errors import CkptkitError, FormatError, IntegrityError, UsageError
 from ckptkit.formats import torch_zip
 from ckptkit.model import ByteSpan, Opaque, Problem, RawCheckpoint, TensorRef, itemsize
 from ckptkit.storage.budget import metered
+from ckptkit.storage.location import Location, locate
 
 FORMAT = "deepspeed"
 _OPTIM = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
@@ -46,37 +47,42 @@ class Piece:
     span: ByteSpan
 
 
-def _files(path: Path) -> tuple[dict[int, Path], dict[int | None, Path]]:
-    optim: dict[int, Path] = {}
-    model: dict[int | None, Path] = {}
-    for child in sorted(path.iterdir()) if path.is_dir() else []:
-        if (m := _OPTIM.fullmatch(child.name)):
-            optim[int(m.group(1))] = child
-        elif (m := _MODEL.fullmatch(child.name)):
-            model[int(m.group(1)) if m.group(1) else None] = child
+def _files(path: Location) -> tuple[dict[int, Location], dict[int | None, Location]]:
+    optim: dict[int, Location] = {}
+    model: dict[int | None, Location] = {}
+    for entry in path.list() if path.is_dir() else []:
+        if (m := _OPTIM.fullmatch(entry.name)):
+            optim[int(m.group(1))] = path.child(entry.name)
+        elif (m := _MODEL.fullmatch(entry.name)):
+            model[int(m.group(1)) if m.group(1) else None] = path.child(entry.name)
     return optim, model
 
 
-def _step_dir(path: Path) -> Path:
+#: Bytes of ``latest`` read: it holds one tag name.
+_LATEST_MAX = 4096
+
+
+def _step_dir(path: Path | Location) -> Location:
     """``path`` itself, or the tag that ``path/latest`` names."""
-    latest = path / "latest"
+    path = locate(path)
+    latest = path.child("latest")
     if latest.is_file() and not _files(path)[0]:
-        tag = latest.read_text(encoding="utf-8", errors="replace").strip()
+        tag = latest.read(0, _LATEST_MAX).decode("utf-8", "replace").strip()
         if not tag or "/" in tag or tag.startswith("."):
             raise IntegrityError(f"{latest}: names no tag ({tag!r})", path=str(latest))
-        return path / tag
+        return path.child(tag)
     return path
 
 
 def sniff(path: Path) -> bool:
     try:
         optim, model = _files(_step_dir(path))
-    except (OSError, IntegrityError):
+    except (OSError, CkptkitError):
         return False
     return bool(optim) and bool(model)
 
 
-def _stage(optim_state: dict[str, Any], where: Path) -> int:
+def _stage(optim_state: dict[str, Any], where: Location) -> int:
     stage = optim_state.get("zero_stage")
     if isinstance(stage, Opaque) and stage.args and isinstance(stage.args[0], int):
         stage = stage.args[0]
@@ -86,7 +92,8 @@ def _stage(optim_state: dict[str, Any], where: Path) -> int:
     return int(stage)
 
 
-def _partitions(optim_state: dict[str, Any], stage: int, where: Path) -> list[TensorRef]:
+def _partitions(optim_state: dict[str, Any], stage: int, where: Location
+                ) -> list[TensorRef]:
     key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
     groups = optim_state.get(key)
     if not isinstance(groups, list) or not all(isinstance(g, TensorRef) for g in groups):
@@ -100,7 +107,7 @@ def _partitions(optim_state: dict[str, Any], stage: int, where: Path) -> list[Te
 
 
 def _layout(path: Path) -> tuple[dict[str, Any], dict[str, list[Piece]], dict[str, tuple],
-                                 int, int, dict[int, Path]]:
+                                 int, int, dict[int, Location]]:
     """(model states tree, pieces per parameter, shapes, stage, world size, optim files)."""
     step = _step_dir(path)
     optim, model = _files(step)
@@ -255,7 +262,6 @@ def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
 def verify(path: Path, *, hashes: bool = False) -> list[Problem]:
     """Problems of a ZeRO checkpoint: missing rank files, partitions too short for the
     parameters, byte ranges outside their files (each named by file)."""
-    from ckptkit.errors import CkptkitError
 
     try:
         _states, pieces, *_ = _layout(path)
@@ -265,7 +271,7 @@ def verify(path: Path, *, hashes: bool = False) -> list[Problem]:
     found = []
     for parts in pieces.values():
         for piece in parts:
-            size = Path(piece.span.path).stat().st_size
+            size = locate(piece.span.path).size()
             if piece.span.offset + piece.span.length > size:
                 found.append(Problem(piece.span.path, "truncated",
                                      f"{piece.span.path}: partition reaches byte "

@@ -14,7 +14,8 @@ from typing import Any
 
 from ckptkit.storage import budget
 from ckptkit.storage.budget import metered
-from ckptkit.errors import IntegrityError, UsageError
+from ckptkit.errors import CkptkitError, IntegrityError, UsageError
+from ckptkit.storage.location import Location, locate
 from ckptkit.model import ByteSpan, RawCheckpoint, TensorRef, checked_shape
 from ckptkit.pickles.pickle_globals import numpy_dtype_name
 from ckptkit.tree import iter_tensors
@@ -24,11 +25,10 @@ _EXT_NDARRAY, _EXT_COMPLEX, _EXT_SCALAR = 1, 2, 3
 _MAP_MARKERS = set(range(0x80, 0x90)) | {0xDE, 0xDF}
 
 
-def sniff(path: Path) -> bool:
+def sniff(path: Path | Location) -> bool:
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
-    except OSError:
+        head = locate(path).read(0, 4096)
+    except (OSError, CkptkitError):
         return False
     if not head or head[0] not in _MAP_MARKERS:
         return False
@@ -107,8 +107,8 @@ def _decode(path: Path, materialise: bool) -> Any:
         return msgpack.ExtType(code, b"")
 
     bad: list[str] = []  # what is wrong with each malformed array, in file order
-    with open(path, "rb") as fh:
-        raw = fh.read()
+    loc = locate(path)
+    raw = loc.read(0, loc.size())
     _count(raw)
     try:
         tree = msgpack.unpackb(raw, ext_hook=ext_hook, raw=False, strict_map_key=False)

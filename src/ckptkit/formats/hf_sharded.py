@@ -24,7 +24,7 @@ from ckptkit.errors import CkptkitError, IntegrityError, UsageError
 from ckptkit.model import Problem, RawCheckpoint, SafetyReport, TensorRef
 from ckptkit.storage import budget
 from ckptkit.storage.budget import metered
-from ckptkit.storage.location import locate
+from ckptkit.storage.location import LocalLocation, local_path, locate
 from ckptkit.tree import join
 
 FORMAT = "hf-sharded"
@@ -37,6 +37,7 @@ _SNIFF = 64 << 10
 
 def find_index(path: Path) -> Path | None:
     """The index file of ``path``: itself when it is one, else the one inside the directory."""
+    path = local_path(path)
     if path.is_dir():
         for name in INDEXES:
             if (path / name).is_file():
@@ -46,6 +47,9 @@ def find_index(path: Path) -> Path | None:
 
 
 def sniff(path: Path) -> bool:
+    if not isinstance(locate(path), LocalLocation):
+        return False  # read from local directories only
+    path = local_path(path)
     index = find_index(path)
     if index is None:
         return False
@@ -80,6 +84,7 @@ def read_index(path: Path) -> Index:
         IntegrityError: not JSON, no ``weight_map`` of names to shard file names, or a shard
             name that leaves the directory.
     """
+    path = local_path(path)
     index = find_index(path)
     if index is None:
         raise IntegrityError(f"{path}: no {' or '.join(INDEXES)} here", path=str(path))
@@ -125,6 +130,7 @@ def shard_tensors(raw: RawCheckpoint) -> list[tuple[str, TensorRef]]:
 
 @metered
 def read_info(path: Path) -> RawCheckpoint:
+    path = local_path(path)
     index = read_index(path)
     tree: dict[str, Any] = {}
     tensors: list[tuple[tuple[str], TensorRef]] = []
@@ -189,6 +195,7 @@ def _placed(ref: TensorRef, shard: str) -> TensorRef:
 def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
     """``numpy``: one dict of arrays; ``torch``: one state dict (safetensors shards through
     the safetensors reader, ``.bin`` shards through ``torch.load(weights_only=True)``)."""
+    path = local_path(path)
     from ckptkit.formats import safetensors, torch_common
     from ckptkit.formats.tensor_io import read_tensor
 
@@ -218,6 +225,7 @@ def verify(path: Path, *, hashes: bool = False) -> list[Problem]:
     ``metadata.total_size`` is not checked: writers compute it differently (storages or
     tensors, buffers or not), so published checkpoints disagree with their own tensors by a
     few KiB without anything being missing."""
+    path = local_path(path)
     from ckptkit.formats.completeness import file_problems, hash_problems
 
     try:

@@ -21,10 +21,11 @@ import numpy as np
 
 from ckptkit.errors import IntegrityError, UsageError
 from ckptkit.formats import hdf5_child, keras_config, keras_h5
-from ckptkit.formats.ziparchive import ZIP_ERRORS, data_offset, is_zip, open_zip
+from ckptkit.formats.ziparchive import ZIP_ERRORS, data_offset, is_zip, open_zip, zip_of
 from ckptkit.model import RawCheckpoint, TensorRef
 from ckptkit.storage import budget
 from ckptkit.storage.budget import metered
+from ckptkit.storage.location import locate
 
 FORMAT = "keras"
 CONFIG, METADATA, WEIGHTS = "config.json", "metadata.json", "model.weights.h5"
@@ -34,7 +35,7 @@ def sniff(path: Path) -> bool:
     if not is_zip(path):
         return False
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zip_of(path) as archive:
             names = set(archive.namelist())
     except (*ZIP_ERRORS, ValueError, NotImplementedError):
         return False
@@ -95,8 +96,9 @@ def _weights(path: Path, archive: zipfile.ZipFile
         h5 = _extract(path, archive, info, Path(folder))
         answer = hdf5_child.run("structure", h5, label=f"{path}!{WEIGHTS}")
     if info.compress_type == zipfile.ZIP_STORED:
-        with open(path, "rb") as fh:
-            base = data_offset(fh, info, path.stat().st_size)
+        loc = locate(path)
+        with loc.open() as fh:
+            base = data_offset(fh, info, loc.size())
         return keras_h5.tensors_from(answer, str(path), base)
     return keras_h5.tensors_from(answer, str(path), member=WEIGHTS)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ckptkit.storage import budget
 from ckptkit.storage.budget import metered
+from ckptkit.storage.location import Location, locate
 from ckptkit.errors import FormatError, IntegrityError, UnsafeContentError, UsageError
 from ckptkit.formats import ziparchive
 from ckptkit.model import ByteSpan, Opaque, RawCheckpoint, SafetyReport, TensorRef, checked_shape
@@ -24,11 +25,12 @@ from ckptkit.pickles.unpickler import Findings, read_pickle
 FORMAT = "npz"
 
 
-def sniff(path: Path) -> bool:
+def sniff(path: Path | Location) -> bool:
+    path = locate(path)
     if not ziparchive.is_zip(path):
         return False
     try:
-        with zipfile.ZipFile(path) as archive:
+        with ziparchive.zip_of(path) as archive:
             names = archive.namelist()
     except (*ziparchive.ZIP_ERRORS, ValueError):
         # Truncated: the central directory is gone, but the first record still names a .npy.
@@ -49,14 +51,15 @@ def _read_head(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
 
 
 @metered
-def read_info(path: Path) -> RawCheckpoint:
+def read_info(path: Path | Location) -> RawCheckpoint:
+    path = locate(path)
     findings = Findings()
     tree: dict[str, Any] = {}
     tensors: list[tuple[str, TensorRef]] = []
-    size = path.stat().st_size
+    size = path.size()
     declared = 0
     compressed = False
-    with ziparchive.open_zip(path, "npz archive") as archive, open(path, "rb") as fh:
+    with ziparchive.open_zip(path, "npz archive") as archive, path.open() as fh:
         for info in archive.infolist():
             key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
             where = f"{path}: member {info.filename!r}"
@@ -177,7 +180,7 @@ def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
         budget.current().charge("decompressed", raw.details.get("declared_bytes", 0),
                                 "its compressed arrays")
     try:
-        with np.load(path, allow_pickle=unsafe) as data:
+        with locate(path).open() as fh, np.load(fh, allow_pickle=unsafe) as data:
             flat = {k: data[k] for k in data.files}
     except ValueError as exc:
         raise FormatError(f"{path}: {exc}", hint="Object arrays need unsafe=True",

@@ -18,7 +18,8 @@ from typing import Any
 
 from ckptkit.storage import budget
 from ckptkit.storage.budget import metered
-from ckptkit.errors import IntegrityError, UsageError
+from ckptkit.storage.location import Location, locate
+from ckptkit.errors import CkptkitError, IntegrityError, UsageError
 from ckptkit.model import ByteSpan, RawCheckpoint, TensorRef, checked_shape, itemsize
 
 FORMAT = "safetensors"
@@ -35,12 +36,12 @@ DTYPES = {
 }
 
 
-def sniff(path: Path) -> bool:
+def sniff(path: Path | Location) -> bool:
+    loc = locate(path)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(9)
-            size = path.stat().st_size
-    except OSError:
+        head = loc.read(0, 9)
+        size = loc.size()
+    except (OSError, CkptkitError):
         return False
     if len(head) < 9:
         return False
@@ -49,23 +50,26 @@ def sniff(path: Path) -> bool:
     return head[8:9] == b"{" and 2 <= length <= min(ceiling, size - 8)
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The parsed JSON header and the offset where the byte buffer starts."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise IntegrityError(f"{path}: {size} bytes is too short for a safetensors file "
-                                 "(8-byte header length first)",
-                                 hint="The file is truncated or corrupt", path=str(path))
-        (length,) = struct.unpack("<Q", head)
-        if length + 8 > size:
-            raise IntegrityError(f"{path}: safetensors header of {length} bytes does not fit "
-                                 f"in a {size}-byte file", hint="The file is truncated or corrupt",
-                                 path=str(path))
-        account = budget.current()
-        account.check("header", length, "the safetensors header")
-        raw = fh.read(length)
+def read_header(path: Path | Location) -> tuple[dict[str, Any], int]:
+    """The parsed JSON header and the offset where the byte buffer starts.
+
+    Two reads at most: the length, then the JSON (both inside the first, coalesced read when
+    the header is under :data:`~ckptkit.storage.location.PREFETCH` bytes)."""
+    loc = locate(path)
+    size = loc.size()
+    head = loc.read(0, 8)
+    if len(head) < 8:
+        raise IntegrityError(f"{path}: {size} bytes is too short for a safetensors file "
+                             "(8-byte header length first)",
+                             hint="The file is truncated or corrupt", path=str(path))
+    (length,) = struct.unpack("<Q", head)
+    if length + 8 > size:
+        raise IntegrityError(f"{path}: safetensors header of {length} bytes does not fit "
+                             f"in a {size}-byte file", hint="The file is truncated or corrupt",
+                             path=str(path))
+    account = budget.current()
+    account.check("header", length, "the safetensors header")
+    raw = loc.read(8, length)
     # Parsing builds every object and list at once: count them first.  Brackets inside
     # strings open nothing; they are taken out only when the plain count is too high.
     containers = raw.count(b"{") + raw.count(b"[")
@@ -97,9 +101,10 @@ def _integer(text: str) -> int | _Digits:
 
 
 @metered
-def read_info(path: Path) -> RawCheckpoint:
-    header, start = read_header(path)
-    size = path.stat().st_size
+def read_info(path: Path | Location) -> RawCheckpoint:
+    loc = locate(path)
+    header, start = read_header(loc)
+    size = loc.size()
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise IntegrityError(f"{path}: safetensors __metadata__ is a {type(metadata).__name__}, "

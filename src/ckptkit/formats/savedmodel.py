@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptkit.storage.budget import metered
+from ckptkit.storage.location import LocalLocation, Location, locate
 from ckptkit.errors import (
     CkptkitError,
     FormatError,
@@ -58,32 +59,32 @@ class MetaGraph:
     has_object_graph: bool = False
 
 
-def model_dir(path: Path) -> Path | None:
+def model_dir(path: Path | Location) -> Location | None:
     """The SavedModel directory ``path`` names (the directory or its ``saved_model.pb``)."""
+    path = locate(path)
     if path.is_dir():
-        if (path / PB_NAME).is_file() or (path / PBTXT_NAME).is_file():
+        if path.child(PB_NAME).is_file() or path.child(PBTXT_NAME).is_file():
             return path
         return None
     if path.is_file() and path.name in (PB_NAME, PBTXT_NAME):
-        return path.parent
+        return path.parent()
     return None
 
 
-def sniff(path: Path) -> bool:
+def sniff(path: Path | Location) -> bool:
     """True for a directory holding ``saved_model.pb`` (or ``.pbtxt``), or that file itself."""
     try:
         directory = model_dir(path)
         if directory is None:
             return False
-        pb = directory / PB_NAME
+        pb = directory.child(PB_NAME)
         if not pb.is_file():
             return True  # text format: read_info explains what to do with it
-        with open(pb, "rb") as fh:
-            first = fh.read(1)
+        first = pb.read(0, 1)
         # A SavedModel starts with field 1 (varint) or field 2 (message); an empty one is a
         # truncated SavedModel, which read_info reports as such.
         return first in (b"", b"\x08", b"\x12")
-    except OSError:
+    except (OSError, CkptkitError):
         return False
 
 
@@ -232,7 +233,7 @@ def _decode_saved_model(view: memoryview) -> tuple[int, list[MetaGraph]]:
     return schema, graphs
 
 
-def parse_saved_model(pb: Path) -> tuple[int, list[MetaGraph]]:
+def parse_saved_model(pb: Path | Location) -> tuple[int, list[MetaGraph]]:
     """``(saved_model_schema_version, meta graphs)`` of a ``saved_model.pb``.
 
     Raises:
@@ -243,11 +244,17 @@ def parse_saved_model(pb: Path) -> tuple[int, list[MetaGraph]]:
                               hint="The SavedModel is truncated or corrupt; re-export or "
                                    "re-download it", path=str(pb))
 
+    pb = locate(pb)
+    mapped: Any
     try:
-        with open(pb, "rb") as fh:
-            if fh.seek(0, 2) == 0:
-                raise fail("file is empty")
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        size = pb.size()
+        if size == 0:
+            raise fail("file is empty")
+        if isinstance(pb, LocalLocation):  # mapped, not read: graph defs run to gigabytes
+            with pb.open() as fh:
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        else:
+            mapped = pb.read(0, size)
     except OSError as exc:
         raise NotFoundError(f"{pb}: cannot read it ({exc.strerror or exc})",
                             hint="Check the file's permissions", path=str(pb)) from None
@@ -259,20 +266,21 @@ def parse_saved_model(pb: Path) -> tuple[int, list[MetaGraph]]:
         raise fail(f"malformed SavedModel proto ({exc})") from None
     finally:
         # If a traceback still holds a slice, the mapping closes when that is collected.
-        with contextlib.suppress(BufferError):
-            mapped.close()
+        if isinstance(mapped, mmap.mmap):
+            with contextlib.suppress(BufferError):
+                mapped.close()
     if not graphs:
         raise fail("holds no MetaGraphDef")
     return schema, graphs
 
 
-def _fingerprint(directory: Path) -> dict[str, Any] | None:
+def _fingerprint(directory: Location) -> dict[str, Any] | None:
     """The hashes in ``fingerprint.pb`` (FingerprintDef fields 1-5 uint64, uuid=7)."""
-    path = directory / "fingerprint.pb"
+    path = directory.child("fingerprint.pb")
     try:
-        if not path.is_file() or path.stat().st_size > _FINGERPRINT_MAX:
+        if not path.is_file() or path.size() > _FINGERPRINT_MAX:
             return None
-        grouped = protowire.fields(path.read_bytes())
+        grouped = protowire.fields(path.read(0, path.size()))
         facts: dict[str, Any] = {}
         for number, name in _FINGERPRINT_FIELDS.items():
             raw = protowire.last(grouped, number)
@@ -281,30 +289,32 @@ def _fingerprint(directory: Path) -> dict[str, Any] | None:
         if protowire.last(grouped, 7) is not None:
             facts["uuid"] = _text(grouped, 7, "uuid")
         return facts
-    except (OSError, IntegrityError):
+    except (OSError, CkptkitError):
         return {}
 
 
 # --- the verbs ---------------------------------------------------------------------------------
 
-def _directory(path: Path) -> Path:
+def _directory(path: Path | Location) -> Location:
     directory = model_dir(path)
     if directory is None:
         raise NotFoundError(f"{path}: no {PB_NAME} here; not a SavedModel directory",
                             hint="Pass the directory that holds saved_model.pb", path=str(path))
-    if not (directory / PB_NAME).is_file():
+    if not directory.child(PB_NAME).is_file():
         raise FormatError(f"{directory}: text-format SavedModel ({PBTXT_NAME}) is not supported",
                           hint="Re-export it as saved_model.pb with TensorFlow "
                                "(tf.saved_model.save)", path=str(directory))
     return directory
 
 
-def _bundle(directory: Path) -> tensor_bundle.BundleIndex | None:
-    prefix = str(directory / "variables" / "variables")
+def _bundle(directory: Location) -> tensor_bundle.BundleIndex | None:
+    variables = directory.child("variables")
+    prefix = str(variables.child("variables"))
     if not tensor_bundle.index_path(prefix).is_file():
-        shards = sorted((directory / "variables").glob("variables.data-*"))
+        shards = [e.name for e in variables.list() if e.name.startswith("variables.data-")] \
+            if variables.is_dir() else []
         if shards:
-            raise IntegrityError(f"{prefix}.index is missing but {shards[0].name} exists",
+            raise IntegrityError(f"{prefix}.index is missing but {shards[0]} exists",
                                  hint="Copy the whole variables/ folder of the SavedModel",
                                  path=f"{prefix}.index")
         return None
@@ -321,17 +331,17 @@ def _bundle(directory: Path) -> tensor_bundle.BundleIndex | None:
 
 
 @metered
-def read_info(path: Path) -> RawCheckpoint:
+def read_info(path: Path | Location) -> RawCheckpoint:
     """Signatures, tags and variables of a SavedModel, without TensorFlow or tensor bytes."""
     directory = _directory(path)
-    schema, graphs = parse_saved_model(directory / PB_NAME)
+    schema, graphs = parse_saved_model(directory.child(PB_NAME))
     index = _bundle(directory)
     tensors: tuple[tuple[str, TensorRef], ...] = tuple(index.variables()) if index else ()
     stored = {name for name, _ in tensors}
     variable_names: dict[str, str] = {}
     for graph in graphs:
         variable_names.update({k: v for k, v in graph.variable_names.items() if k in stored})
-    assets = directory / "assets"
+    assets = directory.child("assets")
     asset_files = sorted({f for g in graphs for f in g.asset_files})
     details: dict[str, Any] = {
         "saved_model_schema_version": schema,
@@ -342,10 +352,10 @@ def read_info(path: Path) -> RawCheckpoint:
         "tensorflow_git_version": graphs[0].tensorflow_git_version,
         "graph_def_bytes": sum(g.graph_def_bytes for g in graphs),
         "has_object_graph": any(g.has_object_graph for g in graphs),
-        "has_assets": bool(asset_files) or (assets.is_dir() and any(assets.iterdir())),
+        "has_assets": bool(asset_files) or (assets.is_dir() and bool(assets.list())),
         "asset_files": asset_files,
-        "has_fingerprint": (directory / "fingerprint.pb").is_file(),
-        "has_keras_metadata": (directory / "keras_metadata.pb").is_file(),
+        "has_fingerprint": directory.child("fingerprint.pb").is_file(),
+        "has_keras_metadata": directory.child("keras_metadata.pb").is_file(),
         "has_variables": bool(tensors),
     }
     fingerprint = _fingerprint(directory)

@@ -19,6 +19,7 @@ from pathlib import Path
 from ckptkit.errors import FormatError, IntegrityError
 from ckptkit.formats import protowire
 from ckptkit.formats.crc32c import crc32c, unmask_crc
+from ckptkit.storage.location import Location
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
@@ -30,7 +31,8 @@ _KEY_BYTES_PER_FILE_BYTE = 64
 class Table:
     """The bytes of one ``.index`` file and the checks every read of them goes through."""
 
-    def __init__(self, path: Path, data: bytes):
+    def __init__(self, path: Path | Location, data: bytes):
+        # ``path`` only names the file in messages: the caller read ``data`` through it.
         self.path = path
         self.data = data
         self.size = len(data)

@@ -14,137 +14,28 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptkit.errors import FormatError, IntegrityError, NotFoundError
+from ckptkit.errors import CkptkitError, FormatError, IntegrityError, NotFoundError
+from ckptkit.storage.location import Location, locate
 from ckptkit.formats import protowire, sstable
 from ckptkit.formats.crc32c import unmask_crc
-from ckptkit.model import ByteSpan, TensorRef, checked_shape, itemsize
+from ckptkit.model import checked_shape, itemsize
+# The bundle model lives in bundle_model; readers use it through this module.
+from ckptkit.formats.bundle_model import (DTYPES, HEADER_KEY, OBJECT_GRAPH_KEY, BundleEntry,
+                                          BundleHeader, BundleIndex, Extents, dtype_name,
+                                          index_path, shard_path)
 
-HEADER_KEY = b""
-#: Key of the serialized ``TrackableObjectGraph`` in TF2 object-based checkpoints.
-OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+__all__ = ["DTYPES", "HEADER_KEY", "OBJECT_GRAPH_KEY", "BundleEntry", "BundleHeader",
+           "BundleIndex", "Extents", "check_shards", "decode_entry", "decode_header",
+           "dtype_name", "index_path", "looks_like_bundle", "nest", "read_index", "shard_path",
+           "slice_key"]
 
-#: TF ``DataType`` enum (``tensorflow/core/framework/types.proto``) in numpy spelling.
-DTYPES: dict[int, str] = {
-    1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8", 7: "string",
-    8: "complex64", 9: "int64", 10: "bool", 11: "qint8", 12: "quint8", 13: "qint32",
-    14: "bfloat16", 15: "qint16", 16: "quint16", 17: "uint16", 18: "complex128", 19: "float16",
-    20: "resource", 21: "variant", 22: "uint32", 23: "uint64", 24: "float8_e5m2",
-    25: "float8_e4m3fn", 26: "float8_e4m3fnuz", 27: "float8_e4m3b11fnuz", 28: "float8_e5m2fnuz",
-    29: "int4", 30: "uint4", 31: "int2", 32: "uint2", 33: "float4_e2m1fn",
-}
-_REF_OFFSET = 100  # DT_FLOAT_REF = 101 etc.; graphs may carry them, bundles never should
+#: First bytes of a block a sniff reads.
 _SNIFF_READ = 4096
-
-
-def dtype_name(enum: int) -> str:
-    """Numpy spelling of a TF ``DataType`` enum value; unknown values keep their number."""
-    if enum > _REF_OFFSET:
-        enum -= _REF_OFFSET
-    return DTYPES.get(enum, f"tf_dtype_{enum}")
-
-
-# --- the bundle model --------------------------------------------------------------------------
-
-Extents = tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True)
-class BundleHeader:
-    """``BundleHeaderProto``: how many data shards there are and how they are encoded."""
-
-    num_shards: int
-    endianness: str
-    version: int
-    min_consumer: int
-
-
-@dataclass(frozen=True)
-class BundleEntry:
-    """One ``BundleEntryProto``: a tensor's dtype, shape and byte range in its shard.
-
-    ``crc32c`` is unmasked.  ``slices`` is set for a partitioned tensor (TF1 partitioners, or
-    TF2's ``MaxShardSizePolicy`` splitting a large variable across shards): one
-    ``((start, length), ...)`` per part, length ``-1`` meaning the whole dimension.  Such an
-    entry has no bytes of its own; each part is an entry under a binary slice key.
-    """
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    shard_id: int
-    offset: int
-    size: int
-    crc32c: int | None
-    slices: tuple[Extents, ...] = ()
-
-
-@dataclass(frozen=True)
-class BundleIndex:
-    """A decoded ``<prefix>.index``: header plus tensor entries in key (file) order."""
-
-    index_path: Path
-    prefix: str
-    header: BundleHeader
-    entries: tuple[BundleEntry, ...]
-    #: The parts of each partitioned tensor, by tensor name: ``(extents, part entry)``.
-    parts: dict[str, tuple[tuple[Extents, BundleEntry], ...]] = field(default_factory=dict)
-
-    @property
-    def slice_entries(self) -> int:
-        return sum(len(p) for p in self.parts.values())
-
-    def shard_path(self, shard_id: int) -> str:
-        return shard_path(self.prefix, shard_id, self.header.num_shards)
-
-    def span(self, entry: BundleEntry) -> ByteSpan | None:
-        if entry.slices:
-            return None
-        return ByteSpan(self.shard_path(entry.shard_id), entry.offset, entry.size)
-
-    def tensor_ref(self, entry: BundleEntry) -> TensorRef:
-        return TensorRef(entry.dtype, entry.shape, self.span(entry))
-
-    def stored_entries(self) -> Iterator[BundleEntry]:
-        """Every entry that owns bytes in a shard: plain tensors and parts of partitioned ones."""
-        for entry in self.entries:
-            if entry.slices:
-                yield from (part for _extents, part in self.parts.get(entry.name, ()))
-            else:
-                yield entry
-
-    def variables(self) -> list[tuple[str, TensorRef]]:
-        """``(name, ref)`` for every tensor except the serialized object graph."""
-        return [(e.name, self.tensor_ref(e)) for e in self.entries if e.name != OBJECT_GRAPH_KEY]
-
-    @property
-    def has_object_graph(self) -> bool:
-        return any(e.name == OBJECT_GRAPH_KEY for e in self.entries)
-
-    def details(self) -> dict[str, Any]:
-        facts: dict[str, Any] = {
-            "prefix": self.prefix,
-            "num_shards": self.header.num_shards,
-            "version": self.header.version,
-            "endianness": self.header.endianness,
-            "has_object_graph": self.has_object_graph,
-        }
-        if self.parts:
-            facts["partitioned_tensors"] = {name: len(p) for name, p in self.parts.items()}
-        return facts
-
-
-def shard_path(prefix: str, shard_id: int, num_shards: int) -> str:
-    """Path of data shard ``shard_id``: ``<prefix>.data-00000-of-00001``."""
-    return f"{prefix}.data-{shard_id:05d}-of-{num_shards:05d}"
-
-
-def index_path(prefix: str) -> Path:
-    return Path(f"{prefix}.index")
 
 
 # --- the protos ----------------------------------------------------------------------------------
@@ -296,7 +187,7 @@ def decode_entry(name: str, value: memoryview) -> BundleEntry:
 
 # --- reading -------------------------------------------------------------------------------------
 
-def read_index(prefix: str, path: Path | None = None) -> BundleIndex:
+def read_index(prefix: str, path: Path | Location | None = None) -> BundleIndex:
     """Decode a bundle index: its header and every entry, without opening the data shards.
 
     The index is ``path`` if given, else ``<prefix>.index``; shards are ``<prefix>.data-*``.
@@ -306,10 +197,10 @@ def read_index(prefix: str, path: Path | None = None) -> BundleIndex:
         IntegrityError: the table or a proto in it is truncated or inconsistent.
         FormatError: the table uses a compression TensorFlow never writes.
     """
-    path = index_path(prefix) if path is None else path
+    path = index_path(prefix) if path is None else locate(path)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        data = path.read(0, path.size())
+    except (FileNotFoundError, NotFoundError):
         raise NotFoundError(f"{path}: checkpoint index not found",
                             hint="Pass the checkpoint prefix (e.g. 'ckpt-3') or its .index file",
                             path=str(path)) from None
@@ -363,35 +254,35 @@ def read_index(prefix: str, path: Path | None = None) -> BundleIndex:
     return BundleIndex(path, prefix, header, tuple(entries), parts)
 
 
-def looks_like_bundle(path: Path) -> bool:
+def looks_like_bundle(path: Path | Location) -> bool:
     """Cheap content check for sniffing: table magic, then a first key ``""`` holding a
-    plausible bundle header.  Reads only the footer and the start of two blocks."""
+    plausible bundle header.  Reads only the footer and the start of two blocks (for an index
+    under 64 KiB, all three lie inside the location's first, coalesced read)."""
     try:
-        size = path.stat().st_size
-        if not path.is_file() or size < sstable.FOOTER_SIZE:
+        path = locate(path)
+        if not path.is_file():
             return False
-        with open(path, "rb") as fh:
-            fh.seek(size - sstable.FOOTER_SIZE)
-            footer = fh.read(sstable.FOOTER_SIZE)
-            if struct.unpack_from("<Q", footer, 40)[0] != sstable.TABLE_MAGIC:
-                return False
-            _meta, pos = sstable.read_handle(footer, 0, 40)
-            (index_offset, index_len), _ = sstable.read_handle(footer, pos, 40)
-            if index_offset + index_len + sstable.BLOCK_TRAILER_SIZE > size - sstable.FOOTER_SIZE:
-                return False
-            fh.seek(index_offset)
-            head = fh.read(min(index_len, _SNIFF_READ))
-            shared, p = protowire.read_varint(head, 0)
-            unshared, p = protowire.read_varint(head, p)
-            value_len, p = protowire.read_varint(head, p)
-            if shared != 0 or p + unshared + value_len > len(head):
-                return False
-            (data_offset, data_len), _ = sstable.read_handle(head, p + unshared,
-                                                             p + unshared + value_len)
-            if data_offset + data_len > size:
-                return False
-            fh.seek(data_offset)
-            first = fh.read(min(data_len, _SNIFF_READ))
+        size = path.size()
+        if size < sstable.FOOTER_SIZE:
+            return False
+        footer = path.read(size - sstable.FOOTER_SIZE, sstable.FOOTER_SIZE)
+        if struct.unpack_from("<Q", footer, 40)[0] != sstable.TABLE_MAGIC:
+            return False
+        _meta, pos = sstable.read_handle(footer, 0, 40)
+        (index_offset, index_len), _ = sstable.read_handle(footer, pos, 40)
+        if index_offset + index_len + sstable.BLOCK_TRAILER_SIZE > size - sstable.FOOTER_SIZE:
+            return False
+        head = path.read(index_offset, min(index_len, _SNIFF_READ))
+        shared, p = protowire.read_varint(head, 0)
+        unshared, p = protowire.read_varint(head, p)
+        value_len, p = protowire.read_varint(head, p)
+        if shared != 0 or p + unshared + value_len > len(head):
+            return False
+        (data_offset, data_len), _ = sstable.read_handle(head, p + unshared,
+                                                         p + unshared + value_len)
+        if data_offset + data_len > size:
+            return False
+        first = path.read(data_offset, min(data_len, _SNIFF_READ))
         shared, p = protowire.read_varint(first, 0)
         unshared, p = protowire.read_varint(first, p)
         value_len, p = protowire.read_varint(first, p)
@@ -399,7 +290,7 @@ def looks_like_bundle(path: Path) -> bool:
             return False
         decode_header(memoryview(first)[p:p + value_len])
         return True
-    except (OSError, IntegrityError, struct.error, ValueError):
+    except (OSError, CkptkitError, struct.error, ValueError):
         return False
 
 
@@ -417,8 +308,8 @@ def check_shards(index: BundleIndex) -> None:
     for shard_id, entry in sorted(needed.items()):
         shard = index.shard_path(shard_id)
         try:
-            size = Path(shard).stat().st_size
-        except OSError:
+            size = locate(shard).size()
+        except (OSError, NotFoundError):
             raise IntegrityError(
                 f"{shard}: data shard {shard_id} of {index.header.num_shards} is missing "
                 f"(tensor {entry.name!r} lives there)",

@@ -10,14 +10,14 @@ member are charged as ``decompressed``.
 
 from __future__ import annotations
 
-import zipfile
 from typing import Any
 
 import numpy as np
 
 from ckptkit.storage import budget
 from ckptkit.errors import IntegrityError, MissingDependencyError
-from ckptkit.formats.ziparchive import ZIP_ERRORS
+from ckptkit.formats.ziparchive import ZIP_ERRORS, zip_of
+from ckptkit.storage.location import locate
 from ckptkit.model import ByteSpan, TensorRef, itemsize
 
 _NATIVE = {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
@@ -52,17 +52,16 @@ def read_span(span: ByteSpan) -> bytes | memoryview:
 
         data = read_inflated(span.path, span.offset, span.length)
     elif span.member is None:
-        with open(span.path, "rb") as fh:
-            # A buffered read allocates all it is asked for before it reads: ask only for
-            # what the file holds, so a damaged length costs nothing.
-            left = max(0, fh.seek(0, 2) - span.offset)
-            fh.seek(span.offset)
-            data = fh.read(min(span.length, left))
+        loc = locate(span.path)
+        # A read allocates all it is asked for before it reads: ask only for what the file
+        # holds, so a damaged length costs nothing.
+        left = max(0, loc.size() - span.offset)
+        data = loc.read(span.offset, min(span.length, left))
     else:
         budget.current().charge("decompressed", span.offset + span.length,
                                 f"member {span.member!r}")
         try:
-            with zipfile.ZipFile(span.path) as archive, archive.open(span.member) as member:
+            with zip_of(span.path) as archive, archive.open(span.member) as member:
                 if span.offset:
                     member.read(span.offset)
                 data = member.read(span.length)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptkit.storage.budget import metered
+from ckptkit.storage.location import Location, locate
 from ckptkit.errors import (
     CkptkitError,
     IntegrityError,
@@ -47,16 +48,20 @@ def _unescape(text: str) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def read_state(state: Path) -> tuple[str | None, list[str]]:
+def read_state(state: Path | Location) -> tuple[str | None, list[str]]:
     """The latest and all prefixes a ``checkpoint`` state file names, as written (unresolved).
 
     Returns ``(None, [])`` for a file that is not a CheckpointState text proto.
     """
+    state = locate(state)
     try:
-        if not state.is_file() or state.stat().st_size > _STATE_MAX_BYTES:
+        if not state.is_file():
             return None, []
-        text = state.read_bytes().decode("utf-8", "replace")
-    except OSError:
+        size = state.size()
+        if size > _STATE_MAX_BYTES:
+            return None, []
+        text = state.read(0, size).decode("utf-8", "replace")
+    except (OSError, CkptkitError):
         return None, []
     latest: str | None = None
     everything: list[str] = []
@@ -68,41 +73,44 @@ def read_state(state: Path) -> tuple[str | None, list[str]]:
     return latest, everything
 
 
-def _state_prefix(directory: Path, named: str) -> str:
+def _state_prefix(directory: Location, named: str) -> str:
     """Resolve a prefix from a state file: relative to its directory, like TensorFlow does.
 
     An absolute path from another machine is tried by its base name here, since checkpoint
     directories are often copied without rewriting the state file.
     """
-    candidate = Path(named) if Path(named).is_absolute() else directory / named
-    if not tensor_bundle.index_path(str(candidate)).exists() and Path(named).is_absolute():
-        local = directory / Path(named).name
-        if tensor_bundle.index_path(str(local)).exists():
-            return str(local)
-    return str(candidate)
+    absolute = Path(named).is_absolute()
+    candidate = named if absolute else str(directory.child(named))
+    if absolute and not tensor_bundle.index_path(candidate).exists():
+        local = str(directory.child(Path(named).name))
+        if tensor_bundle.index_path(local).exists():
+            return local
+    return candidate
 
 
-def _is_savedmodel_dir(path: Path) -> bool:
-    return (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists()
+def _is_savedmodel_dir(path: Location) -> bool:
+    return path.child("saved_model.pb").exists() or path.child("saved_model.pbtxt").exists()
 
 
-def _bundle_indexes(directory: Path) -> list[Path]:
+def _bundle_indexes(directory: Location) -> list[Location]:
     try:
-        return sorted(p for p in directory.glob("*.index")
-                      if tensor_bundle.looks_like_bundle(p))
+        return [directory.child(e.name) for e in directory.list()
+                if not e.is_dir and e.name.endswith(".index")
+                and tensor_bundle.looks_like_bundle(directory.child(e.name))]
     except OSError:
         return []
 
 
-def resolve(path: Path) -> tuple[str, dict[str, Any]]:
+def resolve(path: Path | Location) -> tuple[str, dict[str, Any]]:
     """The checkpoint prefix ``path`` names, plus how it was found (for ``details``).
 
     Raises:
         NotFoundError: nothing at ``path`` names a checkpoint, or the state file's prefix is gone.
         UsageError: a directory holds several checkpoints and no state file picks one.
     """
+    path = locate(path)
     if path.is_dir():
-        state = path / STATE_FILE
+        state = path.child(STATE_FILE)
         latest, everything = read_state(state)
         if latest is not None:
             prefix = _state_prefix(path, latest)
@@ -120,14 +128,14 @@ def resolve(path: Path) -> tuple[str, dict[str, Any]]:
             raise UsageError(f"{path}: holds {len(indexes)} checkpoints and no '{STATE_FILE}' "
                              f"file saying which is latest ({names})",
                              hint="Pass the prefix of one, e.g. "
-                                  f"{path / indexes[-1].name[: -len('.index')]}",
+                                  f"{path.child(indexes[-1].name[: -len('.index')])}",
                              path=str(path))
         raise NotFoundError(f"{path}: no TensorFlow checkpoint (.index file) in this directory",
                             hint="Pass the checkpoint prefix (e.g. ckpt-1 for ckpt-1.index) or "
                                  "the directory that holds it", path=str(path))
     if path.is_file():
         if path.name == STATE_FILE and read_state(path)[0] is not None:
-            return resolve(path.parent)
+            return resolve(path.parent())
         text = str(path)
         if text.endswith(".index"):
             return text[: -len(".index")], {}
@@ -135,7 +143,7 @@ def resolve(path: Path) -> tuple[str, dict[str, Any]]:
         if shard and tensor_bundle.index_path(shard.group("prefix")).is_file():
             return shard.group("prefix"), {}
         # A renamed index: its shards would have to sit beside it under the same stem.
-        return str(path.with_suffix("")), {}
+        return str(path.sibling(Path(path.name).stem)), {}
     if tensor_bundle.index_path(str(path)).is_file():
         return str(path), {}
     raise NotFoundError(f"{path}: no such checkpoint prefix, file or directory",
@@ -143,33 +151,35 @@ def resolve(path: Path) -> tuple[str, dict[str, Any]]:
                              "its directory", path=str(path))
 
 
-def sniff(path: Path) -> bool:
+def sniff(path: Path | Location) -> bool:
     """True for a checkpoint ``.index`` (by content), one of its data shards, its bare prefix,
     its ``checkpoint`` state file, or a directory whose state file or ``*.index`` files name
     one."""
     try:
+        path = locate(path)
         if path.is_dir():
             if _is_savedmodel_dir(path):
                 return False
-            if read_state(path / STATE_FILE)[0] is not None:
+            if read_state(path.child(STATE_FILE))[0] is not None:
                 return True
             return bool(_bundle_indexes(path))
         if path.is_file():
             if tensor_bundle.looks_like_bundle(path):
                 return True
             if path.name == STATE_FILE and read_state(path)[0] is not None:
-                return not _is_savedmodel_dir(path.parent)
+                return not _is_savedmodel_dir(path.parent())
             shard = _SHARD_NAME.fullmatch(str(path))
             if shard is None:
                 return False
             return tensor_bundle.looks_like_bundle(tensor_bundle.index_path(shard.group("prefix")))
         return tensor_bundle.looks_like_bundle(tensor_bundle.index_path(str(path)))
-    except (OSError, ValueError):
+    except (OSError, ValueError, CkptkitError):
         return False
 
 
-def read_index(path: Path) -> tuple[tensor_bundle.BundleIndex, dict[str, Any]]:
+def read_index(path: Path | Location) -> tuple[tensor_bundle.BundleIndex, dict[str, Any]]:
     """Resolve ``path``, decode its index and check its shards cover every tensor."""
+    path = locate(path)
     prefix, found = resolve(path)
     index_file = tensor_bundle.index_path(prefix)
     renamed = (path.is_file() and not str(path).endswith(".index")
@@ -189,7 +199,7 @@ def read_index(path: Path) -> tuple[tensor_bundle.BundleIndex, dict[str, Any]]:
 
 
 @metered
-def read_info(path: Path) -> RawCheckpoint:
+def read_info(path: Path | Location) -> RawCheckpoint:
     """Names, dtypes, shapes and shard spans of every variable, without reading tensor bytes."""
     index, found = read_index(path)
     tensors = tuple(index.variables())

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from ckptkit.errors import FormatError, MissingDependencyError, UnsafeContentError, UsageError
 from ckptkit.model import RawCheckpoint
+from ckptkit.storage.location import LocalLocation, locate
 from ckptkit.formats.tensor_io import materialise, read_tensor
 from ckptkit.tree import join
 
@@ -62,17 +63,22 @@ def load(path: Path, framework: str, *, unsafe: bool,
                 f"{path}: a TorchScript archive runs its own code when loaded",
                 unsafe=["torch.jit.load"], path=str(path),
                 hint="Pass unsafe=True to torch.jit.load it, or framework='numpy' for its weights")
-        return torch.jit.load(str(path), map_location="cpu")
+        with locate(path).open() as fh:
+            return torch.jit.load(fh, map_location="cpu")
+    loc = locate(path)
     if not unsafe:
         # Built from what the restricted reader parsed: torch allocates, never unpickles.
         from ckptkit.formats.torch_build import TorchBuilder
 
         builder = TorchBuilder(torch, path, big_endian=raw.details.get("byteorder") == "big",
-                               mmap=raw.format == "torch-zip")
+                               mmap=raw.format == "torch-zip" and isinstance(loc, LocalLocation))
         return builder.build(raw.tree)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False,
-                          mmap=raw.format == "torch-zip")
+        if isinstance(loc, LocalLocation):  # mmap needs a file name, not a file object
+            return torch.load(loc.path, map_location="cpu", weights_only=False,
+                              mmap=raw.format == "torch-zip")
+        with loc.open() as fh:
+            return torch.load(fh, map_location="cpu", weights_only=False)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise FormatError(

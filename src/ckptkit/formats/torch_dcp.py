@@ -35,7 +35,7 @@ from ckptkit.pickles.pickle_globals import DType
 from ckptkit.pickles.unpickler import Findings, read_pickle
 from ckptkit.storage import budget
 from ckptkit.storage.budget import metered
-from ckptkit.storage.location import locate
+from ckptkit.storage.location import LocalLocation, local_path, locate
 
 FORMAT = "torch-dcp"
 METADATA = ".metadata"
@@ -47,12 +47,16 @@ MAX_ITEM = 1 << 20
 
 def root_of(path: Path) -> Path:
     """The checkpoint directory of ``path`` (the directory, or the ``.metadata`` in it)."""
+    path = local_path(path)
     return path.parent if path.name == METADATA and not path.is_dir() else path
 
 
 def sniff(path: Path) -> bool:
     """A directory whose ``.metadata`` is DCP's, or one holding ``__R_N.distcp`` files and
     no ``.metadata`` (a save that never finished: reading it says so)."""
+    if not isinstance(locate(path), LocalLocation):
+        return False  # read from local directories only
+    path = local_path(path)
     root = root_of(path)
     meta = root / METADATA
     try:
@@ -99,6 +103,7 @@ def read_metadata(path: Path) -> Metadata:
     Raises:
         IntegrityError: the pickle is broken, or its records are not DCP's.
     """
+    path = local_path(path)
     root = root_of(path)
     meta = root / METADATA
     where = locate(meta)
@@ -211,6 +216,7 @@ def _insert(tree: dict[Any, Any], path: tuple[Any, ...], value: Any) -> None:
 
 @metered
 def read_info(path: Path) -> RawCheckpoint:
+    path = local_path(path)
     meta = read_metadata(path)
     findings = meta.findings
     tree: dict[Any, Any] = {}
@@ -295,6 +301,7 @@ def _bytes_item(entry: Entry, findings: Findings) -> Any:
 def load(path: Path, framework: str, *, unsafe: bool = False) -> Any:
     """The saved state dict, each tensor consolidated from its chunks (one at a time):
     ``numpy`` arrays, or ``torch`` tensors (bytes items as read, never unpickled by torch)."""
+    path = local_path(path)
     from ckptkit.formats import torch_common
 
     raw = read_info(path)
@@ -332,6 +339,7 @@ tensor_hooks.chunk_reader = _assemble
 def verify(path: Path, *, hashes: bool = False) -> list[Problem]:
     """Every chunk's byte range inside its file, chunks tiling each tensor exactly, every
     data file present, no stray ``.distcp`` files."""
+    path = local_path(path)
     root = root_of(path)
     with budget.reading(root):
         return _verify(root, hashes)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptkit.storage.budget import metered
-from ckptkit.errors import FormatError, IntegrityError
+from ckptkit.errors import CkptkitError, FormatError, IntegrityError
+from ckptkit.storage.location import Location, locate
 from ckptkit.model import ByteSpan, RawCheckpoint, SafetyReport, itemsize
 from ckptkit.pickles.pickle_globals import StorageRef, StorageType
 from ckptkit.pickles.pickle_tree import Resolver
@@ -31,22 +32,25 @@ MAGIC_OPERAND = b"\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
 MAGIC_WINDOW = 64 << 10
 
 
-def sniff(path: Path) -> bool:
+def sniff(path: Path | Location) -> bool:
     # A binary pickle stream that carries torch's magic number near its start, not only one
     # whose first pickle is exactly it: torch.load runs whatever the first pickle says
     # before it compares the magic, so a payload there is read (and reported) as part of a
     # torch file.  Pickles without the magic are plain pickles (formats.pickle_file).
+    path = locate(path)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(MAGIC_WINDOW)
-    except OSError:
+        # Two bytes first: most files are not pickles, and a remote file costs a request.
+        head = path.read(0, 2)
+        if is_binary_pickle(head):
+            head = path.read(0, MAGIC_WINDOW)
+    except (OSError, CkptkitError):
         return False
     if not is_binary_pickle(head) or MAGIC_OPERAND not in head:
         return False
     return not _complete_safetensors(path)
 
 
-def _complete_safetensors(path: Path) -> bool:
+def _complete_safetensors(path: Location) -> bool:
     """True for a file that reads completely as safetensors.
 
     Its little-endian header length puts 0x80 0x02-0x05 first whenever the header is 0x280 to
@@ -54,7 +58,6 @@ def _complete_safetensors(path: Path) -> bool:
     every check of it (a JSON header whose tensors tile the rest of the file exactly): a
     pickle that runs cannot also be that.
     """
-    from ckptkit.errors import CkptkitError
     from ckptkit.formats import safetensors
 
     if not safetensors.sniff(path):
@@ -67,7 +70,7 @@ def _complete_safetensors(path: Path) -> bool:
 
 
 @metered
-def read_info(path: Path) -> RawCheckpoint:
+def read_info(path: Path | Location) -> RawCheckpoint:
     findings = Findings()
     try:
         return _read(path, findings)
@@ -81,8 +84,9 @@ def read_info(path: Path) -> RawCheckpoint:
         raise
 
 
-def _read(path: Path, findings: Findings) -> RawCheckpoint:
-    size = path.stat().st_size
+def _read(path: Path | Location, findings: Findings) -> RawCheckpoint:
+    path = locate(path)
+    size = path.size()
     storages: dict[str, StorageRef] = {}
 
     def persistent(pid: Any) -> Any:
@@ -100,7 +104,7 @@ def _read(path: Path, findings: Findings) -> RawCheckpoint:
             return StorageRef(key, dtype, root.location, root.numel, view_offset=view[1])
         return root
 
-    with open(path, "rb") as fh:
+    with path.open() as fh:
         what = f"legacy torch file {path}"
         magic = read_pickle(fh, findings, what=what, location="pickle 1 of 5 (magic number)")
         if magic != MAGIC_NUMBER:
@@ -128,7 +132,7 @@ def _read(path: Path, findings: Findings) -> RawCheckpoint:
     return RawCheckpoint(FORMAT, tree, tuple(iter_tensors(tree)), safety, details)
 
 
-def _walk_storages(path: Path, fh: Any, keys: Any, storages: dict[str, StorageRef],
+def _walk_storages(path: Location, fh: Any, keys: Any, storages: dict[str, StorageRef],
                    size: int) -> dict[str, ByteSpan]:
     if not isinstance(keys, list):
         raise IntegrityError(f"{path}: legacy storage key list is missing or malformed")

@@ -14,6 +14,7 @@ from typing import Any
 
 from ckptkit.storage import budget
 from ckptkit.storage.budget import metered
+from ckptkit.storage.location import Location, locate
 from ckptkit.errors import IntegrityError
 from ckptkit.formats import ziparchive
 from ckptkit.model import ByteSpan, RawCheckpoint, SafetyReport, itemsize
@@ -40,11 +41,12 @@ def is_torchscript(names: list[str], prefix: str) -> bool:
         n.startswith(f"{prefix}/code/") for n in names)
 
 
-def sniff(path: Path) -> bool:
+def sniff(path: Path | Location) -> bool:
+    path = locate(path)
     if not ziparchive.is_zip(path):
         return False
     try:
-        with zipfile.ZipFile(path) as archive:
+        with ziparchive.zip_of(path) as archive:
             names = archive.namelist()
     except (*ziparchive.ZIP_ERRORS, ValueError):
         # A truncated torch zip still starts like one; let read_info report it properly.
@@ -56,7 +58,7 @@ def sniff(path: Path) -> bool:
     return prefix is not None and not is_torchscript(names, prefix)
 
 
-def _looks_like_torch_zip_start(path: Path) -> bool:
+def _looks_like_torch_zip_start(path: Location) -> bool:
     first = ziparchive.first_member_name(path)
     return first.endswith("/data.pkl") or "/data/" in first or first.endswith("/byteorder")
 
@@ -64,19 +66,19 @@ def _looks_like_torch_zip_start(path: Path) -> bool:
 class TorchArchive:
     """An open torch zip: resolves storages to byte spans and interprets its pickles."""
 
-    def __init__(self, path: Path, what: str = "PyTorch zip checkpoint", *,
+    def __init__(self, path: Path | Location, what: str = "PyTorch zip checkpoint", *,
                  window: tuple[int, int] | None = None):
         """``window=(offset, length)``: the archive is that byte range of ``path`` (a DCP
         item); spans still count from the start of ``path``."""
-        self.path = path
+        self.path = path = locate(path)
         self.base = window[0] if window else 0
-        self._file = open(path, "rb")
+        self._file = path.open()
         self.fh: Any = self._file
         if window:
             self.fh = ziparchive.Window(self._file, *window)
             self.size = window[1]
         else:
-            self.size = path.stat().st_size
+            self.size = path.size()
         try:
             self.zip = ziparchive.open_zip(path, what, duplicates=True,
                                            window=self.fh if window else None)
@@ -207,7 +209,7 @@ class TorchArchive:
 
 
 @metered
-def read_info(path: Path) -> RawCheckpoint:
+def read_info(path: Path | Location) -> RawCheckpoint:
     with TorchArchive(path) as archive:
         tree = archive.read_object("data.pkl", "data")
         tensors = tuple(iter_tensors(tree))

@@ -7,11 +7,11 @@ parameters; those classes are recorded, not constructed, and the code is only co
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from ckptkit.storage.budget import metered
+from ckptkit.storage.location import Location, locate
 from ckptkit.formats import ziparchive
 from ckptkit.formats.torch_zip import TorchArchive, find_prefix, is_torchscript
 from ckptkit.model import RawCheckpoint
@@ -26,11 +26,12 @@ FORMAT = "torchscript"
 CONTEXT = PickleContext(allowed=allowed("torchscript"), known_prefixes=("__torch__",))
 
 
-def sniff(path: Path) -> bool:
+def sniff(path: Path | Location) -> bool:
+    path = locate(path)
     if not ziparchive.is_zip(path):
         return False
     try:
-        with zipfile.ZipFile(path) as archive:
+        with ziparchive.zip_of(path) as archive:
             names = archive.namelist()
     except (*ziparchive.ZIP_ERRORS, ValueError):
         return False
@@ -39,7 +40,7 @@ def sniff(path: Path) -> bool:
 
 
 @metered
-def read_info(path: Path) -> RawCheckpoint:
+def read_info(path: Path | Location) -> RawCheckpoint:
     with TorchArchive(path, "TorchScript archive") as archive:
         module = archive.read_object("data.pkl", "data", CONTEXT)
         constants: Any = ()

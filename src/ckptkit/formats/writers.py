@@ -173,9 +173,14 @@ def sidecar_path(out: Path) -> Path:
 
 def read_sidecar(path: Path) -> dict[str, dict[str, str]]:
     """The ``{"metadata": ..., "dtypes": ...}`` sidecar of ``path``, or ``{}`` if none."""
+    from ckptkit.errors import CkptkitError
+    from ckptkit.storage.location import locate
+
+    loc = locate(path)
+    sidecar = loc.sibling(loc.name + SIDECAR_SUFFIX)
     try:
-        data = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(sidecar.read(0, sidecar.size()).decode("utf-8"))
+    except (OSError, ValueError, CkptkitError):
         return {}
     if not isinstance(data, dict):
         return {}

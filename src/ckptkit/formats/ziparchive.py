@@ -10,7 +10,8 @@ import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ckptkit.errors import IntegrityError
+from ckptkit.errors import CkptkitError, IntegrityError
+from ckptkit.storage.location import Location, locate
 
 ZIP_MAGIC = b"PK\x03\x04"
 #: What zipfile raises for a damaged archive or member: bad magic or CRC (BadZipFile), an
@@ -24,13 +25,36 @@ ZIP_ERRORS: tuple[type[Exception], ...] = (
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")
 
 
-def is_zip(path: Path) -> bool:
+def is_zip(path: Path | Location) -> bool:
     """True if ``path`` is a regular file starting with a zip local-file header."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == ZIP_MAGIC
-    except (IsADirectoryError, PermissionError, OSError):
+        return locate(path).read(0, 4) == ZIP_MAGIC
+    except (OSError, CkptkitError):
         return False
+
+
+class _OwnedZip(zipfile.ZipFile):
+    """A ZipFile over a file object it closes itself (zipfile leaves a passed one open)."""
+
+    def __init__(self, fh: BinaryIO):
+        self._owned = fh
+        try:
+            super().__init__(fh)
+        except BaseException:
+            fh.close()
+            raise
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._owned.close()
+
+
+def zip_of(path: Path | Location) -> zipfile.ZipFile:
+    """``path`` as a :class:`zipfile.ZipFile` read through its location; closing it closes the
+    file.  Raises what zipfile raises for a file that is not a (complete) zip."""
+    return _OwnedZip(locate(path).open())
 
 
 class Window(io.RawIOBase):
@@ -69,7 +93,7 @@ class Window(io.RawIOBase):
         return len(data)
 
 
-def open_zip(path: Path, what: str, *, duplicates: bool = False,
+def open_zip(path: Path | Location, what: str, *, duplicates: bool = False,
              window: Window | None = None) -> zipfile.ZipFile:
     """Open ``path`` as a zip, turning a missing central directory into an IntegrityError.
 
@@ -79,13 +103,14 @@ def open_zip(path: Path, what: str, *, duplicates: bool = False,
     of one name are refused unless ``duplicates`` (the reader then reads every one of them:
     loaders disagree on which one counts).  ``window``: the zip is that part of ``path``.
     """
+    loc = locate(path)
     try:
         if window is not None:
             archive = zipfile.ZipFile(window)
             size = window.seek(0, io.SEEK_END)
         else:
-            archive = zipfile.ZipFile(path)
-            size = path.stat().st_size
+            archive = zip_of(loc)
+            size = loc.size()
     except (*ZIP_ERRORS, ValueError) as exc:
         raise IntegrityError(
             f"{path}: {what} is truncated or corrupt ({exc})",
@@ -157,10 +182,9 @@ def read_record(fh: BinaryIO, info: zipfile.ZipInfo, file_size: int) -> tuple[by
     return data, zlib.crc32(data) == info.CRC
 
 
-def first_member_name(path: Path) -> str:
+def first_member_name(path: Path | Location) -> str:
     """Name in the first local header: identifies a zip whose central directory is lost."""
-    with open(path, "rb") as fh:
-        head = fh.read(_LOCAL_HEADER.size + 1024)
+    head = locate(path).read(0, _LOCAL_HEADER.size + 1024)
     if len(head) < _LOCAL_HEADER.size or head[:4] != ZIP_MAGIC:
         return ""
     name_len = _LOCAL_HEADER.unpack(head[:_LOCAL_HEADER.size])[-2]

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from ckptkit.storage import deletion
 from ckptkit.storage.deletion import Snapshot
 from ckptkit.errors import DeletionStoppedError, NotFoundError, UsageError
 from ckptkit.storage.hashing import sha256_file, tree_sha256, tree_size
-from ckptkit.storage.atomic import fsync_dir
+from ckptkit.storage.atomic import fsync_dir, write_text
 
 CACHEDIR_TAG = ("Signature: 8a477f597d28d172789f06886806bc55\n"
                 "# This file is a cache directory tag created by ckptkit.\n")
@@ -82,7 +81,7 @@ class Cache:
         self.root.mkdir(parents=True, exist_ok=True)
         tag = self.root / "CACHEDIR.TAG"
         if not tag.exists():
-            tag.write_text(CACHEDIR_TAG)
+            write_text(tag, CACHEDIR_TAG)
 
     def record(self, file_id: str) -> CacheEntry | None:
         """The commit record for ``file_id`` as written, whatever became of the file since."""
@@ -152,14 +151,7 @@ class Cache:
         return entry
 
     def _write_meta(self, file_id: str, entry: CacheEntry) -> None:
-        meta = self._meta(file_id)
-        meta.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=meta.parent, prefix=".meta.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(asdict(entry), fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, meta)
+        write_text(self._meta(file_id), json.dumps(asdict(entry), indent=2), make_parents=True)
 
     def hash_of(self, path: Path) -> str:
         return tree_sha256(path) if path.is_dir() else sha256_file(path)

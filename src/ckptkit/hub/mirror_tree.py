@@ -29,7 +29,6 @@ import os
 import shutil
 import tarfile
 import urllib.parse
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 from ckptkit.hub.catalogue import Catalogue, FileSpec, SourceSpec
 from ckptkit.config import Settings
 from ckptkit.errors import FormatError, NotFoundError, UsageError
+from ckptkit.storage.atomic import staged, temp_path, write_bytes
 
 MANIFEST = "ckpt-mirror.json"
 SCHEMA = 1
@@ -84,32 +84,25 @@ class ExportPlan:
                                     "paths": list(exported.paths)}
         manifest = {"schema": SCHEMA, "rules": dict(sorted(self.rules.items())),
                     "files": dict(sorted(entries.items()))}
-        _write_atomically(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())
+        write_bytes(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())
         return ExportResult(self.root, self.files, self.rules, written, kept, self.skipped)
 
     def _place(self, exported: ExportedFile) -> int:
         """Put ``exported`` at each of its paths; returns the bytes one path serves."""
-        staged = None
+        packed = None
         source = exported.cached
         if source.is_dir():
-            staged = self.root / f".{uuid.uuid4().hex}.tar.gz.tmp"
-            pack(source, staged)
-            source = staged
+            packed = temp_path(self.root / "export.tar.gz")  # scratch, never a final name
+            pack(source, packed)
+            source = packed
         try:
             for rel in exported.paths:
-                target = self.root / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-                try:
+                with staged(self.root / rel, make_parents=True) as tmp:
                     _link_or_copy(source, tmp)
-                    os.replace(tmp, target)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
             return source.stat().st_size
         finally:
-            if staged is not None:
-                staged.unlink(missing_ok=True)
+            if packed is not None:
+                packed.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -316,11 +309,3 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

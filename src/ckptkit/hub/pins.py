@@ -8,14 +8,13 @@ written atomically; ``ckpt cache rm`` does not touch it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptkit.errors import FormatError
+from ckptkit.storage.atomic import write_text
 
 
 @dataclass(frozen=True)
@@ -93,12 +92,7 @@ class Pins:
         pin = Pin(sha256, size, source, time.time())
         files[file_id] = {"sha256": sha256, "size": size, "source": source,
                           "pinned_at": pin.pinned_at}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".lock.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"schema": 1, "files": files}, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps({"schema": 1, "files": files}, indent=2, sort_keys=True))
         return pin
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptkit.storage import budget
-from ckptkit.storage.location import locate
-from ckptkit.errors import IntegrityError
+from ckptkit.errors import CkptkitError, IntegrityError
+from ckptkit.storage.location import Location, locate
 from ckptkit.pickles.pickle_streams import Metered, decompressed
 from ckptkit.pickles.npy_header import MAX_HEADER, NPY_MAGIC, parse_header
 from ckptkit.model import Opaque, itemsize
@@ -51,24 +51,26 @@ _TEXT_OPCODES = (b"(", b"}", b"]", b"c", b"I", b"N", b"V", b"S", b"d", b"l", b"t
                  b"\x89", b".", b"\x80")
 
 
-def sniff(path: Path) -> bool:
+def sniff(path: Path | Location) -> bool:
     """True for a file that is (or decompresses to) a pickle stream: a binary pickle header,
     a compressed stream named like a pickle, or (any name) bytes whose first pickle parses
     to its STOP, as ``pickle.load`` would read them."""
+    loc = locate(path)
     try:
-        with open(path, "rb") as fh:
+        if is_binary_pickle(loc.read(0, 2)):
+            return True
+        with loc.open() as fh:
             head = fh.read(2)
-            if is_binary_pickle(head):
-                return True
             fh.seek(0)
-            if any(s in SUFFIXES for s in path.suffixes):
+            if any(s in SUFFIXES for s in Path(loc.name).suffixes):
                 with decompressed(fh, path) as stream:
                     first = stream.read(1)
                     if getattr(stream, "compression", ""):
                         return first in (b"\x80",) + _TEXT_OPCODES
                 fh.seek(0)
             return head[:1] in _TEXT_OPCODES and _parses(fh.read(SNIFF_BYTES))
-    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, pickle.UnpicklingError):
+    except (OSError, CkptkitError, EOFError, ValueError, zlib.error, lzma.LZMAError,
+            pickle.UnpicklingError):
         return False
 
 
@@ -83,32 +85,31 @@ def _parses(data: bytes) -> bool:
     return False
 
 
-def is_npy(path: Path) -> bool:
+def is_npy(path: Path | Location) -> bool:
     """True for a standalone ``.npy`` file (``np.save``), by its magic."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read(6) == NPY_MAGIC
-    except OSError:
+        return locate(path).read(0, 6) == NPY_MAGIC
+    except (OSError, CkptkitError):
         return False
 
 
-def analyse_npy(path: Path) -> tuple[Findings, str]:
+def analyse_npy(path: Path | Location) -> tuple[Findings, str]:
     """A ``.npy`` file: its header, and for an object array the pickle ``np.load`` runs
     (``allow_pickle=True``) right after it.  Numeric arrays are plain data; an object array
     is listed as an object, as in ``.npz`` files (numpy loads it only when told to)."""
     findings = Findings()
-    with open(path, "rb") as fh:
-        head = fh.read(MAX_HEADER + 12)
-        header, start = parse_header(head, str(path))
-        if header["descr"] not in ("|O", "O"):
-            return findings, "npy"
-        findings.objects.add("numpy.ndarray[object]")
+    loc = locate(path)
+    header, start = parse_header(loc.read(0, MAX_HEADER + 12), str(path))
+    if header["descr"] not in ("|O", "O"):
+        return findings, "npy"
+    findings.objects.add("numpy.ndarray[object]")
+    with loc.open() as fh:
         fh.seek(start)
         read_pickle(fh, findings, what=f"object array in {path}", location="object array")
     return findings, "npy"
 
 
-def analyse(path: Path) -> tuple[Findings, str]:
+def analyse(path: Path | Location) -> tuple[Findings, str]:
     """Read every pickle in ``path`` with the restricted machine; return the findings and a
     short description of the container (``pickle``, ``gzip pickle``, ``xz pickle``, ...).
 

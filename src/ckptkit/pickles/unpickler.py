@@ -16,64 +16,24 @@ from __future__ import annotations
 
 import io
 import pickle
-import pickletools
 import struct
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
 from ckptkit.storage import budget
 from ckptkit.pickles import danger
-from ckptkit.errors import BudgetError, CkptkitError, ExitCode, IntegrityError
+from ckptkit.errors import BudgetError, CkptkitError, IntegrityError
 from ckptkit.model import Opaque
 from ckptkit.pickles.pickle_globals import (ALLOWED, CALLS_ARGUMENTS, AttrDict, EmbeddedTorchFile,
                                     check_keys, inert_type)
 from ckptkit.pickles.pickle_input import LOADER_VIEWS, FileInput, StreamInput
 from ckptkit.pickles.pickle_semantics import HANDLERS, NO_FRAME, LoaderSemantics, called, describe
+# Findings and the static scan live in their own modules; readers import them from here too.
+from ckptkit.pickles.findings import MAX_STATIC_SCAN, Findings, UnsafePickleError, is_binary_pickle
+from ckptkit.pickles.static_scan import scan_globals
 
-def is_binary_pickle(head: bytes) -> bool:
-    """True when ``head`` starts like a protocol 2-5 pickle (``PROTO`` then 2..5)."""
-    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
-
-
-#: Cap on one read or frame; what a pickle may cost in all is the budget's (ckptkit.storage.budget).
-MAX_STATIC_SCAN = 64 << 20
-
-
-@dataclass
-class Findings:
-    """What one or more pickles asked for, by how they asked for it."""
-
-    objects: set[str] = field(default_factory=set)
-    unsafe: dict[str, str] = field(default_factory=dict)  # qualname -> how it was reached
-    pickles: int = 0
-    where: dict[str, str] = field(default_factory=dict)  # qualname -> which pickle named it
-    location: str = "pickle"  # the pickle being read now
-    offset: dict[str, int] = field(default_factory=dict)  # qualname -> opcode's byte offset
-
-    def flag(self, qualname: str, via: str, offset: int | None = None) -> None:
-        """Record a dangerous callable, with the opcode, the pickle and the byte offset (in
-        that pickle's record or file) where it was first reached."""
-        if qualname not in self.unsafe:
-            self.unsafe[qualname] = via
-            self.where[qualname] = self.location
-            if offset is not None:
-                self.offset[qualname] = offset
-
-    def merge(self, other: Findings, within: str) -> None:
-        """Add what a nested read found (a file inside this pickle), placed ``within`` it."""
-        self.objects |= other.objects
-        self.pickles += other.pickles
-        for qualname, via in other.unsafe.items():
-            if qualname not in self.unsafe:
-                self.unsafe[qualname] = via
-                self.where[qualname] = f"{within}: {other.where.get(qualname, '')}"
-                if qualname in other.offset:
-                    self.offset[qualname] = other.offset[qualname]
-
-    def details(self) -> dict[str, dict[str, Any]]:
-        """The per-name facts readers put into ``RawCheckpoint.details``."""
-        return {"unsafe_via": dict(self.unsafe), "unsafe_where": dict(self.where),
-                "unsafe_offset": dict(self.offset)}
+__all__ = ["DIVERGENT_FRAMES", "MAX_STATIC_SCAN", "Findings", "InertUnpickler", "PickleContext",
+           "UnsafePickleError", "is_binary_pickle", "read_pickle", "scan_globals"]
 
 
 class InertUnpickler(LoaderSemantics, pickle._Unpickler):  # type: ignore[name-defined]
@@ -475,71 +435,3 @@ def _read_as_loaders_do(rest: bytes, findings: Findings, context: PickleContext 
                     MemoryError, RecursionError, CkptkitError):
                 break
     findings.location = location
-
-
-class UnsafePickleError(IntegrityError):
-    """A corrupt pickle that also names dangerous callables: exits like unsafe content (5).
-
-    An :class:`IntegrityError`, so readers that skip broken pickles (npz object arrays) still
-    do, and report the names through their findings."""
-
-    exit_code = ExitCode.UNSAFE
-
-    def __init__(self, message: str, *, findings: Findings):
-        super().__init__(message, hint="Do not load it with pickle or torch.load")
-        self.findings = findings
-        self.unsafe = sorted(findings.unsafe)
-
-
-def scan_globals(data: bytes, findings: Findings, context: PickleContext | None = None, *,
-                 base: int = 0) -> None:
-    """Statically list the globals a (possibly broken) pickle names, without interpreting it.
-
-    Tracks string pushes and the memo so that ``STACK_GLOBAL`` operands fetched with
-    ``BINGET`` are resolved too.
-    """
-    allowed = context.allowed if context else {}
-    strings: list[Any] = []
-    memo: dict[int, Any] = {}
-    meter = budget.OpcodeMeter(budget.current(), findings.location)  # as the machine is
-    counts, left = meter.counts, meter.settle()
-    try:
-        for op, arg, pos in pickletools.genops(io.BytesIO(data)):
-            counts[ord(op.code)] += 1
-            left -= 1
-            if not left:
-                left = meter.settle()
-                del strings[:-2]  # only the last two are ever operands
-            name = op.name
-            if name in ("GLOBAL", "INST"):
-                module, _, attr = str(arg).partition(" ")
-                if (module, attr) not in allowed:
-                    _note(findings, module, attr, name, base + (pos or 0))
-            elif name == "STACK_GLOBAL" and len(strings) >= 2:
-                if (str(strings[-2]), str(strings[-1])) not in allowed:
-                    _note(findings, str(strings[-2]), str(strings[-1]), name, base + (pos or 0))
-            if isinstance(arg, str) and ("UNICODE" in name or name.endswith("STRING")):
-                strings.append(arg)
-            elif name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
-                memo[int(arg)] = strings[-1]
-            elif name == "MEMOIZE" and strings:
-                memo[len(memo)] = strings[-1]
-            elif name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
-                strings.append(memo[int(arg)])
-            if name == "STOP":
-                strings.clear()
-    except BudgetError:
-        raise
-    except (ValueError, EOFError, pickle.UnpicklingError, UnicodeDecodeError):
-        pass
-    meter.settle()
-
-
-def _note(findings: Findings, module: str, name: str, via: str, offset: int) -> None:
-    if (module, name) in ALLOWED:
-        return
-    if danger.is_dangerous(module, name):
-        findings.flag(f"{module}.{name}", via, offset)
-    else:
-        findings.objects.add(f"{module}.{name}")
-

@@ -18,6 +18,7 @@ from pathlib import Path
 from ckptkit import formats
 from ckptkit.formats import completeness
 from ckptkit.errors import CkptkitError, UnsafeContentError
+from ckptkit.storage.location import Location, locate
 
 #: Files whose presence completes an Orbax step directory (atomic-rename and commit-file modes).
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
@@ -180,7 +181,7 @@ def _check_hf(path: Path) -> Completeness:
         # The Trainer writes trainer_state.json last: without it the save was cut short.
         return Completeness(False, "no trainer_state.json (the Trainer writes it last)")
     try:
-        json.loads(state.read_text(encoding="utf-8"))
+        json.loads(_text(state))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return Completeness(False, f"trainer_state.json is not valid JSON ({exc})")
     return _verified(path) or _check_hf_weights(path, ", trainer_state")
@@ -192,7 +193,7 @@ def _check_hf_weights(path: Path, also: str) -> Completeness:
         index = path / name
         if index.is_file():
             try:
-                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+                shards = set(json.loads(_text(index))["weight_map"].values())
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
                     AttributeError) as exc:
                 return Completeness(False, f"{name} is unreadable ({exc})")
@@ -218,6 +219,12 @@ def _check_hf_weights(path: Path, also: str) -> Completeness:
                                    "written last)")
     return Completeness(False, "no model weights (model.safetensors, pytorch_model.bin or a "
                                "sharded index)")
+
+
+def _text(path: Path) -> str:
+    """A small JSON file beside the weights (trainer state, shard index), read whole."""
+    loc = locate(path)
+    return loc.read(0, loc.size()).decode("utf-8")
 
 
 __all__ = ["Completeness", "check_complete", "directory_layout"]

@@ -20,7 +20,7 @@ Everything else stays, in its original nesting: model weights, EMA weights (``em
 ``step``, ``epoch``, ``best_val_loss``, ``config`` and version strings.
 
 The output is a torch zip written by :mod:`ckptkit.formats.tree_writer`: no torch needed, storages
-copied byte for byte (bit-identical weights), atomic (temporary file + ``os.replace``).
+copied byte for byte (bit-identical weights), written atomically by :mod:`ckptkit.storage.atomic`.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def plan_strip(src: str | os.PathLike[str], out: str | os.PathLike[str] | None =
         out: the output file [default: ``<dir of src>/<stem>.stripped.pt``; a default name
             never replaces an existing file].
         keep: top-level keys to keep even though they are training state.
-        in_place: replace ``src`` itself (temporary file + ``os.replace``).
+        in_place: replace ``src`` itself (atomically: :mod:`ckptkit.storage.atomic`).
         out_dir: where the default output goes [default: beside ``src``]; for a ``src`` that
             must not be written beside, such as a file in the download cache.
 

@@ -11,14 +11,15 @@ ends early instead of filling the disk, however deep it is nested.
 from __future__ import annotations
 
 import tarfile
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from ckptkit.storage import archives, budget
+from ckptkit.formats.ziparchive import zip_of
 from ckptkit.pickles import plain_pickle
+from ckptkit.storage.location import locate
 
 #: Bytes read from each member to decide whether it is worth scanning (a tar header is 512).
 HEAD = 512
@@ -92,13 +93,14 @@ def members(path: Path) -> Iterator[Member | str]:
 
 
 def _entries(path: Path) -> Iterator[tuple[str, int, Callable[[], Any]]]:
+    loc = locate(path)
     if kind(path) == "tar":
-        with tarfile.open(path) as tar:
+        with loc.open() as fh, tarfile.open(fileobj=fh) as tar:
             for info in tar:
                 if info.isfile():  # links, devices and directories hold no bytes of their own
                     yield info.name, info.size, lambda i=info: tar.extractfile(i)
         return
-    with zipfile.ZipFile(path) as archive:
+    with zip_of(loc) as archive:
         for info in archive.infolist():
             if not info.is_dir():
                 yield info.filename, info.file_size, lambda i=info: archive.open(i)

@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 from ckptkit.scan import archive_members
 from ckptkit.pickles import plain_pickle
-from ckptkit.errors import CkptkitError, IntegrityError
+from ckptkit.errors import CkptkitError, IntegrityError, NotFoundError
+from ckptkit.storage.location import locate
 from ckptkit.formats import ziparchive
 from ckptkit.model import Opaque
 from ckptkit.pickles.unpickler import MAX_STATIC_SCAN, Findings, is_binary_pickle, read_pickle
@@ -42,16 +43,17 @@ def unit_kind(path: Path) -> str | None:
     ``hf-sharded`` for a shard index file."""
     from ckptkit.formats import hf_sharded, torch_dcp
 
-    if path.is_file():
-        return "hf-sharded" if path.name in hf_sharded.INDEXES and hf_sharded.sniff(
+    loc = locate(path)
+    if loc.is_file():
+        return "hf-sharded" if loc.name in hf_sharded.INDEXES and hf_sharded.sniff(
             path) else None
-    if not path.is_dir():
+    if not loc.is_dir():
         return None
-    if (path / "saved_model.pb").is_file():
+    if loc.child("saved_model.pb").is_file():
         return "savedmodel"
     if torch_dcp.sniff(path):
         return "dcp"
-    if (path / "_CHECKPOINT_METADATA").is_file() or (path / "_METADATA").is_file():
+    if loc.child("_CHECKPOINT_METADATA").is_file() or loc.child("_METADATA").is_file():
         return "orbax"
     return None
 
@@ -72,12 +74,13 @@ def sharded_members(folder: Path) -> set[str]:
 
 def part_of_a_tf_checkpoint(path: Path) -> bool:
     """Data shards and the ``checkpoint`` state file: scanned once, through the index."""
-    if path.name == "checkpoint":
-        return any(path.parent.glob("*.index"))
-    if ".data-" not in path.name:
+    loc = locate(path)
+    if loc.name == "checkpoint":
+        return any(e.name.endswith(".index") for e in loc.parent().list())
+    if ".data-" not in loc.name:
         return False
-    prefix = path.name.split(".data-", 1)[0]
-    return (path.with_name(prefix + ".index")).is_file()
+    prefix = loc.name.split(".data-", 1)[0]
+    return loc.sibling(prefix + ".index").is_file()
 
 
 def scan_unit(root: Path, kind: str, scan_member: Callable[[Path, str], Any]
@@ -124,10 +127,10 @@ def _scan_sharded(index: Path, scan_member: Callable[[Path, str], Any]
 
 def _scan_dcp(root: Path, scan_member: Callable[[Path, str], Any]) -> tuple[Findings, str]:
     findings = Findings()
-    if not (root / ".metadata").is_file():
+    if not locate(root / ".metadata").is_file():
         raise IntegrityError(f"{root}: .distcp data files but no .metadata (DCP writes it "
                              "last: the save did not finish)", path=str(root))
-    with open(root / ".metadata", "rb") as fh:
+    with locate(root / ".metadata").open() as fh:
         metadata = read_pickle(fh, findings, what=f"DCP metadata {root / '.metadata'}",
                                location=".metadata")
     items = _storage_items(metadata)
@@ -215,15 +218,16 @@ def _read_item(path: Path, offset: int, length: int, where: str, findings: Findi
     ``tensor`` chunk, a safetensors blob); why it cannot be read, or None."""
     from ckptkit.formats import embedded
 
+    loc = locate(path)
     try:
-        size = path.stat().st_size
-    except OSError as exc:
+        size = loc.size()
+    except (OSError, NotFoundError) as exc:
         raise IntegrityError(f"{path}: a DCP data file .metadata names is missing ({exc})",
                              path=str(path)) from exc
     if offset + length > size:
         raise IntegrityError(f"{path}: DCP item at bytes {offset}-{offset + length} runs past "
                              f"the end of the {size}-byte file", path=str(path))
-    with open(path, "rb") as fh:
+    with locate(path).open() as fh:
         fh.seek(offset)
         head = fh.read(9)  # a blob's header starts here, whatever the item's own length
         window = ziparchive.Window(fh, offset, length)
@@ -261,9 +265,8 @@ def _could_hold_pickles(path: Path) -> bool:
     if not path.is_file() or path.is_symlink():
         return False
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(archive_members.HEAD)
-    except OSError:
+        head = locate(path).read(0, archive_members.HEAD)
+    except (OSError, CkptkitError):
         return False
     return (is_binary_pickle(head) or plain_pickle.is_npy(path) or plain_pickle.sniff(path)
             or archive_members.could_hold_pickles(head, path.name))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ckptkit.scan import archive_members
 from ckptkit.storage import budget
+from ckptkit.storage.location import locate
 from ckptkit.errors import BudgetError, ExitCode, IntegrityError, disk_full
 from ckptkit.formats import ziparchive
 from ckptkit.pickles.unpickler import MAX_STATIC_SCAN, Findings, is_binary_pickle, scan_globals
@@ -90,8 +91,9 @@ def hidden_in_records(path: Path, findings: Findings, depth: int,
     from ckptkit.scan.verdicts import ScanResult
 
     problems: list[str] = []
-    size = path.stat().st_size
-    with ziparchive.open_zip(path, "zip", duplicates=True) as archive, open(path, "rb") as fh:
+    loc = locate(path)
+    size = loc.size()
+    with ziparchive.open_zip(loc, "zip", duplicates=True) as archive, loc.open() as fh:
         for info in archive.infolist():
             if info.is_dir() or info.filename.endswith(".pkl") or "/code/" in info.filename:
                 continue

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from ckptkit.scan import archive_members, checkpoint_dirs, scan_members
 from ckptkit.storage import budget
+from ckptkit.storage.location import locate
 from ckptkit import config, formats
 from ckptkit.pickles import plain_pickle
 from ckptkit.errors import (BudgetError, CkptkitError, DiskFullError, ExitCode, FormatError,
@@ -238,15 +239,14 @@ def _skip_reason(path: Path, exc: CkptkitError) -> str:
         return "a folder that is not a checkpoint"
     if not path.is_file():
         return "not a regular file (a pipe, socket or device)"
-    if path.stat().st_size == 0:
+    if locate(path).size() == 0:
         return "an empty file"
     return f"not a checkpoint, pickle or archive ({_content_kind(path)})"
 
 
 def _content_kind(path: Path) -> str:
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(512)
+        head = locate(path).read(0, 512)
     except OSError as error:
         return f"cannot be read: {error.strerror or error}"
     if head.lstrip()[:1] in (b"{", b"[") and b"\x00" not in head:

@@ -9,10 +9,14 @@ mirror tree) goes through :func:`atomic_file`:
    directory is fsynced, so after a crash the target holds the old file or the new one;
 3. on any error, Ctrl-C included, the temporary file is removed.
 
+Content another routine produces (a hardlink, a copy, a directory tree) goes through
+:func:`staged` instead: the same temporary name, filled by the caller, renamed over the target.
+
 One sweep rule cleans up after writers that were killed (``kill -9`` runs no cleanup): the next
-write to the same target removes a temporary file whose pid is gone here and which has sat
-untouched for :data:`ABANDONED_AFTER` seconds.  The age matters on shared file systems, where
-the pid may belong to a live writer on another machine that keeps its file fresh.
+write to the same target removes a temporary file (or staged directory) whose pid is gone here
+and which has sat untouched for :data:`ABANDONED_AFTER` seconds.  The age matters on shared
+file systems, where the pid may belong to a live writer on another machine that keeps its file
+fresh.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import glob
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +101,35 @@ def atomic_file(target: Path, *, make_parents: bool = False, doing: str = "writi
     fsync_dir(directory)
 
 
+@contextlib.contextmanager
+def staged(target: Path, *, make_parents: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``target`` (not yet created) for the caller to fill with a file
+    or a directory; renamed over ``target`` when the block completes, removed if it fails.
+
+    For content :func:`atomic_file` cannot stream: hardlinks, copies, unpacked trees.  A
+    directory can only replace a missing or empty ``target`` (``os.replace``'s rule).
+    """
+    if make_parents:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    sweep(target)
+    tmp = temp_path(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+    fsync_dir(target.parent)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def write_bytes(target: Path, data: bytes, *, make_parents: bool = False) -> None:
     """Write ``data`` to ``target`` atomically (see :func:`atomic_file`)."""
     with atomic_file(target, make_parents=make_parents) as fh:
@@ -119,7 +153,7 @@ def sweep(target: Path) -> None:
             continue
         with contextlib.suppress(OSError):
             if now - leftover.stat().st_mtime >= ABANDONED_AFTER:
-                leftover.unlink()
+                _remove(leftover)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -210,7 +210,7 @@ def reading(path: str | os.PathLike[str]) -> Iterator[Budget]:
     if open_now is not None:
         yield open_now
         return
-    budget = Budget(os.fspath(path), input_size(Path(path)))
+    budget = Budget(str(path), input_size(path))
     token = _CURRENT.set(budget)
     try:
         yield budget
@@ -297,17 +297,26 @@ def metered(func: F) -> F:
     return run  # type: ignore[return-value]
 
 
-def input_size(path: Path) -> int:
+def input_size(path: Any) -> int:
     """Bytes of the input: a file's size, a directory's files (two levels, as SavedModels and
     checkpoint folders are laid out), or a TF checkpoint prefix's index and shards."""
+    from ckptkit.errors import CkptkitError
+    from ckptkit.storage.location import locate
+
+    loc = locate(path)
     try:
-        if path.is_file():
-            return path.stat().st_size
-        if path.is_dir():
-            return sum(p.stat().st_size for p in (*path.iterdir(), *path.glob("*/*"))
-                       if p.is_file())
-        prefix = path.name
-        return sum(p.stat().st_size for p in path.parent.iterdir()
-                   if p.is_file() and p.name.startswith(prefix + "."))
-    except OSError:
+        if loc.is_file():
+            return loc.size()
+        if loc.is_dir():
+            total = 0
+            for entry in loc.list():
+                if not entry.is_dir:
+                    total += entry.size or 0
+                    continue
+                total += sum(e.size or 0 for e in loc.child(entry.name).list() if not e.is_dir)
+            return total
+        prefix = loc.name + "."
+        return sum(e.size or 0 for e in loc.parent().list()
+                   if not e.is_dir and e.name.startswith(prefix))
+    except (OSError, CkptkitError):
         return 0

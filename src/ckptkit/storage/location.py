@@ -5,8 +5,9 @@ A :class:`Location` names a file or directory and reads it: ``size``, ``read(off
 ``is_file``/``is_dir``, ``list`` and ``child``.  Readers never call :func:`open` on a checkpoint
 themselves, so the same reader serves a local path and (through fsspec) a URL.
 
-Small reads are coalesced: the first ``read`` of a location fetches at least
-:data:`PREFETCH` bytes, and later reads inside what was fetched cost nothing.  Headers
+Small reads are coalesced: the first ``read`` of a location that falls inside its first
+:data:`PREFETCH` bytes fetches all of them, and later reads inside them cost nothing (a larger
+read is served as asked and not kept).  Headers
 (safetensors' 8 bytes then its JSON, a zip's end records) thus cost one read where a remote
 store would otherwise see one round trip per field.
 
@@ -76,6 +77,9 @@ class Location(Protocol):
     def sibling(self, name: str) -> Location:
         """The entry ``name`` beside this one (``ckpt-1`` -> ``ckpt-1.index``)."""
 
+    def parent(self) -> Location:
+        """The directory holding this entry."""
+
 
 class LocalLocation:
     """A path on this machine's file systems."""
@@ -126,9 +130,11 @@ class LocalLocation:
         if head is not None and offset + length <= len(head):
             return head[offset:offset + length]
         with open(self.path, "rb") as fh:
-            if head is None and offset < PREFETCH:
-                self._head = head = fh.read(max(PREFETCH, offset + length))
+            if head is None and offset + length <= PREFETCH:
+                self._head = head = fh.read(PREFETCH)
                 return head[offset:offset + length]
+            # Past the prefetch (or larger than it): read just what was asked, and keep
+            # nothing, so reading a whole file does not pin a copy of it here.
             fh.seek(offset)
             return fh.read(length)
 
@@ -154,6 +160,9 @@ class LocalLocation:
     def sibling(self, name: str) -> LocalLocation:
         return LocalLocation(self.path.with_name(name))
 
+    def parent(self) -> LocalLocation:
+        return LocalLocation(self.path.parent)
+
     def walk(self) -> Iterator[LocalLocation]:
         """Every file below this directory."""
         for root, _dirs, files in os.walk(self.path):
@@ -175,9 +184,11 @@ def is_url(value: str | os.PathLike[str]) -> bool:
 
 def locate(value: str | os.PathLike[str] | Location) -> Location:
     """The :class:`Location` a command-line argument or API argument names."""
-    if isinstance(value, (LocalLocation,)) or (
-            not isinstance(value, (str, os.PathLike)) and isinstance(value, Location)):
-        return value
+    # Anything that is neither a string nor a path is taken to be a Location already: a
+    # structural check (isinstance on the Protocol) would reject a backend that predates a
+    # method added later, and readers pass their Location back through here all the time.
+    if isinstance(value, LocalLocation) or not isinstance(value, (str, os.PathLike)):
+        return value  # type: ignore[return-value]
     text = os.fspath(value)
     if not is_url(text):
         return LocalLocation(Path(text).expanduser())
@@ -194,3 +205,19 @@ def locate(value: str | os.PathLike[str] | Location) -> Location:
                          hint="Use a local path, or install the extra that reads this scheme "
                               "(docs/remote.md)")
     return opener(text)
+
+
+def local_path(value: str | os.PathLike[str] | Location) -> Path:
+    """The local path of ``value``, for readers that walk a directory with ``pathlib``
+    (sharded and distributed layouts).
+
+    Raises:
+        UsageError: ``value`` is a remote location.
+    """
+    loc = locate(value)
+    if isinstance(loc, LocalLocation):
+        return loc.path
+    from ckptkit.errors import UsageError
+
+    raise UsageError(f"{loc}: this layout is read from a local directory only",
+                     hint="Download the checkpoint's directory first (or mount it)")

@@ -26,7 +26,7 @@ from ckptkit.storage.mirrors import Mirrors  # noqa: E402
 from ckptkit.hub.sources import kaggle  # noqa: E402
 from ckptkit.hub.download.transfer_plan import TransferLimits  # noqa: E402
 from ckptkit.testing.server import StubHandler, StubServer  # noqa: E402
-from tests.hub.sources.hubs import KAGGLE_HANDLE, KaggleStub, saved_model, tree_files  # noqa: E402
+from tests.hub.sources.hubs import KAGGLE_HANDLE, KaggleStub, tree_files  # noqa: E402
 
 __all__ = ["saved_model"]  # the session fixture, re-exported for pytest
 

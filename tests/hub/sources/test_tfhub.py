@@ -21,10 +21,7 @@ from ckptkit.storage.mirrors import Mirrors
 from ckptkit.hub.sources import tfhub
 from tests.conftest import SRC
 from tests.hub.sources import hubs
-from tests.hub.sources.hubs import (HANDLE, SAMPLE_INPUT, SAMPLE_SCORE, TFHubStub, saved_model,
-                                tree_files)
-
-__all__ = ["saved_model"]  # the session fixture, re-exported for pytest
+from tests.hub.sources.hubs import HANDLE, SAMPLE_INPUT, SAMPLE_SCORE, TFHubStub, tree_files
 
 SPAQ_PATH = "/google/musiq/spaq/1"
 

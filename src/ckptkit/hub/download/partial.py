@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from ckptkit.errors import IntegrityError
-from ckptkit.storage.atomic import fsync_dir
+from ckptkit.storage.atomic import write_text
 from ckptkit.hub.download.transfer_plan import Piece, Sidecar
 
 
@@ -103,10 +103,5 @@ def load_sidecar(path: Path) -> Sidecar | None:
 
 
 def save_sidecar(path: Path, state: Sidecar) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary sibling, fsync, ``os.replace``."""
-    tmp = sibling(path, ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(state.to_json())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``state`` to ``path`` atomically (:mod:`ckptkit.storage.atomic`)."""
+    write_text(path, state.to_json())

@@ -19,7 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import requests
 
@@ -33,6 +33,9 @@ from ckptkit.hub.download.stalls import SpeedWatch
 from ckptkit.hub.download.transfer_plan import (Piece, PiecePlan, PieceSizing, Probe, Sidecar, TransferLimits,
                                    can_resume, checkpoint_interval, looks_like_html, plan_pieces)
 from ckptkit.hub.download.transport import Restart, Transient, Transport, content_length
+from ckptkit.hub.download.progress import Cursor, Meter, Progress
+
+__all__ = ["DownloadResult", "Knobs", "Progress", "Transfer"]
 
 
 @dataclass(frozen=True)
@@ -62,70 +65,6 @@ class DownloadResult:
     #                         Content-Range); False for a body that just streamed until it ended
 
 
-class Progress(Protocol):
-    """Where :func:`download` reports progress (tqdm-like); the caller creates and closes it.
-
-    ``set_total`` is called once the size is known (None: unknown); ``update(n)`` as bytes
-    arrive, from one thread at a time.  A resumed download first reports the bytes it already
-    has; after a restart from scratch, updates resume once the new transfer passes the old one.
-    """
-
-    def set_total(self, total: int | None) -> None: ...
-
-    def update(self, n: int) -> None: ...
-
-
-@dataclass
-class _Cursor:
-    """Where the next byte of a request goes; survives the request so a retry resumes.
-
-    For a piece, ``on_progress(pos)`` is called every ``interval`` bytes (from ``synced``, the
-    last position made durable), to record the piece's progress.
-    """
-
-    pos: int
-    sniff_pending: bool = False
-    interval: int = 0
-    synced: int = 0
-    on_progress: Callable[[int], None] | None = None
-
-    def advanced(self) -> None:
-        if self.on_progress is not None and self.pos - self.synced >= self.interval:
-            self.on_progress(self.pos)
-            self.synced = self.pos
-
-
-class _Meter:
-    """Counts payload bytes across threads and forwards progress without double counting."""
-
-    def __init__(self, progress: Progress | None) -> None:
-        self.transferred = 0
-        self._progress = progress
-        self._lock = threading.Lock()
-        self._position = 0
-        self._reported = 0
-        self._total: int | None = None
-        self._total_sent = False
-
-    def start(self, total: int | None, position: int) -> None:
-        with self._lock:
-            if self._progress is not None and (not self._total_sent or total != self._total):
-                self._progress.set_total(total)
-            self._total, self._total_sent, self._position = total, True, position
-            self._forward()
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.transferred += n
-            self._position += n
-            self._forward()
-
-    def _forward(self) -> None:
-        if self._progress is not None and self._position > self._reported:
-            self._progress.update(self._position - self._reported)
-            self._reported = self._position
-
-
 class Transfer:
     """One download of ``url`` into ``dest``, run under its lock (:meth:`run`)."""
 
@@ -146,7 +85,7 @@ class Transfer:
         self.expected_size = expected_size
         self.expected_sha256 = expected_sha256
         self.connections = connections
-        self.meter = _Meter(progress)
+        self.meter = Meter(progress)
         self.check_free_space = check_free_space
         self.final_url = url
         self.size: int | None = None
@@ -270,7 +209,7 @@ class Transfer:
             part.datasync()
             self._record(whole.index, pos - whole.start)
 
-        cursor = _Cursor(piece.start, synced=piece.start, on_progress=checkpoint,
+        cursor = Cursor(piece.start, synced=piece.start, on_progress=checkpoint,
                          interval=checkpoint_interval(whole, self.knobs.checkpoint_floor,
                                                      self.knobs.checkpoint_cap))
         retrier = self.net.retrier()
@@ -300,7 +239,7 @@ class Transfer:
             self._state = replace(state, partial=tuple(sorted(partial.items())))
             save_sidecar(self.sidecar, self._state)
 
-    def _fetch_range(self, part: PartFile, cursor: _Cursor, end: int,
+    def _fetch_range(self, part: PartFile, cursor: Cursor, end: int,
                      validator: str | None) -> None:
         asked = f"bytes={cursor.pos}-{end - 1}"
         with self.net.opened_range(self.final_url, cursor.pos, end, self.size,
@@ -340,7 +279,7 @@ class Transfer:
             self._check_space(limit or 0)
             self.meter.start(limit, 0)
             sha = hashlib.sha256()
-            cursor = _Cursor(0, sniff_pending=True)
+            cursor = Cursor(0, sniff_pending=True)
             part = PartFile(self.part, truncate_to=0)
             try:
                 self._pump(resp, part, cursor, limit, sha)
@@ -354,7 +293,7 @@ class Transfer:
 
     # -- shared steps ---------------------------------------------------------------------------
 
-    def _pump(self, resp: requests.Response, part: PartFile, cursor: _Cursor,
+    def _pump(self, resp: requests.Response, part: PartFile, cursor: Cursor,
               end: int | None, sha: hashlib._Hash | None = None) -> None:
         """Copy the body of ``resp`` to the part file from ``cursor.pos``, at most to ``end``
         (None: as long as it lasts, up to the ceiling), above the low-speed limit."""

@@ -55,6 +55,8 @@ def fetch_tree(url: str, dest: Path, *, label: str, check: Callable[[Path, Path]
     result = download(url, archive, connections=connections, timeout=timeout,
                       progress=progress, limits=limits)
     try:
+        # A directory staged under its own name (not storage.atomic's): replace_dir must move
+        # an existing tree aside, which os.replace cannot do for a non-empty directory.
         staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
         archives.extract(archive, staging)
         try:

@@ -107,9 +107,8 @@ class HubRepoCache:
         relative = os.path.relpath(self.blob(file), pointer.parent)
         if pointer.is_symlink() and os.readlink(pointer) == relative:
             return pointer
-        temp = atomic.temp_path(pointer)
-        os.symlink(relative, temp)
-        os.replace(temp, pointer)
+        with atomic.staged(pointer) as temp:
+            os.symlink(relative, temp)
         return pointer
 
     def write_ref(self, revision: str, commit: str) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptkit.errors import IntegrityError, UsageError
+from ckptkit.storage.atomic import write_text
 from ckptkit.formats import savedmodel
 from ckptkit.storage.mirrors import Mirrors
 from ckptkit.hub.sources.archive_url import fetch_tree, replace_dir
@@ -160,6 +161,8 @@ def publish(handle: str, model_dir: Path, cache_dir: Path) -> Path:
     if _same_tree(model_dir, module_dir):
         _write_descriptor(handle, module_dir)
         return module_dir
+    # tensorflow_hub's own staging name (its resolver stages ``<sha1>.<uuid>.tmp`` too), kept
+    # so that both tools recognise each other's leftovers; see docs/architecture.md.
     tmp = cache_dir / f"{key}.{uuid.uuid4().hex}.tmp"
     try:
         shutil.copytree(model_dir, tmp, symlinks=True, copy_function=_link_or_copy)
@@ -176,14 +179,7 @@ def _write_descriptor(handle: str, module_dir: Path) -> None:
     # Byte-for-byte the format of tensorflow_hub.resolver._write_module_descriptor_file.
     text = "Module: %s\nDownload Time: %s\nDownloader Hostname: %s (PID:%d)" % (
         handle, str(datetime.datetime.today()), socket.gethostname(), os.getpid())
-    target = Path(f"{module_dir}.descriptor.txt")
-    tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text(Path(f"{module_dir}.descriptor.txt"), text)
 
 
 def _same_tree(a: Path, b: Path) -> bool:
