@@ -64,3 +64,12 @@ def test_numpy_scalars_are_read(tmp_path: Path) -> None:
                                                                   "step": ("int64", ())}
     loaded = ckptkit.load(path, framework="flax")
     assert float(loaded["s"]) == 1.5 and int(loaded["step"]) == 7
+
+
+def test_a_map_as_a_map_key_is_not_flax_msgpack(tmp_path: Path) -> None:
+    """msgpack raises TypeError for an unhashable key: the sniff says no, never crashes."""
+    from ckptkit.formats import flax_msgpack
+
+    path = tmp_path / "odd.msgpack"
+    path.write_bytes(b"\x81\x81\xa1a\x01\x02")  # {{"a": 1}: 2}
+    assert flax_msgpack.sniff(path) is False

@@ -40,8 +40,8 @@ def sniff(path: Path | Location) -> bool:
         header = unpacker.read_map_header()
         first_key = unpacker.unpack() if header else ""
     except (msgpack.OutOfData, ValueError, msgpack.ExtraData, msgpack.FormatError,
-            msgpack.StackError, UnicodeDecodeError):
-        return False
+            msgpack.StackError, UnicodeDecodeError, TypeError):
+        return False  # TypeError: a map or list as a map key (unhashable)
     return isinstance(first_key, str)
 
 
