@@ -71,5 +71,5 @@ def test_a_map_as_a_map_key_is_not_flax_msgpack(tmp_path: Path) -> None:
     from ckptkit.formats import flax_msgpack
 
     path = tmp_path / "odd.msgpack"
-    path.write_bytes(b"\x81\x81\xa1a\x01\x02")  # {{"a": 1}: 2}
+    path.write_bytes(b"\x81\x81\x81\xa1a\x01\x02\x03")  # {{{"a": 1}: 2}: 3}
     assert flax_msgpack.sniff(path) is False
