@@ -161,8 +161,9 @@ class LocalLocation:
                 yield LocalLocation(Path(root) / name)
 
 
-#: URL scheme -> a function making a :class:`Location` of a URL of that scheme.  Remote
-#: backends register here (fsspec-based ones, for instance) so that readers never change.
+#: URL scheme -> a function making a :class:`Location` of a URL of that scheme.  Entries here
+#: take precedence; schemes not listed go to :func:`ckptkit.storage.remote.opener` (``http(s)``
+#: and every installed fsspec protocol), imported only when a URL is located.
 OPENERS: dict[str, Callable[[str], Location]] = {}
 
 
@@ -187,6 +188,11 @@ def locate(value: str | os.PathLike[str] | Location) -> Location:
 
         return LocalLocation(Path(unquote(urlsplit(text).path)))
     opener = OPENERS.get(scheme)
+    if opener is None:
+        # http(s) and fsspec protocols, imported only now (never for a local path).
+        from ckptkit.storage.remote import opener as remote_opener
+
+        opener = remote_opener(scheme)
     if opener is None:
         from ckptkit.errors import UsageError
 
