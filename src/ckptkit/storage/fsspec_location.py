@@ -100,6 +100,9 @@ class FsspecLocation(RemoteLocation):
     def _make(self, url: str) -> FsspecLocation:
         return FsspecLocation(url, self.fs, self.fs._strip_protocol(url))
 
+    def _forget(self) -> None:
+        self.fs.invalidate_cache(self.path)
+
     def _stat(self) -> tuple[int, str | None] | None:
         info = self._call(self.fs.info, self.path, missing=None)
         self._count(0)

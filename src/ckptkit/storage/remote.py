@@ -96,6 +96,9 @@ class RemoteLocation:
     def _make(self, url: str) -> RemoteLocation:
         raise NotImplementedError
 
+    def _forget(self) -> None:
+        """Drop what the backend cached about this location (listings)."""
+
     # -- the Location protocol ------------------------------------------------------------
     @property
     def name(self) -> str:
@@ -137,6 +140,7 @@ class RemoteLocation:
         re-checks right before it deletes (ETag for S3/GCS/HTTP, else the mtime)."""
         self._stat_cache = None
         self._known_missing = False
+        self._forget()
         stat = self._stat_once()
         if stat is None:
             raise NotFoundError(f"{self}: no such file", path=str(self),
