@@ -218,6 +218,14 @@ class RemoteLocation:
         head = base.rpartition("/")[0]
         return self._make(f"{head}/{urllib.parse.quote(name) if self._quotes() else name}")
 
+    def __truediv__(self, name: str) -> RemoteLocation:
+        """``location / "name"``: :meth:`child`, so path-style code reads remote folders."""
+        return self.child(name)
+
+    def parent(self) -> RemoteLocation:
+        """The directory (prefix) holding this entry, with a trailing ``/``."""
+        return self._make(self.url.rstrip("/").rpartition("/")[0] + "/")
+
     def _quotes(self) -> bool:
         """Whether names are percent-encoded in this backend's URLs (HTTP: yes)."""
         return False
