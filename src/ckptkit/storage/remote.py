@@ -329,3 +329,30 @@ def require_writable(scheme: str) -> None:
         raise UsageError(f"cannot write to {scheme}:// locations",
                          hint="Write to a local path, s3://, gs:// or memory://; upload to the "
                               "Hub with huggingface_hub")
+
+
+#: Bytes per ranged read when a whole object is copied (bounded memory).
+COPY_CHUNK = 4 << 20
+
+
+def copy_to(location: RemoteLocation, target: BinaryIO) -> int:
+    """Write every byte of ``location`` to ``target`` in ranged reads of
+    :data:`COPY_CHUNK`; returns the size.  For commands that read every tensor byte anyway
+    (convert, strip, diff): the cost is the object's size, stated in docs/remote.md.
+
+    Raises:
+        IntegrityError: the object ended before its stated size (truncated while read).
+    """
+    from ckptkit.errors import IntegrityError
+
+    size = location.size()
+    done = 0
+    while done < size:
+        chunk = location.read(done, min(COPY_CHUNK, size - done))
+        if not chunk:
+            raise IntegrityError(f"{location}: the object ended after {done:,} of its "
+                                 f"{size:,} bytes", path=str(location),
+                                 hint="It is truncated or was rewritten while read; try again")
+        target.write(chunk)
+        done += len(chunk)
+    return size
