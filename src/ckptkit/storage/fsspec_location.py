@@ -20,7 +20,7 @@ from typing import Any
 
 from ckptkit.errors import (AuthError, MissingDependencyError, NotFoundError, SourceError,
                             UsageError)
-from ckptkit.storage.location import Entry
+from ckptkit.storage.entries import Entry
 from ckptkit.storage.remote import EXTRAS, RemoteLocation, display
 
 #: scheme -> where its credentials come from (named in access-denied hints).
@@ -111,9 +111,22 @@ class FsspecLocation(RemoteLocation):
         return int(info.get("size") or 0), _validator(info)
 
     def _fetch(self, start: int, stop: int) -> bytes:
-        data = self._call(self.fs.cat_file, self.path, start=start, end=stop)
+        data = self._call(self._ranged, start, stop)
         self._count(len(data))
         return data
+
+    def _ranged(self, start: int, stop: int) -> bytes:
+        """One ranged read.  Object stores implement ``cat_file`` with a ranged GET; fsspec's
+        generic one (HfFileSystem uses it) opens a file whose read-ahead cache would fetch
+        whole blocks of megabytes, so those are opened without a cache, sized to the span."""
+        from fsspec.spec import AbstractFileSystem
+
+        if type(self.fs).cat_file is not AbstractFileSystem.cat_file:
+            return bytes(self.fs.cat_file(self.path, start=start, end=stop))
+        with self.fs.open(self.path, "rb", block_size=max(1, stop - start),
+                          cache_type="none") as fh:
+            fh.seek(start)
+            return bytes(fh.read(stop - start))
 
     def _is_dir(self) -> bool:
         try:

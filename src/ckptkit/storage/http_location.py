@@ -23,7 +23,7 @@ import threading
 from typing import Any
 
 from ckptkit.errors import AuthError, NotFoundError, SourceError, UsageError
-from ckptkit.storage.location import PREFETCH, Entry
+from ckptkit.storage.entries import PREFETCH, Entry
 from ckptkit.storage.remote import RemoteLocation, display
 
 #: Largest body kept from a server that ignores ``Range`` (answering 200 with everything).

@@ -21,24 +21,13 @@ from __future__ import annotations
 import os
 import stat as stat_mod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from ckptkit.errors import NotFoundError
-
-#: Bytes the first read of a location fetches at least (coalescing small header reads).
-PREFETCH = 64 << 10
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One entry of a directory listing."""
-
-    name: str
-    is_dir: bool
-    size: int | None = None
-    mtime: float | None = None
+# Defined apart so that the remote backends (which :func:`locate` imports lazily) need not
+# import this module back; re-exported here.
+from ckptkit.storage.entries import PREFETCH, Entry
 
 
 @runtime_checkable
@@ -162,7 +151,7 @@ class LocalLocation:
 
 
 #: URL scheme -> a function making a :class:`Location` of a URL of that scheme.  Entries here
-#: take precedence; schemes not listed go to :func:`ckptkit.storage.remote.opener` (``http(s)``
+#: take precedence; schemes not listed go to :func:`ckptkit.storage.openers.opener_for` (``http(s)``
 #: and every installed fsspec protocol), imported only when a URL is located.
 OPENERS: dict[str, Callable[[str], Location]] = {}
 
@@ -190,9 +179,9 @@ def locate(value: str | os.PathLike[str] | Location) -> Location:
     opener = OPENERS.get(scheme)
     if opener is None:
         # http(s) and fsspec protocols, imported only now (never for a local path).
-        from ckptkit.storage.remote import opener as remote_opener
+        from ckptkit.storage.openers import opener_for
 
-        opener = remote_opener(scheme)
+        opener = opener_for(scheme)
     if opener is None:
         from ckptkit.errors import UsageError
 

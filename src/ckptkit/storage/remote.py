@@ -27,11 +27,10 @@ from __future__ import annotations
 import io
 import threading
 import urllib.parse
-from collections.abc import Callable
 from typing import BinaryIO
 
 from ckptkit.errors import NotFoundError, UsageError
-from ckptkit.storage.location import PREFETCH, Entry
+from ckptkit.storage.entries import PREFETCH, Entry
 
 #: Bytes a read in the last TAIL bytes of a file fetches: the whole tail.  Large enough for
 #: the central directory of a torch zip of a few hundred tensors.
@@ -309,18 +308,6 @@ EXTRAS: dict[str, tuple[str, str, str]] = {
     "gs": ("gcsfs", "gcs", "gcsfs"), "gcs": ("gcsfs", "gcs", "gcsfs"),
     "hf": ("huggingface_hub", "hf", "huggingface_hub"),
 }
-
-
-def opener(scheme: str) -> Callable[[str], RemoteLocation] | None:
-    """The location maker for ``scheme``, or None when no backend reads it.  Imports the
-    backend (and fsspec) only now: local paths never pay for it."""
-    if scheme in ("http", "https"):
-        from ckptkit.storage.http_location import HttpLocation
-
-        return HttpLocation
-    from ckptkit.storage.fsspec_location import fsspec_opener
-
-    return fsspec_opener(scheme)
 
 
 def require_writable(scheme: str) -> None:
