@@ -149,16 +149,19 @@ class FsspecLocation(RemoteLocation):
 
     def walk(self) -> list[FsspecLocation]:
         """Every file below this prefix, one listing request per page (not per directory)."""
-        found = self._call(self.fs.find, self.path, withdirs=False)
+        found = self._call(self.fs.find, self.path, withdirs=False, detail=True)
         self._count(0)
         base = self.url.rstrip("/")
         strip = self.path.rstrip("/")
-        return [self._make(f"{base}{name[len(strip):]}") for name in sorted(found)
-                if name.startswith(strip)]
-
-    def remove(self) -> None:
-        """Delete this object (directories: every object under the prefix)."""
-        self._call(self.fs.rm, self.path, recursive=self.url.endswith("/") or self._is_dir())
+        objects = []
+        for name, info in sorted(found.items()):
+            if not name.startswith(strip):
+                continue
+            obj = self._make(f"{base}{name[len(strip):]}")
+            # The listing already says each object's size and ETag: no HEAD per object.
+            obj._stat_cache = (int(info.get("size") or 0), _validator(info))
+            objects.append(obj)
+        return objects
 
     def _call(self, method: Any, *args: Any, missing: Any = ..., **kwargs: Any) -> Any:
         try:
