@@ -178,3 +178,28 @@ def test_remote_output_uploads_a_local_writers_file(s3: S3Store) -> None:
     assert not folder.exists()
     assert s3.client.get_object(Bucket=s3.bucket,
                                 Key="out/converted.safetensors")["Body"].read() == b"converted"
+
+
+@pytest.mark.parametrize("blocked, url, extra", [
+    ("s3fs", "s3://bucket/model.safetensors", "s3"),
+    ("gcsfs", "gs://bucket/model.safetensors", "gcs"),
+    ("fsspec", "s3://bucket/model.safetensors", "s3"),
+])
+def test_a_missing_extra_is_one_line_naming_it(blocked: str, url: str, extra: str) -> None:
+    from tests.conftest import run_ckpt_without
+
+    done = run_ckpt_without((blocked,), "latest", url)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1
+    assert f"pip install 'ckptkit[{extra}]'" in done.stderr
+
+
+def test_local_paths_never_import_fsspec_or_requests(tmp_path: Path) -> None:
+    from tests.conftest import run_python
+
+    (tmp_path / "m.safetensors").write_bytes(safetensors_blob(4))
+    done = run_python("import sys, ckptkit; ckptkit.inspect(sys.argv[1]); "
+                      "print(sorted(m for m in ('fsspec', 's3fs', 'requests', 'botocore') "
+                      "if m in sys.modules))", str(tmp_path / "m.safetensors"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -32,7 +32,7 @@ DEFAULT_JOBS = 8
 @click.option("--trust-torchscript", is_flag=True,
               help="Count TorchScript code as vetted: such an archive is safe when its "
                    "pickles are (by default its code makes it unknown-objects).")
-@click.option("--jobs", "-j", type=click.IntRange(1, 256), default=DEFAULT_JOBS,
+@click.option("--jobs", type=click.IntRange(1, 256), default=DEFAULT_JOBS,
               show_default=True, metavar="N",
               help="Files read at once (remote prefixes: requests in flight).")
 @cache_options
