@@ -158,16 +158,37 @@ def test_a_short_object_reads_short_so_readers_can_call_it_truncated(served) -> 
     assert location.read(500, 10) == b""
 
 
-def test_credentials_in_urls_are_never_shown_nor_sent_to_another_host() -> None:
-    from tests.hf_content import WEIGHTS
+def test_credentials_in_urls_are_never_shown_nor_sent_to_another_host(served) -> None:
+    from ckptkit.testing.server import StubHandler, StubServer
+
+    server, folder = served
+    target = server.base
+
+    class Redirect(StubHandler):
+        def do_GET(self) -> None:
+            self._record()
+            self._redirect(target + self.path)
+
+    class Redirector(StubServer):
+        handler_class = Redirect
+
+    with Redirector() as front:
+        url = front.base.replace("http://", "http://user:s3cret@") + \
+            "/model.safetensors?X-Amz-Signature=abcdef&v=1"
+        location = locate(url)
+        assert location.size() == (folder / "model.safetensors").stat().st_size
+        assert "s3cret" not in str(location) and "abcdef" not in str(location)
+        assert front.requests[0].header("Authorization") is not None  # its own host: sent
+    assert [r.header("Authorization") for r in server.requests] == [None]  # another host
+    assert display("https://u:p@h/x?token=t&a=1") == "https://h/x?token=***&a=1"
+
+
+def test_hub_redirect_to_the_cdn_carries_no_credentials() -> None:
     from ckptkit.testing.hf_hub import HfHubStandIn
+    from tests.hf_content import WEIGHTS
 
     with HfHubStandIn() as hub:
         hub.add_repo("org/tiny", {"model.safetensors": WEIGHTS})
-        secret_url = hub.endpoint.replace("http://", "http://user:s3cret@") + \
-            "/org/tiny/resolve/main/model.safetensors?X-Amz-Signature=abcdef&v=1"
-        location = locate(secret_url)
-        assert location.size() == len(WEIGHTS)  # via the redirect to the CDN (another port)
-        assert "s3cret" not in str(location) and "abcdef" not in str(location)
+        location = locate(f"{hub.endpoint}/org/tiny/resolve/main/model.safetensors")
+        assert location.size() == len(WEIGHTS)
         assert hub.cdn_authorized() == []
-    assert display("https://u:p@h/x?token=t&a=1") == "https://h/x?token=***&a=1"

@@ -8,8 +8,10 @@ Servers that ignore ``Range`` answer 200 with the whole body.  A body of at most
 :data:`WHOLE_BODY_LIMIT` bytes is kept (one request, bounded memory); a larger one is refused
 after reading nothing of it: never a silent full download.
 
-No credentials are sent (a URL's own ``user:password@`` and query are the user's choice), and
-``requests`` drops an ``Authorization`` header when a redirect leaves the host.  Failures map
+No credentials are sent but a URL's own (``user:password@``, as Basic auth, and only to that
+URL's host: never after a redirect to another one; a presigned query stays in its URL).
+The client is the standard library's, with connections kept alive per thread and host and
+the ``http(s)_proxy``/``no_proxy`` variables honoured.  Failures map
 to ckptkit's errors: 404/410 -> not found (exit 4), 401/403 -> access denied (exit 4), refused
 or timed-out connections -> unreachable (exit 4).  A connection reset mid-body is retried
 :data:`RETRIES` times, then reported as unreachable.
@@ -17,12 +19,16 @@ or timed-out connections -> unreachable (exit 4).  A connection reset mid-body i
 
 from __future__ import annotations
 
+import base64
+import http.client
 import os
 import re
+import socket
 import threading
+import urllib.parse
 from typing import Any
 
-from ckptkit.errors import AuthError, NotFoundError, SourceError, UsageError
+from ckptkit.errors import AuthError, CkptkitError, NotFoundError, SourceError, UsageError
 from ckptkit.storage.entries import PREFETCH, Entry
 from ckptkit.storage.remote import RemoteLocation, display
 
@@ -30,34 +36,51 @@ from ckptkit.storage.remote import RemoteLocation, display
 WHOLE_BODY_LIMIT = 16 << 20
 #: Extra attempts after a connection fails mid-body or a 5xx answer.
 RETRIES = 2
+#: Redirects followed before giving up.
+MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _local = threading.local()
-
-
-def _session() -> Any:
-    """One ``requests`` session per thread (connections are kept alive per thread)."""
-    session = getattr(_local, "session", None)
-    if session is None:
-        import requests
-
-        session = requests.Session()
-        # An explicit (no-op) auth: requests would otherwise send ~/.netrc credentials to
-        # whatever host a URL names.  Proxies and CA bundles from the environment still apply.
-        session.auth = _no_credentials
-        session.headers["User-Agent"] = "ckptkit"
-        session.headers["Accept-Encoding"] = "identity"  # byte offsets of the stored bytes
-        _local.session = session
-    return session
-
-
-def _no_credentials(request: Any) -> Any:
-    return request
 
 
 def _timeout() -> float:
     from ckptkit.config import _timeout as configured
 
     return configured(os.environ.get("CKPTKIT_TIMEOUT"))
+
+
+def _connection(parts: urllib.parse.SplitResult) -> http.client.HTTPConnection:
+    """A kept-alive connection to the URL's host, one per thread and host, through the
+    ``http(s)_proxy`` the environment names (``no_proxy`` honoured).  The standard library's
+    client: ``ckpt inspect URL`` does not pay for importing a bigger one."""
+    pool: dict[tuple[str, str], http.client.HTTPConnection] = _local.__dict__.setdefault(
+        "pool", {})
+    key = (parts.scheme, parts.netloc.rpartition("@")[2])
+    conn = pool.get(key)
+    if conn is None:
+        import urllib.request
+
+        host, port = parts.hostname or "", parts.port
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        if proxy and urllib.request.proxy_bypass(host):
+            proxy = None
+        cls: Any = http.client.HTTPSConnection if parts.scheme == "https" else \
+            http.client.HTTPConnection
+        if proxy:
+            via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            conn = cls(via.hostname, via.port, timeout=_timeout())
+            conn.set_tunnel(host, port)
+        else:
+            conn = cls(host, port, timeout=_timeout())
+        pool[key] = conn
+    return conn
+
+
+def _drop(parts: urllib.parse.SplitResult) -> None:
+    """Close and forget the connection to the URL's host (after an error or an unread body)."""
+    pool = _local.__dict__.get("pool", {})
+    conn = pool.pop((parts.scheme, parts.netloc.rpartition("@")[2]), None)
+    if conn is not None:
+        conn.close()
 
 
 class HttpLocation(RemoteLocation):
@@ -97,39 +120,70 @@ class HttpLocation(RemoteLocation):
     def _get(self, start: int, stop: int) -> tuple[bytes, int, str | None, bool]:
         """The bytes ``[start, stop)`` (or the whole body, flagged), the file's size and its
         validator."""
-        import requests
-
-        last_error: Exception | None = None
+        last_error: BaseException | None = None
         for _attempt in range(RETRIES + 1):
             try:
-                with _session().get(self.url, headers={"Range": f"bytes={start}-{stop - 1}"},
-                                    stream=True, timeout=_timeout(),
-                                    allow_redirects=True) as response:
-                    self._count(0)
-                    data, size, validator, whole = self._answer(response, start, stop)
-                    self._count(len(data), requests=0)
-                    return data, size, validator, whole
+                return self._request(start, stop)
             except _Retry as exc:
                 last_error = exc.__cause__ or exc
-            except requests.exceptions.ConnectionError as exc:
-                if _refused(exc):
-                    raise SourceError(f"{self}: connection refused",
-                                      url=str(self), reason="connection refused",
-                                      hint="Check the host and port, and that the server runs",
-                                      path=str(self)) from None
-                last_error = exc
-            except requests.exceptions.Timeout as exc:
-                last_error = exc
-            except requests.exceptions.RequestException as exc:
+            except CkptkitError:
+                raise  # an answer (404, 403, Range ignored): no retry
+            except ConnectionRefusedError:
+                raise SourceError(f"{self}: connection refused", url=str(self),
+                                  reason="connection refused", path=str(self),
+                                  hint="Check the host and port, and that the server runs"
+                                  ) from None
+            except socket.gaierror:
+                raise SourceError(f"{self}: host not found", url=str(self),
+                                  reason="host not found", path=str(self),
+                                  hint="Check the host name and the network") from None
+            except (OSError, http.client.HTTPException) as exc:
                 last_error = exc
         raise SourceError(f"{self}: unreachable ({_why(last_error)})", url=str(self),
                           reason=_why(last_error), path=str(self),
                           hint="Check the network and the URL, then try again") from None
 
+    def _request(self, start: int, stop: int) -> tuple[bytes, int, str | None, bool]:
+        """One ranged GET, following redirects; credentials in the URL go only to its host."""
+        url = self.url
+        first = urllib.parse.urlsplit(url)
+        for _hop in range(MAX_REDIRECTS + 1):
+            parts = urllib.parse.urlsplit(url)
+            headers = {"Range": f"bytes={start}-{stop - 1}", "User-Agent": "ckptkit",
+                       "Accept-Encoding": "identity"}
+            if parts.username is not None and parts.netloc == first.netloc:
+                secret = f"{urllib.parse.unquote(parts.username)}:" \
+                         f"{urllib.parse.unquote(parts.password or '')}"
+                headers["Authorization"] = "Basic " + base64.b64encode(secret.encode()).decode()
+            target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+            conn = _connection(parts)
+            try:
+                conn.request("GET", target, headers=headers)
+                response = conn.getresponse()
+            except (OSError, http.client.HTTPException):
+                _drop(parts)
+                raise
+            self._count(0)
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                url = urllib.parse.urljoin(url, response.getheader("Location"))
+                _drop(parts)  # its body is not worth reading
+                continue
+            try:
+                data, size, validator, whole = self._answer(response, start, stop)
+            except BaseException:
+                _drop(parts)
+                raise
+            if response.will_close:
+                _drop(parts)
+            self._count(len(data), requests=0)
+            return data, size, validator, whole
+        raise SourceError(f"{self}: more than {MAX_REDIRECTS} redirects", url=str(self),
+                          path=str(self), hint="Check the URL")
+
     def _answer(self, response: Any, start: int,
                 stop: int) -> tuple[bytes, int, str | None, bool]:
-        status = response.status_code
-        validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        status = response.status
+        validator = response.getheader("ETag") or response.getheader("Last-Modified")
         if status in (404, 410):
             raise NotFoundError(f"{self}: no such file (HTTP {status})", path=str(self),
                                 hint="Check the URL")
@@ -140,23 +194,23 @@ class HttpLocation(RemoteLocation):
                                  "presigned URL, or an s3://, gs:// or hf:// URL, which use "
                                  "their own credential chains (docs/remote.md)")
         if status == 416:
-            total = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").replace(
+            total = _CONTENT_RANGE.match((response.getheader("Content-Range") or "").replace(
                 "bytes */", "bytes 0-0/"))
             size = int(total.group(3)) if total and total.group(3) != "*" else 0
             return b"", size, validator, False
         if status >= 500:
             raise _Retry() from SourceError(f"HTTP {status}")
         if status == 206:
-            match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+            match = _CONTENT_RANGE.match(response.getheader("Content-Range") or "")
             if not match or match.group(3) == "*" or int(match.group(1)) != start:
                 raise SourceError(f"{self}: the server answered a byte range it was not asked "
-                                  f"for ({response.headers.get('Content-Range')!r})",
+                                  f"for ({response.getheader('Content-Range')!r})",
                                   url=str(self), path=str(self),
                                   hint="Download the file and inspect the local copy")
             want = int(match.group(2)) + 1 - start
             return self._body(response, want), int(match.group(3)), validator, False
         if status == 200:
-            length = response.headers.get("Content-Length")
+            length = response.getheader("Content-Length")
             if length is None or int(length) > WHOLE_BODY_LIMIT:
                 what = f"all {int(length):,} bytes" if length else "a body of unknown size"
                 raise SourceError(
@@ -171,13 +225,12 @@ class HttpLocation(RemoteLocation):
                           hint="Check the URL, or try again later")
 
     def _body(self, response: Any, want: int) -> bytes:
-        import requests
-
         try:
-            data = response.raw.read(want)
-        except (requests.exceptions.RequestException, OSError) as exc:
-            raise _Retry() from exc
-        except Exception as exc:  # urllib3's ProtocolError and friends
+            data = response.read(want)
+        except http.client.IncompleteRead as exc:
+            raise _Retry() from ConnectionError(
+                f"connection closed after {len(exc.partial)} of {want} bytes")
+        except (OSError, http.client.HTTPException) as exc:
             raise _Retry() from exc
         if len(data) < want:
             raise _Retry() from ConnectionError(
@@ -187,18 +240,6 @@ class HttpLocation(RemoteLocation):
 
 class _Retry(Exception):
     """A failure worth one more attempt (the cause says what)."""
-
-
-def _refused(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, ConnectionRefusedError) or "Connection refused" in str(cause):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__ or (
-            cause.args[0] if cause.args and isinstance(cause.args[0], BaseException) else None)
-    return False
 
 
 def _why(exc: BaseException | None) -> str:
@@ -212,10 +253,6 @@ def _why(exc: BaseException | None) -> str:
         return "timed out"
     if "closed after" in text:
         return text
-    if "Name or service not known" in text or "getaddrinfo" in text:
-        return "host not found"
-    if "IncompleteRead" in text or "incomplete" in text.lower():
-        return "connection closed mid-body"
     return type(exc).__name__
 
 
