@@ -103,7 +103,7 @@ def safetensors_blob(step: int, rows: int = 64) -> bytes:
 @readers
 def test_inspect_https_reads_one_range_and_matches_local_json(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from ckptkit.storage.location import PREFETCH
+    from ckptkit.storage.remote import HEAD
     from ckptkit.testing.static import StaticServer
 
     (tmp_path / "served").mkdir()
@@ -115,7 +115,7 @@ def test_inspect_https_reads_one_range_and_matches_local_json(
         url = f"{server.base}/model.safetensors"
         code, out, err = run_main(capsys, "inspect", url, "--json")
         assert code == 0, err
-        assert len(server.requests) == 1 and server.bytes_sent() == PREFETCH
+        assert len(server.requests) == 1 and server.bytes_sent() == HEAD
     got, want = json.loads(out), json.loads(expected)
     assert got.pop("path") == url and want.pop("path") == str(local)
     assert got == want
@@ -125,7 +125,7 @@ def test_inspect_https_reads_one_range_and_matches_local_json(
 def test_inspect_torch_zip_url_never_reads_tensor_data(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch = pytest.importorskip("torch")
-    from ckptkit.storage.location import PREFETCH
+    from ckptkit.storage.remote import HEAD
     from ckptkit.storage.remote import TAIL
     from ckptkit.testing.static import StaticServer
 
@@ -137,7 +137,7 @@ def test_inspect_torch_zip_url_never_reads_tensor_data(
         assert code == 0, err
         assert json.loads(out)["metadata"]["step"] == 3
         assert len(server.requests) <= 3
-        assert server.bytes_sent() <= PREFETCH + TAIL < local.stat().st_size // 8
+        assert server.bytes_sent() <= HEAD + TAIL < local.stat().st_size // 8
 
 
 @readers

@@ -16,6 +16,7 @@ import pytest
 from ckptkit.errors import AuthError, ExitCode, NotFoundError, SourceError
 from ckptkit.storage import http_location
 from ckptkit.storage.location import PREFETCH, locate
+from ckptkit.storage.remote import HEAD
 from ckptkit.storage.remote import TAIL, display
 from ckptkit.testing.faults import Fault
 from ckptkit.testing.static import StaticServer
@@ -47,21 +48,25 @@ def test_safetensors_header_costs_one_request_and_no_tensor_bytes(served) -> Non
     assert size == (folder / "model.safetensors").stat().st_size
     assert header["__metadata__"] == {"step": "3"}
     assert [r.method for r in server.requests] == ["GET"]  # no HEAD: the size came with it
-    assert server.requests[0].header("Range") == f"bytes=0-{PREFETCH - 1}"
-    assert server.bytes_sent() == PREFETCH == location.fetched
+    assert server.requests[0].header("Range") == f"bytes=0-{HEAD - 1}"
+    assert server.bytes_sent() == HEAD == location.fetched
     assert location.requests == 1
 
 
 def test_a_header_larger_than_the_prefetch_costs_a_second_request(tmp_path: Path) -> None:
     from safetensors.numpy import save_file
 
-    tensors = {f"layer.{i}.weight": np.zeros(4, np.float32) for i in range(2000)}
+    tensors = {f"layer.{i}.weight": np.zeros(4, np.float32) for i in range(6000)}
     save_file(tensors, tmp_path / "wide.safetensors")
+    size = (tmp_path / "wide.safetensors").stat().st_size
+    assert size > HEAD
     with StaticServer(tmp_path, record=True) as server:
         location = locate(f"{server.base}/wide.safetensors")
-        assert len(header_of(location)) == 2000
+        assert len(header_of(location)) == 6000
         assert len(server.requests) == 2
-        assert server.bytes_sent() < (tmp_path / "wide.safetensors").stat().st_size + PREFETCH
+        # The second request asks only for what the head did not bring.
+        assert server.requests[1].header("Range").startswith(f"bytes={HEAD}-")
+        assert server.bytes_sent() <= size
 
 
 def test_torch_zip_reads_tail_then_data_pkl_never_tensor_data(tmp_path: Path) -> None:
@@ -75,7 +80,7 @@ def test_torch_zip_reads_tail_then_data_pkl_never_tensor_data(tmp_path: Path) ->
             assert b"step" in archive.read(pkl)
     assert size > 4 << 20
     assert len(server.requests) <= 3
-    assert server.bytes_sent() <= PREFETCH + TAIL  # the head (data.pkl) and the tail
+    assert server.bytes_sent() <= HEAD + TAIL  # the head (data.pkl) and the tail
 
 
 def test_coalesced_reads_share_one_request(served) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from ckptkit.errors import AuthError, ExitCode, NotFoundError, SourceError
 from ckptkit.storage.location import PREFETCH, locate
+from ckptkit.storage.remote import HEAD
 from tests.conftest import SRC
 from tests.s3_store import AWS_ENV, S3Store, aws_env, moto_endpoint, s3  # noqa: F401
 
@@ -39,7 +40,7 @@ def test_header_read_is_a_head_and_one_ranged_get(s3: S3Store) -> None:
     header = json.loads(location.read(8, length))
     assert header["__metadata__"] == {"step": "9"}
     assert location.size() == len(blob)
-    assert location.requests == 2 and location.fetched == PREFETCH
+    assert location.requests == 2 and location.fetched == HEAD
     assert str(location) == s3.url("run/model.safetensors")
 
 

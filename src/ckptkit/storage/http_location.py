@@ -1,7 +1,7 @@
 """``http://`` and ``https://`` locations: one ``GET`` with ``Range`` per fetched span.
 
 There is no ``HEAD``: the size comes from the ``Content-Range`` of the first ranged ``GET``,
-which also brings the first :data:`~ckptkit.storage.location.PREFETCH` bytes, so inspecting a
+which also brings the first :data:`~ckptkit.storage.remote.HEAD` bytes, so inspecting a
 safetensors file whose header fits in them costs one request.
 
 Servers that ignore ``Range`` answer 200 with the whole body.  A body of at most
@@ -29,8 +29,8 @@ import urllib.parse
 from typing import Any
 
 from ckptkit.errors import AuthError, CkptkitError, NotFoundError, SourceError, UsageError
-from ckptkit.storage.entries import PREFETCH, Entry
-from ckptkit.storage.remote import RemoteLocation, display
+from ckptkit.storage.entries import Entry
+from ckptkit.storage.remote import HEAD, RemoteLocation, display
 
 #: Largest body kept from a server that ignores ``Range`` (answering 200 with everything).
 WHOLE_BODY_LIMIT = 16 << 20
@@ -102,7 +102,7 @@ class HttpLocation(RemoteLocation):
     def _stat(self) -> tuple[int, str | None] | None:
         # The first ranged GET tells the size and brings the head: no HEAD request.
         try:
-            data, size, validator, _whole = self._get(0, PREFETCH)
+            data, size, validator, _whole = self._get(0, HEAD)
         except NotFoundError:
             return None
         with self._lock:

@@ -8,8 +8,9 @@ operations a backend supplies: ``_stat`` (size and a validator: ETag or mtime) a
 
 What a reader asks for is rounded up so that headers cost one round trip:
 
-* a read near the start fetches at least :data:`PREFETCH` bytes (safetensors' 8 bytes and its
-  JSON, a torch zip's ``data.pkl`` that ``torch.save`` writes first);
+* a read near the start fetches at least :data:`HEAD` bytes (safetensors' 8 bytes and its
+  JSON, a torch zip's ``data.pkl`` that ``torch.save`` writes first): larger than a local
+  file's prefetch, as a round trip costs far more than 192 KiB more of one response;
 * a read in the last :data:`TAIL` bytes fetches the whole tail (a zip's end records and its
   central directory);
 * fetched spans are kept (at most :data:`KEEP` bytes, oldest dropped first), so later reads
@@ -32,6 +33,8 @@ from typing import BinaryIO
 from ckptkit.errors import NotFoundError, UsageError
 from ckptkit.storage.entries import PREFETCH, Entry
 
+#: Bytes a read near the start of a file fetches: the whole head.
+HEAD = 256 << 10
 #: Bytes a read in the last TAIL bytes of a file fetches: the whole tail.  Large enough for
 #: the central directory of a torch zip of a few hundred tensors.
 TAIL = 256 << 10
@@ -165,14 +168,26 @@ class RemoteLocation:
         if length < PREFETCH:
             if offset >= size - TAIL:
                 start, fetch_stop = max(0, size - TAIL), size
-            elif offset < PREFETCH:
-                start, fetch_stop = 0, min(size, max(stop, PREFETCH))
+            elif offset < HEAD:
+                start, fetch_stop = 0, min(size, max(stop, HEAD))
             else:
                 fetch_stop = min(size, offset + PREFETCH)
-        data = self._counted_fetch(start, fetch_stop)
+        with self._lock:
+            have = self._prefix(start, fetch_stop)
+        # Only what is not cached yet: a record just longer than the head costs its rest.
+        data = have + self._counted_fetch(start + len(have), fetch_stop) \
+            if start + len(have) < fetch_stop else have
         with self._lock:
             self._keep(start, data)
         return data[offset - start:stop - start]
+
+    def _prefix(self, start: int, stop: int) -> bytes:
+        """The cached bytes from ``start`` on (up to ``stop``), if a kept span holds
+        ``start``."""
+        for begin, data in self._spans:
+            if begin <= start < begin + len(data):
+                return data[start - begin:stop - begin]
+        return b""
 
     def read_many(self, spans: list[tuple[int, int]], gap: int = PREFETCH) -> list[bytes]:
         """The bytes of each ``(offset, length)`` in ``spans``; spans closer than ``gap`` are
