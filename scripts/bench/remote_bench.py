@@ -95,7 +95,7 @@ def http_rows(folder: Path, repeat: int) -> tuple[list[str], list[Check], list[R
             extra = remote_wall - local_wall
             rows.append(f"| `ckpt inspect URL` ({name}, {size / 2**30:.1f} GiB) | "
                         f"{requests_made} | {sent / 2**10:,.0f} KiB | {remote_wall * 1000:.0f} ms "
-                        f"| +{extra * 1000:.0f} ms over local |")
+                        f"| {extra * 1000:+.0f} ms vs local |")
             rows.append(f"| download, then `ckpt inspect` ({name}) | {len(server.requests)} | "
                         f"{server.bytes_sent() / 2**20:,.0f} MiB | {download_wall * 1000:.0f} ms | |")
             checks.append(Check(f"remote inspect {name}: requests", str(requests_made),

@@ -227,3 +227,31 @@ def test_hf_urls_read_through_huggingface_hubs_filesystem(tmp_path: Path) -> Non
                                   "hf://org/tiny/absent.safetensors"],
                                  capture_output=True, text=True, env=env, timeout=120)
         assert missing.returncode == 4, missing.stderr
+
+
+@readers
+def test_compare_and_diff_take_urls(s3: S3Store, capsys: pytest.CaptureFixture[str]) -> None:
+    put_run(s3)
+    code, out, err = run_main(capsys, "compare", s3.url("run/step_100.safetensors"),
+                              s3.url("run/step_200.safetensors"), "--json")
+    assert code == 0, err
+    assert [r["path"] for r in json.loads(out)["rows"]] == [
+        s3.url("run/step_100.safetensors"), s3.url("run/step_200.safetensors")]
+    code, out, err = run_main(capsys, "diff", s3.url("run/step_100.safetensors"),
+                              s3.url("run/step_200.safetensors"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["a"], report["b"]) == (s3.url("run/step_100.safetensors"),
+                                          s3.url("run/step_200.safetensors"))
+
+
+@readers
+def test_library_inspect_load_and_latest_take_urls(s3: S3Store) -> None:
+    import ckptkit
+
+    put_run(s3)
+    assert ckptkit.latest(s3.url("run/")).step == 300
+    url = s3.url("run/step_300.safetensors")
+    assert ckptkit.inspect(url).metadata == {"step": "300"}
+    arrays = ckptkit.load(url, framework="numpy")
+    assert np.array_equal(arrays["w"], np.ones((64, 64), np.float32))
