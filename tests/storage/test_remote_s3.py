@@ -170,6 +170,30 @@ def test_kill_9_leaves_no_object_and_the_next_run_aborts_the_upload(
     assert s3.keys("out/") == ["out/other.bin"]
 
 
+def test_cache_prune_aborts_the_upload_of_a_killed_writer(
+        s3: S3Store, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import run_main
+
+    script = textwrap.dedent(f"""
+        import time
+        from ckptkit.storage.remote_write import PART_SIZE, atomic_remote_file
+        with atomic_remote_file({s3.url('out/big.bin')!r}) as fh:
+            fh.write(b"z" * (PART_SIZE + 1))
+            print("uploading", flush=True)
+            time.sleep(60)
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(SRC)}, text=True)
+    assert proc.stdout.readline().strip() == "uploading"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert len(s3.uploads()) == 1
+    code, _out, err = run_main(capsys, "cache", "prune", "--yes")
+    assert code == 0, err
+    assert f"aborted the unfinished upload to {s3.url('out/big.bin')}" in err
+    assert s3.uploads() == [] and s3.keys("out/") == []
+
+
 def test_remote_output_uploads_a_local_writers_file(s3: S3Store) -> None:
     from ckptkit.storage.remote_write import remote_output
 
