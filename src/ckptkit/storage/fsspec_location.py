@@ -82,6 +82,13 @@ def _options(scheme: str) -> dict[str, Any]:
                                   "read_timeout": timeout,
                                   "retries": {"max_attempts": 2, "mode": "standard"}}}
     if scheme in ("gs", "gcs"):
+        import logging
+
+        # gcsfs warns on every new bucket when it cannot probe its type (no ADC, emulators);
+        # it then reads it as a plain bucket, which is what ckptkit wants: keep stderr clean.
+        gcs_log = logging.getLogger("gcsfs")
+        if gcs_log.level == logging.NOTSET:
+            gcs_log.setLevel(logging.ERROR)
         return {"timeout": timeout}
     return {}
 
