@@ -21,7 +21,7 @@ from typing import Any
 from ckptkit.errors import (AuthError, MissingDependencyError, NotFoundError, SourceError,
                             UsageError)
 from ckptkit.storage.entries import Entry
-from ckptkit.storage.remote import EXTRAS, RemoteLocation, display
+from ckptkit.storage.remote import EXTRAS, HEAD, RemoteLocation, display
 
 #: scheme -> where its credentials come from (named in access-denied hints).
 CHAINS = {
@@ -111,11 +111,65 @@ class FsspecLocation(RemoteLocation):
         self.fs.invalidate_cache(self.path)
 
     def _stat(self) -> tuple[int, str | None] | None:
+        if self.scheme in ("s3", "s3a") and hasattr(self.fs, "_call_s3"):
+            found = self._s3_head()
+            if found is not None:
+                return found if found != "missing" else None
+        return self._info()
+
+    def _info(self) -> tuple[int, str | None] | None:
         info = self._call(self.fs.info, self.path, missing=None)
         self._count(0)
         if info is None or info.get("type") == "directory":
             return None
         return int(info.get("size") or 0), _validator(info)
+
+    def fingerprint(self) -> tuple[int, str | None]:
+        """``(size, ETag)`` from a fresh ``HEAD`` (never a ranged GET: nothing is read)."""
+        self._forget()
+        stat = self._info()
+        if stat is None:
+            raise NotFoundError(f"{self}: no such file", path=str(self),
+                                hint="It was removed since it was listed")
+        return stat
+
+    def _s3_head(self) -> tuple[int, str | None] | str | None:
+        """Size, ETag and the first :data:`HEAD` bytes in one ranged ``GetObject`` (S3 has
+        the size in ``Content-Range``), instead of a ``HEAD`` and then a ``GET``.  Returns
+        "missing" for no such key, None when this does not apply (an empty object, which
+        S3 answers 416) so that ``info`` decides."""
+        from fsspec.asyn import sync
+
+        bucket, key, version = self.fs.split_path(self.path)
+        if not key or self.url.endswith("/"):
+            return None
+        extra = {"VersionId": version} if version else {}
+
+        async def get() -> tuple[dict[str, Any], bytes]:
+            answer = await self.fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                            Range=f"bytes=0-{HEAD - 1}", **extra)
+            try:
+                return answer, await answer["Body"].read()
+            finally:
+                answer["Body"].close()
+
+        try:
+            answer, body = sync(self.fs.loop, get)
+        except FileNotFoundError:
+            self._count(0)
+            return "missing"
+        except PermissionError:
+            raise AuthError(f"{self}: access denied", url=str(self), path=str(self),
+                            reason="access denied",
+                            hint=f"Check {CHAINS.get(self.scheme, 'the credentials')}") from None
+        except Exception:  # an empty object (416), an odd store: HEAD decides
+            return None
+        self._count(len(body))
+        total = str(answer.get("ContentRange") or "").rpartition("/")[2]
+        size = int(total) if total.isdigit() else len(body)
+        with self._lock:
+            self._keep(0, body)
+        return size, answer.get("ETag")
 
     def _fetch(self, start: int, stop: int) -> bytes:
         data = self._call(self._ranged, start, stop)
