@@ -121,13 +121,19 @@ def _run(work: list[Any], jobs: int, options: ScanOptions,
             pending[pool.submit(one, item)] = index
             if len(pending) >= 2 * jobs:
                 break
-        while pending:
-            done, _rest = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            for future in done:
-                results[pending.pop(future)] = future.result()
-                following = next(items, None)
-                if following is not None:
-                    pending[pool.submit(one, following[1])] = following[0]
+        try:
+            while pending:
+                # Short waits: Ctrl-C reaches this thread at once, not after a slow file.
+                done, _rest = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                for future in done:
+                    results[pending.pop(future)] = future.result()
+                    following = next(items, None)
+                    if following is not None:
+                        pending[pool.submit(one, following[1])] = following[0]
+        except BaseException:
+            for future in pending:  # not started yet: never started
+                future.cancel()
+            raise
     return [results[i] for i in range(len(work))]
 
 
