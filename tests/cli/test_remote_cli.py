@@ -255,3 +255,19 @@ def test_library_inspect_load_and_latest_take_urls(s3: S3Store) -> None:
     assert ckptkit.inspect(url).metadata == {"step": "300"}
     arrays = ckptkit.load(url, framework="numpy")
     assert np.array_equal(arrays["w"], np.ones((64, 64), np.float32))
+
+
+@readers
+def test_scan_s3_prefix_with_jobs_streams_the_same_verdicts(
+        s3: S3Store, capsys: pytest.CaptureFixture[str]) -> None:
+    for i in range(6):
+        s3.put(f"models/m{i}.safetensors", safetensors_blob(i, rows=4))
+    s3.put("models/notes.txt", b"trained on cats")
+    reports = []
+    for jobs in ("1", "4"):
+        code, out, err = run_main(capsys, "scan", s3.url("models/"), "--jobs", jobs, "--json")
+        assert code == 0, err
+        reports.append(json.loads(out))
+    assert reports[0] == reports[1]
+    assert [f["verdict"] for f in reports[0]["files"]] == ["safe"] * 6
+    assert [s["path"] for s in reports[0]["skipped"]] == [s3.url("models/notes.txt")]
