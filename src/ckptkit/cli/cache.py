@@ -182,13 +182,27 @@ def prune_command(cache_dir: Path | None, catalogs: tuple[Path, ...], dry_run: b
 
     Leftovers are found by where they lie in the cache (tmp/, staging/, files without a
     commit record), never by name.  Every planned path is re-checked (size, mtime, inode)
-    before the first deletion; if one changed, nothing is deleted (exit 1).
+    before the first deletion; if one changed, nothing is deleted (exit 1).  Also aborts the
+    S3 multipart uploads of writes to s3:// that were killed (kill -9) on this machine.
     """
     from ckptkit.hub.cache import plan_prune
 
     _conf, cache, cat = _open(cache_dir, catalogs)
     _run(plan_prune(cache, set(cat.files) if unreferenced else None), cache, dry_run=dry_run,
          yes=yes, as_json=as_json, quiet=quiet)
+    if not dry_run:
+        _abort_abandoned_uploads(quiet or as_json)
+
+
+def _abort_abandoned_uploads(quiet: bool) -> None:
+    """Abort multipart uploads of killed ckptkit writers (recorded in the cache's journal);
+    S3 never shows them as objects, but keeps their parts (and bills them) until aborted."""
+    from ckptkit.storage.remote_write import sweep_abandoned
+
+    for url in sweep_abandoned():
+        if not quiet:
+            click.echo(f"ckpt: aborted the unfinished upload to {render.safe(url)} "
+                       "(its writer was killed)", err=True)
 
 
 def _file_ids(cat, names: tuple[str, ...]) -> list[str]:

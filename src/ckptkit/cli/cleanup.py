@@ -9,8 +9,8 @@ import click
 
 from ckptkit.cli import render
 from ckptkit.cli.examples import command
-from ckptkit.cli.options import (confirm, confirm_options, json_option, quiet_option,
-                                  show_plan)
+from ckptkit.cli.options import (PATH_OR_URL, confirm, confirm_options, json_option,
+                                  quiet_option, show_plan)
 from ckptkit.errors import ExitCode
 
 EXAMPLES = (
@@ -18,11 +18,12 @@ EXAMPLES = (
     "ckpt cleanup checkpoints --recursive --keep-last 1 --keep-every 1000 --yes",
     "ckpt cleanup runs/hf --keep-last 1 --keep-best eval_loss:min",
     "ckpt cleanup . --keep-last 3 --dry-run --json | jq '.deleted[].path'",
+    "ckpt cleanup s3://bucket/runs/thinker/ --keep-last 3 --yes",
 )
 
 
 @command("cleanup", EXAMPLES)
-@click.argument("directory", default=".", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("directory", default=".", type=PATH_OR_URL)
 @click.option("--keep-last", type=int, required=True, metavar="N",
               help="Keep the newest N periodic checkpoints of each run (by step number).")
 @click.option("--keep-every", type=int, metavar="K",
@@ -34,7 +35,7 @@ EXAMPLES = (
 @confirm_options
 @json_option
 @quiet_option
-def cleanup_command(directory: Path, keep_last: int, keep_every: int | None,
+def cleanup_command(directory: Path | str, keep_last: int, keep_every: int | None,
                     keep_best: str | None, recursive: bool, dry_run: bool, yes: bool,
                     as_json: bool, quiet: bool) -> int:
     """Delete old periodic checkpoints in DIRECTORY (default: .), keeping the newest N per run.
@@ -52,6 +53,9 @@ def cleanup_command(directory: Path, keep_last: int, keep_every: int | None,
     question) the newest kept checkpoint is proven complete again and every path to delete is
     compared with the plan (size, mtime, inode); if anything changed nothing is deleted.
 
+    DIRECTORY may be a URL of a prefix (s3://bucket/run/, gs://...): the same plan, question
+    and checks apply, with each object's size and ETag compared right before it is deleted.
+
     Exit codes: 0 done (or nothing to do), 1 something changed since the plan (nothing
     deleted) or a deletion failed, 2 bad flags or no terminal to confirm on without --yes,
     4 DIRECTORY missing.
@@ -61,7 +65,7 @@ def cleanup_command(directory: Path, keep_last: int, keep_every: int | None,
     plan = plan_cleanup(directory, keep_last=keep_last, keep_every=keep_every,
                         keep_best=keep_best, recursive=recursive)
     if not as_json and show_plan(quiet=quiet, dry_run=dry_run, yes=yes):
-        _print_plan(plan, directory)
+        _print_plan(plan, plan.root)
     if not plan.deleted or dry_run:
         if as_json:
             render.emit_json(_json(plan, plan.deleted, dry_run))
@@ -81,14 +85,17 @@ def cleanup_command(directory: Path, keep_last: int, keep_every: int | None,
     return ExitCode.OK
 
 
-def _rel(path: Path, root: Path) -> str:
+def _rel(path: Any, root: Any) -> str:
+    if not isinstance(path, Path):  # a remote location: its URL below the root's
+        text, base = str(path), str(root).rstrip("/") + "/"
+        return text[len(base):] if text.startswith(base) else text
     try:
         return str(path.relative_to(root))
     except ValueError:
         return str(path)
 
 
-def _print_plan(plan: Any, root: Path) -> None:
+def _print_plan(plan: Any, root: Any) -> None:
     rows = []
     for item in plan.items:
         size = render.size(item.size) if item.step is not None else ""

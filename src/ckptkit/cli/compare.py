@@ -8,7 +8,8 @@ import click
 
 from ckptkit.cli import render
 from ckptkit.cli.examples import command
-from ckptkit.cli.options import cache_options, json_option, resolve_checkpoints
+from ckptkit.cli.options import (PATH_OR_URL, cache_options, is_remote, json_option,
+                                  resolve_checkpoints)
 from ckptkit.errors import ExitCode
 
 EXAMPLES = (
@@ -20,13 +21,13 @@ EXAMPLES = (
 
 
 @command("compare", EXAMPLES)
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=PATH_OR_URL)
 @click.option("--metric", metavar="NAME[:min|max]",
               help="Metric to judge by [default: the first of val_loss, best_val_loss, "
                    "eval_loss, ... present; max for acc/score/f1/auc/bleu/map names].")
 @cache_options
 @json_option
-def compare_command(paths: tuple[Path, ...], metric: str | None, cache_dir: Path | None,
+def compare_command(paths: tuple[Path | str, ...], metric: str | None, cache_dir: Path | None,
                     catalogs: tuple[Path, ...], as_json: bool) -> int:
     """Compare checkpoints (files, or directories of them) and recommend one for deployment.
 
@@ -34,12 +35,17 @@ def compare_command(paths: tuple[Path, ...], metric: str | None, cache_dir: Path
     read from metadata only.  The recommendation is the best value of the metric, ties going
     to the smaller file; checkpoints without the metric are listed, never recommended.
     Exits 3 if a file could not be read (the others are still compared).  A catalogue name
-    stands for the cached files of that model.
+    stands for the cached files of that model.  A URL (s3://bucket/run/, https://...) is
+    read by ranged requests, headers only.
     """
     from ckptkit.runs.compare import compare
 
-    result = compare([c.path for c in resolve_checkpoints(paths, cache_dir, catalogs,
-                                                          several=True)], metric)
+    targets: list[Path | str] = []
+    for given in paths:  # URLs as they are (read by ranges); names resolved from the cache
+        targets.extend([given] if is_remote(given) else
+                       [c.path for c in resolve_checkpoints([given], cache_dir, catalogs,
+                                                            several=True)])
+    result = compare(targets, metric)
     if as_json:
         render.emit_json(result.to_dict())
     else:

@@ -9,7 +9,8 @@ import click
 
 from ckptkit.cli import render
 from ckptkit.cli.examples import command
-from ckptkit.cli.options import (cache_options, dry_run_option, log_to_stderr, network_options,
+from ckptkit.cli.options import (PATH_OR_URL, is_remote, local_source, output_target,
+                                  cache_options, dry_run_option, log_to_stderr, network_options,
                                   output_options)
 
 EXAMPLES = (
@@ -31,9 +32,9 @@ SHOWN = 5
               type=click.Choice(["flax", "npz", "safetensors", "torch", "dcp"]),
               help="Output: flax (.npz with / keys; .msgpack if -o ends so), npz, safetensors, "
                    "torch, dcp (a PyTorch Distributed Checkpoint directory).")
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
-              help="Output file, or directory for dcp and --max-shard-size "
-                   "[default: ./<stem>[.<prefix>]<ext>].")
+@click.option("-o", "--output", "out", type=PATH_OR_URL,
+              help="Output file, or directory for dcp and --max-shard-size; a file may be a "
+                   "URL (s3://, gs://: uploaded atomically) [default: ./<stem>[.<prefix>]<ext>].")
 @click.option("--max-shard-size", metavar="SIZE",
               help="Write Hugging Face shards of at most SIZE (500MB, 5GB, 2GiB) plus "
                    "model.safetensors.index.json into the output directory.")
@@ -57,8 +58,12 @@ def convert_command(src: str, to: str, out: Path | None, recipe: str | None, pre
                     offline: bool | None, mirror: str | None, local_dirs: tuple[Path, ...],
                     cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool,
                     quiet: bool) -> None:
-    """Convert checkpoint SRC (a file, a sharded or distributed checkpoint, or a catalogue
-    name) to another framework or format; consolidate or reshard it.
+    """Convert checkpoint SRC (a file, a sharded or distributed checkpoint, a URL, or a
+    catalogue name) to another framework or format; consolidate or reshard it.
+
+    A URL source (s3://, gs://, https://, hf://) is copied to a temporary file first:
+    conversion reads every tensor byte anyway.  A URL output is written locally, re-read,
+    then uploaded atomically (an S3 multipart upload completed only after the last part).
 
     Renames and re-lays tensors by a recipe (default: generic PyTorch <-> Flax rules), streams
     them one at a time into an atomically written file, never over the input, and re-reads the
@@ -69,7 +74,10 @@ def convert_command(src: str, to: str, out: Path | None, recipe: str | None, pre
     mismatched target params (unless --allow-partial) or an empty result, 2 on bad options (a
     --prefix that matches nothing lists the prefixes that exist).
     """
+    import dataclasses
+
     from ckptkit.cli.progress import progress_bars
+    from ckptkit.storage.remote import display
     from ckptkit.config import settings
     from ckptkit.convert.engine import convert
     from ckptkit.convert.plan import CoverageError
@@ -82,13 +90,26 @@ def convert_command(src: str, to: str, out: Path | None, recipe: str | None, pre
     from ckptkit.hub.resolver import checkpoint_source
 
     try:
-        path, model_recipe = checkpoint_source(src, conf, log=log_to_stderr(quiet),
-                                               progress=progress_bars(quiet), dry_run=dry_run)
-        if recipe is None and to == "flax":
-            recipe = model_recipe  # a catalogue model's own recipe (loftr)
-        report = convert(path, to, out, recipe=recipe, prefix=prefix, target=target,
-                         layers=layers, allow_partial=allow_partial,
-                         max_shard_size=shard_bytes, dry_run=dry_run)
+        if is_remote(out) and (to == "dcp" or shard_bytes is not None):
+            from ckptkit.errors import UsageError
+
+            raise UsageError(f"{display(str(out))}: directory outputs (dcp, --max-shard-size) "
+                             "cannot go to a URL yet", hint="Write them locally, then upload")
+        with local_source(src) as local_src, output_target(out, dry_run=dry_run) as local_out:
+            path, model_recipe = (
+                (local_src, None) if is_remote(src) else
+                checkpoint_source(src, conf, log=log_to_stderr(quiet),
+                                  progress=progress_bars(quiet), dry_run=dry_run))
+            if recipe is None and to == "flax":
+                recipe = model_recipe  # a catalogue model's own recipe (loftr)
+            report = convert(path, to, local_out, recipe=recipe, prefix=prefix, target=target,
+                             layers=layers, allow_partial=allow_partial,
+                             max_shard_size=shard_bytes, dry_run=dry_run)
+        if is_remote(src) or is_remote(out):
+            # Name what the user named, not the temporary copies the work went through.
+            report = dataclasses.replace(
+                report, source=display(src) if is_remote(src) else report.source,
+                output=display(str(out)) if is_remote(out) and report.output else report.output)
     except CoverageError as exc:
         if exc.plan is not None:
             from ckptkit.convert.engine import ConversionReport

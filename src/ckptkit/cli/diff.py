@@ -8,7 +8,8 @@ import click
 
 from ckptkit.cli import render
 from ckptkit.cli.examples import command
-from ckptkit.cli.options import cache_options, json_option, resolve_checkpoints
+from ckptkit.cli.options import (PATH_OR_URL, cache_options, is_remote, json_option,
+                                  local_source, resolve_checkpoints)
 from ckptkit.errors import ExitCode
 
 EXAMPLES = (
@@ -22,8 +23,8 @@ SHOWN = 40
 
 
 @command("diff", EXAMPLES)
-@click.argument("a", type=click.Path(path_type=Path))
-@click.argument("b", type=click.Path(path_type=Path))
+@click.argument("a", type=PATH_OR_URL)
+@click.argument("b", type=PATH_OR_URL)
 @click.option("--atol", metavar="X", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Largest absolute difference still counted as unchanged (0: equal values).")
 @click.option("--depth", metavar="N", type=click.IntRange(1, 64), default=1, show_default=True,
@@ -34,7 +35,7 @@ SHOWN = 40
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, unchanged ones too.")
 @cache_options
 @json_option
-def diff_command(a: Path, b: Path, atol: float, depth: int, weights_only: bool, show_all: bool,
+def diff_command(a: Path | str, b: Path | str, atol: float, depth: int, weights_only: bool, show_all: bool,
                  cache_dir: Path | None, catalogs: tuple[Path, ...], as_json: bool) -> int:
     """Compare checkpoints A and B tensor by tensor, with bounded memory.
 
@@ -43,12 +44,23 @@ def diff_command(a: Path, b: Path, atol: float, depth: int, weights_only: bool, 
     naming: exact names first, then without wrappers (module., _orig_mod., model.), then a
     Flax-layout side mapped back with the generic conversion rules (kernels transposed back).
     Exits 0 whenever the comparison ran, whatever it found.  A or B may be a catalogue name
-    of a cached file.
+    of a cached file, or a URL (s3://, gs://, https://, hf://): it is copied to a temporary
+    file first, as the comparison reads every tensor byte anyway.
     """
-    from ckptkit.runs.diff import diff
+    import dataclasses
 
-    a, b = (c.path for c in resolve_checkpoints([a, b], cache_dir, catalogs))
-    report = diff(a, b, atol=atol, depth=depth, weights_only=weights_only)
+    from ckptkit.runs.diff import diff
+    from ckptkit.storage.remote import display
+
+    local = [p for p in (a, b) if not is_remote(p)]
+    resolved = iter(c.path for c in resolve_checkpoints(local, cache_dir, catalogs))
+    with local_source(a) as copy_a, local_source(b) as copy_b:
+        report = diff(copy_a if is_remote(a) else next(resolved),
+                      copy_b if is_remote(b) else next(resolved),
+                      atol=atol, depth=depth, weights_only=weights_only)
+    if is_remote(a) or is_remote(b):  # name what the user named, not the temporary copies
+        report = dataclasses.replace(report, a=display(str(a)) if is_remote(a) else report.a,
+                                     b=display(str(b)) if is_remote(b) else report.b)
     if as_json:
         render.emit_json(report.to_dict())
     else:

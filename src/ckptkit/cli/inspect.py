@@ -8,7 +8,8 @@ import click
 
 from ckptkit.cli import format_sections, render
 from ckptkit.cli.examples import command
-from ckptkit.cli.options import cache_options, json_option, resolve_checkpoints
+from ckptkit.cli.options import (PATH_OR_URL, cache_options, is_remote, json_option,
+                                  resolve_checkpoints)
 from ckptkit.errors import ExitCode
 
 EXAMPLES = (
@@ -19,11 +20,12 @@ EXAMPLES = (
     "ckpt inspect tiny_llama.gguf --json | jq '.details.metadata'",
     "ckpt inspect step-1000/ --tensors   # a DCP directory: chunks per rank",
     "ckpt inspect model.safetensors.index.json",
+    "ckpt inspect https://huggingface.co/org/model/resolve/main/model.safetensors",
 )
 
 
 @command("inspect", EXAMPLES)
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PATH_OR_URL)
 @json_option
 @click.option("--depth", metavar="N", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Collapse the module tree to this many name components.")
@@ -31,12 +33,13 @@ EXAMPLES = (
               help="Only tensors whose name matches GLOB (implies --tensors).")
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor.")
 @cache_options
-def inspect_command(path: Path, as_json: bool, depth: int, pattern: str | None,
+def inspect_command(path: Path | str, as_json: bool, depth: int, pattern: str | None,
                     show_tensors: bool, cache_dir: Path | None, catalogs: tuple[Path, ...]) -> int:
     """Describe a checkpoint of any format without executing code from it.
 
-    PATH is a file or directory, or a catalogue name of a cached model (loftr, or
-    MODEL/FILE for one file of a bundle, e.g. musiq-spaq/spaq_ckpt.npz).
+    PATH is a file or directory, a URL (https://, s3://, gs://, hf://: only the bytes the
+    header needs are read, with ranged requests), or a catalogue name of a cached model
+    (loftr, or MODEL/FILE for one file of a bundle, e.g. musiq-spaq/spaq_ckpt.npz).
 
     Reads PyTorch (zip and legacy), TorchScript, .npz, safetensors, sharded Hugging Face
     checkpoints (directory or *.index.json), PyTorch DCP directories, TensorFlow SavedModel
@@ -46,8 +49,9 @@ def inspect_command(path: Path, as_json: bool, depth: int, pattern: str | None,
     """
     from ckptkit.inspection import inspect
 
-    [checkpoint] = resolve_checkpoints([path], cache_dir, catalogs)
-    path = checkpoint.path
+    if not is_remote(path):
+        [checkpoint] = resolve_checkpoints([path], cache_dir, catalogs)
+        path = checkpoint.path
     info = inspect(path)
     if as_json:
         data = info.to_dict()

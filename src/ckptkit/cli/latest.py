@@ -8,7 +8,7 @@ import click
 
 from ckptkit.cli import render
 from ckptkit.cli.examples import command
-from ckptkit.cli.options import json_option, quiet_option
+from ckptkit.cli.options import PATH_OR_URL, json_option, quiet_option
 
 EXAMPLES = (
     "ckpt latest checkpoints/thinker_tiny",
@@ -18,15 +18,18 @@ EXAMPLES = (
 
 
 @command("latest", EXAMPLES)
-@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("directory", type=PATH_OR_URL)
 @click.option("--prefix", metavar="P",
               help="Run prefix (thinker for thinker_step_N.pt, checkpoint for HF, ckpt for TF) "
                    "when DIRECTORY holds several runs; runs sharing a prefix are named by "
                    "the pattern the error lists.")
 @json_option
 @quiet_option
-def latest_command(directory: Path, prefix: str | None, as_json: bool, quiet: bool) -> None:
+def latest_command(directory: Path | str, prefix: str | None, as_json: bool, quiet: bool) -> None:
     """Print the newest complete periodic checkpoint in DIRECTORY (by step, not mtime).
+
+    DIRECTORY may be a URL of a prefix (s3://bucket/run/, gs://..., hf://...), listed with
+    the store's own listing; the URL of the checkpoint is printed.
 
     Newer checkpoints that are incomplete (truncated, uncommitted) are skipped with a note on
     stderr (not with --quiet).  Exit codes: 0 found, 2 several runs and no --prefix, 4 none found.

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -117,3 +118,67 @@ def log_to_stderr(quiet: bool) -> Callable[[str], None]:
             click.echo(f"ckpt: {safe(message)}", err=True)
 
     return log
+
+
+class PathOrUrl(click.ParamType):
+    """A PATH argument that may also be a URL (``s3://``, ``https://``, ``hf://``...): local
+    paths become :class:`~pathlib.Path`, URLs stay strings, as the user typed them."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Path | str:
+        from ckptkit.storage.location import is_url
+
+        if isinstance(value, Path):
+            return value
+        return value if is_url(value) else Path(value)
+
+
+PATH_OR_URL = PathOrUrl()
+
+
+def is_remote(value: Any) -> bool:
+    """True for a URL argument other than ``file://``."""
+    from ckptkit.storage.location import is_url
+
+    return isinstance(value, str) and is_url(value) and not value.lower().startswith("file://")
+
+
+@contextmanager
+def local_source(value: Any) -> Iterator[Any]:
+    """``value`` as a local path: a remote object is copied to a temporary file first (for
+    commands that read every tensor byte anyway), removed afterwards."""
+    if not is_remote(value):
+        yield value
+        return
+    import shutil
+    import tempfile
+
+    from ckptkit.storage.location import locate
+    from ckptkit.storage.remote import copy_to
+
+    location = locate(value)
+    folder = Path(tempfile.mkdtemp(prefix="ckptkit-source-"))
+    try:
+        local = folder / (location.name or "checkpoint")
+        with open(local, "wb") as fh:
+            copy_to(location, fh)  # type: ignore[arg-type]
+        yield local
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def output_target(value: Any, *, dry_run: bool = False) -> Iterator[Any]:
+    """Where a writer writes ``value``: itself when local; for a URL, a temporary local file
+    uploaded atomically once the block completes (nothing is uploaded on error or dry run)."""
+    if not is_remote(value):
+        yield value
+        return
+    if dry_run:
+        yield Path(str(value).rstrip("/").rpartition("/")[2] or "output")
+        return
+    from ckptkit.storage.remote_write import remote_output
+
+    with remote_output(value) as local:
+        yield local

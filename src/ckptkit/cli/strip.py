@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ckptkit.cli import render
 from ckptkit.cli.examples import command
-from ckptkit.cli.options import (cache_options, confirm, dry_run_option, json_option,
+from ckptkit.cli.options import (PATH_OR_URL, cache_options, confirm, dry_run_option,
+                                  is_remote, json_option, local_source, output_target,
                                   quiet_option, resolve_checkpoints, yes_option)
 from ckptkit.errors import ExitCode
+from ckptkit.storage.remote import display
 
 EXAMPLES = (
     "ckpt strip thinker_best.pt",
@@ -21,9 +24,10 @@ EXAMPLES = (
 
 
 @command("strip", EXAMPLES)
-@click.argument("src", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path, dir_okay=False),
-              help="Output file [default: <stem>.stripped.pt beside SRC; never an existing "
+@click.argument("src", type=PATH_OR_URL)
+@click.option("-o", "--output", "out", type=PATH_OR_URL,
+              help="Output file or URL (s3://, gs://: uploaded atomically) [default: "
+                   "<stem>.stripped.pt beside SRC (in . for a URL SRC); never an existing "
                    "file].")
 @click.option("--keep", "keep", multiple=True, metavar="KEY",
               help="Keep this top-level entry although it is training state (repeatable).")
@@ -34,7 +38,7 @@ EXAMPLES = (
 @cache_options
 @json_option
 @quiet_option
-def strip_command(src: Path, out: Path | None, keep: tuple[str, ...], in_place: bool,
+def strip_command(src: Path | str, out: Path | str | None, keep: tuple[str, ...], in_place: bool,
                   dry_run: bool, yes: bool, cache_dir: Path | None, catalogs: tuple[Path, ...],
                   as_json: bool, quiet: bool) -> int:
     """Drop training-only entries from PyTorch checkpoint SRC and write the rest atomically.
@@ -46,17 +50,50 @@ def strip_command(src: Path, out: Path | None, keep: tuple[str, ...], in_place: 
     unless -o is given.  --in-place asks first on a terminal and needs --yes without one.
     With --quiet only the path written is printed.  SRC may be a catalogue name of a cached
     file; the default output then goes to the current directory, never into the cache.
+    SRC and -o may be URLs (s3://, gs://, https://, hf:// for SRC): a URL SRC is copied to a
+    temporary file first, a URL output is uploaded atomically once written and re-read.
     """
+    from ckptkit.errors import UsageError
+
+    if is_remote(src) and in_place:
+        raise UsageError(f"refusing to change {display(str(src))} in place",
+                         hint="Write the stripped copy with -o FILE or -o URL")
+    with local_source(src) as local_src, output_target(out, dry_run=dry_run) as local_out:
+        data = _strip(src, local_src, local_out, keep, in_place, dry_run, yes, cache_dir,
+                      catalogs)
+    if data is None:
+        return ExitCode.OK
+    if is_remote(src):
+        data["source"] = display(str(src))
+    if is_remote(out) and data["output"] is not None:
+        data["output"] = display(str(out))
+    if as_json:
+        render.emit_json(data)
+    elif quiet and not dry_run:
+        if data["output"] is not None:
+            click.echo(render.safe(data["output"]))
+    else:
+        click.echo(_human(data))
+    return ExitCode.OK
+
+
+def _strip(src: Any, local_src: Any, out: Any, keep: tuple[str, ...], in_place: bool,
+           dry_run: bool, yes: bool, cache_dir: Path | None,
+           catalogs: tuple[Path, ...]) -> dict[str, Any] | None:
+    """Plan and (unless a dry run) execute; None when the user declined."""
     from ckptkit.errors import UsageError
     from ckptkit.runs.strip import plan_strip
 
-    [checkpoint] = resolve_checkpoints([src], cache_dir, catalogs)
-    if checkpoint.name is not None and in_place:
-        raise UsageError(f"refusing to change {checkpoint.name} in place: it is the verified "
-                         f"copy in the download cache ({checkpoint.path})",
-                         hint="Write the stripped copy elsewhere with -o FILE")
-    plan = plan_strip(checkpoint.path, out, keep=keep, in_place=in_place,
-                      out_dir=None if checkpoint.name is None else Path("."))
+    if is_remote(src):
+        source, out_dir = local_src, Path(".")
+    else:
+        [checkpoint] = resolve_checkpoints([src], cache_dir, catalogs)
+        if checkpoint.name is not None and in_place:
+            raise UsageError(f"refusing to change {checkpoint.name} in place: it is the "
+                             f"verified copy in the download cache ({checkpoint.path})",
+                             hint="Write the stripped copy elsewhere with -o FILE")
+        source, out_dir = checkpoint.path, None if checkpoint.name is None else Path(".")
+    plan = plan_strip(source, out, keep=keep, in_place=in_place, out_dir=out_dir)
     if dry_run:
         data = {"source": str(plan.source), "output": str(plan.output) if plan.output else None,
                 "size_before": plan.size_before, "size_after": None,
@@ -68,16 +105,9 @@ def strip_command(src: Path, out: Path | None, keep: tuple[str, ...], in_place: 
             if not confirm(f"Replace {render.safe(plan.source)} in place, dropping {dropped}?",
                            yes, action=f"replace {plan.source} in place"):
                 click.echo("nothing written", err=True)
-                return ExitCode.OK
+                return None
         data = {**plan.execute().to_dict(), "dry_run": False}
-    if as_json:
-        render.emit_json(data)
-    elif quiet and not dry_run:
-        if data["output"] is not None:
-            click.echo(render.safe(data["output"]))
-    else:
-        click.echo(_human(data))
-    return ExitCode.OK
+    return data
 
 
 def _human(data: dict) -> str:

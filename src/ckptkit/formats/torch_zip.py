@@ -150,7 +150,12 @@ class TorchArchive:
                 f"needs {length}", hint="The file is corrupt or crafted; do not load it",
                 path=str(self.path))
         self.referenced.add(member)
-        if info.compress_type == zipfile.ZIP_STORED:
+        from ckptkit.storage.location import LocalLocation
+
+        # A remote archive's stored records are found through the zip when read (below).
+        remote = not isinstance(self.path, (Path, LocalLocation)) and not self.base \
+            and not isinstance(self.fh, ziparchive.Window)
+        if info.compress_type == zipfile.ZIP_STORED and not remote:
             span = ByteSpan(str(self.path),
                             self.base + ziparchive.data_offset(self.fh, info, self.size), length)
         elif self.base or isinstance(self.fh, ziparchive.Window):
@@ -159,6 +164,9 @@ class TorchArchive:
                                  hint="The file is corrupt or crafted; do not load it",
                                  path=str(self.path))
         else:
+            # Compressed records, and every record of a remote archive, are found through the
+            # zip when read: a remote local header costs a round trip each, and inspect needs
+            # none of them (only load and diff read the bytes).
             span = ByteSpan(str(self.path), 0, length, member)
         self._spans[(storage.key, storage.dtype)] = span
         return span

@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 from ckptkit.runs import integrity
 from ckptkit.errors import NotFoundError, UsageError
@@ -154,28 +154,61 @@ def entries(directory: Path) -> list[os.DirEntry[str]]:
                          hint="Pass the run directory that holds the checkpoints") from None
 
 
-def _tf_shards(stem: str, listing: list[os.DirEntry[str]]) -> tuple[Path, ...]:
+@dataclass(frozen=True)
+class Listed:
+    """One entry of a run directory, local (``path`` a Path) or remote (a location)."""
+
+    name: str
+    path: Any
+    is_dir: bool
+    is_file: bool
+    is_link: bool = False
+
+
+def listing(directory: Any) -> list[Listed]:
+    """The entries of ``directory`` (a Path, or a remote location), sorted by name."""
+    if isinstance(directory, Path):
+        return [Listed(e.name, Path(e.path), e.is_dir(follow_symlinks=False),
+                       e.is_file(follow_symlinks=False), e.is_symlink())
+                for e in entries(directory)]
+    if not directory.is_dir():
+        raise NotFoundError(f"{directory}: no such directory or prefix",
+                            hint="Pass the run directory (prefix) that holds the checkpoints",
+                            path=str(directory))
+    return [Listed(e.name, directory.child(e.name), e.is_dir, not e.is_dir)
+            for e in directory.list()]
+
+
+def _tf_shards(stem: str, listed: list[Listed]) -> tuple[Any, ...]:
     """Exactly ``STEM.data-NNNNN-of-NNNNN`` regular files: a folder or a ``.sha256`` beside
     them that merely starts the same way is not part of the checkpoint."""
     shard = re.compile(re.escape(stem) + _TF_SHARD, re.DOTALL)
-    return tuple(Path(e.path) for e in listing if shard.fullmatch(e.name)
-                 and e.is_file(follow_symlinks=False))
+    return tuple(e.path for e in listed if shard.fullmatch(e.name) and e.is_file)
 
 
-def _scan_one(directory: Path, root: Path) -> tuple[list[Checkpoint], list[Path]]:
+def _relative(directory: Any, root: Any) -> str:
+    """``directory`` below ``root`` as ``"a/b/"`` (``""`` for the root itself)."""
+    if directory == root:
+        return ""
+    if isinstance(directory, Path):
+        return f"{directory.relative_to(root)}/"
+    return str(directory).rstrip("/")[len(str(root).rstrip("/")) + 1:] + "/"
+
+
+def _scan_one(directory: Any, root: Any) -> tuple[list[Checkpoint], list[Any]]:
     """Checkpoints directly in ``directory`` and the subdirectories that are not checkpoints."""
-    listing = entries(directory)
+    listed = listing(directory)
     found: list[Checkpoint] = []
-    subdirs: list[Path] = []
-    orbax_candidates: list[tuple[Path, Parsed]] = []
+    subdirs: list[Any] = []
+    orbax_candidates: list[tuple[Any, Parsed]] = []
     in_runs: dict[str, list[Checkpoint]] = {}
     # Group names are relative to the scanned root: "thinker_step_{N}.pt", "vision_tiny/...".
-    rel = "" if directory == root else f"{directory.relative_to(root)}/"
-    for e in listing:
-        path = Path(e.path)
-        if e.is_symlink():
+    rel = _relative(directory, root)
+    for e in listed:
+        path = e.path
+        if e.is_link:
             continue  # links are pinned (and never followed)
-        if e.is_dir(follow_symlinks=False):
+        if e.is_dir:
             parsed = parse_name(e.name, is_dir=True)
             if parsed and parsed[0] == "checkpoint-{N}/":
                 found.append(Checkpoint(path, f"{rel}{parsed[0]}", parsed[1], parsed[2], "dir",
@@ -201,7 +234,7 @@ def _scan_one(directory: Path, root: Path) -> tuple[list[Checkpoint], list[Path]
             # The index goes first: a TF checkpoint without it reads as absent, not as broken.
             stem = e.name[: -len(".index")]
             found.append(Checkpoint(path, f"{rel}{pattern}", prefix, step, "tf",
-                                    (path, *_tf_shards(stem, listing))))
+                                    (path, *_tf_shards(stem, listed))))
             continue
         ckpt = Checkpoint(path, f"{rel}{pattern}", prefix, step, "file", (path,), epoch)
         if alone:
@@ -211,7 +244,7 @@ def _scan_one(directory: Path, root: Path) -> tuple[list[Checkpoint], list[Path]
     found.extend(c for run in in_runs.values() if len(run) >= 2 for c in run)
     # Numeric directories count as Orbax steps only if one of their group carries an Orbax
     # marker: a folder named "2024" beside the checkpoints is not a checkpoint.
-    by_pattern: dict[str, list[tuple[Path, Parsed]]] = {}
+    by_pattern: dict[str, list[tuple[Any, Parsed]]] = {}
     for path, parsed in orbax_candidates:
         by_pattern.setdefault(parsed[0], []).append((path, parsed))
     for pattern, members in by_pattern.items():
@@ -220,7 +253,22 @@ def _scan_one(directory: Path, root: Path) -> tuple[list[Checkpoint], list[Path]
                          for p, parsed in members)
         else:
             subdirs.extend(p for p, _ in members)
-    return found, sorted(subdirs)
+    return found, sorted(subdirs, key=str)
+
+
+def run_root(directory: str | os.PathLike[str] | Any) -> Any:
+    """The run directory a command names: a Path, or a remote location for a URL (read
+    through its file system's listing)."""
+    from ckptkit.storage.location import LocalLocation, is_url, locate
+
+    if isinstance(directory, (str, os.PathLike)) and not is_url(directory):
+        return Path(directory)
+    found = locate(directory)
+    if isinstance(found, LocalLocation):
+        return found.path
+    # One spelling per prefix ("s3://b/run" and "s3://b/run/" name the same run), so that
+    # the checkpoints' parent() compares equal to the root.
+    return locate(str(getattr(found, "url", directory)).rstrip("/") + "/")
 
 
 def scan(directory: str | os.PathLike[str], recursive: bool = False) -> list[Checkpoint]:
@@ -237,7 +285,7 @@ def scan(directory: str | os.PathLike[str], recursive: bool = False) -> list[Che
     never followed and, like names containing best/last/latest, never periodic.  Sorted by
     group, then step.
     """
-    root = Path(directory)
+    root = run_root(directory)
     found, subdirs = _scan_one(root, root)
     while recursive and subdirs:
         sub = subdirs.pop(0)
@@ -247,5 +295,5 @@ def scan(directory: str | os.PathLike[str], recursive: bool = False) -> list[Che
     return sorted(found, key=lambda c: (c.group, c.step, c.name))
 
 
-__all__ = ["Checkpoint", "NamingScheme", "PINNED", "SAVE_TEMP_NAME", "SCHEMES", "entries",
-           "parse_name", "scan"]
+__all__ = ["Checkpoint", "Listed", "NamingScheme", "PINNED", "SAVE_TEMP_NAME", "SCHEMES",
+           "entries", "listing", "parse_name", "run_root", "scan"]

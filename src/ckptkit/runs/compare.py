@@ -101,19 +101,29 @@ def expand(paths: list[str | os.PathLike[str]]) -> list[Path]:
     directly inside them (detected by content; sidecars and notes are skipped)."""
     from ckptkit import formats
 
-    found: list[Path] = []
+    from ckptkit.storage.location import locate
+
+    found: list[Any] = []
     for item in paths:
-        path = Path(item)
+        path = locate(item) if _is_url(item) else Path(item)  # a URL: its location
         if not path.exists():
             raise NotFoundError(f"{path}: no such file or directory", path=str(path))
         if not path.is_dir() or _is_checkpoint(path, formats):
             found.append(path)
             continue
-        for child in sorted(path.iterdir()):
+        children = (path.iterdir() if isinstance(path, Path) else
+                    (path.child(e.name) for e in path.list() if not e.is_dir))
+        for child in sorted(children, key=str):
             if child.name.startswith(".") or not _is_checkpoint(child, formats):
                 continue
             found.append(child)
     return found
+
+
+def _is_url(item: Any) -> bool:
+    from ckptkit.storage.location import is_url
+
+    return isinstance(item, str) and is_url(item) and not item.lower().startswith("file:")
 
 
 def _is_checkpoint(path: Path, formats: Any) -> bool:
@@ -167,7 +177,8 @@ def _row(path: Path) -> CompareRow:
     try:
         info = inspect(path)
     except CkptkitError as exc:
-        size = path.stat().st_size if path.is_file() else 0
+        size = (path.stat().st_size if isinstance(path, Path) else path.size()) \
+            if path.is_file() else 0
         return CompareRow(str(path), None, None, None, {}, size, 0, False, str(exc))
     meta = info.metadata
     metrics = {k: float(v) for k, v in meta.items()

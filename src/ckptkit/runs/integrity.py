@@ -65,7 +65,8 @@ def check_complete(path: str | os.PathLike[str]) -> Completeness:
         >>> check_complete("thinker_step_300.pt")            # doctest: +SKIP
         Completeness(ok=False, reason='truncated: ... central directory ...')
     """
-    target = Path(path)
+    # A remote location (a URL's object or prefix) is used as it is: Path() would mangle it.
+    target = path if not isinstance(path, (str, os.PathLike)) else Path(path)
     try:
         if target.is_dir():
             return _check_dir(target)

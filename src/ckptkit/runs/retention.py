@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ckptkit.storage import deletion
 from ckptkit.runs import integrity
-from ckptkit.runs.checkpoint_names import (PINNED, SAVE_TEMP_NAME, Checkpoint, entries, parse_name,
-                                      scan)
+from ckptkit.runs.checkpoint_names import (PINNED, SAVE_TEMP_NAME, Checkpoint, Listed, listing,
+                                      parse_name, run_root, scan)
 from ckptkit.errors import DeletionStoppedError, UsageError
 from ckptkit.runs.metrics import MetricSpec, metric_values, parse_metric
 
@@ -64,7 +64,7 @@ class CleanupResult:
 class CleanupPlan:
     """A decided cleanup: every scanned entry with keep/delete and its reason, plus notes."""
 
-    root: Path
+    root: Any  # a Path, or a remote location (a URL's prefix)
     items: tuple[PlanItem, ...]
     notes: tuple[str, ...] = ()
     guards: tuple[Guard, ...] = ()
@@ -128,14 +128,21 @@ class CleanupPlan:
 _AGAIN = "Look at the directory, then plan again (ckpt cleanup --dry-run shows the new plan)"
 
 
-def pinned_targets(directory: Path) -> dict[Path, str]:
+def pinned_targets(directory: Any) -> dict[Any, str]:
     """Checkpoints something points at: symlink targets and the TF state file's latest."""
     from ckptkit.formats import tf_checkpoint
 
-    pins: dict[Path, str] = {}
+    if not isinstance(directory, Path):  # an object store: no links; the TF state file
+        state = directory.child(tf_checkpoint.STATE_FILE)
+        if not state.is_file():
+            return {}
+        latest = _state_latest(state.read(0, state.size()).decode("utf-8", "replace"))
+        return {directory.child(latest + ".index"): "latest in the TF 'checkpoint' file"
+                } if latest else {}
+    pins: dict[Any, str] = {}
     root = directory.resolve()
-    for e in entries(directory):
-        if e.is_symlink():
+    for e in listing(directory):
+        if e.is_link:
             target = Path(e.path).resolve()
             if target.parent == root or root in target.parents:
                 pins[target] = f"target of symlink {e.name}"
@@ -144,6 +151,26 @@ def pinned_targets(directory: Path) -> dict[Path, str]:
         index = Path(latest if os.path.isabs(latest) else directory / latest)
         pins[Path(str(index) + ".index").resolve()] = "latest in the TF 'checkpoint' file"
     return pins
+
+
+def _state_latest(text: str) -> str | None:
+    """``model_checkpoint_path`` of a TF ``checkpoint`` state file (text protobuf)."""
+    import re
+
+    found = re.search(r'^model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
+    return found.group(1).rpartition("/")[2] if found else None
+
+
+def _parent(path: Any) -> Any:
+    return path.parent if isinstance(path, Path) else path.parent()
+
+
+def _resolved(path: Any) -> Any:
+    return path.resolve() if isinstance(path, Path) else path
+
+
+def _suffix(path: Any) -> str:
+    return path.suffix if isinstance(path, Path) else Path(path.name).suffix
 
 
 # --------------------------------------------------------------------------- deciding
@@ -190,7 +217,10 @@ def plan_cleanup(directory: str | os.PathLike[str], keep_last: int, keep_every: 
         raise UsageError(f"--keep-every must be 1 or more, got {keep_every}",
                          hint="Pass --keep-every K with K >= 1, or leave it out")
     spec = parse_metric(keep_best) if keep_best else None
-    root = Path(directory)
+    root = run_root(directory)
+    if spec is not None and not isinstance(root, Path):
+        raise UsageError(f"{root}: --keep-best is not supported for remote runs yet",
+                         hint="Use --keep-last/--keep-every, or run it on a local copy")
     checkpoints = scan(root, recursive=recursive)
     notes: list[str] = []
     items: list[PlanItem] = []
@@ -198,7 +228,7 @@ def plan_cleanup(directory: str | os.PathLike[str], keep_last: int, keep_every: 
     for ckpt in checkpoints:
         groups.setdefault(ckpt.group, []).append(ckpt)
     pins: dict[Path, str] = {}
-    for folder in {root, *(c.path.parent for c in checkpoints)}:
+    for folder in {root, *(_parent(c.path) for c in checkpoints)}:
         pins.update(pinned_targets(folder))
     guards: list[Guard] = []
     for group, members in groups.items():
@@ -207,31 +237,32 @@ def plan_cleanup(directory: str | os.PathLike[str], keep_last: int, keep_every: 
         guards.extend([guard] if guard else [])
     # A TF checkpoint's shards are part of it: listed with it, never again as "keep".
     recognised = {m for c in checkpoints for m in c.members}
-    finals = {c.path.parent / f"{c.prefix}{c.path.suffix}": c.group for c in checkpoints
+    finals = {_parent(c.path) / f"{c.prefix}{_suffix(c.path)}": c.group for c in checkpoints
               if c.kind == "file" and c.prefix}
-    folders = [root] + (sorted({c.path.parent for c in checkpoints} - {root}) if recursive else [])
+    folders = [root] + (sorted({_parent(c.path) for c in checkpoints} - {root}, key=str)
+                        if recursive else [])
     for folder in folders:
-        for e in entries(folder):
-            path = Path(e.path)
+        for e in listing(folder):
+            path = e.path
             if path not in recognised:
                 reason = (f"final checkpoint of {finals[path]}" if path in finals
                           else _unrecognised_reason(e, pins))
                 items.append(PlanItem(path, "keep", reason))
-    items.sort(key=lambda i: (str(i.path.parent), i.group or "~", i.step or 0, i.path.name))
+    items.sort(key=lambda i: (str(_parent(i.path)), i.group or "~", i.step or 0, i.path.name))
     return CleanupPlan(root, tuple(items), tuple(notes), tuple(guards))
 
 
-def _unrecognised_reason(e: os.DirEntry[str], pins: dict[Path, str]) -> str:
-    if e.is_symlink():
+def _unrecognised_reason(e: Listed, pins: dict[Any, str]) -> str:
+    if e.is_link:
         return "symlink (never touched, nor is its target)"
     if PINNED.search(e.name):
         return "best/last/latest checkpoint (always kept)"
     if SAVE_TEMP_NAME.fullmatch(e.name):
         return "temporary file of an interrupted ckptkit.save (remove it by hand when no " \
                "save is running)"
-    if pins and Path(e.path).resolve() in pins:
-        return pins[Path(e.path).resolve()]
-    if e.is_dir(follow_symlinks=False):
+    if pins and _resolved(e.path) in pins:
+        return pins[_resolved(e.path)]
+    if e.is_dir:
         return "not a periodic checkpoint (directory)"
     return "not a periodic checkpoint"
 
@@ -248,7 +279,7 @@ def _plan_group(group: str, members: list[Checkpoint], keep_last: int, keep_ever
             if ckpt.step % keep_every == 0:
                 reasons.setdefault(ckpt.path, f"step {ckpt.step} is a multiple of {keep_every}")
     for ckpt in ordered if pins else ():  # resolving 10,000 paths costs; skip when no pins
-        pin = pins.get(ckpt.path.resolve())
+        pin = pins.get(_resolved(ckpt.path))
         if pin:
             reasons.setdefault(ckpt.path, pin)
     if spec is not None:

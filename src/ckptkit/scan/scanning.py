@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,34 +46,96 @@ class ScanOptions:
     trust_torchscript: bool = False
 
 
-def scan(paths: Iterable[str | os.PathLike[str]], options: ScanOptions = ScanOptions()
+def scan(paths: Iterable[str | os.PathLike[str]], options: ScanOptions = ScanOptions(), *,
+         jobs: int = 1, on_result: Callable[[ScanResult | Skipped], None] | None = None
          ) -> ScanReport:
     """Scan files and directories (recursively); nothing in them is imported or called.
 
     Files named explicitly always get a result; inside directories, files that are neither a
-    checkpoint, a pickle nor an archive are listed as skipped, with the reason.
+    checkpoint, a pickle nor an archive are listed as skipped, with the reason.  A path may be
+    a URL (``s3://bucket/prefix/``, ``gs://``, ``hf://``, ``https://`` for one file): a prefix
+    is walked with the store's listing and each object read with ranged requests.
+
+    Args:
+        jobs: files read at once (a bounded pool; results stream to ``on_result`` as they
+            finish, and the report lists them in walk order).
+        on_result: called with each result or skip as it is known (progress).
 
     Raises:
         NotFoundError: a path does not exist.
     """
     report = ScanReport()
-    targets = [Path(raw) for raw in paths]
+    targets = [_target(raw) for raw in paths]
     for path in targets:  # all checked first: a typo must not hide other files' verdicts
-        if not path.exists() and not path.with_name(path.name + ".index").is_file():
+        if not path.exists() and not (isinstance(path, Path) and
+                                      path.with_name(path.name + ".index").is_file()):
             raise NotFoundError(f"{path}: no such file or directory",
                                 hint="Check the path; nothing was scanned", path=str(path))
+    work: list[tuple[Any, bool] | ScanResult | Skipped] = []
     for path in targets:
-        if path.is_dir() and not checkpoint_dirs.unit_kind(path):
-            for entry in _walk(path):
-                if isinstance(entry, Path):
-                    entry = scan_file(entry, explicit=False, options=options)
-                (report.skipped if isinstance(entry, Skipped) else report.results).append(
-                    entry)  # type: ignore[arg-type]
+        if not isinstance(path, Path) and path.is_dir():
+            work.extend((obj, False) for obj in path.walk())  # an object store's prefix
+        elif isinstance(path, Path) and path.is_dir() and not checkpoint_dirs.unit_kind(path):
+            work.extend(entry if not isinstance(entry, Path) else (entry, False)
+                        for entry in _walk(path))
         else:
-            result = scan_file(path, explicit=True, options=options)
-            assert isinstance(result, ScanResult)  # a path named explicitly always has one
-            report.results.append(result)
+            work.append((path, True))
+    for entry in _run(work, jobs, options, on_result):
+        (report.skipped if isinstance(entry, Skipped) else report.results).append(
+            entry)  # type: ignore[arg-type]
     return report
+
+
+def _target(raw: str | os.PathLike[str]) -> Any:
+    """A local Path, or a remote location for a URL (``file://`` becomes a Path)."""
+    from ckptkit.storage.location import LocalLocation, is_url, locate
+
+    if isinstance(raw, (str, os.PathLike)) and not is_url(raw):
+        return Path(raw)
+    found = locate(raw)
+    return found.path if isinstance(found, LocalLocation) else found
+
+
+def _run(work: list[Any], jobs: int, options: ScanOptions,
+         on_result: Callable[[ScanResult | Skipped], None] | None
+         ) -> list[ScanResult | Skipped]:
+    """Scan every ``(path, explicit)`` of ``work`` with at most ``jobs`` at once; results
+    already known (listing errors, skips) pass through.  Returned in ``work`` order."""
+    def one(item: Any) -> ScanResult | Skipped:
+        result = item if isinstance(item, (ScanResult, Skipped)) else scan_file(
+            item[0], explicit=item[1], options=options)
+        if on_result is not None:
+            on_result(result)
+        return result
+
+    if jobs <= 1 or len(work) <= 1:
+        return [one(item) for item in work]
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    results: dict[int, ScanResult | Skipped] = {}
+    pending: dict[Any, int] = {}
+    items = iter(enumerate(work))
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="ckpt-scan") as pool:
+        # At most 2 x jobs submitted at once: a prefix of a million objects never queues
+        # a million futures.
+        for index, item in items:
+            pending[pool.submit(one, item)] = index
+            if len(pending) >= 2 * jobs:
+                break
+        try:
+            while pending:
+                # Short waits: Ctrl-C reaches this thread at once, not after a slow file.
+                done, _rest = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                for future in done:
+                    results[pending.pop(future)] = future.result()
+                    following = next(items, None)
+                    if following is not None:
+                        pending[pool.submit(one, following[1])] = following[0]
+        except BaseException:
+            for future in pending:  # not started yet: never started
+                future.cancel()
+            raise
+    return [results[i] for i in range(len(work))]
 
 
 def scan_file(path: Path, *, explicit: bool = True, label: str | None = None, depth: int = 0,
@@ -229,6 +291,9 @@ def _walk(root: Path) -> Iterator[Path | ScanResult | Skipped]:
 
 def _skip_reason(path: Path, exc: CkptkitError) -> str:
     """Why a file a walk found is not scanned, in a few words."""
+    if not isinstance(path, Path):  # an object: no links, devices or folders among them
+        return "an empty file" if path.size() == 0 else \
+            f"not a checkpoint, pickle or archive ({_content_kind(path)})"
     try:
         info = path.lstat()
     except OSError as error:

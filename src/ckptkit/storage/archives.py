@@ -27,7 +27,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 from ckptkit.errors import IntegrityError, UsageError
 from ckptkit.storage.atomic import fsync_dir
@@ -60,20 +60,31 @@ class ExtractResult:
 
 
 def archive_kind(path: Path) -> ArchiveKind | None:
-    """``"tar"`` (plain or compressed), ``"zip"``, or None, judged from the file's content."""
-    path = Path(path)
+    """``"tar"`` (plain or compressed), ``"zip"``, or None, judged from the file's content.
+
+    ``path`` may be a remote location (it is read through its ``open``)."""
+    remote = not isinstance(path, (str, os.PathLike))
+    if not remote:
+        path = Path(path)
     if not path.is_file():
         return None
     # tar first: an uncompressed tar whose last member is a zip can pass is_zipfile (the zip
     # end record is found near the end of the file), while a zip never parses as a tar header.
-    with contextlib.suppress(OSError):
-        if tarfile.is_tarfile(path):
+    with contextlib.suppress(OSError, EOFError):
+        if _probe(tarfile.is_tarfile, path, remote):
             return "tar"
     # is_zipfile lets BadZipFile out for an end record that names several disks.
     with contextlib.suppress(OSError, zipfile.BadZipFile):
-        if zipfile.is_zipfile(path):
+        if _probe(zipfile.is_zipfile, path, remote):
             return "zip"
     return None
+
+
+def _probe(test: Any, path: Any, remote: bool) -> bool:
+    if not remote:
+        return bool(test(path))
+    with path.open() as fh:
+        return bool(test(fh))
 
 
 def default_max_bytes(archive_size: int) -> int:

@@ -14,43 +14,10 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from ckptkit.errors import DeletionStoppedError
-
-EntryKind = Literal["file", "dir", "link", "other"]
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One path of a snapshot as it was: ``rel`` is ``""`` for the snapshot's own path."""
-
-    rel: str
-    kind: EntryKind
-    size: int
-    mtime_ns: int
-    inode: int
-    device: int
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A path to delete and everything under it, as the plan saw them."""
-
-    path: Path
-    entries: tuple[Entry, ...]
-
-    @property
-    def kind(self) -> EntryKind:
-        return self.entries[0].kind
-
-    @property
-    def size(self) -> int:
-        """Bytes freed by deleting it (files and links; directories count nothing)."""
-        return sum(e.size for e in self.entries if e.kind != "dir")
-
+from ckptkit.storage.snapshots import Entry, EntryKind, Snapshot
 
 def _kind(mode: int) -> EntryKind:
     if stat.S_ISLNK(mode):
@@ -72,6 +39,10 @@ def snapshot(path: str | os.PathLike[str]) -> Snapshot:
     Raises:
         OSError: ``path`` cannot be read (for instance it is gone).
     """
+    if _remote(path):
+        from ckptkit.storage import remote_deletion
+
+        return remote_deletion.snapshot(path)
     root = Path(path)
     top = _entry("", os.lstat(root))
     entries = [top]
@@ -81,6 +52,11 @@ def snapshot(path: str | os.PathLike[str]) -> Snapshot:
                 full = os.path.join(base, name)
                 entries.append(_entry(os.path.relpath(full, root), os.lstat(full)))
     return Snapshot(root, tuple(sorted(entries, key=lambda e: e.rel)))
+
+
+def _remote(path: object) -> bool:
+    """Whether ``path`` is a remote location (deleted by :mod:`remote_deletion`)."""
+    return not isinstance(path, (str, os.PathLike)) and hasattr(path, "fingerprint")
 
 
 def _describe(snap: Snapshot, rel: str) -> str:
@@ -102,6 +78,10 @@ def change(snap: Snapshot, root: Path | None = None) -> str | None:
     """What differs between ``snap`` and the disk now, in one phrase naming the path; None if
     nothing does.  With ``root``, a path whose directory no longer resolves inside ``root``
     (a parent swapped for a symlink) counts as changed too."""
+    if _remote(snap.path):
+        from ckptkit.storage import remote_deletion
+
+        return remote_deletion.change(snap)
     since = "since the plan was made"
     if root is not None:
         try:
@@ -138,6 +118,11 @@ def remove(snap: Snapshot, root: Path | None = None) -> None:
         DeletionStoppedError: something changed (nothing of ``snap`` was deleted), or an
             entry could not be removed (those before it in the deletion order are gone).
     """
+    if _remote(snap.path):
+        from ckptkit.storage import remote_deletion
+
+        remote_deletion.remove(snap)
+        return
     why = change(snap, root)
     if why:
         raise DeletionStoppedError(why, path=str(snap.path))

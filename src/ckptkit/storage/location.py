@@ -22,24 +22,13 @@ from __future__ import annotations
 import os
 import stat as stat_mod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from ckptkit.errors import NotFoundError
-
-#: Bytes the first read of a location fetches at least (coalescing small header reads).
-PREFETCH = 64 << 10
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One entry of a directory listing."""
-
-    name: str
-    is_dir: bool
-    size: int | None = None
-    mtime: float | None = None
+# Defined apart so that the remote backends (which :func:`locate` imports lazily) need not
+# import this module back; re-exported here.
+from ckptkit.storage.entries import PREFETCH, Entry
 
 
 @runtime_checkable
@@ -170,8 +159,9 @@ class LocalLocation:
                 yield LocalLocation(Path(root) / name)
 
 
-#: URL scheme -> a function making a :class:`Location` of a URL of that scheme.  Remote
-#: backends register here (fsspec-based ones, for instance) so that readers never change.
+#: URL scheme -> a function making a :class:`Location` of a URL of that scheme.  Entries here
+#: take precedence; schemes not listed go to :func:`ckptkit.storage.openers.opener_for` (``http(s)``
+#: and every installed fsspec protocol), imported only when a URL is located.
 OPENERS: dict[str, Callable[[str], Location]] = {}
 
 
@@ -198,6 +188,11 @@ def locate(value: str | os.PathLike[str] | Location) -> Location:
 
         return LocalLocation(Path(unquote(urlsplit(text).path)))
     opener = OPENERS.get(scheme)
+    if opener is None:
+        # http(s) and fsspec protocols, imported only now (never for a local path).
+        from ckptkit.storage.openers import opener_for
+
+        opener = opener_for(scheme)
     if opener is None:
         from ckptkit.errors import UsageError
 

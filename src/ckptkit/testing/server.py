@@ -110,6 +110,8 @@ class StubServer:
 
     handler_class: type[BaseHTTPRequestHandler] = BaseHTTPRequestHandler
     record = True
+    #: Seconds every request waits before it is answered (a round trip to a far server).
+    latency: float = 0.0
     #: Write an access log line per request to stderr.
     verbose: bool = False
 
@@ -175,12 +177,20 @@ class StubServer:
         """Body bytes written so far in answers to ``route`` (None: to every request)."""
         return sum(r.sent for r in self.hits(route))
 
+    def reset_counts(self) -> None:
+        """Forget the requests recorded so far (counting starts again from zero)."""
+        with self._lock:
+            self.requests.clear()
+
 
 class StubHandler(BaseHTTPRequestHandler):
     """Handler base: HTTP/1.1 keep-alive, quiet, and helpers to answer with ranges."""
 
     stub: Any
     protocol_version = "HTTP/1.1"
+    #: Headers and body go out in separate writes: without TCP_NODELAY the body waits for the
+    #: client's delayed ACK (~40 ms), which would swamp the latency tests inject.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
         # Quiet unless asked: test output stays clean, requests are in stub.requests.
@@ -192,6 +202,9 @@ class StubHandler(BaseHTTPRequestHandler):
     def _record(self, body: Any = None) -> Logged:
         self._entry = Logged(self.command, self.path, dict(self.headers.items()), body)
         self.stub.log(self._entry)
+        latency = getattr(self.stub, "latency", 0.0)
+        if latency:
+            self.stub.stopping.wait(latency)
         return self._entry
 
     def _answered(self, status: int) -> None:
