@@ -81,26 +81,12 @@ def test_output_to_a_missing_bucket_exits_4_and_leaves_nothing(
 
 # --- reading: inspect, latest, cleanup on URLs ------------------------------------------------
 
-def _readers_take_locations() -> bool:
-    """Whether the readers read through storage.location (issue 14's move, landing apart)."""
-    import inspect as pyinspect
-
-    from ckptkit import inspection
-
-    return "locate(" in pyinspect.getsource(inspection)
-
-
-#: TEMPORARY, until the reader move lands on main and this branch is rebased on it.
-readers = pytest.mark.skipif(not _readers_take_locations(),
-                             reason="readers not on storage.location yet (issue 14)")
-
 def safetensors_blob(step: int, rows: int = 64) -> bytes:
     from safetensors.numpy import save
 
     return save({"w": np.ones((rows, 64), np.float32)}, metadata={"step": str(step)})
 
 
-@readers
 def test_inspect_https_reads_one_range_and_matches_local_json(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from ckptkit.storage.remote import HEAD
@@ -121,7 +107,6 @@ def test_inspect_https_reads_one_range_and_matches_local_json(
     assert got == want
 
 
-@readers
 def test_inspect_torch_zip_url_never_reads_tensor_data(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch = pytest.importorskip("torch")
@@ -140,7 +125,6 @@ def test_inspect_torch_zip_url_never_reads_tensor_data(
         assert server.bytes_sent() <= HEAD + TAIL < local.stat().st_size // 8
 
 
-@readers
 def test_inspect_s3_missing_is_4_and_truncated_is_3(
         s3: S3Store, capsys: pytest.CaptureFixture[str]) -> None:
     code, _out, err = run_main(capsys, "inspect", s3.url("absent.safetensors"))
@@ -157,7 +141,6 @@ def put_run(s3: S3Store) -> None:
     s3.put("run/notes.txt", b"keep me")
 
 
-@readers
 def test_latest_s3_prefix_skips_the_truncated_newest(
         s3: S3Store, capsys: pytest.CaptureFixture[str]) -> None:
     put_run(s3)
@@ -167,7 +150,6 @@ def test_latest_s3_prefix_skips_the_truncated_newest(
     assert "skipped " + s3.url("run/step_400.safetensors") in err
 
 
-@readers
 def test_cleanup_s3_prefix_plans_confirms_and_deletes_only_the_plan(
         s3: S3Store, capsys: pytest.CaptureFixture[str]) -> None:
     put_run(s3)
@@ -185,7 +167,6 @@ def test_cleanup_s3_prefix_plans_confirms_and_deletes_only_the_plan(
                                "run/step_400.safetensors"]
 
 
-@readers
 def test_cleanup_s3_stops_when_an_object_was_rewritten_since_the_plan(s3: S3Store) -> None:
     from ckptkit.errors import DeletionStoppedError
     from ckptkit.runs.retention import plan_cleanup
@@ -202,7 +183,6 @@ def test_cleanup_s3_stops_when_an_object_was_rewritten_since_the_plan(s3: S3Stor
     assert len(s3.keys("run/")) == 5
 
 
-@readers
 def test_hf_urls_read_through_huggingface_hubs_filesystem(tmp_path: Path) -> None:
     pytest.importorskip("huggingface_hub")
     import subprocess
@@ -229,7 +209,6 @@ def test_hf_urls_read_through_huggingface_hubs_filesystem(tmp_path: Path) -> Non
         assert missing.returncode == 4, missing.stderr
 
 
-@readers
 def test_compare_and_diff_take_urls(s3: S3Store, capsys: pytest.CaptureFixture[str]) -> None:
     put_run(s3)
     code, out, err = run_main(capsys, "compare", s3.url("run/step_100.safetensors"),
@@ -245,7 +224,6 @@ def test_compare_and_diff_take_urls(s3: S3Store, capsys: pytest.CaptureFixture[s
                                           s3.url("run/step_200.safetensors"))
 
 
-@readers
 def test_library_inspect_load_and_latest_take_urls(s3: S3Store) -> None:
     import ckptkit
 
@@ -257,7 +235,6 @@ def test_library_inspect_load_and_latest_take_urls(s3: S3Store) -> None:
     assert np.array_equal(arrays["w"], np.ones((64, 64), np.float32))
 
 
-@readers
 def test_scan_s3_prefix_with_jobs_streams_the_same_verdicts(
         s3: S3Store, capsys: pytest.CaptureFixture[str]) -> None:
     for i in range(6):
