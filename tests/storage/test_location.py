@@ -260,3 +260,20 @@ def test_the_json_of_inspect_names_the_location_as_given(
     store["/x.safetensors"] = write_safetensors(tmp_path / "x.safetensors", 1).read_bytes()
     assert json.loads(json.dumps(ckptkit.inspect("mem://x.safetensors").to_dict()))[
         "path"] == "mem://x.safetensors"
+
+
+def test_plain_pickles_read_through_any_location(
+        tmp_path: Path, memory: tuple[dict[str, bytes], list[tuple[int, int]]]) -> None:
+    """A remote file object has no descriptor: the pickle stream learns its size by seeking."""
+    import pickle
+
+    from ckptkit.scan.scanning import scan
+
+    store, _log = memory
+    params = {"params": {"dense": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}},
+              "step": 7}
+    store["/r/params.pkl"] = pickle.dumps(params, protocol=4)
+    info = ckptkit.inspect("mem://r/params.pkl")
+    assert info.format == "pickle" and info.tensor_count == 1
+    (result,) = scan(["mem://r/params.pkl"]).results
+    assert result.verdict == "safe", result.note

@@ -32,7 +32,7 @@ class Metered:
     def __init__(self, stream: BinaryIO, what: str):
         self._stream, self._what = stream, what
         self._account = budget.current()
-        self._size = None if what else os.fstat(stream.fileno()).st_size
+        self._size = None if what else _size_of(stream)
         self._buffer, self._pos = b"", 0
         self._read = 0  # position in the (decompressed) stream
         self._pending = 0  # inflated bytes not charged yet
@@ -270,3 +270,15 @@ def read_inflated(path: str, offset: int, length: int) -> bytes:
                              f"found {len(data)} (file truncated?)",
                              hint="The file is truncated or corrupt", path=path)
     return data
+
+
+def _size_of(stream: BinaryIO) -> int:
+    """The size of a plain (seekable) file: its descriptor's, or, for a remote file object
+    without one, the offset of its end."""
+    try:
+        return os.fstat(stream.fileno()).st_size
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        here = stream.tell()
+        end = stream.seek(0, io.SEEK_END)
+        stream.seek(here)
+        return end
