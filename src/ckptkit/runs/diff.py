@@ -24,6 +24,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Iterator, Literal
 
 import numpy as np
@@ -146,11 +147,13 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: float = 
                          hint="Pass atol=0 or more and depth=1 or more")
     path_a, path_b = Path(a), Path(b)
     with naming(path_a), budget.reading(path_a) as account_a:
-        raw_a = formats.detect(path_a).read_info(path_a)
+        reader_a = formats.detect(path_a)
+        raw_a = reader_a.read_info(path_a)
     with naming(path_b), budget.reading(path_b) as account_b:
-        raw_b = formats.detect(path_b).read_info(path_b)
-    side_a, training_a = _entries(raw_a)
-    side_b, training_b = _entries(raw_b)
+        reader_b = formats.detect(path_b)
+        raw_b = reader_b.read_info(path_b)
+    side_a, training_a = _entries(raw_a, _values(reader_a, path_a))
+    side_b, training_b = _entries(raw_b, _values(reader_b, path_b))
     if weights_only:
         side_a = [e for e in side_a if e.top not in training_a]
         side_b = [e for e in side_b if e.top not in training_b]
@@ -182,7 +185,23 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: float = 
                       tuple(results), _summaries(results), matched)
 
 
-def _entries(raw: RawCheckpoint) -> tuple[list[Entry], set[str]]:
+def _values(reader: Any, path: Path) -> Callable[[str, TensorRef], Any] | None:
+    """The format's own tensor reader (``tensor_reader``), built on first use, for tensors
+    whose values are not plain bytes of the file; None for formats without one."""
+    if not hasattr(reader, "tensor_reader"):
+        return None
+    made: list[Callable[[str, TensorRef], Any]] = []
+
+    def read(name: str, ref: TensorRef) -> Any:
+        if not made:
+            made.append(reader.tensor_reader(path))
+        return made[0](name, ref)
+
+    return read
+
+
+def _entries(raw: RawCheckpoint, values: Callable[[str, TensorRef], Any] | None = None
+             ) -> tuple[list[Entry], set[str]]:
     from ckptkit.runs.strip import training_reason
 
     root = raw.tree if isinstance(raw.tree, dict) else {}
@@ -193,7 +212,10 @@ def _entries(raw: RawCheckpoint) -> tuple[list[Entry], set[str]]:
             name, top = where, where.split(raw.separator, 1)[0]
         else:
             name, top = raw.separator.join(str(p) for p in where), str(where[0])
-        entries.append(Entry(name, top if name != top else "", ref))
+        read = None
+        if values is not None and ref.span is None and not ref.chunks:
+            read = (lambda n=name, r=ref: values(n, r))
+        entries.append(Entry(name, top if name != top else "", ref, read=read))
     return entries, training
 
 
@@ -269,7 +291,8 @@ def _windows(p: Pair, big: tuple[bool, bool],
     """Aligned 1-D windows of both tensors, in the canonical layout."""
     from ckptkit.formats.chunks import is_contiguous
 
-    streamed = all(e.transform.name == "none" and is_contiguous(e.ref) for e in (p.a, p.b))
+    streamed = all(e.transform.name == "none" and e.read is None and is_contiguous(e.ref)
+                   for e in (p.a, p.b))
     if streamed:
         yield from zip(_stream(p.a.ref, big[0], accounts[0]),
                        _stream(p.b.ref, big[1], accounts[1]), strict=True)
@@ -284,6 +307,11 @@ def _view(entry: Entry, big: bool, account: budget.Budget) -> np.ndarray:
     from ckptkit.formats.tensor_io import expansion, tensor_view
 
     ref = entry.ref
+    if entry.read is not None:
+        with budget.using(account):
+            view = np.asarray(entry.read())
+        order = entry.transform.permutation(view.ndim)
+        return view if order is None else view.transpose(order)
     extra = expansion(ref)
     if extra:  # every element is visited: a broadcast costs what materialising it would
         stored = ref.span.length if ref.span is not None else 0

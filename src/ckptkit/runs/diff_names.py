@@ -21,8 +21,9 @@ names) are not reversed: such tensors show up as only in A / only in B.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ckptkit.name_rules import (NONE, WRAPPERS, Mapped, Transform, flax_to_torch,
                                    infer_flax_kinds, is_flax_layout, split_flax)
@@ -40,6 +41,10 @@ class Entry:
     top: str
     ref: TensorRef
     transform: Transform = NONE
+    #: Reads the tensor whole, for formats whose values only their reader can produce
+    #: (Orbax through TensorStore, DeepSpeed's flat partitions, HDF5 chunks); None when the
+    #: file's bytes are read directly.
+    read: Callable[[], Any] | None = None
 
 
 @dataclass(frozen=True)
