@@ -124,6 +124,11 @@ def main() -> None:
     if args.write_gguf:
         write_gguf(Path(args.write_gguf), args.size_gib)
         return
+    if args.write_fixtures:
+        write_checkpoint(Path(args.write_fixtures) / "big_checkpoint.pt", args.size_gib,
+                         args.tensors)
+        write_saved_model(Path(args.write_fixtures) / "saved_model")
+        return
     if args.only == "gguf" or not args.only:
         with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
             gguf_body, gguf_ratios = bench_gguf(tmp, args.size_gib, args.repeat)
@@ -132,11 +137,6 @@ def main() -> None:
         if args.only:
             record("inspect-gguf", gguf_ratios)
             return
-    if args.write_fixtures:
-        write_checkpoint(Path(args.write_fixtures) / "big_checkpoint.pt", args.size_gib,
-                         args.tensors)
-        write_saved_model(Path(args.write_fixtures) / "saved_model")
-        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     ckpt = str(BIN / "ckpt")
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
