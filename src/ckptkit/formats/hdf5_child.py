@@ -64,11 +64,15 @@ def run(job: str, h5: Path, out: Path | None = None, *, label: str | None = None
     account = budget.current()
     size = h5.stat().st_size
     memory = (1 << 30) + account.limit("decompressed")
+    # CPU seconds: structure and data of a genuine file take well under a second per 20 MiB,
+    # while a damaged file can make HDF5 spin, so the CPU limit stops that early.  The wall
+    # clock allows more, for a machine busy with other work (the child may wait, not spin).
+    cpu_seconds = 10 + size // (20 << 20)
     seconds = 60 + size // (20 << 20)
     # Run as a script, isolated (-I: no PYTHONPATH, user site or current folder): the child
     # side of this module imports nothing from ckptkit.
-    command = [sys.executable, "-I", str(Path(__file__).resolve()), f"{memory},{seconds}", job,
-               str(h5)]
+    command = [sys.executable, "-I", str(Path(__file__).resolve()), f"{memory},{cpu_seconds}",
+               job, str(h5)]
     if out is not None:
         # What the arrays may take in all: the budget's bytes still free (a few KiB of
         # compressed HDF5 can inflate to gigabytes).
