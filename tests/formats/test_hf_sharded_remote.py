@@ -143,3 +143,12 @@ def test_a_missing_shard_over_a_url_exits_3_in_one_line(
     problems = json.loads(out)["problems"]
     assert [(p["kind"], p["file"].rpartition("/")[2]) for p in problems] == [
         ("missing-shard", gone)]
+
+
+def test_bin_shards_over_a_url_are_one_line_asking_for_a_local_copy(
+        hf_bin_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with StaticServer(hf_bin_dir.parent) as server:
+        code, out, err = run_main(
+            capsys, "inspect", f"{server.base}/{hf_bin_dir.name}/pytorch_model.bin.index.json")
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "local directory" in err
