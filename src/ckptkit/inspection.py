@@ -36,8 +36,10 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
     target = locate(path)  # one location for sniffing and reading: its first read is shared
     with naming(target):
         raw = formats.detect(target).read_info(target)
-    size = _size(target)
-    if raw.format == "hf-sharded" and target.is_file():  # the index file names the checkpoint
+    # A folder URL (HTTP cannot list it) counts as its index and shards, as the index does.
+    folder_url = raw.format == "hf-sharded" and not target.is_file() and not target.is_dir()
+    size = target.child(raw.details["index"]).size() if folder_url else _size(target)
+    if raw.format == "hf-sharded" and (folder_url or target.is_file()):
         size += sum(int(s.get("size") or 0) for s in raw.details.get("shards", ()))
     return summarise(raw, str(target), size)
 

@@ -20,6 +20,7 @@ from ckptkit.errors import CkptkitError, IntegrityError, UnsafeContentError, nam
 from ckptkit.formats import completeness
 from ckptkit.model import Problem
 from ckptkit.storage import budget
+from ckptkit.storage.location import Location, is_url, locate
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def verify(path: str | os.PathLike[str], *, hashes: bool = False,
         >>> ckptkit.verify("step-1000/").ok                  # doctest: +SKIP
         True
     """
+    if isinstance(path, str) and is_url(path) and not path.lower().startswith("file://"):
+        return _verify_remote(locate(path))
     target = Path(path)
     with naming(target):
         try:
@@ -88,6 +91,25 @@ def verify(path: str | os.PathLike[str], *, hashes: bool = False,
     return Verification(str(target), fmt, tuple(problems), hashes)
 
 
+def _verify_remote(target: Location) -> Verification:
+    """A URL, read through its location: hashes are not checked (the expected ones come from
+    a local hub cache or catalogue, and re-hashing would download every byte)."""
+    with naming(target):
+        try:
+            reader = formats.detect(target)
+        except IntegrityError as exc:  # an empty file
+            return Verification(str(target), None, (Problem(str(target), "truncated",
+                                                            _line(exc, target)),))
+    check = getattr(reader, "verify", None)
+    if check is not None:
+        problems = list(check(target))
+    elif target.is_file():
+        problems = completeness.file_problems(target)  # type: ignore[arg-type]
+    else:
+        problems = _directory_problems(target, reader)  # type: ignore[arg-type]
+    return Verification(str(target), reader.FORMAT, tuple(problems), False)
+
+
 def _directory_problems(path: Path, reader: Any) -> list[Problem]:
     """A directory format without its own verify verb (SavedModel, TF checkpoint folder):
     its reader reads every structure it has."""
@@ -101,7 +123,7 @@ def _directory_problems(path: Path, reader: Any) -> list[Problem]:
     return []
 
 
-def _line(exc: CkptkitError, path: Path) -> str:
+def _line(exc: CkptkitError, path: Path | Location) -> str:
     return " ".join(exc.message.removeprefix(f"{path}: ").split())
 
 

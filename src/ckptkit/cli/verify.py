@@ -8,7 +8,8 @@ import click
 
 from ckptkit.cli import render
 from ckptkit.cli.examples import command
-from ckptkit.cli.options import cache_options, json_option, resolve_checkpoints
+from ckptkit.cli.options import (PATH_OR_URL, cache_options, is_remote, json_option,
+                                  resolve_checkpoints)
 from ckptkit.errors import ExitCode
 
 EXAMPLES = (
@@ -20,27 +21,30 @@ EXAMPLES = (
 
 
 @command("verify", EXAMPLES)
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PATH_OR_URL)
 @json_option
 @click.option("--hashes", is_flag=True,
               help="Also re-hash files whose sha256 is known (catalogue or pin for a catalogue "
                    "name, the Hub's LFS id for a file in a Hugging Face cache).")
 @cache_options
-def verify_command(path: Path, as_json: bool, hashes: bool, cache_dir: Path | None,
+def verify_command(path: Path | str, as_json: bool, hashes: bool, cache_dir: Path | None,
                    catalogs: tuple[Path, ...]) -> int:
     """Check that a checkpoint is complete, from its metadata; exit 3 naming each problem.
 
-    PATH is a file, a sharded Hugging Face checkpoint (directory or *.index.json), a PyTorch
-    DCP directory, or a catalogue name of a cached model.  Sharded checkpoints: index against
+    PATH is a file, a sharded Hugging Face checkpoint (directory or *.index.json, also as a
+    URL), a PyTorch DCP directory, or a catalogue name of a cached model.  Sharded checkpoints: index against
     shard headers, missing, stray or duplicate shards and tensors, byte ranges inside each
     file; DCP: every chunk's byte range, and chunks tiling each tensor exactly.  Single files:
     what `ckpt latest` and `ckpt cleanup` check.  No tensor bytes are read unless --hashes.
     """
     from ckptkit.verification import verify
 
-    [checkpoint] = resolve_checkpoints([path], cache_dir, catalogs)
-    known = _catalogue_sha256(checkpoint, cache_dir, catalogs) if hashes else {}
-    result = verify(checkpoint.path, hashes=hashes, known_sha256=known)
+    if is_remote(path):  # a sharded checkpoint's index or folder URL, or one file's URL
+        result = verify(path, hashes=hashes)
+    else:
+        [checkpoint] = resolve_checkpoints([path], cache_dir, catalogs)
+        known = _catalogue_sha256(checkpoint, cache_dir, catalogs) if hashes else {}
+        result = verify(checkpoint.path, hashes=hashes, known_sha256=known)
     if as_json:
         render.emit_json(result.to_dict())
     elif result.ok:

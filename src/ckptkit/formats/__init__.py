@@ -96,6 +96,11 @@ def detect(path: Path | Location) -> ModuleType:
     if not str(path) or str(path) == ".":
         raise UsageError("no checkpoint path given", hint="Pass a file or directory")
     loc = locate(path)
+    if str(getattr(loc, "url", "")).endswith("/"):
+        # A folder URL: HTTP cannot say a folder exists, so look for a shard index by name.
+        sharded = module_for("hf-sharded")
+        if sharded.sniff(loc):
+            return sharded
     exists = loc.exists()
     if not exists:
         # A TF checkpoint is named by its prefix (ckpt-1 for ckpt-1.index + data shards).

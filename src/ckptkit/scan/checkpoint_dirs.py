@@ -27,7 +27,7 @@ from typing import Any, Callable
 from ckptkit.scan import archive_members
 from ckptkit.pickles import plain_pickle
 from ckptkit.errors import CkptkitError, IntegrityError, NotFoundError
-from ckptkit.storage.location import locate
+from ckptkit.storage.location import LocalLocation, locate
 from ckptkit.formats import ziparchive
 from ckptkit.model import Opaque
 from ckptkit.pickles.unpickler import MAX_STATIC_SCAN, Findings, is_binary_pickle, read_pickle
@@ -45,8 +45,9 @@ def unit_kind(path: Path) -> str | None:
 
     loc = locate(path)
     if loc.is_file():
-        return "hf-sharded" if loc.name in hf_sharded.INDEXES and hf_sharded.sniff(
-            path) else None
+        # Remote indexes are scanned as files: the shard walk below reads local folders.
+        return "hf-sharded" if (isinstance(loc, LocalLocation) and loc.name in
+                                hf_sharded.INDEXES and hf_sharded.sniff(path)) else None
     if not loc.is_dir():
         return None
     if loc.child("saved_model.pb").is_file():
