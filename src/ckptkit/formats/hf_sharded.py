@@ -36,9 +36,9 @@ INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 #: Shard names as huggingface_hub and transformers write them.
 SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<n>\d{5})-of-(?P<total>\d{5})(?P<ext>\.[A-Za-z]+)$")
 _SNIFF = 64 << 10
-#: Shard headers read at once: remote shards cost a round trip each, so a repository of 12
-#: shards costs about two round trips instead of twelve; small, so a store is not flooded.
-WORKERS = 8
+#: Shard headers read at once: remote shards cost a round trip each, so a repository of 72
+#: shards costs about five round trips instead of 72; bounded, so a store is not flooded.
+WORKERS = 16
 _T = TypeVar("_T")
 
 
