@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from ckptkit import formats
+from ckptkit.convert.passthrough import refuse_overwrite
 from ckptkit.errors import IntegrityError, UsageError, naming
 from ckptkit.formats.chunked import ChunkedCheckpoint, ChunkedTensor, assemble
 from ckptkit.formats.shard_writer import ShardPlan, conflicts, plan_shards, write_shards
@@ -174,17 +175,8 @@ def _check_names(tensors: tuple[ChunkedTensor, ...]) -> None:
 
 def _refuse_overwrite(source: ChunkedCheckpoint, written: list[Path]) -> None:
     """No file written may be the source or any file of it (hard links included)."""
-    inputs = {source.path, *source.inputs}
     for out in written:
-        for path in inputs:
-            try:
-                same = os.path.samefile(path, out)
-            except OSError:  # one of them does not exist (yet)
-                same = os.path.realpath(path) == os.path.realpath(out)
-            if same:
-                part = "" if Path(path) == source.path else f" ({path} is part of it)"
-                raise UsageError(f"{out}: refusing to write over the input {source.path}{part}",
-                                 hint="Choose another output with -o", path=str(out))
+        refuse_overwrite(source.path, out, {source.path, *source.inputs})
 
 
 def check_output(plan: Consolidation, result: WriteResult) -> None:

@@ -112,7 +112,7 @@ def plan_format_conversion(src: str | os.PathLike[str], to: Fmt,
     """
     source, target = Path(src), Path(out)
     name, (tensors, metadata, left_out, inputs, separator) = _read(source)
-    _refuse_overwrite(source, target, inputs)
+    refuse_overwrite(source, target, inputs)
     if not tensors:
         raise UsageError(f"{source}: holds no tensors to convert; converting to 0 tensors is "
                          "always an error",
@@ -300,7 +300,8 @@ def _from_reader(source: Path, reader: Any, raw: RawCheckpoint) -> _Plan:
     return tensors, metadata, left_out, inputs, raw.separator
 
 
-def _refuse_overwrite(source: Path, target: Path, inputs: set[Path]) -> None:
+def refuse_overwrite(source: Path, target: Path, inputs: set[Path]) -> None:
+    """No output may be the source or any file of it (hard links included)."""
     for path in inputs:
         try:
             same = os.path.samefile(path, target)

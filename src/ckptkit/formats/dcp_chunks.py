@@ -138,11 +138,8 @@ def piece(chunk: Chunk, dtype: str) -> Piece:
 
 def assemble(ref: TensorRef) -> np.ndarray:
     """The global tensor of ``ref``, its chunks read one at a time straight into their place
-    where they are stored raw (:func:`ckptkit.formats.chunked.assemble`), else decoded."""
-    problem = tiling_problem(_name(ref), ref.shape, ref.chunks)
-    if problem:  # every element must come from exactly one chunk
-        where = ref.chunks[0].span.path if ref.chunks else "DCP checkpoint"
-        raise IntegrityError(f"{where}: {problem}", hint="`ckpt verify` lists every problem")
+    where they are stored raw (:func:`ckptkit.formats.chunked.assemble`, which refuses chunks
+    that do not tile the tensor), else decoded."""
     pieces = tuple(piece(chunk, ref.dtype) for chunk in ref.chunks)
     return chunked.assemble(ChunkedTensor(_name(ref), ref.dtype, ref.shape, pieces))
 
